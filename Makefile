@@ -1,0 +1,48 @@
+# vlforge: every target sets up .venv by itself on a fresh clone.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast lint format bench retrieval-env clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (vlforge needs Python 3.11); set PYTHON=/path/to/python3.11"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU build; letting a resolver pick torch pulls CUDA wheels.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/vlforge demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not gpu" tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not gpu and not slow" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	@mkdir -p bench/results
+	@for b in bench/ingest.py bench/curate.py bench/train.py; do \
+	  if [ -f $$b ]; then echo "== $$b"; $(BIN)/python $$b || exit 1; fi; done
+
+# clip-retrieval pins numpy<2 and pyarrow<16: it gets its own environment (see infra/retrieval/README.md).
+retrieval-env:
+	$(MAKE) -C infra/retrieval venv
+
+clean:
+	rm -rf .vlforge mlruns bench/results .pytest_cache

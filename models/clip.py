@@ -1,0 +1,190 @@
+"""The CLIP recipe on transformers' ``CLIPModel``: build, load, save, preprocess and embed.
+
+A :class:`ClipBundle` is the model with its tokenizer and image processor. It is saved with
+``save_pretrained`` (safetensors) so transformers loads the folder directly; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from models.recipes import ClipRecipe, clip_config, load_recipe
+from models.tokenizer import train_tokenizer
+from vlforge.errors import ModelNotFoundError
+
+
+def _image_processor(size: int, mean: Sequence[float], std: Sequence[float]):
+    # transformers 5 falls back to the PIL backend without torchvision; import it directly to stay quiet.
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # older transformers
+        from transformers import CLIPImageProcessor as Processor
+    return Processor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(mean),
+        image_std=list(std),
+        do_convert_rgb=True,
+    )
+
+
+def _crop_size(processor) -> int:
+    crop = getattr(processor, "crop_size", None) or getattr(processor, "size", None)
+    if isinstance(crop, int):
+        return crop
+    get = crop.get if hasattr(crop, "get") else lambda k: getattr(crop, k, None)
+    return int(get("height") or get("shortest_edge"))
+
+
+def decode_image(data: bytes | Image.Image) -> Image.Image:
+    img = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+    return img.convert("RGB")
+
+
+@dataclass
+class ClipBundle:
+    model: torch.nn.Module  # transformers.CLIPModel
+    tokenizer: object
+    image_processor: object
+
+    @property
+    def image_size(self) -> int:
+        return _crop_size(self.image_processor)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def preprocess_image(self, image: bytes | Image.Image) -> np.ndarray:
+        """Resize the shortest edge, centre-crop and normalise: float32 array of shape [3, S, S]."""
+        size = self.image_size
+        img = decode_image(image)
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        arr = np.asarray(img, dtype=np.float32) / 255.0  # [S, S, 3]
+        mean = np.asarray(self.image_processor.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_processor.image_std, dtype=np.float32)
+        return ((arr - mean) / std).transpose(2, 0, 1)
+
+    def preprocess_images(self, images: Sequence[bytes | Image.Image]) -> torch.Tensor:
+        """[B, 3, S, S] float32 pixel values."""
+        return torch.from_numpy(np.stack([self.preprocess_image(i) for i in images]))
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` of shape [B, L], padded to the model's context length."""
+        enc = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [B, D]."""
+        m = self.model
+        pooled = m.vision_model(pixel_values=pixel_values).pooler_output
+        return F.normalize(m.visual_projection(pooled), dim=-1)
+
+    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised text embeddings [B, D]."""
+        m = self.model
+        pooled = m.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        return F.normalize(m.text_projection(pooled), dim=-1)
+
+    @torch.no_grad()
+    def score(self, images: Sequence[bytes | Image.Image], texts: Sequence[str]) -> np.ndarray:
+        """Cosine similarity of each image with its own caption: float array [B]."""
+        self.model.eval()
+        img = self.embed_images(self.preprocess_images(images))
+        txt = self.embed_texts(**self.tokenize(texts))
+        return (img * txt).sum(-1).float().numpy()
+
+    def save(self, path: str) -> str:
+        os.makedirs(path, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        return path
+
+
+def build_clip(recipe: str | ClipRecipe = "clip-tiny", captions: Sequence[str] | None = None, seed: int = 0):
+    """A randomly initialised CLIP from a recipe. A ``train`` tokenizer is fitted on ``captions`` offline."""
+    from transformers import CLIPModel
+
+    recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    tok_cfg = recipe.tokenizer
+    if tok_cfg.get("kind") == "train":
+        corpus = list(captions) if captions else ["a photo of a thing"]
+        tokenizer = train_tokenizer(corpus, vocab_size=int(tok_cfg["vocab_size"]), max_length=recipe.max_length)
+    else:
+        tokenizer = _load_tokenizer(tok_cfg["hub_id"])
+    vocab_size = max(len(tokenizer), int(tok_cfg.get("min_vocab_size", 0)))
+    config = clip_config(
+        recipe, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id or 0
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    processor = _image_processor(recipe.image_size, recipe.image_mean, recipe.image_std)
+    return ClipBundle(model, tokenizer, processor)
+
+
+def _load_tokenizer(path_or_id: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path_or_id)
+
+
+def load_clip(path_or_id: str, device: str | torch.device = "cpu") -> ClipBundle:
+    """Load a CLIP from a local ``save_pretrained`` folder or a Hugging Face id (e.g. openai/clip-vit-base-patch32)."""
+    from transformers import CLIPModel
+
+    is_dir = os.path.isdir(path_or_id)
+    if not is_dir and (os.path.sep in path_or_id.strip("/").split("/", 1)[-1] or path_or_id.startswith((".", "/"))):
+        raise ModelNotFoundError(f"model folder {path_or_id!r} does not exist")
+    try:
+        model = CLIPModel.from_pretrained(path_or_id)
+        tokenizer = _load_tokenizer(path_or_id)
+        processor = _load_processor(path_or_id, model)
+    except ModelNotFoundError:
+        raise
+    except Exception as exc:
+        where = "local folder" if is_dir else "Hugging Face id (offline hub cache, then the hub)"
+        raise ModelNotFoundError(
+            f"cannot load a CLIP model from {path_or_id!r} as a {where}: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from exc
+    model.to(device).eval()
+    return ClipBundle(model, tokenizer, processor)
+
+
+def _load_processor(path_or_id: str, model):
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+    try:
+        return Processor.from_pretrained(path_or_id)
+    except OSError:
+        size = int(model.config.vision_config.image_size)
+        return _image_processor(size, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
+def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of L2-normalised embeddings [B, D]; logit_scale is log(1/temperature)."""
+    scale = logit_scale.exp().clamp(max=100.0)
+    logits = scale * image_embeds @ text_embeds.t()  # [B, B]
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2

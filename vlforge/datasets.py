@@ -1,0 +1,194 @@
+"""Dataset versions: ``datasets/<name>/<version>/{data,rejected,embeddings}/`` + ``manifest.json``.
+
+A version exists for readers only once its ``manifest.json`` is written, and that is written last. ``LATEST``
+names the newest complete version; ``name`` resolves to it, ``name@version`` pins one. Version ids sort by
+time, so the newest complete version can always be recomputed from a listing (``LATEST`` is a fast path and
+is repaired when two publishers race).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlforge import storage
+from vlforge.errors import DatasetNotFoundError
+from vlforge.settings import Settings
+
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    name: str
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetRef:
+        name, _, version = text.partition("@")
+        if not _NAME_RE.match(name):
+            raise DatasetNotFoundError(
+                f"invalid dataset name {name!r}: use letters, digits, '.', '_' or '-' (e.g. 'demo' or 'demo@<version>')"
+            )
+        return cls(name=name, version=version or None)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}" if self.version else self.name
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    name: str
+    version: str
+    uri: str
+    manifest: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def part_files(self, part: str = "data") -> list[str]:
+        return storage.glob(storage.join(self.uri, part, "*.parquet"))
+
+    def read_table(self, part: str = "data", columns: list[str] | None = None) -> pa.Table:
+        files = self.part_files(part)
+        if not files:
+            return pa.table({}) if columns is None else pa.table({c: [] for c in columns})
+        tables = []
+        for f in files:
+            fs, path = storage.filesystem(f)
+            with fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh, columns=columns))
+        return pa.concat_tables(tables, promote_options="default")
+
+
+def datasets_root(settings: Settings) -> str:
+    return storage.join(settings.storage_uri, "datasets")
+
+
+def new_version_id(now: dt.datetime | None = None) -> str:
+    """A time-sortable, collision-free version id such as ``20261121T101500123456Z-3f9a``."""
+    now = now or dt.datetime.now(dt.UTC)
+    return now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(2)
+
+
+def list_versions(settings: Settings, name: str) -> list[str]:
+    """Complete versions (with a manifest) of ``name``, oldest first."""
+    root = storage.join(datasets_root(settings), name)
+    versions = [v for v in storage.list_names(root) if v != LATEST and not v.startswith(".")]
+    return [v for v in sorted(versions) if storage.exists(storage.join(root, v, MANIFEST))]
+
+
+def list_datasets(settings: Settings) -> list[str]:
+    return [n for n in storage.list_names(datasets_root(settings)) if list_versions(settings, n)]
+
+
+def _latest_version(settings: Settings, name: str) -> str | None:
+    root = storage.join(datasets_root(settings), name)
+    hinted = None
+    latest_uri = storage.join(root, LATEST)
+    if storage.exists(latest_uri):
+        hinted = storage.read_text(latest_uri).strip() or None
+    complete = list_versions(settings, name)
+    newest = complete[-1] if complete else None
+    if hinted and storage.exists(storage.join(root, hinted, MANIFEST)) and (newest is None or hinted >= newest):
+        return hinted
+    return newest
+
+
+def resolve_dataset(settings: Settings, ref: str | DatasetRef) -> DatasetVersion:
+    """Resolve ``name`` (newest complete version) or ``name@version`` to a published version."""
+    ref = DatasetRef.parse(ref) if isinstance(ref, str) else ref
+    root = storage.join(datasets_root(settings), ref.name)
+    version = ref.version or _latest_version(settings, ref.name)
+    if version is None:
+        known = ", ".join(list_datasets(settings)) or "none"
+        raise DatasetNotFoundError(
+            f"unknown dataset {ref.name!r} under {datasets_root(settings)} (known datasets: {known}); "
+            f"publish one with `vlforge curate --source SOURCE --dataset {ref.name}`"
+        )
+    uri = storage.join(root, version)
+    manifest_uri = storage.join(uri, MANIFEST)
+    if not storage.exists(manifest_uri):
+        known = ", ".join(list_versions(settings, ref.name)) or "none"
+        raise DatasetNotFoundError(
+            f"dataset {ref.name!r} has no complete version {version!r} (complete versions: {known})"
+        )
+    return DatasetVersion(ref.name, version, uri, storage.read_json(manifest_uri))
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+class VersionWriter:
+    """Writes one new version; nothing is visible to readers until :meth:`publish`.
+
+    Each writer owns a fresh, unique version folder, so two curations of the same dataset at once never mix
+    parts; an abandoned writer leaves a folder without a manifest, which readers ignore.
+    """
+
+    def __init__(self, settings: Settings, name: str, version: str | None = None):
+        DatasetRef.parse(name)
+        self.settings = settings
+        self.name = name
+        self.version = version or new_version_id()
+        self.uri = storage.join(datasets_root(settings), name, self.version)
+        self._parts: dict[str, list[str]] = {}
+        self._digest = hashlib.sha256()
+        self.published = False
+
+    def write_table(self, part: str, table: pa.Table, index: int | None = None) -> str:
+        """Write ``table`` as ``<part>/part-NNNNN.parquet`` and return its URI."""
+        files = self._parts.setdefault(part, [])
+        n = len(files) if index is None else index
+        uri = storage.join(self.uri, part, f"part-{n:05d}.parquet")
+        data = _table_bytes(table)
+        storage.write_bytes_atomic(uri, data)
+        files.append(uri)
+        self._digest.update(part.encode() + hashlib.sha256(data).digest())
+        return uri
+
+    def write_bytes(self, relpath: str, data: bytes) -> str:
+        uri = storage.join(self.uri, relpath)
+        storage.write_bytes_atomic(uri, data)
+        self._digest.update(relpath.encode() + hashlib.sha256(data).digest())
+        return uri
+
+    def publish(self, manifest: dict[str, Any]) -> DatasetVersion:
+        """Write ``manifest.json`` (last) and move ``LATEST`` forward if this version is the newest."""
+        full = {
+            "name": self.name,
+            "version": self.version,
+            "uri": self.uri,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            "parts": {k: len(v) for k, v in self._parts.items()},
+            "content_hash": self._digest.hexdigest(),
+            **manifest,
+        }
+        storage.write_json_atomic(storage.join(self.uri, MANIFEST), full)
+        self.published = True
+        self._advance_latest()
+        return DatasetVersion(self.name, self.version, self.uri, full)
+
+    def _advance_latest(self) -> None:
+        latest_uri = storage.join(datasets_root(self.settings), self.name, LATEST)
+        # Compare-and-repair: after writing, the newest complete version must be what LATEST names.
+        for _ in range(5):
+            newest = list_versions(self.settings, self.name)[-1]
+            current = storage.read_text(latest_uri).strip() if storage.exists(latest_uri) else ""
+            if current >= newest:
+                return
+            storage.write_text_atomic(latest_uri, newest)

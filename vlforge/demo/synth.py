@@ -1,0 +1,108 @@
+"""Synthetic image-caption pairs with a known truth: coloured shapes on plain backgrounds.
+
+A configurable share of pairs gets a deliberately mismatched caption (another colour *and* another shape),
+so a CLIP filter has something real to remove and the demo can measure how well it did.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 20),
+    "purple": (140, 40, 180),
+    "orange": (250, 140, 0),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "grey": (128, 128, 128),
+    "black": (15, 15, 15),
+}
+TEMPLATES = (
+    "a {colour} {shape}",
+    "a photo of a {colour} {shape}",
+    "a {colour} {shape} on a {background} background",
+    "picture of a {colour} {shape}",
+)
+
+
+@dataclass(frozen=True)
+class SynthPair:
+    key: str
+    image: bytes  # encoded JPEG or PNG
+    caption: str
+    colour: str
+    shape: str
+    matched: bool  # False when the caption deliberately describes another colour and shape
+
+
+def draw_shape(colour: str, shape: str, background: str, size: int, rng: random.Random) -> Image.Image:
+    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    extent = rng.uniform(0.45, 0.8) * size
+    cx = rng.uniform(extent / 2, size - extent / 2)
+    cy = rng.uniform(extent / 2, size - extent / 2)
+    x0, y0, x1, y1 = cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:  # cross
+        w = extent / 3
+        draw.rectangle((cx - w / 2, y0, cx + w / 2, y1), fill=fill)
+        draw.rectangle((x0, cy - w / 2, x1, cy + w / 2), fill=fill)
+    return img
+
+
+def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def caption_for(colour: str, shape: str, background: str, rng: random.Random) -> str:
+    return rng.choice(TEMPLATES).format(colour=colour, shape=shape, background=background)
+
+
+def make_pairs(
+    n: int,
+    mismatch_fraction: float = 0.0,
+    seed: int = 0,
+    size: int = 64,
+    prefix: str = "img",
+) -> list[SynthPair]:
+    """``n`` pairs; exactly ``round(n * mismatch_fraction)`` of them get a mismatched caption."""
+    if not 0.0 <= mismatch_fraction <= 1.0:
+        raise ValueError(f"mismatch_fraction must be in [0, 1], got {mismatch_fraction}")
+    rng = random.Random(seed)
+    n_bad = round(n * mismatch_fraction)
+    bad = set(rng.sample(range(n), n_bad))
+    pairs = []
+    for i in range(n):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        background = rng.choice(list(BACKGROUNDS))
+        img = draw_shape(colour, shape, background, size, rng)
+        if i in bad:
+            cap_colour = rng.choice([c for c in COLOURS if c != colour])
+            cap_shape = rng.choice([s for s in SHAPES if s != shape])
+            caption = caption_for(cap_colour, cap_shape, background, rng)
+        else:
+            caption = caption_for(colour, shape, background, rng)
+        pairs.append(SynthPair(f"{prefix}{i:06d}", encode(img), caption, colour, shape, i not in bad))
+    return pairs
+
+
+def class_prompts() -> list[str]:
+    """Zero-shot prompts, one per (colour, shape) class, in a fixed order."""
+    return [f"a photo of a {c} {s}" for c in COLOURS for s in SHAPES]

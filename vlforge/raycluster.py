@@ -1,0 +1,43 @@
+"""Ray session helpers: connect to the configured cluster or start Ray locally, once per process."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from vlforge.settings import Settings
+
+
+def init_ray(settings: Settings, num_cpus: int | None = None):
+    """``ray.init`` against ``settings.ray_address`` (or ``RAY_ADDRESS``), or a local Ray if unset."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray Train V2 is the API we write against.
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    address = settings.ray_address
+    kwargs = dict(ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        from vlforge.errors import ServerUnreachableError
+
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as exc:  # ConnectionError and friends
+            raise ServerUnreachableError(
+                f"cannot connect to the Ray cluster at {address!r} ({exc}); check VLFORGE_RAY_ADDRESS / RAY_ADDRESS "
+                "or unset it to run Ray locally"
+            ) from exc
+    else:
+        # Logical CPUs may exceed the cores: Ray Data tasks and Train workers share a small machine.
+        cpus = num_cpus or max(4, os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+    return ray
+
+
+def cluster_gpus() -> int:
+    """GPUs in the connected cluster (0 on a machine without any)."""
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))

@@ -1,0 +1,116 @@
+"""MLflow helpers: tracking set-up, experiments with artifacts under the storage root, lineage inputs/tags.
+
+Call :func:`configure` inside a function (never at import time). Runs created here never write ``./mlruns``:
+each experiment's artifact location lives under ``<storage>/mlflow-artifacts``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from vlforge.settings import Settings
+
+EXPERIMENTS = {
+    "ingest": "vlforge-ingest",
+    "datasets": "vlforge-datasets",
+    "pretrain": "vlforge-pretrain",
+    "finetune": "vlforge-finetune",
+}
+PRETRAINED_MODEL = "vlforge-clip"
+LORA_MODEL = "vlforge-clip-lora"
+
+TAG_DATASET = "vlforge.dataset"
+TAG_DATASET_VERSION = "vlforge.dataset_version"
+TAG_BASE_MODEL = "vlforge.base_model"
+TAG_FLOW_RUN = "prefect.flow_run_id"
+
+
+def configure(settings: Settings):
+    """Point MLflow at the settings' tracking URI and return a client."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///") and not settings.storage_is_remote:
+        os.makedirs(os.path.dirname(uri[len("sqlite:///") :]) or ".", exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(settings: Settings, stage: str) -> str:
+    """Return the id of the stage's experiment, creating it with artifacts under the storage root."""
+    client = configure(settings)
+    name = EXPERIMENTS.get(stage, stage)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not (settings.mlflow_tracking_uri or "").startswith(("http://", "https://")):
+        location = f"{settings.artifact_root}/{name}"
+        if not settings.storage_is_remote:
+            location = "file://" + location
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flow_run_tags() -> dict[str, str]:
+    """``{"prefect.flow_run_id": id}`` when called inside a Prefect flow run, else ``{}``."""
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        ctx = FlowRunContext.get()
+        if ctx is not None and ctx.flow_run is not None:
+            return {TAG_FLOW_RUN: str(ctx.flow_run.id)}
+        tctx = TaskRunContext.get()
+        if tctx is not None and tctx.task_run.flow_run_id is not None:
+            return {TAG_FLOW_RUN: str(tctx.task_run.flow_run_id)}
+    except Exception:
+        pass
+    env_id = os.environ.get("PREFECT__FLOW_RUN_ID")
+    return {TAG_FLOW_RUN: env_id} if env_id else {}
+
+
+def dataset_tags(dataset_version) -> dict[str, str]:
+    return {TAG_DATASET: dataset_version.name, TAG_DATASET_VERSION: dataset_version.version}
+
+
+def log_dataset_input(dataset_version, context: str = "training") -> None:
+    """Log a dataset version as an ``mlflow.data`` input of the active run; its source is the version's URI."""
+    import mlflow
+    import pandas as pd
+
+    manifest = dataset_version.manifest or {}
+    summary = pd.DataFrame(
+        {
+            "dataset": [dataset_version.name],
+            "version": [dataset_version.version],
+            "rows": [int(manifest.get("counts", {}).get("kept", 0))],
+        }
+    )
+    source = dataset_version.uri if "://" in dataset_version.uri else "file://" + dataset_version.uri
+    ds = mlflow.data.from_pandas(summary, source=source, name=dataset_version.ref)
+    mlflow.log_input(ds, context=context, tags={"uri": dataset_version.uri})
+
+
+def run_url(settings: Settings, run_id: str) -> str:
+    """A link to the run: the MLflow UI when the tracking URI is a server, else the runs:/ URI."""
+    uri = settings.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        import mlflow
+
+        run = mlflow.get_run(run_id)
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id}"
+
+
+def safe_params(params: dict[str, Any]) -> dict[str, str]:
+    """Drop anything that looks like a secret before it reaches MLflow."""
+    banned = ("secret", "password", "token", "key_id", "access_key")
+    return {k: str(v)[:500] for k, v in params.items() if not any(b in k.lower() for b in banned)}
