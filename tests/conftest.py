@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated storage root + MLflow on SQLite per test, offline hubs, one local Ray."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Offline and quiet for every test process (and the subprocesses they start).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_homes(tmp_path_factory):
+    """Keep Prefect's and Ray's state out of the user's home; never talk to a configured server."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    os.environ["PREFECT_HOME"] = str(home)
+    for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "VLFORGE_RAY_ADDRESS"):
+        os.environ.pop(k, None)
+    yield
+    for k, v in old.items():
+        if v is not None:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """Settings with a fresh storage root (and so a fresh MLflow SQLite database) under tmp_path."""
+    from vlforge.settings import get_settings
+
+    monkeypatch.setenv("VLFORGE_STORAGE", str(tmp_path / "store"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    from vlforge.raycluster import init_ray
+    from vlforge.settings import Settings
+
+    init_ray(Settings(storage="/tmp/unused"))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def image_server():
+    from vlforge.demo.server import ImageServer
+
+    with ImageServer() as srv:
+        yield srv

@@ -1,0 +1,79 @@
+"""Test data builders (synthetic data in the real on-disk formats; not mocks of our code)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from vlforge import storage
+from vlforge.datasets import DatasetVersion, VersionWriter
+from vlforge.demo.synth import SynthPair, make_pairs
+from vlforge.settings import Settings
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(data)).size
+
+
+def publish_synthetic_dataset(
+    settings: Settings, name: str = "synth", n: int = 64, mismatch_fraction: float = 0.0, seed: int = 0
+) -> tuple[DatasetVersion, list[SynthPair]]:
+    """Publish a dataset version in DESIGN's data contract from synthetic pairs."""
+    pairs = make_pairs(n, mismatch_fraction, seed=seed)
+    sizes = [image_size(p.image) for p in pairs]
+    table = pa.table(
+        {
+            "key": [p.key for p in pairs],
+            "url": [f"http://127.0.0.1/img/{p.key}.jpg" for p in pairs],
+            "caption": [p.caption for p in pairs],
+            "image": [p.image for p in pairs],
+            "width": [s[0] for s in sizes],
+            "height": [s[1] for s in sizes],
+            "sha256": [hashlib.sha256(p.image).hexdigest() for p in pairs],
+            "clip_score": [1.0] * n,
+            "source": ["synthetic"] * n,
+            "raw_batch": ["synthetic-batch"] * n,
+            "truth_matched": [int(p.matched) for p in pairs],
+        }
+    )
+    writer = VersionWriter(settings, name)
+    writer.write_table("data", table)
+    dv = writer.publish({"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}})
+    return dv, pairs
+
+
+def write_raw_batch(settings: Settings, source: str, batch_id: str, pairs: list[SynthPair], shard_size: int = 50):
+    """A raw batch in img2dataset's parquet layout (as ``tasks.ingest`` writes it), with ``_SUCCESS``."""
+    uri = storage.join(settings.storage_uri, "raw", source, batch_id)
+    for shard, start in enumerate(range(0, len(pairs), shard_size)):
+        chunk = pairs[start : start + shard_size]
+        sizes = [image_size(p.image) for p in chunk]
+        table = pa.table(
+            {
+                "url": [f"http://127.0.0.1/img/{p.key}.jpg" for p in chunk],
+                "caption": [p.caption for p in chunk],
+                "key": [f"{shard:05d}{i:04d}" for i in range(len(chunk))],
+                "status": ["success"] * len(chunk),
+                "error_message": pa.array([None] * len(chunk), pa.string()),
+                "width": pa.array([s[0] for s in sizes], pa.int32()),
+                "height": pa.array([s[1] for s in sizes], pa.int32()),
+                "original_width": pa.array([s[0] for s in sizes], pa.int32()),
+                "original_height": pa.array([s[1] for s in sizes], pa.int32()),
+                "exif": ["{}"] * len(chunk),
+                "sha256": [hashlib.sha256(p.image).hexdigest() for p in chunk],
+                "jpg": pa.array([p.image for p in chunk], pa.binary()),
+                "truth_matched": [int(p.matched) for p in chunk],
+            }
+        )
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        storage.write_bytes_atomic(storage.join(uri, f"{shard:05d}.parquet"), buf.getvalue())
+        storage.write_json_atomic(
+            storage.join(uri, f"{shard:05d}_stats.json"), {"count": len(chunk), "successes": len(chunk)}
+        )
+    storage.write_text_atomic(storage.join(uri, "_SUCCESS"), "")
+    return uri
