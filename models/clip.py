@@ -99,7 +99,9 @@ class ClipBundle:
         pooled = m.vision_model(pixel_values=pixel_values).pooler_output
         return F.normalize(m.visual_projection(pooled), dim=-1)
 
-    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_texts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """L2-normalised text embeddings [B, D]."""
         m = self.model
         pooled = m.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
@@ -129,7 +131,9 @@ def build_clip(recipe: str | ClipRecipe = "clip-tiny", captions: Sequence[str] |
     tok_cfg = recipe.tokenizer
     if tok_cfg.get("kind") == "train":
         corpus = list(captions) if captions else ["a photo of a thing"]
-        tokenizer = train_tokenizer(corpus, vocab_size=int(tok_cfg["vocab_size"]), max_length=recipe.max_length)
+        tokenizer = train_tokenizer(
+            corpus, vocab_size=int(tok_cfg["vocab_size"]), max_length=recipe.max_length
+        )
     else:
         tokenizer = _load_tokenizer(tok_cfg["hub_id"])
     vocab_size = max(len(tokenizer), int(tok_cfg.get("min_vocab_size", 0)))
@@ -153,7 +157,9 @@ def load_clip(path_or_id: str, device: str | torch.device = "cpu") -> ClipBundle
     from transformers import CLIPModel
 
     is_dir = os.path.isdir(path_or_id)
-    if not is_dir and (os.path.sep in path_or_id.strip("/").split("/", 1)[-1] or path_or_id.startswith((".", "/"))):
+    if not is_dir and (
+        os.path.sep in path_or_id.strip("/").split("/", 1)[-1] or path_or_id.startswith((".", "/"))
+    ):
         raise ModelNotFoundError(f"model folder {path_or_id!r} does not exist")
     try:
         model = CLIPModel.from_pretrained(path_or_id)
@@ -179,10 +185,14 @@ def _load_processor(path_or_id: str, model):
         return Processor.from_pretrained(path_or_id)
     except OSError:
         size = int(model.config.vision_config.image_size)
-        return _image_processor(size, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+        return _image_processor(
+            size, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        )
 
 
-def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def clip_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of L2-normalised embeddings [B, D]; logit_scale is log(1/temperature)."""
     scale = logit_scale.exp().clamp(max=100.0)
     logits = scale * image_embeds @ text_embeds.t()  # [B, B]

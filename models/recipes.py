@@ -40,7 +40,9 @@ def load_recipe(name_or_path: str) -> ClipRecipe:
     if not path.exists():
         from vlforge.errors import ModelNotFoundError
 
-        raise ModelNotFoundError(f"unknown recipe {name_or_path!r}; known recipes: {', '.join(list_recipes())}")
+        raise ModelNotFoundError(
+            f"unknown recipe {name_or_path!r}; known recipes: {', '.join(list_recipes())}"
+        )
     raw = json.loads(path.read_text())
     raw["image_mean"] = tuple(raw["image_mean"])
     raw["image_std"] = tuple(raw["image_std"])
@@ -50,7 +52,9 @@ def load_recipe(name_or_path: str) -> ClipRecipe:
 def clip_config(recipe: ClipRecipe, vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
     from transformers import CLIPConfig
 
-    text = dict(recipe.text, vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    text = dict(
+        recipe.text, vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id
+    )
     vision = dict(recipe.vision, image_size=recipe.image_size, patch_size=recipe.patch_size)
     return CLIPConfig(
         text_config=text,

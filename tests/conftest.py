@@ -20,7 +20,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 def _isolated_homes(tmp_path_factory):
     """Keep Prefect's and Ray's state out of the user's home; never talk to a configured server."""
     home = tmp_path_factory.mktemp("prefect-home")
-    old = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    old = {
+        k: os.environ.get(k)
+        for k in ("PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")
+    }
     os.environ["PREFECT_HOME"] = str(home)
     for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "VLFORGE_RAY_ADDRESS"):
         os.environ.pop(k, None)

@@ -46,7 +46,9 @@ def publish_synthetic_dataset(
     return dv, pairs
 
 
-def write_raw_batch(settings: Settings, source: str, batch_id: str, pairs: list[SynthPair], shard_size: int = 50):
+def write_raw_batch(
+    settings: Settings, source: str, batch_id: str, pairs: list[SynthPair], shard_size: int = 50
+):
     """A raw batch in img2dataset's parquet layout (as ``tasks.ingest`` writes it), with ``_SUCCESS``."""
     uri = storage.join(settings.storage_uri, "raw", source, batch_id)
     for shard, start in enumerate(range(0, len(pairs), shard_size)):

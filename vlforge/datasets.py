@@ -101,7 +101,11 @@ def _latest_version(settings: Settings, name: str) -> str | None:
         hinted = storage.read_text(latest_uri).strip() or None
     complete = list_versions(settings, name)
     newest = complete[-1] if complete else None
-    if hinted and storage.exists(storage.join(root, hinted, MANIFEST)) and (newest is None or hinted >= newest):
+    if (
+        hinted
+        and storage.exists(storage.join(root, hinted, MANIFEST))
+        and (newest is None or hinted >= newest)
+    ):
         return hinted
     return newest
 

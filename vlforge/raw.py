@@ -29,7 +29,11 @@ def list_sources(settings: Settings) -> list[str]:
 def list_raw_batches(settings: Settings, source: str) -> list[str]:
     """Ids of the complete batches of ``source``, sorted."""
     root = raw_root(settings, source)
-    return [b for b in storage.list_names(root) if not b.startswith((".", "_")) and is_complete(storage.join(root, b))]
+    return [
+        b
+        for b in storage.list_names(root)
+        if not b.startswith((".", "_")) and is_complete(storage.join(root, b))
+    ]
 
 
 def shard_files(uri: str) -> list[str]:

@@ -81,7 +81,9 @@ def resolve_model_dir(uri: str, settings: Settings) -> str:
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp)
         except Exception as exc:
-            raise ModelNotFoundError(f"cannot download model artifacts for {uri!r}: {str(exc)[:300]}") from exc
+            raise ModelNotFoundError(
+                f"cannot download model artifacts for {uri!r}: {str(exc)[:300]}"
+            ) from exc
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         try:
             os.replace(tmp, cache)
@@ -89,7 +91,9 @@ def resolve_model_dir(uri: str, settings: Settings) -> str:
             storage.remove(tmp)
         found = _find_pretrained_dir(cache)
         if not found:
-            raise ModelNotFoundError(f"{uri!r} holds no transformers model folder (config.json + safetensors)")
+            raise ModelNotFoundError(
+                f"{uri!r} holds no transformers model folder (config.json + safetensors)"
+            )
         return found
     if os.path.isdir(uri):
         if not os.path.isfile(os.path.join(uri, "config.json")):
@@ -110,5 +114,3 @@ def _local_cache_root(settings: Settings) -> str:
     if settings.storage_is_remote:
         return os.path.abspath(os.path.join(".vlforge-cache"))
     return os.path.join(settings.storage_uri, "cache")
-
-

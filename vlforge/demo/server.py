@@ -98,7 +98,9 @@ class ImageServer:
         return [self.add(f"/img/{p.key}.jpg", Response(p.image)) for p in pairs]
 
     def start(self) -> ImageServer:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="vlforge-image-server", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="vlforge-image-server", daemon=True
+        )
         self._thread.start()
         return self
 
