@@ -1,0 +1,301 @@
+"""The ``vlforge`` command line (Typer). Each stage command calls the stage's plain function; ``demo`` runs the
+flows through Prefect; ``serve`` serves the deployments. A user error prints one line and exits with 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from vlforge.errors import VlforgeError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Curated image-text datasets and CLIP models."
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _quiet_environment() -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def user_errors(fn):
+    """Turn a VlforgeError into one clear line on stderr and exit status 2 (no traceback wall)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _quiet_environment()
+        try:
+            return fn(*args, **kwargs)
+        except VlforgeError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(
+    storage: Annotated[
+        str | None, typer.Option(help="Storage root (local folder or s3://); env VLFORGE_STORAGE.")
+    ] = None,
+) -> None:
+    if storage:
+        os.environ["VLFORGE_STORAGE"] = storage
+
+
+def _settings():
+    from vlforge.settings import get_settings
+
+    return get_settings()
+
+
+@app.command()
+@user_errors
+def ingest(
+    url_list: Annotated[
+        str,
+        typer.Argument(help="URL list file, folder or glob (csv/tsv/json/jsonl/parquet), local or s3://."),
+    ],
+    source: Annotated[str, typer.Option(help="Source name; raw batches go to raw/<source>/.")],
+    url_col: str = "url",
+    caption_col: str = "caption",
+    shard_size: Annotated[int, typer.Option(help="Rows per shard.")] = 10_000,
+    processes: Annotated[int | None, typer.Option(help="Download processes (default: cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Threads per process.")] = None,
+    distributor: Annotated[str, typer.Option(help="multiprocessing or ray.")] = "multiprocessing",
+    allow_private_networks: Annotated[bool, typer.Option(help="Allow private/loopback hosts.")] = False,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = 10.0,
+    retries: Annotated[int, typer.Option(help="Retries for transient errors.")] = 2,
+) -> None:
+    """Download image-text pairs from URL lists with img2dataset (resumable; every row accounted for)."""
+    from tasks.ingest import ingest as run
+
+    results = run(
+        url_list,
+        source,
+        _settings(),
+        url_col=url_col,
+        caption_col=caption_col,
+        shard_size=shard_size,
+        processes=processes,
+        threads=threads,
+        distributor=distributor,
+        allow_private_networks=allow_private_networks,
+        timeout=timeout,
+        retries=retries,
+    )
+    for r in results:
+        state = (
+            "already ingested"
+            if r.skipped
+            else f"{r.success_rate:.1%} success, {r.images_per_s:.1f} images/s"
+        )
+        out.print(f"{r.url_list} -> {r.uri} ({r.rows} rows, {state})")
+        out.print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(r.counts.items())))
+
+
+@app.command()
+@user_errors
+def curate(
+    source: Annotated[str, typer.Option(help="Source whose raw batches to curate.")],
+    dataset: Annotated[str, typer.Option(help="Dataset to publish a new version of.")],
+    scorer: Annotated[
+        str | None, typer.Option(help="CLIP scorer: models:/NAME@ALIAS, a folder or a HF id.")
+    ] = None,
+    min_score: Annotated[
+        float | None, typer.Option(help="Keep pairs with CLIP score >= X (LAION: 0.28).")
+    ] = None,
+    top_fraction: Annotated[
+        float | None, typer.Option(help="Keep the top F of the pool by CLIP score.")
+    ] = None,
+) -> None:
+    """Score pairs with CLIP on Ray, filter, dedup and publish a versioned Parquet dataset."""
+    from tasks.curate import curate as run
+
+    if min_score is not None and top_fraction is not None:
+        raise VlforgeError("give either --min-score or --top-fraction, not both")
+    if (min_score is not None or top_fraction is not None) and not scorer:
+        raise VlforgeError(
+            "--min-score and --top-fraction need a --scorer (e.g. models:/vlforge-clip@champion)"
+        )
+    result = run(source, dataset, _settings(), scorer=scorer, min_score=min_score, top_fraction=top_fraction)
+    dv = result.dataset_version
+    out.print(f"published {dv.ref} at {dv.uri}")
+    out.print("  " + ", ".join(f"{k}: {v}" for k, v in result.counts.items()))
+    if result.mlflow_run_id:
+        out.print(f"  MLflow run: {result.mlflow_run_id}")
+
+
+@app.command()
+@user_errors
+def pretrain(
+    dataset: Annotated[str, typer.Option(help="NAME or NAME@VERSION.")],
+    recipe: Annotated[
+        str, typer.Option(help="Recipe in models/configs (clip-tiny, clip-vit-b-32).")
+    ] = "clip-tiny",
+    init: Annotated[str | None, typer.Option(help="Start from this model URI instead of scratch.")] = None,
+    epochs: int = 3,
+    batch_size: int = 32,
+    lr: float = 5e-4,
+    num_workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 1,
+    use_gpu: Annotated[
+        bool | None, typer.Option("--use-gpu/--no-gpu", help="Default: GPUs if the cluster has any.")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Training name; running the same name again resumes it.")
+    ] = None,
+    grad_accum: int = 1,
+    grad_checkpointing: bool = False,
+    eval_dataset: Annotated[str | None, typer.Option(help="Extra evaluation dataset.")] = None,
+) -> None:
+    """Contrastive (CLIP) pretraining with Ray Train; logs to MLflow and registers vlforge-clip."""
+    from tasks.pretrain import pretrain as run
+
+    result = run(
+        dataset,
+        _settings(),
+        recipe=recipe,
+        init=init,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        name=name,
+        grad_accum=grad_accum,
+        grad_checkpointing=grad_checkpointing,
+        eval_dataset=eval_dataset,
+    )
+    _print_train(result)
+
+
+@app.command()
+@user_errors
+def finetune(
+    dataset: Annotated[str, typer.Option(help="NAME or NAME@VERSION.")],
+    base: Annotated[str, typer.Option(help="Model to adapt.")] = "models:/vlforge-clip@champion",
+    epochs: int = 2,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    lora_r: int = 8,
+    lora_alpha: int = 16,
+    num_workers: int = 1,
+    use_gpu: Annotated[bool | None, typer.Option("--use-gpu/--no-gpu")] = None,
+    name: Annotated[str | None, typer.Option(help="Training name; the same name again resumes it.")] = None,
+) -> None:
+    """LoRA (peft) fine-tuning of a registered model; registers vlforge-clip-lora."""
+    from tasks.finetune import finetune as run
+
+    result = run(
+        dataset,
+        _settings(),
+        base=base,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        name=name,
+    )
+    _print_train(result)
+
+
+def _print_train(result) -> None:
+    reg = result.registered
+    out.print(f"MLflow run: {result.run_id}")
+    if reg:
+        out.print(f"registered {reg.uri} as {reg.alias}")
+    for k, v in sorted((result.metrics or {}).items()):
+        out.print(f"  {k}: {v:.4f}")
+
+
+@app.command()
+@user_errors
+def demo(
+    seed_size: Annotated[int, typer.Option(help="Clean pairs used to bootstrap the scorer.")] = 300,
+    pool_size: Annotated[int, typer.Option(help="Noisy pairs to curate.")] = 600,
+    mismatch_fraction: Annotated[
+        float, typer.Option(help="Share of deliberately mismatched captions.")
+    ] = 0.3,
+    top_fraction: Annotated[float, typer.Option(help="Share of the pool the CLIP filter keeps.")] = 0.6,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run the whole pipeline on synthetic data served on 127.0.0.1 (embedded defaults, no services)."""
+    from flows.demo import demo as run
+
+    s = _settings()
+    console.print(f"[bold]vlforge demo[/]: storage {s.storage_uri}, MLflow {s.tracking_uri}")
+    summary = run(
+        seed_size=seed_size,
+        pool_size=pool_size,
+        mismatch_fraction=mismatch_fraction,
+        top_fraction=top_fraction,
+    )
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    out.print("\n[bold]Summary[/]")
+    out.print(f"dataset version: {summary['dataset_version']} (seed set: {summary['seed_dataset']})")
+    out.print(f"mismatched pairs removed by the CLIP filter: {summary['mismatched_removed']:.1%}")
+    out.print(f"matched pairs kept: {summary['matched_kept']:.1%}")
+    for stage, run_id in summary["runs"].items():
+        out.print(f"MLflow run ({stage}): {run_id}")
+    for what, uri in summary["models"].items():
+        out.print(f"model ({what}): {uri}")
+    out.print(f"MLflow UI: mlflow ui --backend-store-uri {s.tracking_uri}")
+
+
+@app.command()
+@user_errors
+def serve(
+    refresh_cron: Annotated[str, typer.Option(help="Cron schedule of the refresh deployment.")] = "0 3 * * *",
+    refresh_location: Annotated[
+        str | None, typer.Option(help="Where URL lists land (folder, glob, s3://).")
+    ] = None,
+    refresh_source: Annotated[str | None, typer.Option(help="Source name for the refresh.")] = None,
+    refresh_dataset: Annotated[str | None, typer.Option(help="Dataset the refresh publishes.")] = None,
+) -> None:
+    """Serve the refresh (scheduled), train and pipeline deployments to the Prefect server at PREFECT_API_URL."""
+    from flows.deployments import serve_deployments
+
+    serve_deployments(
+        _settings(),
+        refresh_cron=refresh_cron,
+        refresh_source=refresh_source,
+        refresh_location=refresh_location,
+        refresh_dataset=refresh_dataset,
+    )
+
+
+@app.command()
+@user_errors
+def datasets(
+    name: Annotated[str | None, typer.Argument(help="Show the versions of this dataset.")] = None,
+) -> None:
+    """List datasets, or the complete versions of one."""
+    from vlforge.datasets import list_datasets, list_versions, resolve_dataset
+
+    s = _settings()
+    if name is None:
+        for n in list_datasets(s):
+            out.print(f"{n}  (latest {resolve_dataset(s, n).version})")
+        return
+    for v in list_versions(s, name):
+        m = resolve_dataset(s, f"{name}@{v}").manifest
+        out.print(f"{name}@{v}  {json.dumps(m.get('counts', {}))}")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,149 @@
+"""Prefect deployments of the vlforge flows, and ``vlforge serve`` which serves them.
+
+Three deployments, each a :class:`~prefect.deployments.runner.RunnerDeployment` built with
+``flow.to_deployment``:
+
+- ``refresh-dataset``: the ``refresh_dataset`` flow on a cron schedule (default 03:00 every day);
+- ``train``: the ``train`` flow (pretrain then LoRA fine-tune), run on demand from the UI or the API;
+- ``pipeline``: ``refresh_dataset`` then ``train``, on demand.
+
+Flow parameters are pydantic models, so the Prefect UI renders each deployment's "Run" form with
+defaults and validation. The entrypoints are module paths (``flows.pipeline.train``), so flow runs
+work wherever vlforge is installed, whatever the working directory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlforge.errors import ServerUnreachableError
+from vlforge.settings import Settings
+
+REFRESH_DEPLOYMENT = "refresh-dataset"
+TRAIN_DEPLOYMENT = "train"
+PIPELINE_DEPLOYMENT = "pipeline"
+DEFAULT_REFRESH_CRON = "0 3 * * *"
+TAGS = ["vlforge"]
+
+
+def default_refresh_source(settings: Settings) -> str:
+    """Where URL lists land when no source is configured: ``<storage>/incoming``."""
+    from vlforge import storage
+
+    return storage.join(settings.storage_uri, "incoming")
+
+
+def _refresh_parameters(source: str | None, dataset: str | None) -> dict[str, Any]:
+    overrides = {"source": source, "dataset": dataset}
+    return {"params": {k: v for k, v in overrides.items() if v is not None}}
+
+
+def build_deployments(
+    settings: Settings,
+    *,
+    refresh_cron: str = DEFAULT_REFRESH_CRON,
+    refresh_source: str | None = None,
+    refresh_dataset: str | None = None,
+    timezone: str | None = None,
+    paused: bool = False,
+) -> list:
+    """The refresh (cron), train and pipeline deployments, ready for ``prefect.serve``.
+
+    ``refresh_source`` is where URL lists land (folder, glob or ``s3://`` prefix); unset, it is
+    ``<storage>/incoming``. ``refresh_dataset`` names the dataset the refresh publishes (unset: the
+    flow's default). Nothing here contacts the Prefect API.
+    """
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.deployments.runner import EntrypointType
+
+    from flows import pipeline as module
+
+    source = refresh_source or default_refresh_source(settings)
+    try:
+        schedule = CronSchedule(cron=refresh_cron, timezone=timezone)
+    except ValueError as exc:
+        from vlforge.errors import VlforgeError
+
+        raise VlforgeError(f"invalid refresh cron {refresh_cron!r}: {exc}") from exc
+    common = dict(tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH)
+    refresh = module.refresh_dataset.to_deployment(
+        name=REFRESH_DEPLOYMENT,
+        schedule=schedule,
+        paused=paused,
+        parameters=_refresh_parameters(source, refresh_dataset),
+        description=f"Ingest new URL lists from {source}, curate them and publish a dataset version.",
+        **common,
+    )
+    train = module.train.to_deployment(
+        name=TRAIN_DEPLOYMENT,
+        description="Contrastive pretraining then LoRA fine-tuning on a dataset version; registers both models.",
+        **common,
+    )
+    pipeline = module.pipeline.to_deployment(
+        name=PIPELINE_DEPLOYMENT,
+        description="Refresh a dataset from its source, then train and register models on it.",
+        **common,
+    )
+    return [refresh, train, pipeline]
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API this process talks to (``PREFECT_API_URL``), or None for the ephemeral API."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+def check_prefect_api(api_url: str | None = None, timeout: float = 5.0) -> str:
+    """Return the API URL after checking that it answers ``/health``; raise ServerUnreachableError if not."""
+    import httpx
+
+    url = api_url or prefect_api_url()
+    if not url:
+        raise ServerUnreachableError(
+            "PREFECT_API_URL is not set: `vlforge serve` needs a Prefect server (e.g. `prefect server start`, "
+            "then PREFECT_API_URL=http://127.0.0.1:4200/api)"
+        )
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ServerUnreachableError(
+            f"the Prefect API at {url} does not answer ({type(exc).__name__}: {exc}); start the server "
+            "(`prefect server start` or `docker compose up prefect-server`) or fix PREFECT_API_URL"
+        ) from exc
+    return url
+
+
+def serve_deployments(
+    settings: Settings,
+    *,
+    refresh_cron: str = DEFAULT_REFRESH_CRON,
+    refresh_source: str | None = None,
+    refresh_dataset: str | None = None,
+    timezone: str | None = None,
+    limit: int | None = None,
+    api_url: str | None = None,
+) -> None:
+    """Serve the deployments to the Prefect server at ``PREFECT_API_URL`` (or ``api_url``) until stopped.
+
+    Blocks; flow runs execute in subprocesses of this process. Schedules stay active on shutdown
+    (``pause_on_shutdown=False``) so a restart of the container does not silently stop the refresh.
+    """
+    import os
+
+    import prefect
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = check_prefect_api(api_url)
+    # Flow runs execute in subprocesses: they must report to the same API.
+    os.environ["PREFECT_API_URL"] = url
+    deployments = build_deployments(
+        settings,
+        refresh_cron=refresh_cron,
+        refresh_source=refresh_source,
+        refresh_dataset=refresh_dataset,
+        timezone=timezone,
+    )
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        prefect.serve(*deployments, pause_on_shutdown=False, limit=limit)

@@ -1,0 +1,199 @@
+"""The flows: ``refresh_dataset`` (ingest new lists, curate, publish), ``train`` (pretrain then LoRA fine-tune)
+and ``pipeline`` (both). Thin: they call the stage tasks in order, pass URIs, and publish artifacts."""
+
+from __future__ import annotations
+
+import logging
+
+from prefect import flow, get_run_logger
+
+from flows.artifacts import publish
+from flows.params import PipelineParams, RefreshParams, TrainParams
+from tasks.curate import curate_task
+from tasks.finetune import finetune_task
+from tasks.ingest import ingest_task
+from tasks.pretrain import pretrain_task
+from vlforge import tracking
+from vlforge.datasets import resolve_dataset
+from vlforge.errors import DatasetNotFoundError, ModelNotFoundError
+from vlforge.raw import list_raw_batches
+from vlforge.registry import registered_version
+from vlforge.settings import Settings, get_settings
+
+DEFAULT_SCORER = "models:/vlforge-clip@champion"
+
+
+def _logger():
+    try:
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("vlforge.flows")
+
+
+def _dataset_is_current(settings: Settings, dataset: str, source: str) -> bool:
+    """True when the newest version of ``dataset`` already covers every complete raw batch of ``source``."""
+    try:
+        dv = resolve_dataset(settings, dataset)
+    except DatasetNotFoundError:
+        return False
+    used = set(dv.manifest.get("raw_batches") or [])
+    return bool(used) and set(list_raw_batches(settings, source)) <= used
+
+
+def _usable_scorer(settings: Settings, scorer: str | None) -> str | None:
+    """The scorer to use; the default champion URI is dropped (with a warning) before any model is registered."""
+    if not scorer:
+        return None
+    if scorer == DEFAULT_SCORER:
+        try:
+            registered_version(scorer, settings)
+        except ModelNotFoundError:
+            _logger().warning(
+                "no %s registered yet: curating with the basic filters only (train a model, then refresh again)",
+                scorer,
+            )
+            return None
+    return scorer
+
+
+@flow(name="refresh-dataset", log_prints=True)
+def refresh_dataset(params: RefreshParams) -> dict:
+    """Ingest the URL lists at ``params.location`` not ingested yet, curate the source, publish a version."""
+    settings = get_settings()
+    log = _logger()
+    ingested = ingest_task(
+        params.location,
+        params.source,
+        settings,
+        url_col=params.url_col,
+        caption_col=params.caption_col,
+        shard_size=params.shard_size,
+        allow_private_networks=params.allow_private_networks,
+    )
+    new = [r for r in ingested if not r.skipped]
+    batch_rows = [
+        {
+            "url_list": r.url_list,
+            "batch": r.batch_id,
+            "rows": r.rows,
+            "success_rate": r.success_rate,
+            "new": not r.skipped,
+        }
+        for r in ingested
+    ]
+    if not new and _dataset_is_current(settings, params.dataset, params.source):
+        dv = resolve_dataset(settings, params.dataset)
+        log.info("nothing new at %s: dataset %s is current", params.location, dv.ref)
+        publish(
+            "refresh",
+            f"Refresh of {params.dataset}: nothing new",
+            [f"No new URL lists at `{params.location}`; `{dv.ref}` already covers every raw batch."],
+            {"Raw batches": batch_rows},
+        )
+        return {"new_batches": 0, "dataset_version": dv.ref, "skipped": True}
+    scorer = _usable_scorer(settings, params.scorer)
+    result = curate_task(
+        params.source,
+        params.dataset,
+        settings,
+        scorer=scorer,
+        min_score=params.min_score if scorer else None,
+        top_fraction=params.top_fraction if scorer else None,
+    )
+    dv = result.dataset_version
+    links = (
+        {"MLflow dataset run": tracking.run_url(settings, result.mlflow_run_id)}
+        if result.mlflow_run_id
+        else {}
+    )
+    links.update(
+        {
+            f"MLflow ingest run {r.batch_id}": tracking.run_url(settings, r.mlflow_run_id)
+            for r in new
+            if r.mlflow_run_id
+        }
+    )
+    publish(
+        "refresh",
+        f"Refresh of {params.dataset}: published {dv.ref}",
+        [f"Dataset version `{dv.ref}` at `{dv.uri}`", f"Scorer: `{scorer or 'none (basic filters only)'}`"],
+        {"Raw batches": batch_rows, "Counts": [result.counts]},
+        links,
+    )
+    return {
+        "new_batches": len(new),
+        "dataset_version": dv.ref,
+        "counts": result.counts,
+        "mlflow_run_id": result.mlflow_run_id,
+        "skipped": False,
+    }
+
+
+@flow(name="train", log_prints=True)
+def train(params: TrainParams) -> dict:
+    """Pretrain CLIP on a dataset version (registers vlforge-clip), then LoRA fine-tune (vlforge-clip-lora)."""
+    settings = get_settings()
+    out: dict = {"dataset": params.dataset}
+    rows, links = [], {}
+    if params.pretrain:
+        pre = pretrain_task(
+            params.dataset,
+            settings,
+            recipe=params.recipe,
+            init=params.init,
+            epochs=params.epochs,
+            batch_size=params.batch_size,
+            lr=params.learning_rate,
+            num_workers=params.num_workers,
+            use_gpu=params.use_gpu,
+        )
+        out["pretrain"] = _train_summary(pre)
+        rows.append({"stage": "pretrain", **out["pretrain"]})
+        links["MLflow pretrain run"] = tracking.run_url(settings, pre.run_id)
+    if params.finetune:
+        base = params.base_model or DEFAULT_SCORER
+        ft = finetune_task(
+            params.finetune_dataset or params.dataset,
+            settings,
+            base=base,
+            epochs=params.finetune_epochs,
+            batch_size=params.batch_size,
+            lr=params.finetune_learning_rate,
+            lora_r=params.lora.r,
+            lora_alpha=params.lora.alpha,
+            lora_dropout=params.lora.dropout,
+            lora_targets=list(params.lora.targets),
+            num_workers=params.num_workers,
+            use_gpu=params.use_gpu,
+        )
+        out["finetune"] = _train_summary(ft)
+        rows.append({"stage": "finetune", **out["finetune"]})
+        links["MLflow fine-tune run"] = tracking.run_url(settings, ft.run_id)
+    metric_rows = [{"stage": r["stage"], **r.get("metrics", {})} for r in rows]
+    publish(
+        "train",
+        f"Training on {params.dataset}",
+        [f"- {r['stage']}: `{r['model_uri']}` ({r['alias'] or 'not registered'})" for r in rows],
+        {"Models": [{k: v for k, v in r.items() if k != "metrics"} for r in rows], "Metrics": metric_rows},
+        links,
+    )
+    return out
+
+
+def _train_summary(result) -> dict:
+    reg = result.registered
+    return {
+        "run_id": result.run_id,
+        "model_uri": reg.uri if reg else result.model_uri,
+        "alias": reg.alias if reg else None,
+        "metrics": {k: round(float(v), 4) for k, v in (result.metrics or {}).items()},
+    }
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(params: PipelineParams) -> dict:
+    """Refresh the dataset, then train on its newest version."""
+    refreshed = refresh_dataset(params.refresh)
+    train_params = params.train or TrainParams(dataset=params.refresh.dataset)
+    trained = train(train_params)
+    return {"refresh": refreshed, "train": trained}
