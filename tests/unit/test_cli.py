@@ -1,0 +1,53 @@
+"""The CLI: user errors give one clear line and exit status 2, not a traceback."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.helpers import publish_synthetic_dataset
+
+runner = CliRunner()
+
+
+def test_help_lists_every_stage():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("ingest", "curate", "pretrain", "finetune", "demo", "serve", "datasets"):
+        assert cmd in result.output
+
+
+def test_unknown_dataset_is_one_clear_line(settings):
+    result = runner.invoke(app, ["pretrain", "--dataset", "nope"])
+    assert result.exit_code == 2
+    assert "unknown dataset 'nope'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_min_score_and_top_fraction_are_exclusive(settings):
+    result = runner.invoke(
+        app,
+        [
+            "curate",
+            "--source",
+            "s",
+            "--dataset",
+            "d",
+            "--scorer",
+            "x",
+            "--min-score",
+            "0.2",
+            "--top-fraction",
+            "0.3",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "either --min-score or --top-fraction" in result.output
+
+
+def test_datasets_lists_versions(settings):
+    dv, _ = publish_synthetic_dataset(settings, "listed", n=3)
+    result = runner.invoke(app, ["datasets"])
+    assert result.exit_code == 0 and f"listed  (latest {dv.version})" in result.output
+    result = runner.invoke(app, ["datasets", "listed"])
+    assert result.exit_code == 0 and dv.ref in result.output
