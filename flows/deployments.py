@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlforge.errors import ServerUnreachableError
+from vlforge.errors import ServerUnreachableError, VlforgeError
 from vlforge.settings import Settings
 
 REFRESH_DEPLOYMENT = "refresh-dataset"
@@ -26,22 +26,41 @@ DEFAULT_REFRESH_CRON = "0 3 * * *"
 TAGS = ["vlforge"]
 
 
-def default_refresh_source(settings: Settings) -> str:
-    """Where URL lists land when no source is configured: ``<storage>/incoming``."""
+def default_refresh_location(settings: Settings) -> str:
+    """Where URL lists land when no location is configured: ``<storage>/incoming``."""
     from vlforge import storage
 
     return storage.join(settings.storage_uri, "incoming")
 
 
-def _refresh_parameters(source: str | None, dataset: str | None) -> dict[str, Any]:
-    overrides = {"source": source, "dataset": dataset}
-    return {"params": {k: v for k, v in overrides.items() if v is not None}}
+def refresh_parameters(
+    settings: Settings, location: str | None, source: str | None, dataset: str | None
+) -> dict[str, Any]:
+    """The ``RefreshParams`` fields the deployments fix; empty values keep the model's defaults."""
+    fields = {
+        "location": location or default_refresh_location(settings),
+        "source": source,
+        "dataset": dataset,
+    }
+    return {k: v for k, v in fields.items() if v}
+
+
+def _cron_schedule(cron: str, timezone: str | None):
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        return CronSchedule(cron=cron, timezone=timezone)
+    except ValueError as exc:
+        raise VlforgeError(
+            f"invalid refresh cron {cron!r}: {exc}; use five fields, e.g. '0 3 * * *'"
+        ) from exc
 
 
 def build_deployments(
     settings: Settings,
     *,
     refresh_cron: str = DEFAULT_REFRESH_CRON,
+    refresh_location: str | None = None,
     refresh_source: str | None = None,
     refresh_dataset: str | None = None,
     timezone: str | None = None,
@@ -49,42 +68,38 @@ def build_deployments(
 ) -> list:
     """The refresh (cron), train and pipeline deployments, ready for ``prefect.serve``.
 
-    ``refresh_source`` is where URL lists land (folder, glob or ``s3://`` prefix); unset, it is
-    ``<storage>/incoming``. ``refresh_dataset`` names the dataset the refresh publishes (unset: the
-    flow's default). Nothing here contacts the Prefect API.
+    ``refresh_location`` is where URL lists land (folder, glob or ``s3://`` prefix; unset:
+    ``<storage>/incoming``), ``refresh_source`` the source name and ``refresh_dataset`` the dataset the
+    refresh publishes (unset: ``RefreshParams``' defaults). The pipeline deployment's form starts from the
+    same refresh settings. Nothing here contacts the Prefect API.
     """
-    from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
 
     from flows import pipeline as module
 
-    source = refresh_source or default_refresh_source(settings)
-    try:
-        schedule = CronSchedule(cron=refresh_cron, timezone=timezone)
-    except ValueError as exc:
-        from vlforge.errors import VlforgeError
-
-        raise VlforgeError(f"invalid refresh cron {refresh_cron!r}: {exc}") from exc
+    refresh = refresh_parameters(settings, refresh_location, refresh_source, refresh_dataset)
     common = dict(tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH)
-    refresh = module.refresh_dataset.to_deployment(
-        name=REFRESH_DEPLOYMENT,
-        schedule=schedule,
-        paused=paused,
-        parameters=_refresh_parameters(source, refresh_dataset),
-        description=f"Ingest new URL lists from {source}, curate them and publish a dataset version.",
-        **common,
-    )
-    train = module.train.to_deployment(
-        name=TRAIN_DEPLOYMENT,
-        description="Contrastive pretraining then LoRA fine-tuning on a dataset version; registers both models.",
-        **common,
-    )
-    pipeline = module.pipeline.to_deployment(
-        name=PIPELINE_DEPLOYMENT,
-        description="Refresh a dataset from its source, then train and register models on it.",
-        **common,
-    )
-    return [refresh, train, pipeline]
+    return [
+        module.refresh_dataset.to_deployment(
+            name=REFRESH_DEPLOYMENT,
+            schedule=_cron_schedule(refresh_cron, timezone),
+            paused=paused,
+            parameters={"params": refresh},
+            description=f"Ingest new URL lists from {refresh['location']}, curate them, publish a dataset version.",
+            **common,
+        ),
+        module.train.to_deployment(
+            name=TRAIN_DEPLOYMENT,
+            description="Contrastive pretraining then LoRA fine-tuning on a dataset version; registers both.",
+            **common,
+        ),
+        module.pipeline.to_deployment(
+            name=PIPELINE_DEPLOYMENT,
+            parameters={"params": {"refresh": refresh}},
+            description="Refresh a dataset from its source, then train and register models on it.",
+            **common,
+        ),
+    ]
 
 
 def prefect_api_url() -> str | None:
@@ -119,6 +134,7 @@ def serve_deployments(
     settings: Settings,
     *,
     refresh_cron: str = DEFAULT_REFRESH_CRON,
+    refresh_location: str | None = None,
     refresh_source: str | None = None,
     refresh_dataset: str | None = None,
     timezone: str | None = None,
@@ -141,6 +157,7 @@ def serve_deployments(
     deployments = build_deployments(
         settings,
         refresh_cron=refresh_cron,
+        refresh_location=refresh_location,
         refresh_source=refresh_source,
         refresh_dataset=refresh_dataset,
         timezone=timezone,
