@@ -1,0 +1,309 @@
+"""Ingest: URL lists -> raw batches ``raw/<source>/<batch_id>/`` downloaded by img2dataset.
+
+One raw batch per list file; the batch id is the sha256 of the file's content, so the same list again is a no-op
+and a new list is a new batch. img2dataset writes straight into the batch folder in incremental mode, so a run
+killed at any point resumes at the first shard without a stats file. Rows refused before download go to one more
+shard in img2dataset's schema; the batch holds every list row exactly once, checked before ``_SUCCESS`` (a JSON
+summary) is written last.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from prefect import task
+
+from tasks import ingest_accounting as acc
+from tasks.ingest_run import run_img2dataset
+from tasks.ingest_stage import StagedList, load_staged, read_allowed_rows, read_refused, stage_list
+from tasks.urllists import content_hash, find_list_files
+from vlforge import raw, storage
+from vlforge.errors import UrlListError, VlforgeError
+from vlforge.settings import Settings
+
+log = logging.getLogger("vlforge.ingest")
+
+DISTRIBUTORS = ("multiprocessing", "ray")
+
+
+@dataclass
+class IngestResult:
+    source: str
+    url_list: str
+    batch_id: str
+    uri: str
+    rows: int
+    counts: dict[str, int]  # rows per status/reason: {"success": 90, "http_404": 3, "timeout": 1, ...}
+    success_rate: float
+    images_per_s: float
+    skipped: bool  # True when the batch already existed
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class _Plan:
+    url_list: str
+    batch_id: str
+    uri: str
+    staged: StagedList | None  # None: the batch is complete already
+
+
+@dataclass
+class DownloadOptions:
+    shard_size: int = 10_000
+    processes: int = 1
+    threads: int = 64
+    distributor: str = "multiprocessing"
+    timeout: float = 10.0
+    retries: int = 2
+    user_agent_token: str = "vlforge"
+    image_size: int = 256
+    min_image_size: int = 10
+    max_image_area: float = 50_000_000
+    max_aspect_ratio: float = float("inf")
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+
+
+def ingest(
+    url_list: str,
+    source: str,
+    settings: Settings,
+    *,
+    url_col: str = "url",
+    caption_col: str = "caption",
+    shard_size: int = 10_000,
+    processes: int | None = None,
+    threads: int | None = None,
+    distributor: str = "multiprocessing",
+    allow_private_networks: bool = False,
+    timeout: float = 10.0,
+    retries: int = 2,
+    user_agent: str | None = None,
+    image_size: int = 256,
+    min_image_size: int = 10,
+    max_image_area: float = 50_000_000,
+    disallowed_header_directives: list[str] | None = None,
+) -> list[IngestResult]:
+    """Download every list file at ``url_list`` (file, folder or glob; local or s3://) into raw batches of
+    ``source``. All lists are validated (and staged) before anything is downloaded."""
+    _check_args(source, distributor, shard_size)
+    opts = DownloadOptions(
+        shard_size=shard_size,
+        processes=processes or os.cpu_count() or 1,
+        threads=threads or 64,
+        distributor=distributor,
+        timeout=timeout,
+        retries=retries,
+        user_agent_token=user_agent_token(user_agent or settings.user_agent),
+        image_size=image_size,
+        min_image_size=min_image_size,
+        max_image_area=max_image_area,
+    )
+    if disallowed_header_directives is not None:
+        opts.disallowed_header_directives = list(disallowed_header_directives)
+    plans = [
+        _plan(f, source, settings, url_col, caption_col, allow_private_networks)
+        for f in find_list_files(url_list)
+    ]
+    results = []
+    for plan in plans:
+        if plan.staged is None:
+            result = _completed(plan, source)
+            log.info("%s: already ingested as %s, nothing to do", plan.url_list, plan.uri)
+        else:
+            result = _download(plan, source, settings, opts, url_col, caption_col)
+            log.info(summary_line(result))
+        results.append(result)
+    return results
+
+
+def user_agent_token(user_agent: str) -> str:
+    """The product token of a user agent (``vlforge/0.1 (+https://...)`` -> ``vlforge``): img2dataset sends it as
+    ``(compatible; <token>; +...)`` and honours ``X-Robots-Tag: <token>: noai`` addressed to it."""
+    token = (user_agent or "vlforge").strip().split()[0].split("/")[0].strip("();,")
+    return token.lower() or "vlforge"
+
+
+def _check_args(source: str, distributor: str, shard_size: int) -> None:
+    if not source or "/" in source or source.startswith((".", "_")) or source != source.strip():
+        raise VlforgeError(
+            f"invalid source name {source!r}: use a plain name such as 'cc3m' (no '/', no leading '.' or '_')"
+        )
+    if distributor not in DISTRIBUTORS:
+        raise VlforgeError(f"unknown distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
+    if shard_size < 1:
+        raise VlforgeError(f"--shard-size must be at least 1, got {shard_size}")
+
+
+def _plan(path: str, source: str, settings: Settings, url_col, caption_col, allow_private) -> _Plan:
+    try:
+        batch_id = content_hash(path)[:16]
+    except FileNotFoundError as exc:
+        raise UrlListError(f"URL list {path}: no such file") from exc
+    except Exception as exc:
+        raise UrlListError(f"URL list {path}: cannot be read ({exc})") from exc
+    uri = raw.batch_uri(settings, source, batch_id)
+    if raw.is_complete(uri):
+        return _Plan(path, batch_id, uri, None)
+    staging = storage.join(raw.raw_root(settings, source), "_staging", batch_id)
+    staged = load_staged(staging) or stage_list(path, staging, url_col, caption_col, allow_private)
+    return _Plan(path, batch_id, uri, staged)
+
+
+def _completed(plan: _Plan, source: str) -> IngestResult:
+    """The result of an earlier run, from the summary in its ``_SUCCESS`` (rescanned if that is empty)."""
+    try:
+        summary = storage.read_json(storage.join(plan.uri, raw.SUCCESS))
+    except Exception:
+        summary = {}
+    counts = summary.get("counts")
+    if not counts:
+        counter, _ = acc.scan_batch(plan.uri, None)
+        counts = dict(counter)
+    rows = sum(counts.values())
+    return IngestResult(
+        source=source,
+        url_list=plan.url_list,
+        batch_id=plan.batch_id,
+        uri=plan.uri,
+        rows=rows,
+        counts=dict(counts),
+        success_rate=counts.get("success", 0) / rows if rows else 0.0,
+        images_per_s=float(summary.get("images_per_s", 0.0)),
+        skipped=True,
+        mlflow_run_id=summary.get("mlflow_run_id"),
+    )
+
+
+def _download(plan: _Plan, source: str, settings: Settings, opts: DownloadOptions, url_col, caption_col):
+    staged = plan.staged
+    n_shards = math.ceil(staged.allowed / opts.shard_size)
+    before = acc.done_shards(plan.uri) & set(range(n_shards))
+    start = time.perf_counter()
+    for attempt in range(2):  # a second pass picks up shards img2dataset gave up on
+        if acc.done_shards(plan.uri) >= set(range(n_shards)):
+            break
+        run_img2dataset(staged, plan.uri, opts, settings)
+        storage.filesystem(plan.uri)[0].invalidate_cache()
+        if attempt == 0:
+            log.info("%s: some shards failed; retrying them", plan.uri)
+    elapsed = time.perf_counter() - start
+    missing = set(range(n_shards)) - acc.done_shards(plan.uri)
+    if missing:
+        raise RuntimeError(
+            f"ingest of {plan.url_list}: shards {sorted(missing)[:10]} did not finish; run the same command "
+            "again to resume (completed shards are kept)"
+        )
+    counts = _account(plan, staged, n_shards, opts.shard_size)
+    new = acc.shard_stats(plan.uri, set(range(n_shards)) - before)
+    images_per_s = sum(s["successes"] for s in new) / elapsed if new and elapsed > 0 else 0.0
+    rows = sum(counts.values())
+    result = IngestResult(
+        source, plan.url_list, plan.batch_id, plan.uri, rows, dict(counts),
+        counts.get("success", 0) / rows if rows else 0.0, images_per_s, False,
+    )  # fmt: skip
+    params = {**asdict(opts), "url_col": url_col, "caption_col": caption_col, "url_list": plan.url_list}
+    result.mlflow_run_id = _log_mlflow(settings, result, params)
+    summary = {**asdict(result), "params": params, "finished_at": time.time()}
+    storage.write_json_atomic(storage.join(plan.uri, raw.SUCCESS), summary)  # last: the batch now exists
+    storage.remove(staged.uri)
+    storage.remove(storage.join(plan.uri, "_tmp"))
+    return result
+
+
+def _account(plan: _Plan, staged: StagedList, n_shards: int, shard_size: int) -> Counter:
+    """Check every list row is in the batch exactly once; write refused and unanswered rows as one more shard."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    counts, seen = acc.scan_batch(plan.uri, set(range(n_shards)))
+    if len(seen) != len(set(seen)):
+        raise RuntimeError(
+            f"ingest of {plan.url_list}: duplicated rows in {plan.uri}; remove it and ingest again"
+        )
+    refused = read_refused(staged)
+    extra = [refused]
+    allowed = read_allowed_rows(staged)
+    lost_mask = pc.invert(pc.is_in(allowed.column(acc.ROW_COL), value_set=pa.array(seen, pa.int64())))
+    lost = allowed.filter(lost_mask)
+    if lost.num_rows:
+        msg = acc.REFUSED_PREFIX + "no_result: img2dataset wrote no row for this url"
+        extra.append(lost.append_column("error_message", pa.array([msg] * lost.num_rows, pa.string())))
+    rows = pa.concat_tables(extra, promote_options="permissive") if len(extra) > 1 else refused
+    if rows.num_rows:
+        acc.write_extra_shard(plan.uri, n_shards, rows, staged.column_list, shard_size)
+        for msg in rows.column("error_message").to_pylist():
+            counts[acc.reason("failed_to_download", msg)] += 1
+    if sum(counts.values()) != staged.rows:
+        raise RuntimeError(
+            f"ingest of {plan.url_list}: {sum(counts.values())} output rows for {staged.rows} list rows"
+        )
+    return counts
+
+
+def _log_mlflow(settings: Settings, result: IngestResult, params: dict) -> str:
+    from mlflow.entities import Metric, Param
+
+    from vlforge import tracking
+
+    client = tracking.configure(settings)
+    experiment_id = tracking.ensure_experiment(settings, "ingest")
+    tags = {
+        "vlforge.source": result.source,
+        "vlforge.raw_batch": result.batch_id,
+        "vlforge.raw_batch_uri": result.uri,
+        "vlforge.url_list": result.url_list,
+        **tracking.flow_run_tags(),
+    }
+    run = client.create_run(experiment_id, tags=tags, run_name=f"ingest {result.source}/{result.batch_id}")
+    now = int(time.time() * 1000)
+    metrics = {
+        "rows": result.rows,
+        "success_rate": result.success_rate,
+        "images_per_s": result.images_per_s,
+        **{f"count.{k}": v for k, v in result.counts.items()},
+    }
+    client.log_batch(
+        run.info.run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in tracking.safe_params(params).items()],
+    )
+    client.log_dict(
+        run.info.run_id, {**asdict(result), "mlflow_run_id": run.info.run_id}, "ingest_summary.json"
+    )
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def summary_line(r: IngestResult) -> str:
+    by_reason = ", ".join(f"{k}={v}" for k, v in sorted(r.counts.items(), key=lambda kv: -kv[1]))
+    return (
+        f"ingested {r.url_list} -> {r.uri}: {r.rows} rows, success {r.success_rate:.1%}, "
+        f"{r.images_per_s:.1f} images/s ({by_reason})"
+    )
+
+
+def _retry_transient(task_obj, task_run, state) -> bool:
+    """Retry on I/O trouble (object store, network, a crashed worker), never on a user's error."""
+    try:
+        state.result()
+    except VlforgeError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+ingest_task = task(
+    name="ingest",
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=_retry_transient,
+)(ingest)

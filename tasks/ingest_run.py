@@ -1,0 +1,113 @@
+"""One call of ``img2dataset.download`` on a staged list, writing into the raw batch folder in incremental mode.
+
+img2dataset spawns its workers, so the environment set here reaches them: OpenCV's pixel limit (a decompression
+bomb is refused from its header, before any pixel buffer is allocated), the S3 endpoint for s3fs, and quiet
+albumentations. img2dataset installs a SIGINT handler in the calling process; it is restored afterwards, and off
+the main thread (where signal handlers cannot be set) the call runs in a spawned child process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from typing import TYPE_CHECKING
+
+from vlforge.settings import Settings
+
+if TYPE_CHECKING:
+    from tasks.ingest import DownloadOptions
+    from tasks.ingest_stage import StagedList
+
+
+def img2dataset_kwargs(
+    input_uri: str, output_uri: str, extra_columns: list[str], opts: DownloadOptions
+) -> dict:
+    """The arguments of ``img2dataset.download`` for a staged parquet list (also used by bench/ingest.py)."""
+    return dict(
+        url_list=input_uri,
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=list(extra_columns),
+        output_folder=output_uri,
+        output_format="parquet",
+        incremental_mode="incremental",
+        number_sample_per_shard=opts.shard_size,
+        processes_count=opts.processes,
+        thread_count=opts.threads,
+        distributor=opts.distributor,
+        timeout=opts.timeout,
+        retries=opts.retries,
+        user_agent_token=opts.user_agent_token,
+        disallowed_header_directives=list(opts.disallowed_header_directives),
+        image_size=opts.image_size,
+        resize_mode="keep_ratio",
+        resize_only_if_bigger=True,
+        encode_format="jpg",
+        encode_quality=95,
+        min_image_size=opts.min_image_size,
+        max_image_area=opts.max_image_area,
+        max_aspect_ratio=opts.max_aspect_ratio,
+        compute_hash="sha256",
+        extract_exif=True,
+        enable_wandb=False,
+        max_shard_retry=1,
+    )
+
+
+@contextlib.contextmanager
+def worker_environment(settings: Settings, max_image_area: float):
+    """Environment variables img2dataset's workers need, restored on exit."""
+    wanted = {
+        "OPENCV_IO_MAX_IMAGE_PIXELS": str(int(min(max_image_area, 2**40))),
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+    }
+    if settings.s3_endpoint_url and not os.environ.get("AWS_ENDPOINT_URL"):
+        wanted["AWS_ENDPOINT_URL"] = settings.s3_endpoint_url
+    old = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _download(kwargs: dict, ray_address: str | None) -> None:
+    import img2dataset
+
+    if kwargs["distributor"] == "ray":
+        from vlforge.raycluster import init_ray
+
+        init_ray(Settings(storage="/tmp/unused", ray_address=ray_address))
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        img2dataset.download(**kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_img2dataset(staged: StagedList, output_uri: str, opts: DownloadOptions, settings: Settings) -> None:
+    kwargs = img2dataset_kwargs(staged.input_uri, output_uri, staged.extra_columns, opts)
+    with worker_environment(settings, opts.max_image_area):
+        if threading.current_thread() is threading.main_thread():
+            if opts.distributor == "ray":
+                from vlforge.raycluster import init_ray
+
+                init_ray(settings)
+            _download(kwargs, settings.ray_address)
+            return
+        import multiprocessing
+
+        child = multiprocessing.get_context("spawn").Process(
+            target=_download, args=(kwargs, settings.ray_address), name="vlforge-img2dataset"
+        )
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"img2dataset exited with status {child.exitcode} while writing {output_uri}")
