@@ -1,0 +1,289 @@
+"""CLIP scoring of raw shards on Ray Data, with a per-shard score cache.
+
+Pipeline (streaming, so decoding overlaps inference):
+``read_parquet`` -> ``repartition`` into batch-sized blocks -> ``map_batches(preprocess_batch)`` (parallel
+tasks: decode + resize + normalise) -> ``map_batches(ClipScorer)`` (an actor pool holding the model: one actor
+per GPU when the cluster has GPUs, CPU actors otherwise) -> the driver groups results by shard and writes
+
+    scores/<source>/<scorer-key>/<batch>/<shard>.parquet   (key, clip_score, decode_ok, img_emb, text_emb)
+
+as soon as a shard is complete. A re-run skips shards whose cache file exists, so new raw batches are scored
+incrementally and an interrupted run resumes. Embeddings are L2-normalised float32 [D] lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlforge import raw, storage
+from vlforge.settings import Settings
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    uri: str
+    name: str
+    version: str | None
+    key: str  # cache key: changes whenever the weights do
+
+    def as_dict(self) -> dict:
+        return {"uri": self.uri, "name": self.name, "version": self.version, "key": self.key}
+
+
+@dataclass(frozen=True)
+class Shard:
+    batch: str
+    uri: str  # raw parquet shard
+    cache_uri: str  # its score cache file
+    rows: int  # rows with status == success
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:80] or "model"
+
+
+def _dir_digest(path: str) -> str:
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name == "config.json" or name.endswith(".safetensors"):
+            with open(os.path.join(path, name), "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def scorer_identity(uri: str, settings: Settings) -> ScorerInfo:
+    """Name, registry version and cache key of a scorer (``models:/...``, local folder or HF id)."""
+    from vlforge.registry import registered_version, resolve_model_dir
+
+    mv = registered_version(uri, settings)
+    if mv is not None:
+        return ScorerInfo(uri, mv.name, str(mv.version), _slug(f"{mv.name}-v{mv.version}"))
+    model_dir = resolve_model_dir(uri, settings)
+    if os.path.isdir(model_dir):
+        name = os.path.basename(os.path.normpath(model_dir))
+        return ScorerInfo(uri, name, None, f"{_slug(name)}-{_dir_digest(model_dir)}")
+    return ScorerInfo(uri, uri, None, _slug(uri))
+
+
+def cache_uri(settings: Settings, source: str, scorer_key: str, batch: str, shard_uri: str) -> str:
+    name = os.path.basename(shard_uri)
+    return storage.join(settings.storage_uri, "scores", source, scorer_key, batch, name)
+
+
+def _read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh, columns=columns)
+
+
+def read_scores(uri: str) -> pa.Table:
+    return _read_parquet(uri)
+
+
+def list_shards(settings: Settings, source: str, batches: list[str], scorer_key: str) -> list[Shard]:
+    out = []
+    for b in batches:
+        for s in raw.shard_files(raw.batch_uri(settings, source, b)):
+            status = _read_parquet(s, ["status"]).column("status").to_pylist()
+            rows = sum(1 for x in status if x == "success")
+            out.append(Shard(b, s, cache_uri(settings, source, scorer_key, b, s), rows))
+    return out
+
+
+def preprocess_batch(batch: dict, image_size: int, mean: list[float], std: list[float]) -> dict:
+    """Decode and preprocess one batch of raw rows (Ray Data task): drops non-success rows."""
+    from models.clip import ClipBundle
+
+    class _Proc:  # the bundle's preprocessing needs only these attributes
+        crop_size = {"height": image_size, "width": image_size}
+        image_mean, image_std = mean, std
+
+    bundle = ClipBundle(model=None, tokenizer=None, image_processor=_Proc())
+    ok_rows = np.flatnonzero(np.asarray(batch["status"]) == "success")
+    pixels = np.zeros((len(ok_rows), 3, image_size, image_size), dtype=np.float32)
+    decode_ok = np.ones(len(ok_rows), dtype=bool)
+    for j, i in enumerate(ok_rows):
+        try:
+            pixels[j] = bundle.preprocess_image(batch["jpg"][i])
+        except Exception:  # corrupt bytes: scored as NaN, rejected as decode_failed
+            decode_ok[j] = False
+    return {
+        "path": np.asarray(batch["path"])[ok_rows],
+        "key": np.asarray(batch["key"])[ok_rows],
+        "caption": np.asarray([c or "" for c in np.asarray(batch["caption"])[ok_rows]], dtype=object),
+        "pixel_values": pixels,
+        "decode_ok": decode_ok,
+    }
+
+
+class ClipScorer:
+    """Ray Data actor holding one CLIP: image-text cosine + L2-normalised embeddings per row."""
+
+    def __init__(self, uri: str, settings: Settings, num_threads: int | None = None):
+        import torch
+
+        from tasks.common import load_model
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.bundle = load_model(uri, settings, device=self.device)
+        self.bundle.model.eval()
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        b = self.bundle
+        with torch.inference_mode():
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"])).to(self.device)
+            tokens = {k: v.to(self.device) for k, v in b.tokenize(list(batch["caption"])).items()}
+            img = b.embed_images(pixels).float()  # [B, D]
+            txt = b.embed_texts(**tokens).float()  # [B, D]
+            score = (img * txt).sum(-1)
+        decode_ok = np.asarray(batch["decode_ok"], dtype=bool)
+        score = score.cpu().numpy().astype(np.float32)
+        score[~decode_ok] = np.nan
+        return {
+            "path": batch["path"],
+            "key": batch["key"],
+            "clip_score": score,
+            "decode_ok": decode_ok,
+            "img_emb": img.cpu().numpy(),
+            "text_emb": txt.cpu().numpy(),
+        }
+
+
+def _emb_array(x: np.ndarray) -> pa.Array:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1] if x.ndim == 2 else 0)
+
+
+def _write_cache(uri: str, parts: list[dict], dim: int) -> None:
+    cols = {
+        k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)
+        for k in ("key", "clip_score", "decode_ok")
+    }
+    img = np.concatenate([p["img_emb"] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+    txt = np.concatenate([p["text_emb"] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+    table = pa.table(
+        {
+            "key": pa.array([str(k) for k in cols["key"]], pa.string()),
+            "clip_score": pa.array(cols["clip_score"], pa.float32()),
+            "decode_ok": pa.array(cols["decode_ok"], pa.bool_()),
+            "img_emb": _emb_array(img.reshape(len(img), dim)),
+            "text_emb": _emb_array(txt.reshape(len(txt), dim)),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def _strip_scheme(uri: str) -> str:
+    return uri.split("://", 1)[1] if "://" in uri else os.path.normpath(uri)
+
+
+def build_dataset(
+    shards: list[Shard],
+    scorer_uri: str,
+    settings: Settings,
+    bundle,
+    batch_size: int,
+    num_scorers: int | None = None,
+    num_threads: int | None = None,
+):
+    """The lazy Ray Dataset scoring ``shards``: preprocess tasks -> scorer actor pool."""
+    import ray.data
+
+    from vlforge.raycluster import cluster_gpus
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI shows one bar of its own
+    fs, _ = storage.filesystem(shards[0].uri)
+    ds = ray.data.read_parquet(
+        [_strip_scheme(s.uri) if storage.is_remote(s.uri) else s.uri for s in shards],
+        filesystem=fs if storage.is_remote(shards[0].uri) else None,
+        columns=["key", "caption", "jpg", "status"],
+        include_paths=True,
+    )
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    proc = bundle.image_processor
+    ds = ds.map_batches(
+        preprocess_batch,
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_kwargs={
+            "image_size": bundle.image_size,
+            "mean": list(proc.image_mean),
+            "std": list(proc.image_std),
+        },
+        # Light tasks with their own resources: Ray Data then does not fuse them into the scorer actor, so
+        # decoding runs in parallel with (and overlaps) inference.
+        num_cpus=0.5,
+    )
+    gpus = cluster_gpus()
+    # One actor per GPU; without GPUs CPU actors (never num_gpus>0, which would pend forever).
+    size = num_scorers or (gpus if gpus > 0 else 1)
+    return ds.map_batches(
+        ClipScorer,
+        batch_size=batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={"uri": scorer_uri, "settings": settings, "num_threads": num_threads},
+        compute=ray.data.ActorPoolStrategy(size=size),
+        num_gpus=1 if gpus > 0 else 0,
+        num_cpus=1,
+    )
+
+
+def score_shards(
+    shards: list[Shard],
+    scorer_uri: str,
+    settings: Settings,
+    bundle,
+    batch_size: int = 64,
+    num_scorers: int | None = None,
+    num_threads: int | None = None,
+    progress: bool | None = None,
+) -> int:
+    """Score ``shards`` on Ray and write each one's cache file when complete; returns rows scored."""
+    from tqdm.auto import tqdm
+
+    from vlforge.raycluster import init_ray
+
+    dim = int(bundle.model.config.projection_dim)
+    for s in [s for s in shards if s.rows == 0]:
+        _write_cache(s.cache_uri, [], dim)
+    todo = {_strip_scheme(s.uri): s for s in shards if s.rows > 0}
+    if not todo:
+        return 0
+    init_ray(settings)
+    ds = build_dataset(
+        list(todo.values()), scorer_uri, settings, bundle, batch_size, num_scorers, num_threads
+    )
+    parts: dict[str, list[dict]] = defaultdict(list)
+    done: dict[str, int] = defaultdict(int)
+    total = sum(s.rows for s in todo.values())
+    with tqdm(
+        total=total, desc="scoring", unit="pair", disable={True: False, False: True}.get(progress)
+    ) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            paths = np.asarray(batch["path"])
+            for p in np.unique(paths):
+                sel = paths == p
+                key = _strip_scheme(str(p))
+                parts[key].append({k: np.asarray(v)[sel] for k, v in batch.items()})
+                done[key] += int(sel.sum())
+                if done[key] == todo[key].rows:
+                    _write_cache(todo[key].cache_uri, parts.pop(key), dim)
+            bar.update(len(paths))
+    return total
