@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -86,6 +87,11 @@ def interleave_by_host(hosts: list[str]) -> np.ndarray:
     return np.lexsort((host_order, rank))  # by rank, then host
 
 
+def _authority(url: str) -> str:
+    """host[:port]: the server a request goes to."""
+    return urlsplit(url.strip()).netloc.rsplit("@", 1)[-1].lower()
+
+
 def _with_rows(table: pa.Table, malformed: list[str]) -> tuple[pa.Table, list[tuple[int, str]]]:
     """Number the rows; append the unparseable ones (their text as url) so that none is dropped."""
     renames = [f"list_{c}" if c in RESERVED else c for c in table.column_names]
@@ -130,7 +136,8 @@ def stage_list(
     refused_idx = [i for i, _ in refusals]
     skip = set(refused_idx)
     allowed_idx = np.array([i for i in range(table.num_rows) if i not in skip], dtype=np.int64)
-    order = allowed_idx[interleave_by_host([hosts[i] for i in allowed_idx])]
+    urls = table.column("url").to_pylist()
+    order = allowed_idx[interleave_by_host([_authority(urls[i]) for i in allowed_idx])]
     column_order = [c for c in table.column_names if c not in ("url", "caption")] + ["caption", "url"]
     allowed = table.take(pa.array(order, pa.int64())).select(column_order)
     refused = table.take(pa.array(refused_idx, pa.int64())).select(column_order)

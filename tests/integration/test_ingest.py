@@ -130,6 +130,10 @@ def test_every_row_gets_success_or_its_failure_reason(settings, image_server, tm
     cases = _cases(image_server, user_agents)
     names = list(cases)
     path = _write_csv(tmp_path / "list.csv", [(cases[n][0], n) for n in names], extra="n")
+    with open(path, "a") as f:
+        f.write("a,b,c,d\n")  # a row the CSV parser cannot split: reported, never dropped
+    names.append("unsplittable")
+    cases["unsplittable"] = ("", "malformed_row")
     [result] = ingest(path, "web", settings, shard_size=8, max_image_area=4_000_000, **FAST)
 
     assert not result.skipped and result.rows == len(names)
@@ -140,7 +144,8 @@ def test_every_row_gets_success_or_its_failure_reason(settings, image_server, tm
     for i, name in enumerate(names):
         row = by_row[i]
         assert reason(row["status"], row["error_message"]) == cases[name][1], (name, row["error_message"])
-        assert row["note"] == f"n{i}"  # extra columns carried through
+        if name != "unsplittable":
+            assert row["note"] == f"n{i}"  # extra columns carried through
     expected = {}
     for _, want in cases.values():
         expected[want] = expected.get(want, 0) + 1
@@ -162,3 +167,46 @@ def test_every_row_gets_success_or_its_failure_reason(settings, image_server, tm
     assert run.data.tags["vlforge.url_list"] == path
     assert run.data.metrics["count.http_404"] == 1
     assert run.data.metrics["success_rate"] == pytest.approx(result.success_rate)
+
+
+def _serve_pairs(srv, n: int, prefix: str) -> list[tuple[str, str]]:
+    pairs = make_pairs(n, seed=3, prefix=prefix)
+    return list(zip(srv.add_pairs(pairs), [p.caption for p in pairs], strict=True))
+
+
+def test_same_list_again_is_a_noop_and_a_new_list_downloads_only_itself(settings, image_server, tmp_path):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    first = _serve_pairs(image_server, 6, "a")
+    _write_csv(lists / "one.csv", first)
+    [r1] = ingest(str(lists), "web", settings, shard_size=4, **FAST)
+    assert not r1.skipped and r1.counts == {"success": 6}
+    hits = dict(image_server.hits)
+
+    [again] = ingest(str(lists / "one.csv"), "web", settings, shard_size=4, **FAST)
+    assert again.skipped and again.batch_id == r1.batch_id and again.counts == {"success": 6}
+    assert again.mlflow_run_id == r1.mlflow_run_id
+    assert image_server.hits == hits  # nothing fetched again
+
+    second = _serve_pairs(image_server, 3, "b")
+    _write_csv(lists / "two.csv", second)
+    results = ingest(str(lists), "web", settings, shard_size=4, **FAST)
+    assert [r.skipped for r in results] == [True, False]
+    assert results[1].counts == {"success": 3}
+    for url, _ in first:
+        assert image_server.hits["/" + url.split("/", 3)[3]] == 1
+    assert sorted(raw.list_raw_batches(settings, "web")) == sorted([r1.batch_id, results[1].batch_id])
+
+
+def test_guard_refuses_loopback_hosts_without_fetching_them(settings, image_server, tmp_path):
+    rows = _serve_pairs(image_server, 3, "g") + [
+        ("http://localhost:9/x.jpg", "local"),
+        ("file:///etc/passwd", "f"),
+    ]
+    path = _write_csv(tmp_path / "list.csv", rows)
+    [result] = ingest(path, "web", settings, processes=1, threads=2, timeout=1.0, retries=0)
+    assert result.counts == {"private_network": 4, "bad_scheme": 1}
+    assert image_server.hits == {}
+    out = _batch_rows(result.uri)
+    assert sorted(r[ROW_COL] for r in out) == list(range(5))
+    assert all("--allow-private-networks" in r["error_message"] for r in out if r["url"].startswith("http"))
