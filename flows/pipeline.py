@@ -36,7 +36,7 @@ def _dataset_is_current(settings: Settings, dataset: str, source: str) -> bool:
         dv = resolve_dataset(settings, dataset)
     except DatasetNotFoundError:
         return False
-    used = set(dv.manifest.get("raw_batches") or [])
+    used = {b["batch"] if isinstance(b, dict) else b for b in dv.manifest.get("raw_batches") or []}
     return bool(used) and set(list_raw_batches(settings, source)) <= used
 
 
