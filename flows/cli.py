@@ -297,5 +297,30 @@ def datasets(
         out.print(f"{name}@{v}  {json.dumps(m.get('counts', {}))}")
 
 
+@app.command()
+@user_errors
+def lineage(
+    target: Annotated[
+        str, typer.Argument(help="models:/NAME@ALIAS (walk back) or a dataset NAME[@VERSION] (forward).")
+    ],
+) -> None:
+    """Walk back from a registered model to its URL lists, or forward from a dataset version to its models."""
+    from vlforge.lineage import models_trained_on, walk_back
+
+    s = _settings()
+    if target.startswith("models:/"):
+        node, indent = walk_back(target, s), ""
+        while node is not None:
+            out.print(f"{indent}{node.model} (run {node.run_id}) trained on {node.dataset or '?'}")
+            for b in node.raw_batches:
+                out.print(f"{indent}  raw batch {b}")
+            for u in node.url_lists:
+                out.print(f"{indent}  url list {u}")
+            node, indent = node.base, indent + "  "
+        return
+    for uri in models_trained_on(target, s):
+        out.print(uri)
+
+
 if __name__ == "__main__":
     sys.exit(app())
