@@ -35,6 +35,16 @@ def test_demo_filters_mismatches_and_registers_a_lora_champion(settings, ray_loc
         assert summary["dataset_version"] in names, (stage, names)
         assert run.data.tags[tracking.TAG_DATASET_VERSION] == summary["dataset_version"].split("@", 1)[1]
 
+    # Lineage: back from the LoRA champion to the URL list that fed it, forward from the dataset to its models.
+    from vlforge.lineage import models_trained_on, walk_back
+
+    back = walk_back("models:/vlforge-clip-lora@champion", settings)
+    assert back.dataset == summary["dataset_version"]
+    assert any(u.endswith("pool.csv") for u in back.url_lists), back
+    assert back.base is not None and back.base.model.startswith("models:/vlforge-clip/")
+    forward = models_trained_on(summary["dataset_version"], settings)
+    assert back.model in forward and any(u.startswith("models:/vlforge-clip/") for u in forward), forward
+
     # In a new process, the registered LoRA model loads from the registry and ranks matched above mismatched.
     pairs = make_pairs(24, 0.5, seed=77)
     probe = tmp_path / "probe.json"
