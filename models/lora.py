@@ -1,0 +1,95 @@
+"""peft LoRA on CLIP: adapters on the attention projections, trainable projection heads, merge for serving.
+
+The fine-tuned model is registered merged (a plain ``CLIPModel`` folder transformers loads directly) and
+the adapter folder is kept beside it, so either form can be consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+# Small heads that map each tower into the shared space: cheap to train fully and they adapt the geometry.
+PROJECTION_MODULES = ("visual_projection", "text_projection")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    train_projections: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoraSpec:
+        return cls(
+            r=int(d.get("r", 8)),
+            alpha=int(d.get("alpha", 16)),
+            dropout=float(d.get("dropout", 0.0)),
+            targets=tuple(d.get("targets") or DEFAULT_TARGETS),
+            train_projections=bool(d.get("train_projections", True)),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "targets": list(self.targets),
+            "train_projections": self.train_projections,
+        }
+
+
+def lora_config(spec: LoraSpec):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.targets),
+        modules_to_save=list(PROJECTION_MODULES) if spec.train_projections else None,
+        bias="none",
+    )
+
+
+def apply_lora(model: torch.nn.Module, spec: LoraSpec | None = None):
+    """Wrap a ``CLIPModel`` in a trainable ``PeftModel``; the base weights and ``logit_scale`` stay frozen."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(spec or LoraSpec()))
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str, trainable: bool = True):
+    """A ``PeftModel`` with the adapter saved in ``adapter_dir`` (by ``save_pretrained``) on top of ``model``."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+def merge_lora(peft_model) -> torch.nn.Module:
+    """Fold the adapters (and trained projection copies) into the base weights: a plain ``CLIPModel``."""
+    return peft_model.merge_and_unload()
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def check_targets(model: torch.nn.Module, targets: Sequence[str]) -> None:
+    """Fail clearly when a LoRA target names no module of the model."""
+    from vlforge.errors import VlforgeError
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise VlforgeError(
+            f"LoRA targets {missing} match no module of the model; CLIP attention projections are "
+            "q_proj, k_proj, v_proj, out_proj (MLP: fc1, fc2)"
+        )

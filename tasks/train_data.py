@@ -1,0 +1,138 @@
+"""Ray Data over a dataset version for training: held-out split, decoding, augmentation, tokenisation.
+
+The train loop only sees tensors: ``pixel_values`` [B, 3, S, S] float32, ``input_ids`` and
+``attention_mask`` [B, L] int64. The held-out split is a deterministic hash of ``key``, so every process
+(driver, Ray Data tasks, a resumed run) agrees on it without coordination.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from vlforge import storage
+from vlforge.datasets import DatasetVersion
+
+TRAIN_COLUMNS = ["key", "caption", "image"]
+
+
+def is_eval_key(key: str, eval_fraction: float) -> bool:
+    """True when ``key`` belongs to the held-out split (stable across processes and runs)."""
+    if eval_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:4], "big")
+    return h / 2**32 < eval_fraction
+
+
+def eval_mask(keys: Sequence[str], eval_fraction: float) -> np.ndarray:
+    return np.fromiter((is_eval_key(str(k), eval_fraction) for k in keys), dtype=bool, count=len(keys))
+
+
+def read_split(dv: DatasetVersion, eval_fraction: float, split: str) -> pa.Table:
+    """The ``train`` or ``eval`` rows of a dataset version (columns key, caption, image)."""
+    table = dv.read_table("data", columns=TRAIN_COLUMNS)
+    mask = eval_mask(table.column("key").to_pylist(), eval_fraction)
+    return table.filter(pa.array(mask if split == "eval" else ~mask))
+
+
+def local_dir(uri: str) -> str:
+    """A local folder with the contents of ``uri`` (downloaded once per process when remote)."""
+    if not storage.is_remote(uri):
+        return storage.filesystem(uri)[1]
+    return _download_dir(uri)
+
+
+@functools.lru_cache(maxsize=8)
+def _download_dir(uri: str) -> str:
+    target = tempfile.mkdtemp(prefix="vlforge-model-")
+    storage.get_dir(uri, target)
+    return target
+
+
+@functools.lru_cache(maxsize=4)
+def _preprocessor(model_uri: str):
+    """A weightless ClipBundle (tokenizer, image processor, config) for preprocessing in Ray Data tasks."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer, CLIPConfig
+
+    from models.clip import ClipBundle, _load_processor
+
+    path = local_dir(model_uri)
+    holder = SimpleNamespace(config=CLIPConfig.from_pretrained(path))
+    return ClipBundle(holder, AutoTokenizer.from_pretrained(path), _load_processor(path, holder))
+
+
+def preprocess_batch(
+    batch: dict[str, np.ndarray], *, model_uri: str, eval_fraction: float
+) -> dict[str, np.ndarray]:
+    """Drop held-out rows, decode + normalise images, tokenise captions."""
+    bundle = _preprocessor(model_uri)
+    keep = ~eval_mask(list(batch["key"]), eval_fraction)
+    images = [bytes(b) for b, k in zip(batch["image"], keep, strict=True) if k]
+    captions = [str(c) for c, k in zip(batch["caption"], keep, strict=True) if k]
+    size = bundle.image_size
+    if not images:
+        empty_ids = np.zeros((0, bundle.max_length), dtype=np.int64)
+        return {
+            "pixel_values": np.zeros((0, 3, size, size), dtype=np.float32),
+            "input_ids": empty_ids,
+            "attention_mask": empty_ids.copy(),
+        }
+    pixels = np.stack([bundle.preprocess_image(b) for b in images])  # [B, 3, S, S]
+    tokens = bundle.tokenize(captions)
+    return {
+        "pixel_values": np.ascontiguousarray(pixels, dtype=np.float32),
+        "input_ids": tokens["input_ids"].numpy().astype(np.int64),
+        "attention_mask": tokens["attention_mask"].numpy().astype(np.int64),
+    }
+
+
+def train_dataset(
+    dv: DatasetVersion, model_uri: str, *, eval_fraction: float, augment: bool = True, seed: int = 0
+):
+    """A Ray Dataset of preprocessed training tensors read from the dataset version's parquet parts."""
+    import ray.data
+
+    files = dv.part_files("data")
+    kwargs = {}
+    if storage.is_remote(dv.uri):
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        kwargs["filesystem"] = PyFileSystem(FSSpecHandler(storage.filesystem(dv.uri)[0]))
+        files = [storage.filesystem(f)[1] for f in files]
+    ds = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, **kwargs)
+    ds = ds.map_batches(
+        preprocess_batch,
+        batch_format="numpy",
+        batch_size=64,
+        fn_kwargs={"model_uri": model_uri, "eval_fraction": eval_fraction},
+    )
+    # Decoding and tokenising once (not every epoch) matters on small machines; the random augmentation
+    # below runs again on every epoch's pass over the materialised tensors.
+    ds = ds.materialize()
+    if augment:
+        ds = ds.map_batches(flip_batch, batch_format="numpy", batch_size=256, fn_kwargs={"seed": seed})
+    return ds
+
+
+def flip_batch(batch: dict[str, np.ndarray], *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random horizontal flips: colours and shapes survive them (no caption names left or right)."""
+    pixels = batch["pixel_values"]  # [B, 3, S, S]
+    rng = np.random.default_rng([seed, int.from_bytes(os.urandom(4), "little")])
+    flip = rng.random(len(pixels)) < 0.5
+    if flip.any():
+        pixels = pixels.copy()
+        pixels[flip] = pixels[flip][..., ::-1]
+    return dict(batch, pixel_values=np.ascontiguousarray(pixels))
+
+
+def count_train_rows(dv: DatasetVersion, eval_fraction: float) -> int:
+    keys = dv.read_table("data", columns=["key"]).column("key").to_pylist()
+    return int((~eval_mask(keys, eval_fraction)).sum())

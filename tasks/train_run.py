@@ -1,0 +1,306 @@
+"""Driver side of a training run, shared by pretrain and finetune.
+
+One training = one name = one folder ``<storage>/ray_results/<name>/`` (Ray Train's run folder with its
+checkpoints, plus our ``vlforge_run.json``: the MLflow run id and the initial model) = one MLflow run.
+Running the same name again resumes it: Ray Train V2 restores the latest checkpoint from the run folder and
+the loop logs into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlforge import storage
+from vlforge.datasets import DatasetVersion, new_version_id
+from vlforge.settings import Settings
+
+RUN_FILE = "vlforge_run.json"
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model_uri: str  # models:/vlforge-clip/3 (empty when not registered)
+    registered: Any  # tasks.register.RegisteredModel | None
+    metrics: dict[str, float]
+    model_dir: str
+    resumed: bool = False
+
+
+@dataclass
+class TrainingRun:
+    name: str
+    root: str  # <storage>/ray_results/<name>
+    run_id: str
+    resumed: bool
+    status: str
+    info: dict = field(default_factory=dict)
+
+    @property
+    def init_uri(self) -> str:
+        return storage.join(self.root, "init")
+
+
+def results_root(settings: Settings) -> str:
+    return storage.join(settings.storage_uri, "ray_results")
+
+
+def default_name(stage: str, dv: DatasetVersion) -> str:
+    return f"{stage}-{dv.name}-{new_version_id()}"
+
+
+def open_training(
+    settings: Settings, stage: str, name: str, dv: DatasetVersion, tags: dict[str, str], params: dict
+) -> TrainingRun:
+    """The MLflow run of training ``name``: the existing one (resume) or a new one created here."""
+    from vlforge.tracking import configure, dataset_tags, ensure_experiment, flow_run_tags, safe_params
+
+    client = configure(settings)
+    root = storage.join(results_root(settings), name)
+    run_file = storage.join(root, RUN_FILE)
+    if storage.exists(run_file):
+        info = storage.read_json(run_file)
+        run = client.get_run(info["run_id"])
+        return TrainingRun(name, root, info["run_id"], True, run.info.status, info)
+    experiment_id = ensure_experiment(settings, stage)
+    all_tags = {**flow_run_tags(), **dataset_tags(dv), "vlforge.train_name": name, **tags}
+    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
+    for k, v in safe_params(params).items():
+        client.log_param(run.info.run_id, k, v)
+    info = {"run_id": run.info.run_id, "stage": stage, "dataset": dv.ref, "initialised": False}
+    storage.write_json_atomic(run_file, info)
+    return TrainingRun(name, root, run.info.run_id, False, run.info.status, info)
+
+
+def mark_initialised(tr: TrainingRun) -> None:
+    tr.info["initialised"] = True
+    storage.write_json_atomic(storage.join(tr.root, RUN_FILE), tr.info)
+
+
+def save_init_model(bundle, tr: TrainingRun) -> None:
+    """Save the initial model (with its tokenizer) where every worker and Ray Data task can read it."""
+    if storage.is_remote(tr.init_uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle.save(tmp)
+            storage.put_dir(tmp, tr.init_uri)
+    else:
+        bundle.save(storage.filesystem(tr.init_uri)[1])
+    mark_initialised(tr)
+
+
+def ray_storage(settings: Settings) -> tuple[str, Any]:
+    """``(storage_path, storage_filesystem)`` for RunConfig: the storage root's ray_results folder."""
+    uri = results_root(settings)
+    if not storage.is_remote(uri):
+        return storage.filesystem(uri)[1], None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.filesystem(uri)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def fit(
+    settings: Settings,
+    tr: TrainingRun,
+    loop_config: dict,
+    dataset,
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    max_failures: int,
+):
+    """Run the TorchTrainer; returns Ray's Result (with the last checkpoint)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tasks.train_loop import train_loop_per_worker
+
+    storage_path, storage_fs = ray_storage(settings)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=tr.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
+
+
+def checkpoint_dir(result, tr: TrainingRun) -> str:
+    """A local folder holding the final checkpoint's files."""
+    ckpt = result.checkpoint
+    if ckpt is None:
+        raise RuntimeError(f"training {tr.name!r} finished without a checkpoint")
+    if not storage.is_remote(tr.root) and os.path.isdir(ckpt.path):
+        return ckpt.path
+    return ckpt.to_directory(tempfile.mkdtemp(prefix="vlforge-ckpt-"))
+
+
+def output_dir(settings: Settings, tr: TrainingRun) -> str:
+    """Where the final model folder is written (local; a temp folder when storage is remote)."""
+    if storage.is_remote(settings.storage_uri):
+        return tempfile.mkdtemp(prefix=f"vlforge-{tr.name}-")
+    path = os.path.join(storage.filesystem(tr.root)[1], "final")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def loop_base_config(settings: Settings, tr: TrainingRun, dv: DatasetVersion, **kw) -> dict:
+    cfg = {
+        "run_id": tr.run_id,
+        "tracking_uri": settings.tracking_uri,
+        "dataset": dv,
+        "init_uri": tr.init_uri,
+    }
+    cfg.update(kw)
+    return cfg
+
+
+def steps_plan(
+    n_train: int, batch_size: int, num_workers: int, grad_accum: int, epochs: int
+) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps); every worker gets an equal shard and drops the last batch."""
+    from vlforge.errors import VlforgeError
+
+    per_worker = n_train // max(1, num_workers)
+    steps_per_epoch = (per_worker // batch_size) // max(1, grad_accum)
+    if steps_per_epoch < 1:
+        raise VlforgeError(
+            f"{n_train} training rows are too few for batch size {batch_size} x {num_workers} workers x "
+            f"{grad_accum} accumulation steps; lower --batch-size or use a larger dataset"
+        )
+    return steps_per_epoch, steps_per_epoch * max(1, epochs)
+
+
+def torch_threads(num_workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, num_workers))
+
+
+def resolve_use_gpu(use_gpu: bool | None) -> bool:
+    if use_gpu is not None:
+        return use_gpu
+    from vlforge.raycluster import cluster_gpus
+
+    return cluster_gpus() > 0
+
+
+def finish_run(settings: Settings, run_id: str, metrics: dict[str, float], status: str = "FINISHED") -> None:
+    from vlforge.tracking import configure
+
+    client = configure(settings)
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, float(v))
+    client.set_terminated(run_id, status)
+
+
+def finished_result(settings: Settings, tr: TrainingRun, model_name: str) -> TrainResult:
+    """The result of a training that already finished (running it again by name is a no-op)."""
+    from vlforge.tracking import configure
+
+    client = configure(settings)
+    run = client.get_run(tr.run_id)
+    versions = client.search_model_versions(f"name='{model_name}' and run_id='{tr.run_id}'")
+    uri = f"models:/{model_name}/{versions[0].version}" if versions else ""
+    model_dir = os.path.join(storage.filesystem(tr.root)[1], "final")
+    return TrainResult(tr.run_id, uri, None, dict(run.data.metrics), model_dir, resumed=True)
+
+
+def class_labels_for(captions: list[str], class_prompts: list[str]) -> list[int] | None:
+    """Each caption's index into ``class_prompts``: the prompt whose class phrase the caption contains.
+
+    The class phrase is what follows the prompts' common prefix ("a photo of a red circle" -> "red circle").
+    ``None`` when some caption names no class (zero-shot accuracy is then not defined for this data).
+    """
+    prefix = os.path.commonprefix([p.lower() for p in class_prompts])
+    prefix = prefix[: prefix.rfind(" ") + 1] if " " in prefix else prefix
+    phrases = [p.lower()[len(prefix) :].strip() for p in class_prompts]
+    labels = []
+    for caption in captions:
+        text = f" {caption.lower()} "
+        match = [i for i, ph in enumerate(phrases) if ph and f" {ph} " in text]
+        if not match:
+            return None
+        labels.append(max(match, key=lambda i: len(phrases[i])))
+    return labels
+
+
+def evaluate_and_register(
+    settings: Settings,
+    tr: TrainingRun,
+    bundle,
+    model_dir: str,
+    *,
+    eval_sets: list[tuple[str, Any]],
+    class_prompts: list[str] | None,
+    register: bool,
+    model_name: str,
+    base_model: str | None = None,
+    adapter_dir: str | None = None,
+) -> tuple[dict[str, float], Any]:
+    """Evaluate on each ``(eval_data id, table)``, log the metrics, register; the last set decides promotion."""
+    from tasks.evaluate import evaluate_model, mlflow_metric_names
+
+    logged: dict[str, float] = {}
+    deciding: tuple[str, dict, Any] | None = None
+    for eval_id, table in eval_sets:
+        if table.num_rows < 2:
+            continue
+        captions = [str(c) for c in table.column("caption").to_pylist()]
+        labels = class_labels_for(captions, class_prompts) if class_prompts else None
+        kw = {"class_prompts": class_prompts, "class_labels": labels} if labels else {}
+        metrics = evaluate_model(bundle, table, **kw)
+        prefix = "eval_" if "#heldout" in eval_id else "eval_" + eval_id.split("@")[0] + "_"
+        logged.update(mlflow_metric_names(metrics, prefix=prefix))
+        deciding = (eval_id, metrics, kw)
+    finish = dict(logged)
+    registered = None
+    if register:
+        from tasks.register import register_model
+
+        if deciding is None:
+            from vlforge.errors import VlforgeError
+
+            raise VlforgeError(
+                "no evaluation data to decide promotion: the held-out split is empty; raise eval_fraction "
+                "or pass eval_dataset"
+            )
+        eval_id, metrics, kw = deciding
+        table = dict(eval_sets)[eval_id]
+        registered = register_model(
+            model_dir,
+            name=model_name,
+            run_id=tr.run_id,
+            eval_metrics=metrics,
+            eval_data=eval_id,
+            settings=settings,
+            base_model=base_model,
+            adapter_dir=adapter_dir,
+            evaluate_champion=lambda champion: evaluate_model(champion, table, **kw),
+        )
+    finish_run(settings, tr.run_id, finish)
+    return logged, registered
+
+
+def eval_sets_for(dv: DatasetVersion, eval_fraction: float, eval_dv: DatasetVersion | None) -> list:
+    """The held-out split of ``dv`` and, when given, all of ``eval_dv`` (which then decides promotion)."""
+    from tasks.train_data import read_split
+
+    sets = [
+        (
+            f"{dv.ref}#heldout{eval_fraction:g}",
+            read_split(dv, eval_fraction, "eval").select(["image", "caption"]),
+        )
+    ]
+    if eval_dv is not None:
+        sets.append((eval_dv.ref, eval_dv.read_table("data", columns=["image", "caption"])))
+    return sets

@@ -1,0 +1,98 @@
+"""Training building blocks without Ray: split, schedule, step plan, preprocessing, LoRA merge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.clip import build_clip
+from models.lora import LoraSpec, apply_lora, check_targets, merge_lora, trainable_parameters
+from tasks.train_data import eval_mask, is_eval_key, preprocess_batch
+from tasks.train_loop import cosine_with_warmup
+from tasks.train_run import class_labels_for, steps_plan
+from vlforge.demo.synth import class_prompts, make_pairs
+from vlforge.errors import VlforgeError
+
+
+def test_heldout_split_is_deterministic_and_near_the_fraction():
+    keys = [f"img{i:06d}" for i in range(2000)]
+    mask = eval_mask(keys, 0.1)
+    assert mask.tolist() == eval_mask(keys, 0.1).tolist()
+    assert 0.07 < mask.mean() < 0.13
+    assert not eval_mask(keys, 0.0).any()
+    assert is_eval_key(keys[int(np.argmax(mask))], 0.1)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_with_warmup(opt, warmup_steps=4, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.25) and lrs[3] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+    assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_steps_plan_counts_equal_shards_and_rejects_too_little_data():
+    assert steps_plan(300, 32, 1, 1, 10) == (9, 90)
+    assert steps_plan(300, 32, 2, 1, 2) == (4, 8)
+    assert steps_plan(300, 16, 1, 2, 1) == (9, 9)
+    with pytest.raises(VlforgeError, match="too few"):
+        steps_plan(20, 32, 1, 1, 1)
+
+
+def test_class_labels_follow_the_caption_class_phrase():
+    prompts = class_prompts()
+    labels = class_labels_for(["a red circle", "picture of a blue cross on a grey background"], prompts)
+    assert [prompts[i] for i in labels] == ["a photo of a red circle", "a photo of a blue cross"]
+    assert class_labels_for(["a dog"], prompts) is None
+
+
+def test_preprocess_batch_drops_heldout_rows_and_yields_tensors(tmp_path):
+    pairs = make_pairs(40, seed=3, size=48)
+    bundle = build_clip("clip-tiny", [p.caption for p in pairs])
+    bundle.save(str(tmp_path / "m"))
+    batch = {
+        "key": np.array([p.key for p in pairs], dtype=object),
+        "caption": np.array([p.caption for p in pairs], dtype=object),
+        "image": np.array([p.image for p in pairs], dtype=object),
+    }
+    out = preprocess_batch(batch, model_uri=str(tmp_path / "m"), eval_fraction=0.3)
+    n_train = int((~eval_mask(batch["key"], 0.3)).sum())
+    assert 0 < n_train < 40
+    assert out["pixel_values"].shape == (n_train, 3, 32, 32) and out["pixel_values"].dtype == np.float32
+    assert out["input_ids"].shape == (n_train, 32) and out["input_ids"].dtype == np.int64
+    assert out["attention_mask"].sum(1).min() >= 3  # bos + a word + eos
+
+
+def test_lora_trains_few_parameters_and_merges_to_the_same_function():
+    pairs = make_pairs(8, seed=1)
+    bundle = build_clip("clip-tiny", [p.caption for p in pairs])
+    base_total = sum(p.numel() for p in bundle.model.parameters())
+    peft_model = apply_lora(bundle.model, LoraSpec(r=4, alpha=8))
+    trainable, _total = trainable_parameters(peft_model)
+    assert 0 < trainable < base_total // 4
+    with torch.no_grad():  # make the adapters non-zero so merging has something to fold in
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pix = bundle.preprocess_images([p.image for p in pairs])
+    tok = bundle.tokenize([p.caption for p in pairs])
+    peft_model.eval()
+    with torch.no_grad():
+        before = peft_model(pixel_values=pix, **tok)
+        merged = merge_lora(peft_model)
+        after = merged(pixel_values=pix, **tok)
+    assert type(merged).__name__ == "CLIPModel"
+    torch.testing.assert_close(before.image_embeds, after.image_embeds, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(before.text_embeds, after.text_embeds, atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_lora_target_is_a_clear_error():
+    bundle = build_clip("clip-tiny", ["a red circle"])
+    with pytest.raises(VlforgeError, match="q_proj"):
+        check_targets(bundle.model, ["query"])
