@@ -190,10 +190,10 @@ def _download(plan: _Plan, source: str, settings: Settings, opts: DownloadOption
     for attempt in range(2):  # a second pass picks up shards img2dataset gave up on
         if acc.done_shards(plan.uri) >= set(range(n_shards)):
             break
+        if attempt:
+            log.warning("%s: some shards did not finish; retrying them", plan.uri)
         run_img2dataset(staged, plan.uri, opts, settings)
         storage.filesystem(plan.uri)[0].invalidate_cache()
-        if attempt == 0:
-            log.info("%s: some shards failed; retrying them", plan.uri)
     elapsed = time.perf_counter() - start
     missing = set(range(n_shards)) - acc.done_shards(plan.uri)
     if missing:
