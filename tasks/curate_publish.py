@@ -133,15 +133,15 @@ def write_version_parts(
         schema["data"] = {f.name: str(f.type) for f in data.schema}
         if cand.img_emb is not None:
             writer.write_bytes(
-                f"embeddings/img_emb/img_emb_{part}.npy", _npy(cand.img_emb[sel].astype(np.float16))
+                f"embeddings/img_emb/img_emb_{part:05d}.npy", _npy(cand.img_emb[sel].astype(np.float16))
             )
             writer.write_bytes(
-                f"embeddings/text_emb/text_emb_{part}.npy", _npy(cand.text_emb[sel].astype(np.float16))
+                f"embeddings/text_emb/text_emb_{part:05d}.npy", _npy(cand.text_emb[sel].astype(np.float16))
             )
             md = data.select(_cols(data, ["key", "url", "caption", "clip_score", "sha256", "raw_batch"]))
             buf = io.BytesIO()
             pq.write_table(md, buf)
-            writer.write_bytes(f"embeddings/metadata/metadata_{part}.parquet", buf.getvalue())
+            writer.write_bytes(f"embeddings/metadata/metadata_{part:05d}.parquet", buf.getvalue())
         part += 1
     rejected_rows = np.flatnonzero(~dec.keep)
     if len(rejected_rows):

@@ -1,0 +1,130 @@
+"""Curate benchmark: ViT-B/32 (random weights) image-text scoring pairs/s on this CPU through the Ray scorer,
+against (a) the compute ceiling = measured fp32 matmul FLOP/s / model FLOPs per pair and (b) a naive
+single-process loop over the same batches. Writes bench/results/curate.json.
+
+    .venv/bin/python bench/curate.py [--pairs 128] [--batch-size 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def encoder_flops(tokens: int, width: int, mlp: int, layers: int) -> float:
+    """Forward FLOPs (2 x multiply-adds) of a pre-LN transformer encoder over ``tokens`` tokens."""
+    per_layer = tokens * (8 * width * width + 4 * tokens * width + 4 * width * mlp)  # qkvo + attn + mlp
+    return float(layers * per_layer)
+
+
+def clip_flops_per_pair(config) -> dict[str, float]:
+    v, t = config.vision_config, config.text_config
+    patches = (v.image_size // v.patch_size) ** 2
+    image = encoder_flops(patches + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers)
+    image += 2.0 * patches * 3 * v.patch_size**2 * v.hidden_size  # patch embedding conv
+    image += 2.0 * v.hidden_size * config.projection_dim
+    text = encoder_flops(t.max_position_embeddings, t.hidden_size, t.intermediate_size, t.num_hidden_layers)
+    text += 2.0 * t.hidden_size * config.projection_dim
+    return {"image": image, "text": text, "total": image + text}
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def naive_loop(bundle, pairs, batch_size: int) -> float:
+    """Decode + preprocess + score batch after batch in this process; returns seconds."""
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            img = bundle.embed_images(bundle.preprocess_images([p.image for p in chunk]))
+            txt = bundle.embed_texts(**bundle.tokenize([p.caption for p in chunk]))
+            (img * txt).sum(-1).numpy()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from models.clip import build_clip
+    from tasks.scoring import list_shards, score_shards
+    from vlforge.demo.synth import make_pairs
+    from vlforge.raycluster import init_ray
+    from vlforge.settings import get_settings
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    work = tempfile.mkdtemp(prefix="vlforge-bench-curate-")
+    os.environ["VLFORGE_STORAGE"] = os.path.join(work, "store")
+    settings = get_settings()
+    pairs = make_pairs(args.pairs, 0.0, seed=0)
+    bundle = build_clip("clip-vit-b-32", [p.caption for p in pairs])
+    bundle.model.eval()
+    model_dir = bundle.save(os.path.join(work, "vit-b-32"))
+    flops = clip_flops_per_pair(bundle.model.config)
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.helpers import write_raw_batch
+
+    write_raw_batch(settings, "bench", "b1", pairs, shard_size=args.batch_size * 2)
+    init_ray(settings)
+
+    naive_loop(bundle, pairs[: args.batch_size], args.batch_size)  # warm-up
+    peak = matmul_flops_per_s()
+    naive_s = naive_loop(bundle, pairs, args.batch_size)
+    shards = list_shards(settings, "bench", ["b1"], "vit-b-32")
+    t0 = time.perf_counter()
+    scored = score_shards(
+        shards, model_dir, settings, bundle, args.batch_size, num_threads=threads, progress=False
+    )
+    ray_s = time.perf_counter() - t0
+    peak = max(peak, matmul_flops_per_s())  # measured before and after: the box is shared
+
+    ceiling = peak / flops["total"]
+    result = {
+        "pairs_per_s": scored / ray_s,
+        "ceiling_fraction": (scored / ray_s) / ceiling,
+        "speedup_vs_naive": naive_s / ray_s,
+        "naive_pairs_per_s": len(pairs) / naive_s,
+        "naive_ceiling_fraction": (len(pairs) / naive_s) / ceiling,
+        "ceiling_pairs_per_s": ceiling,
+        "matmul_gflop_per_s": peak / 1e9,
+        "model_gflop_per_pair": {k: v / 1e9 for k, v in flops.items()},
+        "pairs": scored,
+        "batch_size": args.batch_size,
+        "torch_threads": threads,
+        "cpus": os.cpu_count(),
+        "note": "Ray time includes actor start-up and loading the model in the actor; FLOPs are 2 x MACs",
+    }
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "curate.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
