@@ -79,8 +79,13 @@ def main() -> None:
     with ImageServer() as srv:
         list_path = write_url_list(f"{work}/list.csv", pairs, srv.add_pairs(pairs))
         for r in range(args.rounds):
-            vl.append(_vlforge_run(list_path, f"{work}/vlforge-{r}", opts))
-            rw.append(_raw_run(list_path, f"{work}/raw-{r}", opts))
+            # ABBA order: neither side always runs first (cold caches, a neighbour's burst of CPU).
+            if r % 2 == 0:
+                vl.append(_vlforge_run(list_path, f"{work}/vlforge-{r}", opts))
+                rw.append(_raw_run(list_path, f"{work}/raw-{r}", opts))
+            else:
+                rw.append(_raw_run(list_path, f"{work}/raw-{r}", opts))
+                vl.append(_vlforge_run(list_path, f"{work}/vlforge-{r}", opts))
             print(f"round {r}: vlforge {vl[-1]:.1f} images/s, img2dataset {rw[-1]:.1f} images/s", flush=True)
 
     images_per_s = statistics.median(vl)
