@@ -27,7 +27,7 @@ COPY vlforge ./vlforge
 COPY models ./models
 COPY tasks ./tasks
 COPY flows ./flows
-RUN pip install .
+RUN pip install . && pip uninstall -y dataclasses  # img2dataset's py3.6 backport shadows the stdlib
 
 COPY infra/vlforge/entrypoint.sh /usr/local/bin/vlforge-entrypoint
 COPY infra/ray/healthcheck.sh /usr/local/bin/ray-healthcheck

@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: 2.13.0 is the CPU build; letting a resolver pick torch pulls CUDA wheels.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# img2dataset pulls the Python 3.6 'dataclasses' backport; it shadows the stdlib module (without slots=)
+	# wherever site-packages is put first on sys.path, e.g. Prefect's ephemeral API server.
+	$(BIN)/python -m pip uninstall -q -y dataclasses
 	touch $(STAMP)
 
 demo: $(STAMP)
