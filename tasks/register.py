@@ -25,6 +25,7 @@ from importlib import metadata
 from prefect import task
 
 from tasks.evaluate import mlflow_metric_names
+from vlforge import storage
 from vlforge.errors import ModelNotFoundError
 from vlforge.registry import MODEL_ARTIFACT
 from vlforge.settings import Settings
@@ -178,8 +179,12 @@ def _code_paths() -> list[str]:
 
 
 def _stage(src: str, parent: str, name: str) -> str:
-    """``src`` under ``parent/name`` (hard links when possible), so MLflow stores it at ``artifacts/<name>``."""
+    """``src`` (local or remote) under ``parent/name`` (hard links when possible), so that MLflow stores it at
+    ``artifacts/<name>`` whatever the source folder is called."""
     dst = os.path.join(parent, name)
+    if storage.is_remote(src):
+        storage.get_dir(src, dst)
+        return dst
 
     def link_or_copy(s, d):
         try:
@@ -217,7 +222,9 @@ def register_model(
     if PRIMARY_METRIC not in eval_metrics:
         raise ValueError(f"eval_metrics must contain {PRIMARY_METRIC!r}; got {sorted(eval_metrics)}")
     for folder, what in ((model_dir, "model"), (adapter_dir, "adapter")):
-        if folder is not None and not os.path.isdir(folder):
+        if folder is not None and not (
+            os.path.isdir(folder) or (storage.is_remote(folder) and storage.exists(folder))
+        ):
             raise ModelNotFoundError(
                 f"{what} folder {folder!r} does not exist; save the trained {what} first"
             )

@@ -14,6 +14,7 @@ import pytest
 from tasks.register import CHALLENGER, CHAMPION, decide, register_model
 from vlforge.demo.synth import class_prompts, make_pairs
 from vlforge.tracking import (
+    LORA_MODEL,
     PRETRAINED_MODEL,
     TAG_DATASET,
     TAG_DATASET_VERSION,
@@ -152,6 +153,35 @@ def test_champion_is_reevaluated_on_different_eval_data(shared_settings, model_d
     # without a way to re-evaluate, different eval data is not comparable: challenger
     reg3 = register(settings, model_dir, 0.99, eval_data="synth@third", name=name)
     assert reg3.alias == CHALLENGER
+
+
+def test_lora_version_keeps_merged_model_and_adapter_artifacts(shared_settings, model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from models.clip import load_clip
+    from vlforge.registry import resolve_model_dir
+
+    peft_model = get_peft_model(
+        load_clip(model_dir).model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
+    adapter_dir = str(tmp_path / "checkpoint-adapter")
+    peft_model.save_pretrained(adapter_dir)
+    reg = register(
+        shared_settings,
+        model_dir,
+        0.4,
+        name=LORA_MODEL,
+        adapter_dir=adapter_dir,
+        base_model="models:/vlforge-clip/1",
+    )
+    assert reg.alias == CHAMPION
+    folder = resolve_model_dir(f"models:/{LORA_MODEL}@champion", shared_settings)
+    assert folder.endswith(os.path.join("artifacts", "model"))
+    assert os.path.isfile(os.path.join(folder, "config.json"))
+    adapter = os.path.join(os.path.dirname(folder), "adapter")
+    assert os.path.isfile(os.path.join(adapter, "adapter_config.json"))
+    mv = configure(shared_settings).get_model_version(LORA_MODEL, reg.version)
+    assert mv.tags["vlforge.base_model"] == "models:/vlforge-clip/1"
 
 
 def test_register_rejects_metrics_without_mean_recall(settings, model_dir):
