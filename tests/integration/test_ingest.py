@@ -125,6 +125,7 @@ def _cases(srv, user_agents: list[str]) -> dict[str, tuple[str, str]]:
     }
 
 
+@pytest.mark.slow
 def test_every_row_gets_success_or_its_failure_reason(settings, image_server, tmp_path):
     user_agents: list[str] = []
     cases = _cases(image_server, user_agents)
@@ -174,6 +175,7 @@ def _serve_pairs(srv, n: int, prefix: str) -> list[tuple[str, str]]:
     return list(zip(srv.add_pairs(pairs), [p.caption for p in pairs], strict=True))
 
 
+@pytest.mark.slow
 def test_same_list_again_is_a_noop_and_a_new_list_downloads_only_itself(settings, image_server, tmp_path):
     lists = tmp_path / "lists"
     lists.mkdir()
