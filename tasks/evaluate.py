@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from models.clip import ClipBundle
 
@@ -136,4 +137,5 @@ def mlflow_metric_names(metrics: dict[str, float], prefix: str = "eval_") -> dic
     return {prefix + re.sub(r"[^/\w.\- ]", "_", k.replace("@", "_at_")): float(v) for k, v in metrics.items()}
 
 
-evaluate_task = task(name="evaluate")(evaluate_model)
+# NO_CACHE: the inputs (a torch model, image bytes) are neither worth hashing nor cacheable.
+evaluate_task = task(name="evaluate", cache_policy=NO_CACHE)(evaluate_model)

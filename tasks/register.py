@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.evaluate import mlflow_metric_names
 from vlforge import storage
@@ -290,4 +291,5 @@ def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str]):
     return info
 
 
-register_task = task(name="register")(register_model)
+# NO_CACHE: registering twice must create two versions; a callable input cannot be hashed anyway.
+register_task = task(name="register", cache_policy=NO_CACHE)(register_model)
