@@ -5,6 +5,7 @@ on s3:// and its URL list on S3, and the results are read back from each service
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import subprocess
 import sys
@@ -70,7 +71,9 @@ def test_pipeline_runs_on_the_native_stack(tmp_path, monkeypatch, ray_temp_dir):
     s3_port, mlflow_port, ray_port = free_port(), free_port(), free_port()
     endpoint = f"http://127.0.0.1:{s3_port}"
     tracking_uri = f"http://127.0.0.1:{mlflow_port}"
-    env = base_env(**S3_ENV, VLFORGE_S3_ENDPOINT_URL=endpoint, MLFLOW_S3_ENDPOINT_URL=endpoint)
+    # Ray 2.5x+ clusters authenticate with a token: every node and driver of this stack gets the same one.
+    ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = base_env(**S3_ENV, **ray_auth, VLFORGE_S3_ENDPOINT_URL=endpoint, MLFLOW_S3_ENDPOINT_URL=endpoint)
 
     with (
         background(
@@ -91,7 +94,7 @@ def test_pipeline_runs_on_the_native_stack(tmp_path, monkeypatch, ray_temp_dir):
             "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--serve-artifacts",
         ]  # fmt: skip
         ray_cmd = [
-            str(BIN / "ray"), "start", "--head", "--port", str(ray_port), "--num-cpus", "4",
+            str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ray_port), "--num-cpus", "4",
             "--include-dashboard=false", "--dashboard-port", str(free_port()), "--disable-usage-stats",
             "--temp-dir", ray_temp_dir, "--block",
         ]  # fmt: skip

@@ -98,7 +98,7 @@ def test_environment_has_no_literal_secrets(services):
 
 def test_required_secrets_fail_fast_when_unset():
     text = COMPOSE.read_text()
-    for var in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"):
+    for var in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "RAY_AUTH_TOKEN"):
         assert re.search(r"\$\{" + var + r":\?", text), f"{var} must be required (${{{var}:?...}})"
 
 
@@ -217,6 +217,13 @@ def test_ray_head_and_workers(services):
     # The same image as the driver: Ray needs identical Python/Ray/code on every node.
     for name in ("ray-head", "ray-worker", "vlforge", "prefect-server"):
         assert services[name]["image"] == services["vlforge"]["image"]
+
+
+def test_ray_cluster_authenticates_with_one_token(services):
+    for name in ("ray-head", "ray-worker", "ray-worker-gpu", "vlforge"):
+        env = services[name]["environment"]
+        assert env["RAY_AUTH_MODE"] == "token", name
+        assert env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
 
 
 def test_gpu_worker_is_optional_and_reserves_gpus(services):
