@@ -131,6 +131,11 @@ def _maybe_fail(config: dict, rank: int, step: int) -> None:
     marker = hook["marker"]
     if os.path.exists(marker):
         return
+    import ray.train
+
+    # Die only once the previous checkpoint is registered (the controller polls every ~2 s); dying
+    # between a report and its registration loses that checkpoint, and the restart begins earlier.
+    ray.train.get_all_reported_checkpoints(timeout_s=60)
     with open(marker, "w") as fh:
         fh.write(f"rank {rank} exited at step {step}\n")
     os._exit(1)
@@ -233,7 +238,7 @@ def _run_epochs(
             metrics = {
                 "loss": float(loss.detach()),
                 "lr": scheduler.get_last_lr()[0],
-                "temperature": float(1.0 / clip.logit_scale.exp()),
+                "temperature": float(1.0 / clip.logit_scale.detach().exp()),
                 "samples_per_s": seen * world / max(elapsed, 1e-9),
             }
             logger.log(metrics, step, int(config.get("log_every", 10)))

@@ -1,0 +1,102 @@
+"""Ray Train pretraining on CPU: 2 workers, a worker killed mid-training, resuming a killed driver by name."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import mlflow
+import pytest
+
+from tasks.pretrain import pretrain
+from tests.helpers import publish_synthetic_dataset
+from vlforge.tracking import EXPERIMENTS, configure
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+FAST = dict(epochs=2, batch_size=16, lr=3e-3, warmup_steps=2, log_every=2)
+
+
+def _runs(settings, stage="pretrain"):
+    client = configure(settings)
+    exp = client.get_experiment_by_name(EXPERIMENTS[stage])
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_two_worker_cpu_pretrain_logs_one_run_and_registers_champion(settings, ray_local):
+    dv, _ = publish_synthetic_dataset(settings, "seed", n=96, seed=1)
+    result = pretrain("seed", settings, num_workers=2, **FAST)
+
+    (run,) = _runs(settings)
+    assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
+    assert run.data.params["num_workers"] == "2" and run.data.params["use_gpu"] == "False"
+    assert run.data.tags["vlforge.dataset_version"] == dv.version
+    history = configure(settings).get_metric_history(result.run_id, "loss")
+    assert len(history) == int(run.data.params["total_steps"])  # every optimizer step, rank 0 only
+    for key in ("lr", "temperature", "samples_per_s", "eval_mean_recall", "eval_i2t_recall_at_1"):
+        assert key in run.data.metrics
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == [dv.ref]
+    assert result.registered.alias == "champion" and result.model_uri.startswith("models:/vlforge-clip/")
+    assert os.path.isfile(os.path.join(result.model_dir, "model.safetensors"))
+
+
+def test_killed_worker_restarts_from_checkpoint_in_the_same_run(settings, ray_local, tmp_path):
+    publish_synthetic_dataset(settings, "seed", n=96, seed=2)
+    marker = tmp_path / "killed"
+    result = pretrain(
+        "seed", settings, num_workers=2, checkpoint_every=2, register=False, max_failures=2,
+        fail_once={"rank": 1, "step": 3, "marker": str(marker)}, **FAST,
+    )  # fmt: skip
+    assert marker.read_text().startswith("rank 1 exited at step 3")
+    (run,) = _runs(settings)
+    assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
+    steps = [m.step for m in configure(settings).get_metric_history(result.run_id, "loss")]
+    # Steps 1-3 ran before the kill; the restart resumed from the step-2 checkpoint (step 3 logged twice).
+    assert max(steps) == int(run.data.params["total_steps"]) and steps.count(3) == 2 and steps.count(1) == 1
+    assert "eval_mean_recall" in result.metrics
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+    from tasks.pretrain import pretrain
+    from vlforge.settings import get_settings
+    pretrain("seed", get_settings(), name="resume-me", epochs=30, batch_size=16, checkpoint_every=2,
+             register=False, log_every=2)
+    """
+)
+
+
+def test_driver_killed_then_same_name_resumes_from_checkpoint(settings, ray_local):
+    publish_synthetic_dataset(settings, "seed", n=64, seed=3)
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER], env=env, cwd=os.getcwd())
+    # Ray Train records a registered checkpoint in this snapshot; a resume restores from it.
+    pattern = os.path.join(
+        settings.storage_uri, "ray_results", "resume-me", "checkpoint_manager_snapshot.json"
+    )
+    deadline = time.time() + 150
+    while not glob.glob(pattern) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert glob.glob(pattern), "the driver never wrote a checkpoint"
+    (killed,) = _runs(settings)
+    assert killed.info.status == "RUNNING"
+
+    result = pretrain(
+        "seed", settings, name="resume-me", epochs=30, batch_size=16, register=False, log_every=2
+    )
+    assert result.resumed and result.run_id == killed.info.run_id
+    (run,) = _runs(settings)
+    assert run.info.status == "FINISHED"
+    steps = sorted({m.step for m in configure(settings).get_metric_history(run.info.run_id, "loss")})
+    assert steps[-1] == int(run.data.params["total_steps"])
+    again = pretrain("seed", settings, name="resume-me", register=False)  # finished: a no-op
+    assert again.run_id == result.run_id and len(_runs(settings)) == 1
+    assert mlflow.get_run(result.run_id).info.status == "FINISHED"
