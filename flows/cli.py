@@ -78,6 +78,16 @@ def ingest(
     allow_private_networks: Annotated[bool, typer.Option(help="Allow private/loopback hosts.")] = False,
     timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = 10.0,
     retries: Annotated[int, typer.Option(help="Retries for transient errors.")] = 2,
+    user_agent: Annotated[str | None, typer.Option(help="User agent (default names vlforge).")] = None,
+    image_size: Annotated[
+        int, typer.Option(help="Resize images to fit this size (img2dataset's image_size).")
+    ] = 256,
+    min_image_size: Annotated[
+        int, typer.Option(help="Refuse images smaller than this (pixels, shorter side).")
+    ] = 10,
+    max_image_area: Annotated[
+        int, typer.Option(help="Refuse larger images (decompression-bomb guard).")
+    ] = 50_000_000,
 ) -> None:
     """Download image-text pairs from URL lists with img2dataset (resumable; every row accounted for)."""
     from tasks.ingest import ingest as run
@@ -95,6 +105,10 @@ def ingest(
         allow_private_networks=allow_private_networks,
         timeout=timeout,
         retries=retries,
+        user_agent=user_agent,
+        image_size=image_size,
+        min_image_size=min_image_size,
+        max_image_area=max_image_area,
     )
     for r in results:
         state = (
