@@ -74,8 +74,12 @@ def _examples(cand: Candidates, dec: Decisions, shards, per_side: int = 4):
     captions = t.column("caption").to_pylist()
     shard_idx, row_idx = t.column("shard_index").to_numpy(), t.column("row_index").to_numpy()
     images, titles, flags = [], [], []
+    columns: dict[int, object] = {}  # shard index -> its jpg column, read once
     for i in [*kept, *rej]:
-        jpg = _read(shards[shard_idx[i]].uri, ["jpg"]).column("jpg")[int(row_idx[i])].as_py()
+        si = int(shard_idx[i])
+        if si not in columns:
+            columns[si] = _read(shards[si].uri, ["jpg"]).column("jpg")
+        jpg = columns[si][int(row_idx[i])].as_py()
         verdict = "kept" if dec.keep[i] else dec.reason[i]
         s = "" if np.isnan(scores[i]) else f" {scores[i]:.3f}"
         images.append(jpg or b"")

@@ -145,7 +145,9 @@ class ClipScorer:
 
         b = self.bundle
         with torch.inference_mode():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"])).to(self.device)
+            pixels = torch.from_numpy(np.array(batch["pixel_values"], dtype=np.float32)).to(
+                self.device
+            )  # a writable copy
             tokens = {k: v.to(self.device) for k, v in b.tokenize(list(batch["caption"])).items()}
             img = b.embed_images(pixels).float()  # [B, D]
             txt = b.embed_texts(**tokens).float()  # [B, D]
@@ -254,8 +256,15 @@ def score_shards(
     num_scorers: int | None = None,
     num_threads: int | None = None,
     progress: bool | None = None,
+    timings: dict | None = None,
 ) -> int:
-    """Score ``shards`` on Ray and write each one's cache file when complete; returns rows scored."""
+    """Score ``shards`` on Ray and write each one's cache file when complete; returns rows scored.
+
+    ``timings``, when given, receives ``first_batch_at``/``last_batch_at`` (perf_counter) and
+    ``first_batch_rows``, so callers can tell actor start-up from steady-state throughput.
+    """
+    import time
+
     from tqdm.auto import tqdm
 
     from vlforge.raycluster import init_ray
@@ -286,4 +295,8 @@ def score_shards(
                 if done[key] == todo[key].rows:
                     _write_cache(todo[key].cache_uri, parts.pop(key), dim)
             bar.update(len(paths))
+            if timings is not None:
+                timings.setdefault("first_batch_at", time.perf_counter())
+                timings.setdefault("first_batch_rows", len(paths))
+                timings["last_batch_at"] = time.perf_counter()
     return total
