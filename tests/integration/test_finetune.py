@@ -1,0 +1,51 @@
+"""LoRA fine-tuning end to end: pretrain + register, fine-tune the champion, load the LoRA champion anew."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tasks.finetune import finetune
+from tasks.pretrain import pretrain
+from tests.helpers import publish_synthetic_dataset
+from vlforge.tracking import TAG_BASE_MODEL, configure
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+CHECK = textwrap.dedent(
+    """
+    from tasks.common import load_model
+    from vlforge.demo.synth import make_pairs
+    from vlforge.settings import get_settings
+    bundle = load_model("models:/vlforge-clip-lora@champion", get_settings())
+    good = make_pairs(48, 0.0, seed=11)
+    bad = make_pairs(48, 1.0, seed=11)  # same images, captions naming another colour and shape
+    s_good = bundle.score([p.image for p in good], [p.caption for p in good])
+    s_bad = bundle.score([p.image for p in bad], [p.caption for p in bad])
+    print("SCORES", float(s_good.mean()), float(s_bad.mean()))
+    """
+)
+
+
+def test_finetune_lora_on_the_champion_registers_a_merged_lora_champion(settings, ray_local):
+    dv, _ = publish_synthetic_dataset(settings, "seed", n=192, seed=5)
+    base = pretrain("seed", settings, epochs=6, batch_size=32)
+    assert base.registered.alias == "champion"
+
+    result = finetune("seed", settings, epochs=2, batch_size=32, lora_r=4)
+    assert result.registered.name == "vlforge-clip-lora" and result.registered.alias == "champion"
+    run = configure(settings).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[TAG_BASE_MODEL] == base.model_uri  # the alias pinned to the version it named
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == [dv.ref]
+    assert not any(f.startswith("adapter") for f in os.listdir(result.model_dir))  # merged, plain CLIP
+
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK], capture_output=True, text=True, check=True, cwd=os.getcwd()
+    ).stdout
+    good, bad = map(float, out.split("SCORES", 1)[1].split())
+    assert good > bad + 0.1
