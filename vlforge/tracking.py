@@ -26,17 +26,35 @@ TAG_BASE_MODEL = "vlforge.base_model"
 TAG_FLOW_RUN = "prefect.flow_run_id"
 
 
+_INITIALISED: set[str] = set()
+
+
 def configure(settings: Settings):
     """Point MLflow at the settings' tracking URI and return a client."""
     import mlflow
     from mlflow import MlflowClient
 
     uri = settings.tracking_uri
-    if uri.startswith("sqlite:///") and not settings.storage_is_remote:
-        os.makedirs(os.path.dirname(uri[len("sqlite:///") :]) or ".", exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if uri.startswith("sqlite:///") and uri not in _INITIALISED:
+        _init_sqlite(uri[len("sqlite:///") :], client)
+        _INITIALISED.add(uri)
+    return client
+
+
+def _init_sqlite(path: str, client) -> None:
+    """Create the SQLite schema under a file lock: two processes migrating one new database at once fail."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client.search_experiments(max_results=1)  # runs the migrations if the database is new
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ensure_experiment(settings: Settings, stage: str) -> str:
