@@ -134,9 +134,23 @@ def curate(
     top_fraction: Annotated[
         float | None, typer.Option(help="Keep the top F of the pool by CLIP score.")
     ] = None,
+    min_image_size: Annotated[int, typer.Option(help="Drop images whose shorter side is below this.")] = 32,
+    max_aspect_ratio: Annotated[float, typer.Option(help="Drop images more elongated than this.")] = 3.0,
+    min_caption_chars: int = 5,
+    max_caption_chars: int = 1000,
+    exact_dedup: Annotated[bool, typer.Option(help="Drop exact duplicate images (sha256).")] = True,
+    near_dup_threshold: Annotated[
+        float | None, typer.Option(help="Drop near duplicates above this image-embedding cosine (faiss).")
+    ] = None,
+    language: Annotated[
+        list[str] | None, typer.Option(help="Keep captions in this language (repeatable).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = 64,
+    force: Annotated[bool, typer.Option(help="Publish a new version even if nothing changed.")] = False,
 ) -> None:
     """Score pairs with CLIP on Ray, filter, dedup and publish a versioned Parquet dataset."""
     from tasks.curate import curate as run
+    from tasks.filters import FilterConfig
 
     if min_score is not None and top_fraction is not None:
         raise VlforgeError("give either --min-score or --top-fraction, not both")
@@ -144,8 +158,30 @@ def curate(
         raise VlforgeError(
             "--min-score and --top-fraction need a --scorer (e.g. models:/vlforge-clip@champion)"
         )
-    result = run(source, dataset, _settings(), scorer=scorer, min_score=min_score, top_fraction=top_fraction)
+    filters = FilterConfig(
+        min_image_size=min_image_size,
+        max_aspect_ratio=max_aspect_ratio,
+        min_caption_chars=min_caption_chars,
+        max_caption_chars=max_caption_chars,
+        exact_dedup=exact_dedup,
+        near_dup_threshold=near_dup_threshold,
+        languages=language or None,
+    )
+    result = run(
+        source,
+        dataset,
+        _settings(),
+        scorer=scorer,
+        min_score=min_score,
+        top_fraction=top_fraction,
+        filters=filters,
+        batch_size=batch_size,
+        force=force,
+    )
     dv = result.dataset_version
+    if result.skipped:
+        out.print(f"nothing new: {dv.ref} already covers every raw batch with this scorer and these filters")
+        return
     out.print(f"published {dv.ref} at {dv.uri}")
     out.print("  " + ", ".join(f"{k}: {v}" for k, v in result.counts.items()))
     if result.mlflow_run_id:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
+from tasks.filters import FilterConfig
+
 
 class RefreshParams(BaseModel):
     """Ingest the URL lists not ingested yet, curate the source, publish a dataset version."""
@@ -25,6 +27,10 @@ class RefreshParams(BaseModel):
     )
     top_fraction: float | None = Field(
         0.3, gt=0, le=1, description="Keep this top share of the pool by CLIP score (DataComp's best: 0.3)."
+    )
+    filters: FilterConfig = Field(
+        default_factory=FilterConfig,
+        description="Quality filters (size, aspect ratio, captions, dedup, language).",
     )
     shard_size: int = Field(10_000, gt=0, description="Rows per raw shard.")
     allow_private_networks: bool = Field(

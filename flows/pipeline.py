@@ -99,6 +99,7 @@ def refresh_dataset(params: RefreshParams) -> dict:
         scorer=scorer,
         min_score=params.min_score if scorer else None,
         top_fraction=params.top_fraction if scorer else None,
+        filters=params.filters,
     )
     dv = result.dataset_version
     links = (
