@@ -108,9 +108,12 @@ def prefect_server(tmp: Path, timeout: float = 120) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def background(name: str, cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None):
+def background(
+    name: str, cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None, grace: float = 15
+):
+    """Run ``cmd`` for the duration of the block; SIGTERM (then SIGKILL after ``grace`` s) on the way out."""
     server = Server(name, cmd, env, log, cwd)
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(grace)
