@@ -1,7 +1,7 @@
 """Ray Train (1 worker) vs a plain PyTorch loop: samples/s on the same model, data and batch size.
 
 Both train the same CLIP recipe (a mid-size variant of clip-tiny by default) from the same initial weights
-on the same preprocessed synthetic pairs. Ray's figure is taken from the per-step MLflow timestamps of a
+on the same preprocessed synthetic pairs. Ray's step times come from the per-step MLflow timestamps of a
 real ``pretrain`` run after its warm-up steps, so Ray start-up, data materialisation and evaluation are
 excluded; the plain loop's figure is timed over the same steps. Writes bench/results/train.json.
 
@@ -37,19 +37,25 @@ def mid_recipe(path: str, width: int, layers: int) -> str:
     return path
 
 
-def ray_samples_per_s(settings, run_id: str, batch_size: int, skip: float) -> tuple[float, int]:
+def ray_step_times(settings, run_id: str, skip: float) -> list[float]:
+    """Seconds per optimizer step after warm-up, from the loop's per-step MLflow timestamps."""
     from vlforge.tracking import configure
 
     history = sorted(configure(settings).get_metric_history(run_id, "loss"), key=lambda m: m.step)
-    start = history[int(len(history) * skip)]
-    last = history[-1]
-    steps = last.step - start.step
-    return steps * batch_size / ((last.timestamp - start.timestamp) / 1000.0), len(history)
+    ts = [m.timestamp / 1000.0 for m in history[int(len(history) * skip) :]]
+    return [b - a for a, b in zip(ts, ts[1:], strict=False)]
 
 
-def plain_samples_per_s(
+def rates(step_times: list[float], batch_size: int) -> tuple[float, float]:
+    """(samples/s over the mean step, samples/s over the median step): the median ignores other tenants' bursts."""
+    import statistics
+
+    return batch_size / statistics.fmean(step_times), batch_size / statistics.median(step_times)
+
+
+def plain_step_times(
     init_dir: str, dv, total_steps: int, batch_size: int, lr: float, skip: float
-) -> float:
+) -> list[float]:
     import torch
 
     from models.clip import clip_loss, load_clip
@@ -63,8 +69,8 @@ def plain_samples_per_s(
     model = bundle.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     n = pixels.shape[0]
-    step, warm = 0, int(total_steps * skip)
-    t_start = None
+    step, warm, times = 0, int(total_steps * skip), []
+    last = time.perf_counter()
     while step < total_steps:
         perm = torch.randperm(n)
         for i in range(n // batch_size):
@@ -75,12 +81,15 @@ def plain_samples_per_s(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            float(loss)  # like the Ray loop, read the loss back every step
             step += 1
-            if step == warm:
-                t_start = time.perf_counter()
+            now = time.perf_counter()
+            if step > warm:
+                times.append(now - last)
+            last = now
             if step >= total_steps:
                 break
-    return (total_steps - warm) * batch_size / (time.perf_counter() - t_start)
+    return times
 
 
 def main() -> None:
@@ -106,18 +115,30 @@ def main() -> None:
     dv, _ = publish_synthetic_dataset(settings, "bench", n=args.pairs, seed=0)
     recipe = mid_recipe(os.path.join(tmp, "clip-bench.json"), args.width, args.layers)
     lr = 1e-3
+    from models.clip import build_clip
+
+    # The plain loop runs before and after the Ray run (other tenants' load drifts); same architecture.
+    init_dir = os.path.join(tmp, "init")
+    build_clip(recipe, ["a photo of a red circle"]).save(init_dir)
+    steps_guess = (int(args.pairs * 0.9) // args.batch_size) * args.epochs
+    plain = plain_step_times(init_dir, dv, steps_guess, args.batch_size, lr, args.skip)
     t0 = time.perf_counter()
     result = pretrain("bench", settings, recipe=recipe, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
                       register=False, log_every=50, checkpoint_every=10**9, name="bench")  # fmt: skip
     wall = time.perf_counter() - t0
-    ray_sps, steps = ray_samples_per_s(settings, result.run_id, args.batch_size, args.skip)
+    ray_times = ray_step_times(settings, result.run_id, args.skip)
     init_dir = os.path.join(settings.storage_uri, "ray_results", "bench", "init")
-    plain_sps = plain_samples_per_s(init_dir, dv, steps, args.batch_size, lr, args.skip)
+    plain += plain_step_times(init_dir, dv, steps_guess, args.batch_size, lr, args.skip)
+    ray_mean, ray_median = rates(ray_times, args.batch_size)
+    plain_mean, plain_median = rates(plain, args.batch_size)
     out = {
-        "samples_per_s": round(ray_sps, 2),
-        "plain_samples_per_s": round(plain_sps, 2),
-        "ratio": round(ray_sps / plain_sps, 3),
-        "steps": steps,
+        "samples_per_s": round(ray_median, 2),
+        "plain_samples_per_s": round(plain_median, 2),
+        "ratio": round(ray_median / plain_median, 3),
+        "samples_per_s_mean": round(ray_mean, 2),
+        "plain_samples_per_s_mean": round(plain_mean, 2),
+        "ratio_mean": round(ray_mean / plain_mean, 3),
+        "steps": len(ray_times) + 1,
         "batch_size": args.batch_size,
         "recipe": {"width": args.width, "layers": args.layers, "image_size": 32, "patch_size": 8},
         "pretrain_wall_s": round(wall, 1),

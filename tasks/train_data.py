@@ -117,20 +117,26 @@ def train_dataset(
     # Decoding and tokenising once (not every epoch) matters on small machines; the random augmentation
     # below runs again on every epoch's pass over the materialised tensors.
     ds = ds.materialize()
-    if augment:
-        ds = ds.map_batches(flip_batch, batch_format="numpy", batch_size=256, fn_kwargs={"seed": seed})
-    return ds
+    # Per-epoch shuffling here rather than iter_torch_batches' local shuffle buffer, which re-concatenates
+    # tensor columns on the training process for every batch (it made each step ~3x slower on CPU).
+    ds = ds.randomize_block_order(seed=None)
+    return ds.map_batches(
+        augment_batch, batch_format="numpy", batch_size=256, fn_kwargs={"seed": seed, "flip": augment}
+    )
 
 
-def flip_batch(batch: dict[str, np.ndarray], *, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random horizontal flips: colours and shapes survive them (no caption names left or right)."""
-    pixels = batch["pixel_values"]  # [B, 3, S, S]
+def augment_batch(batch: dict[str, np.ndarray], *, seed: int = 0, flip: bool = True) -> dict[str, np.ndarray]:
+    """Shuffle rows (a new order every epoch) and flip images at random: colours and shapes survive a
+    horizontal flip (no caption names left or right)."""
     rng = np.random.default_rng([seed, int.from_bytes(os.urandom(4), "little")])
-    flip = rng.random(len(pixels)) < 0.5
-    if flip.any():
-        pixels = pixels.copy()
-        pixels[flip] = pixels[flip][..., ::-1]
-    return dict(batch, pixel_values=np.ascontiguousarray(pixels))
+    order = rng.permutation(len(batch["pixel_values"]))
+    out = {k: v[order] for k, v in batch.items()}
+    if flip:
+        pixels = out["pixel_values"]  # [B, 3, S, S]
+        flips = rng.random(len(pixels)) < 0.5
+        pixels[flips] = pixels[flips][..., ::-1]
+        out["pixel_values"] = np.ascontiguousarray(pixels)
+    return out
 
 
 def count_train_rows(dv: DatasetVersion, eval_fraction: float) -> int:

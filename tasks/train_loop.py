@@ -210,7 +210,6 @@ def _run_epochs(
             batch_size=int(config["batch_size"]),
             drop_last=True,
             device=device,
-            local_shuffle_buffer_size=int(config.get("shuffle_buffer", 256)),
         )
         t0, seen, micro = time.perf_counter(), 0, 0
         for i, batch in enumerate(batches):
