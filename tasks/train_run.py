@@ -64,6 +64,16 @@ def open_training(
     if storage.exists(run_file):
         info = storage.read_json(run_file)
         run = client.get_run(info["run_id"])
+        changed = sorted(
+            k for k, v in safe_params(params).items() if k in run.data.params and run.data.params[k] != v
+        )
+        if changed and run.info.status != "FINISHED":
+            from vlforge.errors import VlforgeError
+
+            raise VlforgeError(
+                f"training {name!r} exists with other settings ({', '.join(changed)}); resume it with the "
+                "same settings, or choose a new --name"
+            )
         return TrainingRun(name, root, info["run_id"], True, run.info.status, info)
     experiment_id = ensure_experiment(settings, stage)
     all_tags = {**flow_run_tags(), **dataset_tags(dv), "vlforge.train_name": name, **tags}

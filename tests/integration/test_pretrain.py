@@ -66,7 +66,7 @@ DRIVER = textwrap.dedent(
     import sys
     from tasks.pretrain import pretrain
     from vlforge.settings import get_settings
-    pretrain("seed", get_settings(), name="resume-me", epochs=30, batch_size=16, checkpoint_every=2,
+    pretrain("seed", get_settings(), name="resume-me", epochs=10, batch_size=16, checkpoint_every=2,
              register=False, log_every=2)
     """
 )
@@ -90,7 +90,7 @@ def test_driver_killed_then_same_name_resumes_from_checkpoint(settings, ray_loca
     assert killed.info.status == "RUNNING"
 
     result = pretrain(
-        "seed", settings, name="resume-me", epochs=30, batch_size=16, register=False, log_every=2
+        "seed", settings, name="resume-me", epochs=10, batch_size=16, register=False, log_every=2
     )
     assert result.resumed and result.run_id == killed.info.run_id
     (run,) = _runs(settings)
