@@ -196,9 +196,9 @@ def pretrain(
         str, typer.Option(help="Recipe in models/configs (clip-tiny, clip-vit-b-32).")
     ] = "clip-tiny",
     init: Annotated[str | None, typer.Option(help="Start from this model URI instead of scratch.")] = None,
-    epochs: int = 3,
+    epochs: int = 10,
     batch_size: int = 32,
-    lr: float = 5e-4,
+    lr: float = 3e-3,
     num_workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 1,
     use_gpu: Annotated[
         bool | None, typer.Option("--use-gpu/--no-gpu", help="Default: GPUs if the cluster has any.")
@@ -236,9 +236,9 @@ def pretrain(
 def finetune(
     dataset: Annotated[str, typer.Option(help="NAME or NAME@VERSION.")],
     base: Annotated[str, typer.Option(help="Model to adapt.")] = "models:/vlforge-clip@champion",
-    epochs: int = 2,
+    epochs: int = 5,
     batch_size: int = 32,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     lora_r: int = 8,
     lora_alpha: int = 16,
     num_workers: int = 1,

@@ -56,7 +56,7 @@ class TrainParams(BaseModel):
     """Pretrain CLIP contrastively on a dataset version, then fine-tune it with LoRA."""
 
     dataset: str = Field(..., description="Dataset to train on: NAME (newest version) or NAME@VERSION.")
-    epochs: int = Field(3, gt=0, description="Pretraining epochs.")
+    epochs: int = Field(10, gt=0, description="Pretraining epochs.")
     recipe: str = Field(
         "clip-tiny", description="Model recipe for training from scratch (models/configs/*.json)."
     )
@@ -64,15 +64,15 @@ class TrainParams(BaseModel):
         None, description="Start from this model (MLflow URI, folder, HF id) instead of scratch."
     )
     batch_size: int = Field(32, gt=1, description="Per-worker batch size.")
-    learning_rate: float = Field(5e-4, gt=0)
+    learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (cosine schedule).")
     num_workers: int = Field(1, gt=0, description="Ray Train workers.")
     use_gpu: bool | None = Field(None, description="Train on GPUs; empty = use them if the cluster has any.")
     finetune: bool = Field(True, description="Fine-tune with LoRA after pretraining.")
     finetune_dataset: str | None = Field(
         None, description="Dataset for the LoRA fine-tune; empty = same dataset."
     )
-    finetune_epochs: int = Field(2, gt=0)
-    finetune_learning_rate: float = Field(1e-3, gt=0)
+    finetune_epochs: int = Field(5, gt=0)
+    finetune_learning_rate: float = Field(2e-3, gt=0)
     base_model: str | None = Field(
         None,
         description="Model the LoRA fine-tune starts from; empty = the model just pretrained "
