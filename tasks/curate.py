@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 
 from prefect import task
 
+from tasks.common import retry_unless_user_error
 from tasks.curate_publish import load_candidates, write_version_parts
 from tasks.curate_report import log_version_details, prefect_artifacts, start_version_run
 from tasks.filters import FilterConfig, FilterConfigError, apply_filters
 from tasks.scoring import ScorerInfo, list_shards, score_shards, scorer_identity
 from vlforge import raw, storage
 from vlforge.datasets import DatasetNotFoundError, DatasetVersion, VersionWriter, resolve_dataset
-from vlforge.errors import SourceNotFoundError, VlforgeError
+from vlforge.errors import SourceNotFoundError
 from vlforge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -170,17 +171,6 @@ def curate(
     return CurateResult(dv, counts, run_id, skipped=False, scored_rows=scored_rows)
 
 
-def _retry_unless_user_error(task, task_run, state) -> bool:
-    """Retry transient failures (storage, Ray), never a user's mistake (a VlforgeError)."""
-    try:
-        state.result()
-    except VlforgeError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
 curate_task = task(
-    name="curate", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error
+    name="curate", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error
 )(curate)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from prefect import task
 
 from tasks import ingest_accounting as acc
+from tasks.common import retry_unless_user_error
 from tasks.ingest_run import run_img2dataset
 from tasks.ingest_stage import StagedList, load_staged, read_allowed_rows, read_refused, stage_list
 from tasks.urllists import content_hash, find_list_files
@@ -290,20 +291,9 @@ def summary_line(r: IngestResult) -> str:
     )
 
 
-def _retry_transient(task_obj, task_run, state) -> bool:
-    """Retry on I/O trouble (object store, network, a crashed worker), never on a user's error."""
-    try:
-        state.result()
-    except VlforgeError:
-        return False
-    except Exception:
-        return True
-    return False
-
-
 ingest_task = task(
     name="ingest",
     retries=2,
     retry_delay_seconds=[10, 60],
-    retry_condition_fn=_retry_transient,
+    retry_condition_fn=retry_unless_user_error,
 )(ingest)
