@@ -34,6 +34,23 @@ def _isolated_homes(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_process_state():
+    """MLflow keeps an active run and experiment per process: never let one test's leak into the next."""
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        import mlflow
+        import mlflow.tracking.fluent as fluent
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        fluent._active_experiment_id = None
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+
+
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
     """Settings with a fresh storage root (and so a fresh MLflow SQLite database) under tmp_path."""

@@ -24,8 +24,7 @@ def test_curate_with_a_registry_uri_scorer(settings, ray_local, tmp_path):
     pairs = make_pairs(16, 0.0, seed=7)
     folder = build_clip("clip-tiny", [p.caption for p in pairs]).save(str(tmp_path / "clip"))
     tracking.configure(settings)
-    mlflow.set_experiment(experiment_id=tracking.ensure_experiment(settings, "pretrain"))
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment(settings, "pretrain")):
         mlflow.pyfunc.log_model(
             name="model",
             python_model=_Folder(),
