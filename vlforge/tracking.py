@@ -35,8 +35,17 @@ def configure(settings: Settings):
     from mlflow import MlflowClient
 
     uri = settings.tracking_uri
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (and the registry URI) to os.environ; a later
+    # get_settings() in this process would then take that for the user's choice and keep pointing at this
+    # storage root's database after VLFORGE_STORAGE changed. Keep the environment as the user left it.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if uri.startswith("sqlite:///") and uri not in _INITIALISED:
         _init_sqlite(uri[len("sqlite:///") :], client)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing as mp
+import os
 import urllib.request
 
 import pyarrow as pa
@@ -132,3 +133,12 @@ def test_image_server_serves_routes_and_404(tmp_path):
     assert listing.endswith("l.csv") and rows[0].startswith("url,caption") and len(rows) == 4
     assert json.dumps(srv.hits)  # hits were counted per path
     assert srv.hits[f"/img/{pairs[0].key}.jpg"] == 1
+
+
+def test_configuring_mlflow_does_not_leak_into_later_settings(tmp_path, monkeypatch):
+    from vlforge import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking.configure(get_settings(storage=str(tmp_path / "a")))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert get_settings(storage=str(tmp_path / "b")).tracking_uri == f"sqlite:///{tmp_path}/b/mlflow.db"
