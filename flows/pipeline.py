@@ -14,9 +14,7 @@ from tasks.finetune import finetune_task
 from tasks.ingest import ingest_task
 from tasks.pretrain import pretrain_task
 from vlforge import tracking
-from vlforge.datasets import resolve_dataset
-from vlforge.errors import DatasetNotFoundError, ModelNotFoundError
-from vlforge.raw import list_raw_batches
+from vlforge.errors import ModelNotFoundError
 from vlforge.registry import registered_version
 from vlforge.settings import Settings, get_settings
 
@@ -28,16 +26,6 @@ def _logger():
         return get_run_logger()
     except Exception:
         return logging.getLogger("vlforge.flows")
-
-
-def _dataset_is_current(settings: Settings, dataset: str, source: str) -> bool:
-    """True when the newest version of ``dataset`` already covers every complete raw batch of ``source``."""
-    try:
-        dv = resolve_dataset(settings, dataset)
-    except DatasetNotFoundError:
-        return False
-    used = {b["batch"] if isinstance(b, dict) else b for b in dv.manifest.get("raw_batches") or []}
-    return bool(used) and set(list_raw_batches(settings, source)) <= used
 
 
 def _usable_scorer(settings: Settings, scorer: str | None) -> str | None:
@@ -81,16 +69,6 @@ def refresh_dataset(params: RefreshParams) -> dict:
         }
         for r in ingested
     ]
-    if not new and _dataset_is_current(settings, params.dataset, params.source):
-        dv = resolve_dataset(settings, params.dataset)
-        log.info("nothing new at %s: dataset %s is current", params.location, dv.ref)
-        publish(
-            "refresh",
-            f"Refresh of {params.dataset}: nothing new",
-            [f"No new URL lists at `{params.location}`; `{dv.ref}` already covers every raw batch."],
-            {"Raw batches": batch_rows},
-        )
-        return {"new_batches": 0, "dataset_version": dv.ref, "skipped": True}
     scorer = _usable_scorer(settings, params.scorer)
     result = curate_task(
         params.source,
@@ -102,6 +80,18 @@ def refresh_dataset(params: RefreshParams) -> dict:
         filters=params.filters,
     )
     dv = result.dataset_version
+    if result.skipped:
+        # curate decides "nothing new": same raw batches, same scorer version, same filters as the newest version.
+        log.info("nothing new at %s: dataset %s is current", params.location, dv.ref)
+        publish(
+            "refresh",
+            f"Refresh of {params.dataset}: nothing new",
+            [
+                f"No new URL lists at `{params.location}`; `{dv.ref}` already covers every raw batch with this scorer."
+            ],
+            {"Raw batches": batch_rows},
+        )
+        return {"new_batches": len(new), "dataset_version": dv.ref, "skipped": True}
     links = (
         {"MLflow dataset run": tracking.run_url(settings, result.mlflow_run_id)}
         if result.mlflow_run_id
