@@ -65,7 +65,7 @@ def plain_step_times(
     bundle = load_clip(init_dir)
     table = read_split(dv, 0.1, "train")
     pixels = bundle.preprocess_images(table.column("image").to_pylist())
-    tokens = bundle.tokenize([str(c) for c in table.column("caption").to_pylist()])
+    tokens = bundle.tokenize([str(c) for c in table.column("caption").to_pylist()], fixed_length=True)
     model = bundle.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     n = pixels.shape[0]

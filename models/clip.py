@@ -6,7 +6,6 @@ A :class:`ClipBundle` is the model with its tokenizer and image processor. It is
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.imageproc import normalize, resize_center_crop
 from models.recipes import ClipRecipe, clip_config, load_recipe
 from models.tokenizer import train_tokenizer
 from vlforge.errors import ModelNotFoundError
@@ -44,11 +44,6 @@ def _crop_size(processor) -> int:
     return int(get("height") or get("shortest_edge"))
 
 
-def decode_image(data: bytes | Image.Image) -> Image.Image:
-    img = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-    return img.convert("RGB")
-
-
 @dataclass
 class ClipBundle:
     model: torch.nn.Module  # transformers.CLIPModel
@@ -65,28 +60,32 @@ class ClipBundle:
 
     def preprocess_image(self, image: bytes | Image.Image) -> np.ndarray:
         """Resize the shortest edge, centre-crop and normalise: float32 array of shape [3, S, S]."""
-        size = self.image_size
-        img = decode_image(image)
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        arr = np.asarray(img, dtype=np.float32) / 255.0  # [S, S, 3]
-        mean = np.asarray(self.image_processor.image_mean, dtype=np.float32)
-        std = np.asarray(self.image_processor.image_std, dtype=np.float32)
-        return ((arr - mean) / std).transpose(2, 0, 1)
+        proc = self.image_processor
+        return normalize(resize_center_crop(image, self.image_size), proc.image_mean, proc.image_std)
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, S, S, 3] (from :func:`models.imageproc.resize_center_crop`) -> float32 [B, 3, S, S],
+        computed on the tensor's device."""
+        proc = self.image_processor
+        mean = torch.tensor(proc.image_mean, dtype=torch.float32, device=pixels.device)
+        std = torch.tensor(proc.image_std, dtype=torch.float32, device=pixels.device)
+        x = pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+        return x.permute(0, 3, 1, 2).contiguous()
 
     def preprocess_images(self, images: Sequence[bytes | Image.Image]) -> torch.Tensor:
         """[B, 3, S, S] float32 pixel values."""
         return torch.from_numpy(np.stack([self.preprocess_image(i) for i in images]))
 
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``input_ids`` and ``attention_mask`` of shape [B, L], padded to the model's context length."""
+    def tokenize(self, texts: Sequence[str], fixed_length: bool = False) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` of shape [B, L], truncated to the model's context length.
+
+        Padded to the longest text of the batch (the text tower is causal and pools at EOS, so padding
+        further changes nothing but the cost), or to the full context length with ``fixed_length`` (fixed
+        tensor shapes, as Ray Data training columns need).
+        """
         enc = self.tokenizer(
             list(texts),
-            padding="max_length",
+            padding="max_length" if fixed_length else "longest",
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",
@@ -121,6 +120,33 @@ class ClipBundle:
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
         return path
+
+
+QUICK_GELU_SCALE = 1.702
+
+
+def fold_quick_gelu(model: torch.nn.Module) -> int:
+    """Inference-only rewrite of every ``quick_gelu`` MLP (CLIP's activation) into one fused SiLU pass.
+
+    ``fc2(h * sigmoid(1.702 h))`` with ``h = fc1(x)`` equals ``fc2'(silu(fc1'(x)))`` where ``fc1'`` is ``fc1``
+    scaled by 1.702 and ``fc2'`` has its weight divided by 1.702: the same function, but one elementwise pass
+    over the [tokens, 4 x width] activations instead of three (~8 % of a ViT-B/32 forward on a CPU). The
+    folded model must not be saved: its config still says ``quick_gelu``. Returns the number of MLPs folded;
+    a second call folds nothing.
+    """
+    folded = 0
+    for module in model.modules():
+        act = getattr(module, "activation_fn", None)
+        if type(act).__name__ != "QuickGELUActivation" or not hasattr(module, "fc1"):
+            continue
+        with torch.no_grad():
+            module.fc1.weight.mul_(QUICK_GELU_SCALE)
+            if module.fc1.bias is not None:
+                module.fc1.bias.mul_(QUICK_GELU_SCALE)
+            module.fc2.weight.div_(QUICK_GELU_SCALE)
+        module.activation_fn = torch.nn.SiLU(inplace=True)
+        folded += 1
+    return folded
 
 
 def build_clip(recipe: str | ClipRecipe = "clip-tiny", captions: Sequence[str] | None = None, seed: int = 0):
@@ -198,3 +224,30 @@ def clip_loss(
     logits = scale * image_embeds @ text_embeds.t()  # [B, B]
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def gather_embeddings(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows of ``x`` [B, D] concatenated in rank order [W x B, D]; gradients flow through this rank's
+    own rows only (open_clip's default ``gather_with_grad=False``). Every rank must pass the same B.
+    Without an initialised process group (one worker), ``x`` itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, dim=0)
+
+
+def global_clip_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch: every worker's embeddings are the negatives of every other's.
+
+    Each rank computes the loss of the whole gathered batch with gradients through its own rows, so the
+    gradients DDP averages are those of the global-batch loss (scaled by 1/world size) and the number of
+    negatives grows with the number of workers, as in CLIP and open_clip. Equals :func:`clip_loss` on one
+    worker.
+    """
+    return clip_loss(gather_embeddings(image_embeds), gather_embeddings(text_embeds), logit_scale)

@@ -86,7 +86,7 @@ def preprocess_batch(
             "attention_mask": empty_ids.copy(),
         }
     pixels = np.stack([bundle.preprocess_image(b) for b in images])  # [B, 3, S, S]
-    tokens = bundle.tokenize(captions)
+    tokens = bundle.tokenize(captions, fixed_length=True)
     return {
         "pixel_values": np.ascontiguousarray(pixels, dtype=np.float32),
         "input_ids": tokens["input_ids"].numpy().astype(np.int64),

@@ -32,8 +32,29 @@ def init_ray(settings: Settings, num_cpus: int | None = None):
     else:
         # Logical CPUs may exceed the cores: Ray Data tasks and Train workers share a small machine.
         cpus = num_cpus or max(4, os.cpu_count() or 1)
+        global _local_cores
+        _local_cores = os.cpu_count() or 1
         ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
     return ray
+
+
+_local_cores: int | None = (
+    None  # set when this process started a local Ray (its logical CPUs may exceed them)
+)
+
+
+def cluster_logical_cpus() -> float:
+    """Ray's logical CPUs in the connected cluster (what scheduling counts)."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
+def cluster_cpus() -> int:
+    """Cores to plan compute for: the cluster's CPUs, or this machine's cores when Ray was started locally
+    here (whose logical CPUs are raised so that Ray Data tasks and Train workers can share a small machine)."""
+    logical = int(cluster_logical_cpus())
+    return max(1, min(logical, _local_cores) if _local_cores else logical)
 
 
 def cluster_gpus() -> int:

@@ -70,3 +70,53 @@ def test_missing_model_errors_name_what_was_tried(tmp_path):
         load_clip(str(tmp_path / "nothing-here"))
     with pytest.raises(ModelNotFoundError, match="Hugging Face id"):
         load_clip("nobody/no-such-clip")
+
+
+def test_folded_quick_gelu_scores_like_the_original():
+    from models.clip import fold_quick_gelu
+
+    pairs = make_pairs(8, seed=5)
+    bundle = build_clip("clip-tiny", [p.caption for p in pairs])
+    bundle.model.eval()
+    images, texts = [p.image for p in pairs], [p.caption for p in pairs]
+    with torch.no_grad():
+        img_before = bundle.embed_images(bundle.preprocess_images(images))
+        txt_before = bundle.embed_texts(**bundle.tokenize(texts))
+    cfg = bundle.model.config
+    layers = cfg.vision_config.num_hidden_layers + cfg.text_config.num_hidden_layers
+    assert fold_quick_gelu(bundle.model) == layers
+    assert fold_quick_gelu(bundle.model) == 0  # idempotent: nothing left to fold
+    with torch.no_grad():
+        img_after = bundle.embed_images(bundle.preprocess_images(images))
+        txt_after = bundle.embed_texts(**bundle.tokenize(texts))
+    torch.testing.assert_close(img_after, img_before, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(txt_after, txt_before, atol=1e-5, rtol=1e-4)
+
+
+def test_padding_to_the_longest_caption_embeds_like_full_context_padding():
+    pairs = make_pairs(8, seed=6)
+    bundle = build_clip("clip-tiny", [p.caption for p in pairs])
+    bundle.model.eval()
+    texts = [p.caption for p in pairs] + ["a"]  # one much shorter than the rest
+    short, full = bundle.tokenize(texts), bundle.tokenize(texts, fixed_length=True)
+    assert full["input_ids"].shape == (len(texts), bundle.max_length)
+    assert short["input_ids"].shape[1] == int(full["attention_mask"].sum(1).max()) < bundle.max_length
+    with torch.no_grad():
+        torch.testing.assert_close(
+            bundle.embed_texts(**short), bundle.embed_texts(**full), atol=1e-5, rtol=1e-4
+        )
+
+
+def test_uint8_pixels_normalised_on_device_match_the_float_preprocessing():
+    import numpy as np
+
+    from models.imageproc import resize_center_crop
+
+    pairs = make_pairs(3, seed=7, size=48)
+    bundle = build_clip("clip-tiny", [p.caption for p in pairs])
+    raw = np.stack([resize_center_crop(p.image, bundle.image_size) for p in pairs])
+    assert raw.dtype == np.uint8 and raw.shape == (3, bundle.image_size, bundle.image_size, 3)
+    on_device = bundle.normalize_pixels(torch.from_numpy(raw))
+    torch.testing.assert_close(
+        on_device, bundle.preprocess_images([p.image for p in pairs]), atol=1e-5, rtol=1e-5
+    )

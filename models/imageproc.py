@@ -1,0 +1,38 @@
+"""Image preprocessing for CLIP without torch: decode, resize the shortest edge, centre-crop, normalise.
+
+Kept torch-free so Ray Data decode tasks start fast (no torch/transformers import) and ship ``uint8`` pixels
+(4x smaller than float32) to the scorer, which normalises them on its own device.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def decode_image(data: bytes | Image.Image) -> Image.Image:
+    img = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+    return img.convert("RGB")
+
+
+def resize_center_crop(image: bytes | Image.Image, size: int) -> np.ndarray:
+    """Decode, resize the shortest edge to ``size`` (bicubic) and centre-crop: uint8 array [S, S, 3]."""
+    img = decode_image(image)
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 [..., S, S, 3] -> float32 [..., 3, S, S]: scaled to [0, 1], then (x - mean) / std per channel."""
+    scale = 1.0 / (255.0 * np.asarray(std, dtype=np.float32))
+    shift = np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
+    arr = pixels.astype(np.float32) * scale - shift
+    return np.moveaxis(arr, -1, -3)
