@@ -1,6 +1,7 @@
 """The Ray Train loop shared by pretraining and LoRA fine-tuning (runs on every worker).
 
-Contrastive training with the symmetric InfoNCE loss and the learnable temperature, AdamW with a cosine
+Contrastive training with the symmetric InfoNCE loss over the global batch (embeddings all-gathered across
+workers, as CLIP does) and the learnable temperature, AdamW with a cosine
 schedule and linear warmup, gradient accumulation, bf16 autocast on GPU, optional gradient checkpointing.
 Rank 0 logs to the MLflow run the driver created (its id is in the config) and writes the checkpoints:
 ``model/`` (pretrain: the save_pretrained bundle) or ``adapter/`` (LoRA), plus ``train_state.pt``
@@ -145,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from models.clip import clip_loss
+    from models.clip import global_clip_loss
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -176,7 +177,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logger = _MlflowLogger(config, rank)
     try:
         _run_epochs(
-            config, bundle, module, optimizer, scheduler, step, total, device, use_gpu, logger, clip_loss
+            config,
+            bundle,
+            module,
+            optimizer,
+            scheduler,
+            step,
+            total,
+            device,
+            use_gpu,
+            logger,
+            global_clip_loss,
         )
     finally:
         logger.close()

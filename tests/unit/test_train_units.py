@@ -96,3 +96,54 @@ def test_unknown_lora_target_is_a_clear_error():
     bundle = build_clip("clip-tiny", ["a red circle"])
     with pytest.raises(VlforgeError, match="q_proj"):
         check_targets(bundle.model, ["query"])
+
+
+def _global_loss_rank(rank: int, world: int, store_path: str, img, txt, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from models.clip import global_clip_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        b = img.shape[0] // world
+        mine_img = img[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+        mine_txt = txt[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+        loss = global_clip_loss(mine_img, mine_txt, torch.tensor(2.0))
+        loss.backward()
+        torch.save(
+            {"loss": loss.detach(), "img": mine_img.grad, "txt": mine_txt.grad}, f"{out_dir}/{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_loss_on_two_gloo_workers_equals_the_loss_of_the_whole_batch(tmp_path):
+    """Each worker's embeddings are negatives for the other's: the value is the whole-batch loss, and each
+    worker's gradient is the whole-batch gradient of its own rows."""
+    import torch.multiprocessing as mp
+
+    from models.clip import clip_loss, global_clip_loss
+
+    torch.manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    txt = torch.nn.functional.normalize(img + 0.5 * torch.randn(8, 16), dim=-1)
+    full_img, full_txt = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+    full = clip_loss(full_img, full_txt, torch.tensor(2.0))
+    full.backward()
+    local_only = clip_loss(img[:4], txt[:4], torch.tensor(2.0))  # what a per-worker loss would see
+
+    mp.spawn(
+        _global_loss_rank,
+        args=(2, str(tmp_path / "store"), img, txt, str(tmp_path)),
+        nprocs=2,
+        join=True,
+    )
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        torch.testing.assert_close(got["loss"], full.detach())
+        torch.testing.assert_close(got["img"], full_img.grad[rank * 4 : (rank + 1) * 4])
+        torch.testing.assert_close(got["txt"], full_txt.grad[rank * 4 : (rank + 1) * 4])
+    assert not torch.isclose(local_only, full.detach())  # the gathered negatives change the loss
+    # One worker, no process group: the plain loss.
+    torch.testing.assert_close(global_clip_loss(img, txt, torch.tensor(2.0)), full.detach())
