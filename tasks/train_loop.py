@@ -221,6 +221,9 @@ def _run_epochs(
             batch_size=int(config["batch_size"]),
             drop_last=True,
             device=device,
+            # Batches ready ahead of the step: the shard's blocks arrive from the dataset's split coordinator,
+            # and a step should never wait on that hand-off.
+            prefetch_batches=int(config.get("prefetch_batches", 4)),
         )
         t0, seen, micro = time.perf_counter(), 0, 0
         for i, batch in enumerate(batches):

@@ -49,3 +49,26 @@ def test_finetune_lora_on_the_champion_registers_a_merged_lora_champion(settings
     ).stdout
     good, bad = map(float, out.split("SCORES", 1)[1].split())
     assert good > bad + 0.1
+
+
+def test_lora_worker_killed_restarts_from_its_adapter_checkpoint(settings, ray_local, tmp_path):
+    """Two LoRA workers (DDP over peft, global-batch loss); one dies: the group restarts from the adapter
+    checkpoint, in the same MLflow run."""
+    from models.clip import build_clip
+    from vlforge.tracking import EXPERIMENTS
+
+    _, pairs = publish_synthetic_dataset(settings, "seed", n=96, seed=3)
+    base = build_clip("clip-tiny", [p.caption for p in pairs]).save(str(tmp_path / "base"))
+    marker = tmp_path / "killed"
+    result = finetune(
+        "seed", settings, base=base, num_workers=2, epochs=2, batch_size=16, lora_r=4, warmup_steps=2,
+        checkpoint_every=2, register=False, log_every=2, fail_once={"rank": 1, "step": 3, "marker": str(marker)},
+    )  # fmt: skip
+    assert marker.read_text().startswith("rank 1 exited at step 3")
+    client = configure(settings)
+    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENTS["finetune"]).experiment_id])
+    assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
+    # Steps 1-3 ran before the kill; the restart resumed from the step-2 adapter checkpoint.
+    assert max(steps) == int(run.data.params["total_steps"]) and steps.count(3) == 2 and steps.count(1) == 1
+    assert "eval_mean_recall" in result.metrics
