@@ -180,6 +180,13 @@ def test_pipeline_runs_on_the_native_stack(tmp_path, monkeypatch, ray_temp_dir):
                 assert tracking.TAG_FLOW_RUN in run_info.data.tags
             assert s3_keys(s3, "mlartifacts/"), "no MLflow artifact reached S3"
 
+            # Ray Train wrote its checkpoints to the storage root on S3: pretrain's model and LoRA's adapter,
+            # each with the optimizer state.
+            ckpts = [k for k in s3_keys(s3, "vlforge/ray_results/") if "/checkpoint_" in k]
+            assert any(k.endswith("/train_state.pt") for k in ckpts), ckpts[:10]
+            assert any(k.endswith("/model/model.safetensors") for k in ckpts), ckpts[:10]
+            assert any("/adapter/" in k for k in ckpts), ckpts[:10]
+
             # The flow run is recorded by the Prefect server.
             assert_pipeline_completed(prefect_api)
 
