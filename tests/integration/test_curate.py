@@ -175,3 +175,19 @@ def test_two_concurrent_curations_publish_two_complete_versions(settings):
     assert resolve_dataset(settings, "shared").version == made[-1]
     latest = storage.read_text(storage.join(settings.storage_uri, "datasets", "shared", "LATEST")).strip()
     assert latest == made[-1]
+
+
+def test_cpu_scorer_plan_uses_every_core_and_leaves_room_for_decoding(ray_local):
+    """Without GPUs: one single-threaded actor per core, and the actors never take every logical CPU (the decode
+    tasks would pend forever)."""
+    from tasks.scoring import MAX_CPU_SCORERS, scorer_plan
+
+    cores = os.cpu_count() or 1
+    logical = ray_local.cluster_resources()["CPU"]
+    plan = scorer_plan()
+    assert plan.gpus_per_actor == 0 and plan.actors == min(cores, MAX_CPU_SCORERS)
+    assert plan.threads == max(1, cores // plan.actors)  # 1 up to MAX_CPU_SCORERS cores
+    assert plan.actors * plan.cpus_per_actor + plan.decode_cpus <= logical
+    assert plan.decode_tasks == max(1, plan.actors // 4)
+    one = scorer_plan(num_scorers=1)  # one actor gets all the cores as threads
+    assert one.actors == 1 and one.threads == cores and one.cpus_per_actor + one.decode_cpus <= logical
