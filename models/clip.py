@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.imageproc import normalize, resize_center_crop
+from models.imageproc import resize_center_crop
 from models.recipes import ClipRecipe, clip_config, load_recipe
 from models.tokenizer import train_tokenizer
 from vlforge.errors import ModelNotFoundError
@@ -58,14 +58,9 @@ class ClipBundle:
     def max_length(self) -> int:
         return int(self.model.config.text_config.max_position_embeddings)
 
-    def preprocess_image(self, image: bytes | Image.Image) -> np.ndarray:
-        """Resize the shortest edge, centre-crop and normalise: float32 array of shape [3, S, S]."""
-        proc = self.image_processor
-        return normalize(resize_center_crop(image, self.image_size), proc.image_mean, proc.image_std)
-
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, S, S, 3] (from :func:`models.imageproc.resize_center_crop`) -> float32 [B, 3, S, S],
-        computed on the tensor's device."""
+        scaled to [0, 1] then (x - mean) / std per channel, computed on the tensor's device."""
         proc = self.image_processor
         mean = torch.tensor(proc.image_mean, dtype=torch.float32, device=pixels.device)
         std = torch.tensor(proc.image_std, dtype=torch.float32, device=pixels.device)
@@ -73,8 +68,11 @@ class ClipBundle:
         return x.permute(0, 3, 1, 2).contiguous()
 
     def preprocess_images(self, images: Sequence[bytes | Image.Image]) -> torch.Tensor:
-        """[B, 3, S, S] float32 pixel values."""
-        return torch.from_numpy(np.stack([self.preprocess_image(i) for i in images]))
+        """Resize the shortest edge, centre-crop and normalise: [B, 3, S, S] float32 pixel values."""
+        size = self.image_size
+        return self.normalize_pixels(
+            torch.from_numpy(np.stack([resize_center_crop(i, size) for i in images]))
+        )
 
     def tokenize(self, texts: Sequence[str], fixed_length: bool = False) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` of shape [B, L], truncated to the model's context length.

@@ -1,13 +1,13 @@
-"""Image preprocessing for CLIP without torch: decode, resize the shortest edge, centre-crop, normalise.
+"""Image preprocessing for CLIP without torch: decode, resize the shortest edge, centre-crop.
 
 Kept torch-free so Ray Data decode tasks start fast (no torch/transformers import) and ship ``uint8`` pixels
-(4x smaller than float32) to the scorer, which normalises them on its own device.
+(4x smaller than float32) to the scorer, which normalises them on its own device
+(:meth:`models.clip.ClipBundle.normalize_pixels`).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -28,11 +28,3 @@ def resize_center_crop(image: bytes | Image.Image, size: int) -> np.ndarray:
         img = img.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-
-
-def normalize(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 [..., S, S, 3] -> float32 [..., 3, S, S]: scaled to [0, 1], then (x - mean) / std per channel."""
-    scale = 1.0 / (255.0 * np.asarray(std, dtype=np.float32))
-    shift = np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
-    arr = pixels.astype(np.float32) * scale - shift
-    return np.moveaxis(arr, -1, -3)

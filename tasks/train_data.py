@@ -85,7 +85,7 @@ def preprocess_batch(
             "input_ids": empty_ids,
             "attention_mask": empty_ids.copy(),
         }
-    pixels = np.stack([bundle.preprocess_image(b) for b in images])  # [B, 3, S, S]
+    pixels = bundle.preprocess_images(images).numpy()  # [B, 3, S, S]
     tokens = bundle.tokenize(captions, fixed_length=True)
     return {
         "pixel_values": np.ascontiguousarray(pixels, dtype=np.float32),

@@ -107,7 +107,8 @@ def test_padding_to_the_longest_caption_embeds_like_full_context_padding():
         )
 
 
-def test_uint8_pixels_normalised_on_device_match_the_float_preprocessing():
+def test_pixels_are_centre_cropped_uint8_then_normalised_per_channel():
+    """The decode tasks' uint8 crop, normalised by the scorer, is CLIP's (x / 255 - mean) / std, channels first."""
     import numpy as np
 
     from models.imageproc import resize_center_crop
@@ -116,7 +117,10 @@ def test_uint8_pixels_normalised_on_device_match_the_float_preprocessing():
     bundle = build_clip("clip-tiny", [p.caption for p in pairs])
     raw = np.stack([resize_center_crop(p.image, bundle.image_size) for p in pairs])
     assert raw.dtype == np.uint8 and raw.shape == (3, bundle.image_size, bundle.image_size, 3)
-    on_device = bundle.normalize_pixels(torch.from_numpy(raw))
+    mean = np.asarray(bundle.image_processor.image_mean, dtype=np.float32)
+    std = np.asarray(bundle.image_processor.image_std, dtype=np.float32)
+    expected = torch.from_numpy(((raw.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2).copy())
+    torch.testing.assert_close(bundle.normalize_pixels(torch.from_numpy(raw)), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        on_device, bundle.preprocess_images([p.image for p in pairs]), atol=1e-5, rtol=1e-5
+        bundle.preprocess_images([p.image for p in pairs]), expected, atol=1e-5, rtol=1e-5
     )
