@@ -146,8 +146,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from models.clip import global_clip_loss
-
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
@@ -176,19 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     logger = _MlflowLogger(config, rank)
     try:
-        _run_epochs(
-            config,
-            bundle,
-            module,
-            optimizer,
-            scheduler,
-            step,
-            total,
-            device,
-            use_gpu,
-            logger,
-            global_clip_loss,
-        )
+        _run_epochs(config, bundle, module, optimizer, scheduler, step, total, device, use_gpu, logger)
     finally:
         logger.close()
 
@@ -201,10 +187,10 @@ class _nullpath:
         return False
 
 
-def _run_epochs(
-    config, bundle, module, optimizer, scheduler, step, total, device, use_gpu, logger, clip_loss
-):
+def _run_epochs(config, bundle, module, optimizer, scheduler, step, total, device, use_gpu, logger):
     import ray.train
+
+    from models.clip import global_clip_loss
 
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
@@ -235,7 +221,7 @@ def _run_epochs(
                     attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"],
                 )
-                loss = clip_loss(out.image_embeds.float(), out.text_embeds.float(), clip.logit_scale)
+                loss = global_clip_loss(out.image_embeds.float(), out.text_embeds.float(), clip.logit_scale)
             (loss / accum).backward()
             micro += 1
             seen += batch["input_ids"].shape[0]

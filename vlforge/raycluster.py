@@ -7,6 +7,9 @@ import os
 
 from vlforge.settings import Settings
 
+# This machine's cores, set when this process started a local Ray (whose logical CPUs may exceed them).
+_local_cores: int | None = None
+
 
 def init_ray(settings: Settings, num_cpus: int | None = None):
     """``ray.init`` against ``settings.ray_address`` (or ``RAY_ADDRESS``), or a local Ray if unset."""
@@ -36,11 +39,6 @@ def init_ray(settings: Settings, num_cpus: int | None = None):
         _local_cores = os.cpu_count() or 1
         ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
     return ray
-
-
-_local_cores: int | None = (
-    None  # set when this process started a local Ray (its logical CPUs may exceed them)
-)
 
 
 def cluster_logical_cpus() -> float:
