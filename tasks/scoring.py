@@ -1,9 +1,10 @@
 """CLIP scoring of raw shards on Ray Data, with a per-shard score cache.
 
 Pipeline (streaming, so decoding overlaps inference):
-``read_parquet`` -> ``repartition`` into batch-sized blocks -> ``map_batches(preprocess_batch)`` (parallel
-tasks: decode + resize + normalise) -> ``map_batches(ClipScorer)`` (an actor pool holding the model: one actor
-per GPU when the cluster has GPUs, CPU actors otherwise) -> the driver groups results by shard and writes
+``read_parquet`` -> ``repartition`` into batch-sized blocks -> ``map_batches(preprocess_batch)`` (torch-free
+tasks: decode, resize, centre-crop to uint8) -> ``map_batches(ClipScorer)`` (an actor pool holding the model,
+sized by :func:`scorer_plan`: one actor per GPU, else one single-threaded actor per core; it normalises the
+pixels and embeds) -> the driver groups results by shard and writes
 
     scores/<source>/<scorer-key>/<batch>/<shard>.parquet   (key, clip_score, decode_ok, img_emb, text_emb)
 
