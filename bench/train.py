@@ -4,9 +4,11 @@ Both train the same CLIP recipe (a mid-size variant of clip-tiny by default) fro
 on the same preprocessed synthetic pairs. Ray's step times come from the per-step MLflow timestamps of a
 real ``pretrain`` run after its warm-up steps, so Ray start-up, data materialisation and evaluation are
 excluded; the plain loop's figure is timed over the same steps and, like the Ray loop, it writes a checkpoint
-(save_pretrained + optimizer state) at each epoch's end. Writes bench/results/train.json.
+(save_pretrained + optimizer state) at each epoch's end. The runs alternate, plain, Ray, plain, ..., Ray,
+plain (``--rounds`` Ray runs), and ``ratio`` pools every timed step of each side. Writes
+bench/results/train.json.
 
-    python bench/train.py [--pairs 1024] [--batch-size 32] [--epochs 6] [--width 128] [--layers 4]
+    python bench/train.py [--pairs 1024] [--batch-size 32] [--epochs 6] [--width 128] [--layers 4] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--skip", type=float, default=0.2, help="share of steps treated as warm-up")
+    ap.add_argument("--rounds", type=int, default=3, help="Ray runs, each between two plain-loop runs")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -114,6 +117,7 @@ def main() -> None:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from tasks.pretrain import pretrain
     from tests.helpers import publish_synthetic_dataset
+    from vlforge.raycluster import init_ray
     from vlforge.settings import get_settings
 
     settings = get_settings()
@@ -122,33 +126,51 @@ def main() -> None:
     lr = 1e-3
     from models.clip import build_clip
 
-    # The plain loop runs before and after the Ray run (other tenants' load drifts); same architecture.
+    # Rounds alternate the plain loop and a Ray run (plain, Ray, plain, Ray, ..., plain): on a shared machine
+    # other tenants' load drifts over minutes, and a single Ray window against a single plain window measured
+    # anywhere between 0.72 and 0.92 with the same code. Every Ray run is a new training (new name).
+    # Ray is up before the first plain run, so every plain run shares the driver with Ray's idle threads.
+    init_ray(settings)
     init_dir = os.path.join(tmp, "init")
     build_clip(recipe, ["a photo of a red circle"]).save(init_dir)
     steps_guess = (int(args.pairs * 0.9) // args.batch_size) * args.epochs
-    plain = plain_step_times(init_dir, dv, steps_guess, args.batch_size, lr, args.skip)
-    t0 = time.perf_counter()
-    result = pretrain("bench", settings, recipe=recipe, epochs=args.epochs, batch_size=args.batch_size, lr=lr,
-                      register=False, log_every=50, checkpoint_every=10**9, name="bench")  # fmt: skip
-    wall = time.perf_counter() - t0
-    ray_times = ray_step_times(settings, result.run_id, args.skip)
-    init_dir = os.path.join(settings.storage_uri, "ray_results", "bench", "init")
-    plain += plain_step_times(init_dir, dv, steps_guess, args.batch_size, lr, args.skip)
+    plain = [plain_step_times(init_dir, dv, steps_guess, args.batch_size, lr, args.skip)]
+    ray_runs, walls = [], []
+    for r in range(args.rounds):
+        t0 = time.perf_counter()
+        result = pretrain("bench", settings, recipe=recipe, epochs=args.epochs, batch_size=args.batch_size,
+                          lr=lr, register=False, log_every=50, checkpoint_every=10**9, name=f"bench-{r}")  # fmt: skip
+        walls.append(time.perf_counter() - t0)
+        ray_runs.append(ray_step_times(settings, result.run_id, args.skip))
+        init_dir = os.path.join(settings.storage_uri, "ray_results", f"bench-{r}", "init")
+        plain.append(plain_step_times(init_dir, dv, steps_guess, args.batch_size, lr, args.skip))
+    ray_times = [t for run in ray_runs for t in run]
+    plain_times = [t for run in plain for t in run]
     ray_mean, ray_median = rates(ray_times, args.batch_size)
-    plain_mean, plain_median = rates(plain, args.batch_size)
+    plain_mean, plain_median = rates(plain_times, args.batch_size)
+    # Each Ray run against the mean of the plain runs just before and after it.
+    per_round = [
+        round(rates(ray_runs[r], args.batch_size)[0]
+              / ((rates(plain[r], args.batch_size)[0] + rates(plain[r + 1], args.batch_size)[0]) / 2), 3)
+        for r in range(args.rounds)
+    ]  # fmt: skip
     out = {
-        # Throughput over every timed step (the mean step: checkpoints and epoch restarts included).
+        # Throughput over every timed step of all rounds (the mean step: checkpoints and epoch restarts included).
         "samples_per_s": round(ray_mean, 2),
         "plain_samples_per_s": round(plain_mean, 2),
         "ratio": round(ray_mean / plain_mean, 3),
+        "ratio_per_round": per_round,
+        "plain_samples_per_s_per_run": [round(rates(p, args.batch_size)[0], 1) for p in plain],
+        "ray_samples_per_s_per_run": [round(rates(r, args.batch_size)[0], 1) for r in ray_runs],
         # The median step ignores other tenants' bursts (and each epoch's checkpoint and restart).
         "samples_per_s_median": round(ray_median, 2),
         "plain_samples_per_s_median": round(plain_median, 2),
         "ratio_median": round(ray_median / plain_median, 3),
-        "steps": len(ray_times) + 1,
+        "rounds": args.rounds,
+        "steps_per_run": len(ray_runs[0]) + 1,
         "batch_size": args.batch_size,
         "recipe": {"width": args.width, "layers": args.layers, "image_size": 32, "patch_size": 8},
-        "pretrain_wall_s": round(wall, 1),
+        "pretrain_wall_s": [round(w, 1) for w in walls],
         "num_workers": 1,
         "device": "cpu",
         "cpus": os.cpu_count(),
