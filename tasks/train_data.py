@@ -120,9 +120,14 @@ def train_dataset(
     # Per-epoch shuffling here rather than iter_torch_batches' local shuffle buffer, which re-concatenates
     # tensor columns on the training process for every batch (it made each step ~3x slower on CPU).
     ds = ds.randomize_block_order(seed=None)
-    return ds.map_batches(
+    ds = ds.map_batches(
         augment_batch, batch_format="numpy", batch_size=256, fn_kwargs={"seed": seed, "flip": augment}
     )
+    # No Ray Data progress bars for the per-epoch passes: the training reports its own progress, and a worker
+    # redrawing bars every epoch only fills the log (the decode pass above has shown its bar already). This
+    # context belongs to the dataset (and its materialised parent), not to the driver: its DataContext keeps bars.
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def augment_batch(batch: dict[str, np.ndarray], *, seed: int = 0, flip: bool = True) -> dict[str, np.ndarray]:

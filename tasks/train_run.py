@@ -123,7 +123,7 @@ def fit(
     max_failures: int,
 ):
     """Run the TorchTrainer; returns Ray's Result (with the last checkpoint)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tasks.train_loop import train_loop_per_worker
@@ -142,6 +142,9 @@ def fit(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
+        # One worker has nothing to split: it iterates the dataset itself. A split would add a coordinator
+        # actor that hands the blocks over (measured at ~6 % of a core, taken from training on a small machine).
+        dataset_config=DataConfig(datasets_to_split="all" if num_workers > 1 else []),
     )
     return trainer.fit()
 
