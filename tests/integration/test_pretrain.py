@@ -72,6 +72,24 @@ DRIVER = textwrap.dedent(
 )
 
 
+def test_local_ray_runs_train_workers_and_tasks_at_normal_priority(ray_local):
+    """Ray's default worker niceness (15) lets every normal-priority process preempt training; a Ray that
+    vlforge starts locally runs its workers at 0, like the driver."""
+
+    @ray_local.remote(num_cpus=1)
+    class Worker:
+        def niceness(self) -> int:
+            return os.nice(0)
+
+    @ray_local.remote
+    def task_niceness() -> int:
+        return os.nice(0)
+
+    assert os.nice(0) == 0
+    assert ray_local.get(Worker.remote().niceness.remote()) == 0
+    assert ray_local.get(task_niceness.remote()) == 0
+
+
 def test_driver_killed_then_same_name_resumes_from_checkpoint(settings, ray_local):
     publish_synthetic_dataset(settings, "seed", n=64, seed=3)
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
