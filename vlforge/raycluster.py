@@ -36,8 +36,8 @@ def init_ray(settings: Settings, num_cpus: int | None = None):
         # Ray starts its worker processes (Train workers, scorer actors, Ray Data tasks) at niceness 15 so a
         # shared node's daemons stay responsive. On a machine where Ray is started for vlforge alone that
         # work is the point: at 15 every process at normal priority (Ray's own GCS, raylet and log monitor
-        # among them) preempts it, which on 2 cores cost a one-worker training ~5-30 % of its throughput
-        # from run to run (BENCHMARKS.md). RAY_worker_niceness set in the environment still wins.
+        # among them) preempts it, and a plain loop it is compared with runs at 0 (BENCHMARKS.md, Train).
+        # RAY_worker_niceness set in the environment still wins.
         os.environ.setdefault("RAY_worker_niceness", "0")
         # Logical CPUs may exceed the cores: Ray Data tasks and Train workers share a small machine.
         cpus = num_cpus or max(4, os.cpu_count() or 1)
