@@ -128,7 +128,7 @@ def main() -> None:
 
     # Rounds alternate the plain loop and a Ray run (plain, Ray, plain, Ray, ..., plain): on a shared machine
     # other tenants' load drifts over minutes, and a single Ray window against a single plain window measured
-    # anywhere between 0.72 and 0.92 with the same code. Every Ray run is a new training (new name).
+    # 0.77 and then 0.92 with the same code. Every Ray run is a new training (new name).
     # Ray is up before the first plain run, so every plain run shares the driver with Ray's idle threads.
     init_ray(settings)
     init_dir = os.path.join(tmp, "init")
@@ -148,20 +148,20 @@ def main() -> None:
     plain_times = [t for run in plain for t in run]
     ray_mean, ray_median = rates(ray_times, args.batch_size)
     plain_mean, plain_median = rates(plain_times, args.batch_size)
+    plain_rates = [rates(p, args.batch_size)[0] for p in plain]
+    ray_rates = [rates(r, args.batch_size)[0] for r in ray_runs]
     # Each Ray run against the mean of the plain runs just before and after it.
     per_round = [
-        round(rates(ray_runs[r], args.batch_size)[0]
-              / ((rates(plain[r], args.batch_size)[0] + rates(plain[r + 1], args.batch_size)[0]) / 2), 3)
-        for r in range(args.rounds)
-    ]  # fmt: skip
+        round(ray_rates[r] / ((plain_rates[r] + plain_rates[r + 1]) / 2), 3) for r in range(args.rounds)
+    ]
     out = {
         # Throughput over every timed step of all rounds (the mean step: checkpoints and epoch restarts included).
         "samples_per_s": round(ray_mean, 2),
         "plain_samples_per_s": round(plain_mean, 2),
         "ratio": round(ray_mean / plain_mean, 3),
         "ratio_per_round": per_round,
-        "plain_samples_per_s_per_run": [round(rates(p, args.batch_size)[0], 1) for p in plain],
-        "ray_samples_per_s_per_run": [round(rates(r, args.batch_size)[0], 1) for r in ray_runs],
+        "plain_samples_per_s_per_run": [round(r, 1) for r in plain_rates],
+        "ray_samples_per_s_per_run": [round(r, 1) for r in ray_rates],
         # The median step ignores other tenants' bursts (and each epoch's checkpoint and restart).
         "samples_per_s_median": round(ray_median, 2),
         "plain_samples_per_s_median": round(plain_median, 2),
