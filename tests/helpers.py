@@ -79,3 +79,49 @@ def write_raw_batch(
         )
     storage.write_text_atomic(storage.join(uri, "_SUCCESS"), "")
     return uri
+
+
+class RayProcessWatcher:
+    """Records the Ray worker processes that appear while the ``with`` block runs, by their process title
+    (``ray::SplitCoordinator``, ``ray::RayTrainWorker.run``, ...): which actors a run really started. A process
+    that already had its title before the block (a previous test's actor still exiting) does not count."""
+
+    def __init__(self, interval_s: float = 0.2):
+        import threading
+
+        self.interval_s = interval_s
+        self.seen: set[str] = set()
+        self._before: set[tuple[str, str]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    @staticmethod
+    def _titles() -> set[tuple[str, str]]:
+        """(pid, actor or task name) of every Ray worker process now."""
+        import os
+
+        titles = set()
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    cmd = fh.read().split(b"\0")[0].decode(errors="replace")
+            except (OSError, ValueError):
+                continue  # not a process, or it exited
+            name = cmd[len("ray::") :].split(".")[0].strip() if cmd.startswith("ray::") else ""
+            if name:
+                titles.add((pid, name.split()[0]))
+        return titles
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.seen |= {name for _, name in self._titles() - self._before}
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RayProcessWatcher:
+        self._before = self._titles()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 
 from tasks.pretrain import pretrain
-from tests.helpers import publish_synthetic_dataset
+from tests.helpers import RayProcessWatcher, publish_synthetic_dataset
 from vlforge.tracking import EXPERIMENTS, configure
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -30,7 +30,10 @@ def _runs(settings, stage="pretrain"):
 
 def test_two_worker_cpu_pretrain_logs_one_run_and_registers_champion(settings, ray_local):
     dv, _ = publish_synthetic_dataset(settings, "seed", n=96, seed=1)
-    result = pretrain("seed", settings, num_workers=2, **FAST)
+    with RayProcessWatcher() as ray_processes:
+        result = pretrain("seed", settings, num_workers=2, **FAST)
+    # Two workers read disjoint shards, which Ray Data's split coordinator hands out.
+    assert {"RayTrainWorker", "SplitCoordinator"} <= ray_processes.seen, sorted(ray_processes.seen)
 
     (run,) = _runs(settings)
     assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
@@ -107,9 +110,13 @@ def test_driver_killed_then_same_name_resumes_from_checkpoint(settings, ray_loca
     (killed,) = _runs(settings)
     assert killed.info.status == "RUNNING"
 
-    result = pretrain(
-        "seed", settings, name="resume-me", epochs=10, batch_size=16, register=False, log_every=2
-    )
+    with RayProcessWatcher() as ray_processes:
+        result = pretrain(
+            "seed", settings, name="resume-me", epochs=10, batch_size=16, register=False, log_every=2
+        )
+    # One worker iterates the dataset itself: no split coordinator process beside the training.
+    assert "RayTrainWorker" in ray_processes.seen, sorted(ray_processes.seen)
+    assert "SplitCoordinator" not in ray_processes.seen, sorted(ray_processes.seen)
     assert result.resumed and result.run_id == killed.info.run_id
     (run,) = _runs(settings)
     assert run.info.status == "FINISHED"
