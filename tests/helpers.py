@@ -83,8 +83,9 @@ def write_raw_batch(
 
 class RayProcessWatcher:
     """Records the Ray worker processes that appear while the ``with`` block runs, by their process title
-    (``ray::SplitCoordinator``, ``ray::RayTrainWorker.run``, ...): which actors a run really started. A process
-    that already had its title before the block (a previous test's actor still exiting) does not count."""
+    (``ray::SplitCoordinator``, ``ray::RayTrainWorker.run``, ...): which actors a run really started. Linux only
+    (reads /proc). A process that already had its title before the block does not count: an earlier test's actor
+    can outlive its training for a moment (the one-worker check failed after a two-worker test without this)."""
 
     def __init__(self, interval_s: float = 0.2):
         import threading
