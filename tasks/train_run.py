@@ -9,7 +9,9 @@ the loop logs into the same MLflow run.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,7 +148,17 @@ def fit(
         # actor that hands the blocks over (measured at ~6 % of a core, taken from training on a small machine).
         dataset_config=DataConfig(datasets_to_split="all" if num_workers > 1 else []),
     )
-    return trainer.fit()
+    # fit() installs a SIGINT handler that holds the controller actor's handle and is never removed: after
+    # training it kept the controller, its dataset manager and split coordinator alive (~0.8 GB, ~0.03 cores)
+    # until the next training, and turned Ctrl-C during evaluation into an abort of a finished run. Put the
+    # previous handler back, which releases the handle and with it those actors.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main else None
+    try:
+        return trainer.fit()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def checkpoint_dir(result, tr: TrainingRun) -> str:

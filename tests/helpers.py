@@ -81,11 +81,28 @@ def write_raw_batch(
     return uri
 
 
+def ray_processes() -> set[tuple[str, str]]:
+    """(pid, actor or task name) of every Ray worker process on this machine now, from its process title
+    (``ray::SplitCoordinator``, ``ray::RayTrainWorker.run``, ...). Linux only (reads /proc)."""
+    import os
+
+    found = set()
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().split(b"\0")[0].decode(errors="replace")
+        except (OSError, ValueError):
+            continue  # not a process, or it exited
+        name = cmd[len("ray::") :].split(".")[0].strip() if cmd.startswith("ray::") else ""
+        if name:
+            found.add((pid, name.split()[0]))
+    return found
+
+
 class RayProcessWatcher:
-    """Records the Ray worker processes that appear while the ``with`` block runs, by their process title
-    (``ray::SplitCoordinator``, ``ray::RayTrainWorker.run``, ...): which actors a run really started. Linux only
-    (reads /proc). A process that already had its title before the block does not count: an earlier test's actor
-    can outlive its training for a moment (the one-worker check failed after a two-worker test without this)."""
+    """Records the Ray worker processes that appear while the ``with`` block runs (``ray_processes``): which
+    actors a run really started. A process that already had its title before the block does not count: an
+    earlier training's actors take a few seconds to exit."""
 
     def __init__(self, interval_s: float = 0.2):
         import threading
@@ -96,30 +113,13 @@ class RayProcessWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    @staticmethod
-    def _titles() -> set[tuple[str, str]]:
-        """(pid, actor or task name) of every Ray worker process now."""
-        import os
-
-        titles = set()
-        for pid in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                    cmd = fh.read().split(b"\0")[0].decode(errors="replace")
-            except (OSError, ValueError):
-                continue  # not a process, or it exited
-            name = cmd[len("ray::") :].split(".")[0].strip() if cmd.startswith("ray::") else ""
-            if name:
-                titles.add((pid, name.split()[0]))
-        return titles
-
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.seen |= {name for _, name in self._titles() - self._before}
+            self.seen |= {name for _, name in ray_processes() - self._before}
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> RayProcessWatcher:
-        self._before = self._titles()
+        self._before = ray_processes()
         self._thread.start()
         return self
 

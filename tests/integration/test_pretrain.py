@@ -14,7 +14,7 @@ import mlflow
 import pytest
 
 from tasks.pretrain import pretrain
-from tests.helpers import RayProcessWatcher, publish_synthetic_dataset
+from tests.helpers import RayProcessWatcher, publish_synthetic_dataset, ray_processes
 from vlforge.tracking import EXPERIMENTS, configure
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -28,12 +28,26 @@ def _runs(settings, stage="pretrain"):
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
+def _train_actors_left(within_s: float) -> set[str]:
+    """Ray Train's per-run actors still running after waiting up to ``within_s`` for them to exit."""
+    names = {"TrainController", "DatasetManager", "SplitCoordinator", "RayTrainWorker"}
+    deadline = time.time() + within_s
+    while (left := {name for _, name in ray_processes() if name in names}) and time.time() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 def test_two_worker_cpu_pretrain_logs_one_run_and_registers_champion(settings, ray_local):
     dv, _ = publish_synthetic_dataset(settings, "seed", n=96, seed=1)
-    with RayProcessWatcher() as ray_processes:
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    with RayProcessWatcher() as started:
         result = pretrain("seed", settings, num_workers=2, **FAST)
     # Two workers read disjoint shards, which Ray Data's split coordinator hands out.
-    assert {"RayTrainWorker", "SplitCoordinator"} <= ray_processes.seen, sorted(ray_processes.seen)
+    assert {"RayTrainWorker", "SplitCoordinator"} <= started.seen, sorted(started.seen)
+    # Ray Train's SIGINT handler held the controller's handle after training; with it gone, Ctrl-C works as before
+    # and the controller and the actors it owns exit.
+    assert signal.getsignal(signal.SIGINT) is sigint_handler
+    assert _train_actors_left(within_s=20) == set()
 
     (run,) = _runs(settings)
     assert run.info.run_id == result.run_id and run.info.status == "FINISHED"
@@ -110,13 +124,13 @@ def test_driver_killed_then_same_name_resumes_from_checkpoint(settings, ray_loca
     (killed,) = _runs(settings)
     assert killed.info.status == "RUNNING"
 
-    with RayProcessWatcher() as ray_processes:
+    with RayProcessWatcher() as started:
         result = pretrain(
             "seed", settings, name="resume-me", epochs=10, batch_size=16, register=False, log_every=2
         )
     # One worker iterates the dataset itself: no split coordinator process beside the training.
-    assert "RayTrainWorker" in ray_processes.seen, sorted(ray_processes.seen)
-    assert "SplitCoordinator" not in ray_processes.seen, sorted(ray_processes.seen)
+    assert "RayTrainWorker" in started.seen, sorted(started.seen)
+    assert "SplitCoordinator" not in started.seen, sorted(started.seen)
     assert result.resumed and result.run_id == killed.info.run_id
     (run,) = _runs(settings)
     assert run.info.status == "FINISHED"
