@@ -150,8 +150,8 @@ def fit(
     )
     # fit() installs a SIGINT handler that holds the controller actor's handle and is never removed: after
     # training it kept the controller, its dataset manager and split coordinator alive (~0.8 GB, ~0.03 cores)
-    # until the next training, and turned Ctrl-C during evaluation into an abort of a finished run. Put the
-    # previous handler back, which releases the handle and with it those actors.
+    # until the next training, and sent Ctrl-C during evaluation to the finished run's controller instead of
+    # interrupting. Put the previous handler back, which releases the handle and with it those actors.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if in_main else None
     try:
