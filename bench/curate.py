@@ -100,7 +100,7 @@ def main() -> None:
     import torch
 
     from models.clip import build_clip
-    from tasks.scoring import list_shards, score_shards, scorer_plan
+    from tasks.curate.scoring import list_shards, score_shards, scorer_plan
     from vlforge.demo.synth import make_pairs
     from vlforge.raycluster import init_ray
     from vlforge.settings import get_settings

@@ -150,7 +150,7 @@ def curate(
 ) -> None:
     """Score pairs with CLIP on Ray, filter, dedup and publish a versioned Parquet dataset."""
     from tasks.curate import curate as run
-    from tasks.filters import FilterConfig
+    from tasks.curate.filters import FilterConfig
 
     if min_score is not None and top_fraction is not None:
         raise VlforgeError("give either --min-score or --top-fraction, not both")

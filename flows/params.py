@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
-from tasks.filters import FilterConfig
+from tasks.curate.filters import FilterConfig
 
 
 class RefreshParams(BaseModel):

@@ -140,36 +140,53 @@ def _table_bytes(table: pa.Table) -> bytes:
 class VersionWriter:
     """Writes one new version; nothing is visible to readers until :meth:`publish`.
 
-    Each writer owns a fresh, unique version folder, so two curations of the same dataset at once never mix
-    parts; an abandoned writer leaves a folder without a manifest, which readers ignore.
+    Each writer owns a unique version folder, so two curations of the same dataset at once never mix parts. The
+    folder carries a ``_staging.json`` (who writes it, for which inputs) until the manifest is written: a
+    version folder without a manifest whose writer is gone is *abandoned*. :func:`open_version` resumes an
+    abandoned folder of the same inputs (parts already written are kept) and :func:`remove_abandoned`
+    (``vlforge gc``) deletes the others.
     """
 
-    def __init__(self, settings: Settings, name: str, version: str | None = None):
+    def __init__(self, settings: Settings, name: str, version: str | None = None, fingerprint: str = ""):
         DatasetRef.parse(name)
         self.settings = settings
         self.name = name
         self.version = version or new_version_id()
         self.uri = storage.join(datasets_root(settings), name, self.version)
-        self._parts: dict[str, list[str]] = {}
-        self._digest = hashlib.sha256()
+        self.fingerprint = fingerprint
+        self._parts: dict[str, dict[str, str]] = {}  # part -> relpath -> sha256 of its bytes
         self.published = False
+
+    def claim(self) -> None:
+        """Mark the folder as being written by this process (for resume and gc)."""
+        storage.write_json_atomic(storage.join(self.uri, STAGING), staging_owner(self.fingerprint))
+
+    def add_part(self, part: str, relpath: str, digest: str) -> None:
+        """Record a file written under the version (by this process or a Ray task) for the content hash."""
+        self._parts.setdefault(part, {})[relpath] = digest
 
     def write_table(self, part: str, table: pa.Table, index: int | None = None) -> str:
         """Write ``table`` as ``<part>/part-NNNNN.parquet`` and return its URI."""
-        files = self._parts.setdefault(part, [])
+        files = self._parts.setdefault(part, {})
         n = len(files) if index is None else index
-        uri = storage.join(self.uri, part, f"part-{n:05d}.parquet")
+        relpath = f"{part}/part-{n:05d}.parquet"
         data = _table_bytes(table)
+        uri = storage.join(self.uri, relpath)
         storage.write_bytes_atomic(uri, data)
-        files.append(uri)
-        self._digest.update(part.encode() + hashlib.sha256(data).digest())
+        self.add_part(part, relpath, hashlib.sha256(data).hexdigest())
         return uri
 
     def write_bytes(self, relpath: str, data: bytes) -> str:
         uri = storage.join(self.uri, relpath)
         storage.write_bytes_atomic(uri, data)
-        self._digest.update(relpath.encode() + hashlib.sha256(data).digest())
+        self.add_part(relpath.split("/", 1)[0], relpath, hashlib.sha256(data).hexdigest())
         return uri
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for relpath, digest in sorted(p for files in self._parts.values() for p in files.items()):
+            h.update(relpath.encode() + bytes.fromhex(digest))
+        return h.hexdigest()
 
     def publish(self, manifest: dict[str, Any]) -> DatasetVersion:
         """Write ``manifest.json`` (last) and move ``LATEST`` forward if this version is the newest."""
@@ -178,11 +195,12 @@ class VersionWriter:
             "version": self.version,
             "uri": self.uri,
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
-            "parts": {k: len(v) for k, v in self._parts.items()},
-            "content_hash": self._digest.hexdigest(),
+            "parts": {k: sum(1 for r in v if r.endswith(".parquet")) for k, v in self._parts.items()},
+            "content_hash": self.content_hash(),
             **manifest,
         }
         storage.write_json_atomic(storage.join(self.uri, MANIFEST), full)
+        storage.remove(storage.join(self.uri, STAGING))
         self.published = True
         self._advance_latest()
         return DatasetVersion(self.name, self.version, self.uri, full)
@@ -196,3 +214,100 @@ class VersionWriter:
             if current >= newest:
                 return
             storage.write_text_atomic(latest_uri, newest)
+
+
+# -- abandoned versions: resume or remove -------------------------------------------------------------------
+
+STAGING = "_staging.json"
+# A writer on another host is presumed gone after this long without publishing (same host: its pid is checked).
+STALE_AFTER = dt.timedelta(hours=24)
+
+
+UNCLAIMED_GRACE = dt.timedelta(minutes=10)
+
+
+def _version_time(version: str) -> dt.datetime:
+    try:
+        return dt.datetime.strptime(version.split("-", 1)[0], "%Y%m%dT%H%M%S%fZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+def staging_owner(fingerprint: str) -> dict[str, Any]:
+    import os
+    import socket
+
+    return {
+        "fingerprint": fingerprint,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+
+
+def _owner_alive(owner: dict[str, Any], now: dt.datetime) -> bool:
+    import os
+    import socket
+
+    if owner.get("host") == socket.gethostname():
+        pid = int(owner.get("pid") or 0)
+        if pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    started = dt.datetime.fromisoformat(owner.get("started_at") or "1970-01-01T00:00:00+00:00")
+    return now - started < STALE_AFTER
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    name: str
+    version: str
+    uri: str
+    fingerprint: str | None
+
+
+def abandoned_versions(settings: Settings, name: str) -> list[Abandoned]:
+    """Version folders of ``name`` without a manifest whose writer is gone, oldest first."""
+    root = storage.join(datasets_root(settings), name)
+    now = dt.datetime.now(dt.UTC)
+    out = []
+    for v in storage.list_names(root):
+        if v == LATEST or v.startswith(".") or storage.exists(storage.join(root, v, MANIFEST)):
+            continue
+        uri = storage.join(root, v)
+        marker = storage.join(uri, STAGING)
+        owner = storage.read_json(marker) if storage.exists(marker) else {}
+        if owner and _owner_alive(owner, now):
+            continue
+        if not owner and now - _version_time(v) < UNCLAIMED_GRACE:
+            continue  # a writer between creating its folder and claiming it, or a legacy one just started
+        out.append(Abandoned(name, v, uri, owner.get("fingerprint")))
+    return out
+
+
+def remove_abandoned(settings: Settings, name: str | None = None, keep: str | None = None) -> list[Abandoned]:
+    """Delete abandoned version folders (of ``name``, or of every dataset) except version ``keep``."""
+    names = [name] if name else storage.list_names(datasets_root(settings))
+    removed = []
+    for n in names:
+        for a in abandoned_versions(settings, n):
+            if a.version != keep:
+                storage.remove(a.uri)
+                removed.append(a)
+    return removed
+
+
+def open_version(settings: Settings, name: str, fingerprint: str) -> tuple[VersionWriter, bool]:
+    """A writer for a new version of ``name``: the abandoned folder of the same inputs when there is one
+    (``resumed`` True: its finished parts are reused), else a fresh one. Other abandoned folders are removed."""
+    same = [a for a in abandoned_versions(settings, name) if fingerprint and a.fingerprint == fingerprint]
+    writer = VersionWriter(settings, name, same[-1].version if same else None, fingerprint)
+    remove_abandoned(settings, name, keep=writer.version)
+    writer.claim()
+    return writer, bool(same)

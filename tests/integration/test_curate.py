@@ -180,7 +180,7 @@ def test_two_concurrent_curations_publish_two_complete_versions(settings):
 def test_cpu_scorer_plan_uses_every_core_and_leaves_room_for_decoding(ray_local):
     """Without GPUs: one single-threaded actor per core, and the actors never take every logical CPU (the decode
     tasks would pend forever)."""
-    from tasks.scoring import MAX_CPU_SCORERS, scorer_plan
+    from tasks.curate.scoring import MAX_CPU_SCORERS, scorer_plan
 
     cores = os.cpu_count() or 1
     logical = ray_local.cluster_resources()["CPU"]

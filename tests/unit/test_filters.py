@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks import filters as F
-from tasks.curate import resolve_filters
-from tasks.curate_language import detect_language
-from tasks.filters import FilterConfig, FilterConfigError, apply_filters
+from tasks.curate import filters as F
+from tasks.curate.stage import resolve_filters
+from tasks.curate.language import detect_language
+from tasks.curate.filters import FilterConfig, FilterConfigError, apply_filters
 
 
 def table(**cols):

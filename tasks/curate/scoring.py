@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.curate.shards import SCORER_KEY_META
 from vlforge import raw, storage
 from vlforge.settings import Settings
 
@@ -186,6 +187,9 @@ def _write_cache(uri: str, parts: list[dict], dim: int) -> None:
             "text_emb": _emb_array(txt.reshape(len(txt), dim)),
         }
     )
+    # The scorer's key (the cache folder: scores/<source>/<scorer-key>/<batch>/<shard>) travels in the file, so a
+    # cache copied under another scorer's folder is refused at curation (tasks.curate.shards).
+    table = table.replace_schema_metadata({SCORER_KEY_META: uri.rstrip("/").split("/")[-3]})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     storage.write_bytes_atomic(uri, buf.getvalue())

@@ -3,11 +3,14 @@
 ``curate(source, dataset, settings, scorer=..., min_score=... | top_fraction=...)``:
 
 1. lists the source's complete raw batches (``vlforge.raw``);
-2. with a scorer, scores every shard not yet in the score cache (``tasks.scoring``, Ray Data actor pool);
-3. reads the pool without image bytes, joins the cached scores/embeddings and runs the filters
-   (``tasks.filters``: every dropped row gets one reason and the value that decided it);
-4. writes ``data/``, ``rejected/`` and ``embeddings/`` with a :class:`VersionWriter` and publishes the
-   manifest last, inside one MLflow run in ``vlforge-datasets`` that logs the version as its output.
+2. with a scorer, scores every shard not yet in the score cache (``tasks.curate.scoring``, Ray Data actor pool);
+3. runs the filters as Ray tasks, one per raw shard (``tasks.curate.passes``): the per-row filters, then the
+   global decisions without per-row state in the driver (``tasks.curate.select``: exact top-fraction select,
+   sha256 shuffle, clustered near dedup);
+4. writes ``data/``, ``rejected/`` and ``embeddings/`` parts from Ray tasks (``tasks.curate.publish``) into the
+   version's folder and publishes the manifest last, inside one MLflow run in ``vlforge-datasets`` that logs the
+   version as its output. A run killed mid-publish leaves no visible version; the next run of the same inputs
+   resumes that folder (finished shards are kept) and removes other abandoned ones (``vlforge gc`` too).
 
 When the newest version was built from the same raw batches, scorer and filters, nothing is published
 (``skipped=True``) unless ``force``.
@@ -23,12 +26,14 @@ from dataclasses import dataclass, field
 from prefect import task
 
 from tasks.common import retry_unless_user_error
-from tasks.curate_publish import load_candidates, write_version_parts
-from tasks.curate_report import log_version_details, prefect_artifacts, start_version_run
-from tasks.filters import FilterConfig, FilterConfigError, apply_filters
-from tasks.scoring import ScorerInfo, list_shards, score_shards, scorer_identity
+from tasks.curate.filters import FilterConfig, FilterConfigError
+from tasks.curate.publish import DONE_DIR
+from tasks.curate.report import log_version_details, prefect_artifacts, start_version_run
+from tasks.curate.run import run_curation
+from tasks.curate.scoring import ScorerInfo, list_shards, score_shards, scorer_identity
+from tasks.curate.shards import ShardRef
 from vlforge import raw, storage
-from vlforge.datasets import DatasetNotFoundError, DatasetVersion, VersionWriter, resolve_dataset
+from vlforge.datasets import DatasetNotFoundError, DatasetVersion, open_version, resolve_dataset
 from vlforge.errors import SourceNotFoundError
 from vlforge.settings import Settings
 
@@ -102,7 +107,7 @@ def curate(
 ) -> CurateResult:
     """Curate ``source``'s raw batches into a new version of ``dataset`` (see the module docstring).
 
-    ``progress``: True/False forces the scoring progress bar on/off (None: on when attached to a terminal).
+    ``progress``: True/False forces the progress bars on/off (None: on when attached to a terminal).
     ``track``: log the version's MLflow run (on by default).
     """
     config = resolve_filters(filters, min_score, top_fraction)
@@ -130,22 +135,25 @@ def curate(
         scored_rows = score_shards(
             pending, scorer, settings, bundle, batch_size, num_scorers, progress=progress
         )
-    cand = load_candidates(shards, source, scored=info is not None)
-    scores = cand.table.column("clip_score").to_numpy(zero_copy_only=False) if info else None
-    decisions = apply_filters(cand.table, config, scores, cand.img_emb)
-    counts = decisions.counts()
-    writer = VersionWriter(settings, dataset)
-    schema = write_version_parts(writer, shards, cand, decisions)
+    dim = int(bundle.model.config.projection_dim) if bundle is not None else None
+    del bundle
+    refs = [
+        ShardRef(i, s.batch, s.uri, s.cache_uri if info else None, info.key if info else None)
+        for i, s in enumerate(shards)
+    ]
+    writer, resumed = open_version(settings, dataset, fingerprint)
+    if resumed:
+        log.info("resuming the unfinished version %s of %s", writer.version, dataset)
+    out = run_curation(refs, source, config, writer, settings, progress=progress)
     manifest = {
         "source": source,
-        "counts": counts,
+        "counts": out.counts,
         "filters": config.model_dump(),
         "scorer": info.as_dict() if info else None,
         "raw_batches": [{"batch": b, "uri": raw.batch_uri(settings, source, b)} for b in batches],
-        "schema": schema,
-        "embeddings": {"dim": int(cand.img_emb.shape[1]), "dtype": "float16"}
-        if cand.img_emb is not None
-        else None,
+        "schema": out.schema,
+        "embeddings": {"dim": dim, "dtype": "float16"} if info else None,
+        "selection": out.selection,
         "inputs_fingerprint": fingerprint,
     }
     params = {
@@ -162,13 +170,14 @@ def curate(
         with start_version_run(settings, dataset, source) as run:
             run_id = run.info.run_id
             dv = writer.publish({**manifest, "mlflow_run_id": run_id})
-            log_version_details(dv, params, counts, cand, decisions, shards)
+            log_version_details(dv, params, out)
     else:
         dv = writer.publish(manifest)
+    storage.remove(storage.join(dv.uri, DONE_DIR))
     from vlforge.tracking import run_url
 
-    prefect_artifacts(dv, counts, manifest["scorer"], run_url(settings, run_id) if run_id else None)
-    return CurateResult(dv, counts, run_id, skipped=False, scored_rows=scored_rows)
+    prefect_artifacts(dv, out.counts, manifest["scorer"], run_url(settings, run_id) if run_id else None)
+    return CurateResult(dv, out.counts, run_id, skipped=False, scored_rows=scored_rows)
 
 
 curate_task = task(

@@ -8,24 +8,29 @@ import tempfile
 
 import numpy as np
 
-from tasks.curate_publish import Candidates
-from tasks.filters import Decisions
 from vlforge import tracking
 from vlforge.datasets import DatasetVersion
 from vlforge.settings import Settings
 
 
-def score_histogram_png(scores: np.ndarray, keep: np.ndarray) -> bytes:
+def score_histogram_png(edges: np.ndarray, kept: np.ndarray, rejected: np.ndarray) -> bytes:
+    """Kept and rejected pairs per score bin (counts merged from every shard), over the populated range."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    total = kept + rejected
+    used = np.flatnonzero(total)
+    lo, hi = (used[0], used[-1] + 1) if len(used) else (0, len(total))
+    # About 30 bars, as before: merge neighbouring fine bins.
+    step = max(1, (hi - lo) // 30)
+    idx = np.arange(lo, hi, step)
+    k, r = np.add.reduceat(kept[lo:hi], idx - lo), np.add.reduceat(rejected[lo:hi], idx - lo)
+    left, width = edges[idx], edges[1] - edges[0]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ok = ~np.isnan(scores)
-    bins = np.linspace(np.nanmin(scores[ok]) if ok.any() else 0, np.nanmax(scores[ok]) if ok.any() else 1, 30)
-    ax.hist(scores[ok & keep], bins=bins, alpha=0.7, label="kept")
-    ax.hist(scores[ok & ~keep], bins=bins, alpha=0.7, label="rejected")
+    ax.bar(left, k, width=width * step, align="edge", alpha=0.7, label="kept")
+    ax.bar(left, r, width=width * step, align="edge", alpha=0.7, label="rejected")
     ax.set_xlabel("CLIP image-text cosine")
     ax.set_ylabel("pairs")
     ax.legend()
@@ -63,31 +68,6 @@ def example_grid_png(images: list[bytes], titles: list[str], kept: list[bool]) -
     return buf.getvalue()
 
 
-def _examples(cand: Candidates, dec: Decisions, shards, per_side: int = 4):
-    """Best kept and a spread of rejected rows (with images) for the grid."""
-    from tasks.curate_publish import _read
-
-    t = cand.table
-    scores = t.column("clip_score").to_numpy(zero_copy_only=False)
-    kept = np.flatnonzero(dec.keep)[:per_side]
-    rej = [i for i in np.flatnonzero(~dec.keep) if dec.reason[i] != "download_failed"][:per_side]
-    captions = t.column("caption").to_pylist()
-    shard_idx, row_idx = t.column("shard_index").to_numpy(), t.column("row_index").to_numpy()
-    images, titles, flags = [], [], []
-    columns: dict[int, object] = {}  # shard index -> its jpg column, read once
-    for i in [*kept, *rej]:
-        si = int(shard_idx[i])
-        if si not in columns:
-            columns[si] = _read(shards[si].uri, ["jpg"]).column("jpg")
-        jpg = columns[si][int(row_idx[i])].as_py()
-        verdict = "kept" if dec.keep[i] else dec.reason[i]
-        s = "" if np.isnan(scores[i]) else f" {scores[i]:.3f}"
-        images.append(jpg or b"")
-        titles.append(f"{(captions[i] or '')[:40]}\n{verdict}{s}")
-        flags.append(bool(dec.keep[i]))
-    return images, titles, flags
-
-
 def start_version_run(settings: Settings, dataset: str, source: str):
     """Start the version's run in ``vlforge-datasets`` (a context manager; the caller publishes inside it)."""
     import mlflow
@@ -97,22 +77,28 @@ def start_version_run(settings: Settings, dataset: str, source: str):
     return mlflow.start_run(experiment_id=exp, tags=tags)
 
 
-def log_version_details(
-    dv: DatasetVersion, params: dict, counts: dict[str, int], cand: Candidates, dec: Decisions, shards
-) -> None:
-    """Params, counts per reason, score histogram, example grid, manifest and the version as an output."""
+def log_version_details(dv: DatasetVersion, params: dict, out) -> None:
+    """Params, counts per reason, score histogram, example grid, manifest and the version as an output.
+
+    ``out``: the curation's aggregates (``tasks.curate.run.CurationOutput``), never the pool's rows."""
     import json
 
     import mlflow
 
+    from tasks.curate.publish import HIST_EDGES
+
     mlflow.set_tags({**tracking.dataset_tags(dv), "mlflow.runName": dv.ref})
     mlflow.log_params(tracking.safe_params(params))
-    mlflow.log_metrics({f"count_{k}": float(v) for k, v in counts.items()})
-    scores = cand.table.column("clip_score").to_numpy(zero_copy_only=False)
+    mlflow.log_metrics({f"count_{k}": float(v) for k, v in out.counts.items()})
     files = {"manifest.json": json.dumps(dv.manifest, indent=2, default=str).encode()}
-    if len(scores) and not np.isnan(scores).all():
-        files["score_histogram.png"] = score_histogram_png(scores, dec.keep)
-    files["examples.png"] = example_grid_png(*_examples(cand, dec, shards))
+    if (out.hist_kept + out.hist_rejected).sum():
+        files["score_histogram.png"] = score_histogram_png(HIST_EDGES, out.hist_kept, out.hist_rejected)
+    ex = out.examples
+    titles = [
+        f"{e['caption'][:40]}\n{e['verdict']}" + ("" if e["score"] is None else f" {e['score']:.3f}")
+        for e in ex
+    ]
+    files["examples.png"] = example_grid_png([e["image"] for e in ex], titles, [e["kept"] for e in ex])
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             path = os.path.join(tmp, name)

@@ -1,0 +1,285 @@
+"""The driver of the curate passes: launches one Ray task per shard and pass, merges small aggregates.
+
+Nothing here holds a row: scan results (counts, a schema, a histogram) are merged as they arrive; eligible
+rows, shuffle partitions and reducer outputs stay in Ray's object store and travel between tasks as refs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tasks.curate import passes, select
+from tasks.curate.filters import REASONS, FilterConfig
+from tasks.curate.publish import (
+    EXAMPLES_PER_SIDE,
+    HIST_EDGES,
+    WriteResult,
+    extras_schema,
+    load_done,
+    write_shard,
+)
+from tasks.curate.shards import ShardRef
+from vlforge.datasets import VersionWriter
+from vlforge.errors import VlforgeError
+from vlforge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class PublishError(VlforgeError):
+    """Writing a version failed (full disk, lost storage): nothing was published."""
+
+
+@dataclass
+class CurationOutput:
+    counts: dict[str, int]
+    schema: dict[str, dict[str, str]]
+    embedding_dim: int | None
+    selection: dict
+    hist_kept: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES) - 1, np.int64))
+    hist_rejected: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES) - 1, np.int64))
+    examples: list[dict] = field(default_factory=list)
+
+
+def _raise_clear(exc: Exception, what: str) -> None:
+    """Re-raise a Ray task's failure as the user error it carries, or a PublishError for storage failures."""
+    import ray
+
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+    if isinstance(cause, VlforgeError):
+        raise type(cause)(str(cause)) from None
+    if isinstance(cause, OSError):
+        raise PublishError(f"{what} failed: {cause}; nothing was published (re-run to resume)") from None
+    raise exc
+
+
+def _completed(refs: list, what: str) -> Iterator:
+    """Results of ``refs`` as they finish (any order)."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+        for ref in done:
+            try:
+                yield ray.get(ref)
+            except Exception as exc:  # RayTaskError wraps ours
+                _raise_clear(exc, what)
+
+
+def _get(refs: list, what: str) -> list:
+    import ray
+
+    try:
+        return ray.get(refs)
+    except Exception as exc:
+        _raise_clear(exc, what)
+
+
+def _bar(total: int, desc: str, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="shard", disable={True: False, False: True}.get(progress))
+
+
+def run_curation(
+    shards: list[ShardRef],
+    source: str,
+    config: FilterConfig,
+    writer: VersionWriter,
+    settings: Settings,
+    progress: bool | None = None,
+) -> CurationOutput:
+    import ray
+
+    from vlforge.raycluster import cluster_cpus, init_ray
+
+    init_ray(settings)
+    cpus = cluster_cpus()
+    top = config.top_fraction is not None
+    scan = ray.remote(passes.scan).options(num_returns=2)
+    launched = [scan.remote(s, config, top) for s in shards]
+    elig = [e for _, e in launched]
+    hist = np.zeros(select.HIGH, np.int64) if top else None
+    results: list[passes.ScanResult] = []
+    with _bar(len(shards), "filtering", progress) as bar:
+        for r in _completed([r for r, _ in launched], "filtering the pool"):
+            if top:
+                hist += r.hist
+                r.hist = None
+            results.append(r)
+            bar.update()
+    pool_schema = passes.check_schemas(results, {s.index: s.uri for s in shards})
+    eligible = sum(r.eligible for r in results)
+    del results
+    cutoff, quotas, selection = _top_fraction(elig, hist, config, len(shards))
+    survivors = cutoff.n_keep if cutoff else eligible
+    exact_refs = _exact_dedup(shards, elig, cutoff, quotas, config, survivors, cpus)
+    n_exact_lost = sum(_get([ray.remote(_rows).remote(r) for r in exact_refs], "exact dedup"))
+    near_refs, clusters = _near_dedup(
+        shards, elig, cutoff, quotas, config, survivors - n_exact_lost, cpus, exact_refs
+    )
+    selection.update(
+        {"eligible": eligible, "exact_dedup_partitions": len(exact_refs), "near_dup_clusters": clusters}
+    )
+    return _write(
+        shards,
+        source,
+        config,
+        writer,
+        pool_schema,
+        elig,
+        cutoff,
+        quotas,
+        exact_refs,
+        near_refs,
+        selection,
+        progress,
+    )
+
+
+def _rows(table) -> int:
+    return table.num_rows
+
+
+def _top_fraction(elig: list, hist, config: FilterConfig, n_shards: int):
+    import ray
+
+    if config.top_fraction is None:
+        return None, [0] * n_shards, {}
+    eligible, n_keep, high_bin, above = select.cutoff_bin(hist, config.top_fraction)
+    if n_keep == 0:
+        cut = select.Cutoff(0xFFFFFFFF, config.top_fraction, eligible, 0)
+        return cut, [0] * n_shards, {"top_fraction_kept": 0}
+    refine = ray.remote(passes.refine)
+    low = np.zeros(select.HIGH, np.int64)
+    for h in _completed([refine.remote(e, high_bin) for e in elig], "the top-fraction cutoff"):
+        low += h
+    key, above_in_bin = select.cutoff_key(low, high_bin, n_keep - above)
+    needed = n_keep - above - above_in_bin
+    ties = _get([ray.remote(passes.ties).remote(e, key) for e in elig], "the top-fraction cutoff")
+    quotas = select.tie_quotas(ties, needed)
+    cut = select.Cutoff(key, config.top_fraction, eligible, n_keep)
+    return cut, quotas, {"top_fraction_kept": n_keep, "top_fraction_cutoff": cut.score}
+
+
+def _plan(config: FilterConfig, cutoff, quotas) -> passes.Plan:
+    return passes.Plan(config=config, cutoff=cutoff, quotas=quotas)
+
+
+def _exact_dedup(shards, elig, cutoff, quotas, config, survivors: int, cpus: int) -> list:
+    import ray
+
+    if not config.exact_dedup or not shards:
+        return []
+    parts = passes.partitions(survivors, cpus)
+    plan = _plan(config, cutoff, quotas)
+    mapper = ray.remote(passes.dedup_map).options(num_returns=parts)
+    mapped = [mapper.remote(s, e, plan, parts) for s, e in zip(shards, elig, strict=True)]
+    mapped = [m if parts > 1 else [m] for m in mapped]
+    reduce = ray.remote(lambda *tables: select.exact_losers(list(tables)))
+    return [reduce.remote(*[m[p] for m in mapped]) for p in range(parts)]
+
+
+def _near_dedup(shards, elig, cutoff, quotas, config, survivors: int, cpus: int, exact_refs: list):
+    import ray
+
+    if config.near_dup_threshold is None or not shards or survivors == 0:
+        return [], 0
+    plan = _plan(config, cutoff, quotas)
+    k = max(1, math.ceil(survivors / config.near_dup_cluster_rows))
+    centroids = None
+    if k > 1:
+        rate = min(1.0, passes.NEAR_SAMPLE_PER_CLUSTER * k / survivors)
+        sampler = ray.remote(passes.near_sample)
+        samples = [sampler.remote(s, e, plan, rate, *exact_refs) for s, e in zip(shards, elig, strict=True)]
+        centroids = ray.remote(passes.fit_centroids).remote(k, *samples)
+    parts = passes.partitions(survivors, cpus) if k > 1 else 1
+    mapper = ray.remote(passes.near_map).options(num_returns=parts)
+    mapped = [
+        mapper.remote(s, e, plan, parts, centroids, *exact_refs) for s, e in zip(shards, elig, strict=True)
+    ]
+    mapped = [m if parts > 1 else [m] for m in mapped]
+    threshold = float(config.near_dup_threshold)
+    reduce = ray.remote(lambda *tables: select.near_losers(list(tables), threshold))
+    return [reduce.remote(*[m[p] for m in mapped]) for p in range(parts)], k
+
+
+def _write(
+    shards,
+    source,
+    config,
+    writer,
+    pool_schema,
+    elig,
+    cutoff,
+    quotas,
+    exact_refs,
+    near_refs,
+    selection,
+    progress,
+):
+    import ray
+
+    extras = extras_schema(pool_schema)
+    results: list[WriteResult] = []
+    todo = []
+    for s in shards:
+        done = load_done(writer.uri, s.index)
+        if done is not None:
+            results.append(done)
+        else:
+            todo.append(s)
+    if len(todo) < len(shards):
+        log.info(
+            "%d of %d shards were written by an earlier run and are kept",
+            len(shards) - len(todo),
+            len(shards),
+        )
+    task = ray.remote(write_shard)
+    refs = [
+        task.remote(
+            s,
+            writer.uri,
+            source,
+            config,
+            extras,
+            elig[s.index],
+            cutoff,
+            quotas[s.index],
+            len(exact_refs),
+            *exact_refs,
+            *near_refs,
+        )
+        for s in todo
+    ]
+    with _bar(len(shards), "publishing", progress) as bar:
+        bar.update(len(shards) - len(todo))
+        for r in _completed(refs, f"writing version {writer.version} under {writer.uri}"):
+            results.append(r)
+            bar.update()
+    return _merge(results, writer, selection)
+
+
+def _merge(results: list[WriteResult], writer: VersionWriter, selection: dict) -> CurationOutput:
+    counts = {"input": 0, "kept": 0, "rejected": 0, **dict.fromkeys(REASONS, 0)}
+    out = CurationOutput(counts, {}, None, selection)
+    kept_ex, rej_ex = [], []
+    for r in sorted(results, key=lambda r: r.index):
+        for k, v in r.counts.items():
+            counts[k] = counts.get(k, 0) + int(v)
+        for relpath, digest in r.digests.items():
+            writer.add_part(relpath.split("/", 1)[0], relpath, digest)
+        for part, sch in r.schema.items():
+            out.schema.setdefault(part, sch)
+        out.hist_kept += np.asarray(r.hist_kept, np.int64)
+        out.hist_rejected += np.asarray(r.hist_rejected, np.int64)
+        kept_ex += [e for e in r.examples if e["kept"]]
+        rej_ex += [e for e in r.examples if not e["kept"]]
+    out.examples = kept_ex[:EXAMPLES_PER_SIDE] + rej_ex[:EXAMPLES_PER_SIDE]
+    return out
