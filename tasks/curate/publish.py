@@ -61,6 +61,7 @@ class WriteResult:
     schema: dict[str, dict[str, str]]
     hist_kept: list[int]
     hist_rejected: list[int]
+    node: str = ""  # the Ray node that wrote the parts
     examples: list[dict] = field(default_factory=list)  # {image, caption, verdict, score, kept}
 
     def to_json(self) -> dict:
@@ -235,10 +236,20 @@ def write_shard(
         np.histogram(scores[ok & dec.keep], HIST_EDGES)[0].tolist(),
         np.histogram(scores[ok & ~dec.keep], HIST_EDGES)[0].tolist(),
     )
+    result.node = _node_id()
     storage.write_bytes_atomic(done_uri(version_uri, shard.index), json.dumps(result.to_json()).encode())
     if shard.index < EXAMPLE_SHARDS:
         result.examples = _examples(shard, table, scores, dec)
     return result
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() or ""
+    except Exception:  # outside Ray (a test calling the function directly)
+        return ""
 
 
 def _examples(shard: ShardRef, table: pa.Table, scores: np.ndarray, dec: Decisions) -> list[dict]:

@@ -41,6 +41,7 @@ class CurationOutput:
     schema: dict[str, dict[str, str]]
     embedding_dim: int | None
     selection: dict
+    nodes: int = 0  # Ray nodes that wrote parts
     hist_kept: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES) - 1, np.int64))
     hist_rejected: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES) - 1, np.int64))
     examples: list[dict] = field(default_factory=list)
@@ -102,7 +103,7 @@ def run_curation(
     init_ray(settings)
     cpus = cluster_cpus()
     top = config.top_fraction is not None
-    scan = ray.remote(passes.scan).options(num_returns=2)
+    scan = ray.remote(passes.scan).options(num_returns=2, scheduling_strategy="SPREAD")
     launched = [scan.remote(s, config, top) for s in shards]
     elig = [e for _, e in launched]
     hist = np.zeros(select.HIGH, np.int64) if top else None
@@ -241,7 +242,7 @@ def _write(
             len(shards) - len(todo),
             len(shards),
         )
-    task = ray.remote(write_shard)
+    task = ray.remote(write_shard).options(scheduling_strategy="SPREAD")
     refs = [
         task.remote(
             s,
@@ -269,8 +270,9 @@ def _write(
 def _merge(results: list[WriteResult], writer: VersionWriter, selection: dict) -> CurationOutput:
     counts = {"input": 0, "kept": 0, "rejected": 0, **dict.fromkeys(REASONS, 0)}
     out = CurationOutput(counts, {}, None, selection)
-    kept_ex, rej_ex = [], []
+    kept_ex, rej_ex, nodes = [], [], set()
     for r in sorted(results, key=lambda r: r.index):
+        nodes.add(r.node)
         for k, v in r.counts.items():
             counts[k] = counts.get(k, 0) + int(v)
         for relpath, digest in r.digests.items():
@@ -282,4 +284,5 @@ def _merge(results: list[WriteResult], writer: VersionWriter, selection: dict) -
         kept_ex += [e for e in r.examples if e["kept"]]
         rej_ex += [e for e in r.examples if not e["kept"]]
     out.examples = kept_ex[:EXAMPLES_PER_SIDE] + rej_ex[:EXAMPLES_PER_SIDE]
+    out.nodes = len(nodes - {""})
     return out

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.curate.shards import SCORER_KEY_META
+from tasks.curate.shards import SCORER_KEY_META, read_parquet
 from vlforge import raw, storage
 from vlforge.settings import Settings
 
@@ -96,7 +96,7 @@ def list_shards(settings: Settings, source: str, batches: list[str], scorer_key:
     out = []
     for b in batches:
         for s in raw.shard_files(raw.batch_uri(settings, source, b)):
-            status = _read_parquet(s, ["status"]).column("status").to_pylist()
+            status = read_parquet(s, ["status"]).column("status").to_pylist()
             rows = sum(1 for x in status if x == "success")
             out.append(Shard(b, s, cache_uri(settings, source, scorer_key, b, s), rows))
     return out
@@ -171,20 +171,16 @@ def _emb_array(x: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1] if x.ndim == 2 else 0)
 
 
-def _write_cache(uri: str, parts: list[dict], dim: int) -> None:
-    cols = {
-        k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)
-        for k in ("key", "clip_score", "decode_ok")
-    }
-    img = np.concatenate([p["img_emb"] for p in parts]) if parts else np.zeros((0, dim), np.float32)
-    txt = np.concatenate([p["text_emb"] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+def write_cache(uri: str, keys, clip_score, decode_ok, img_emb: np.ndarray, text_emb: np.ndarray) -> None:
+    """Write one shard's score cache: key, clip_score, decode_ok and the L2-normalised embeddings [N, D]."""
+    dim = img_emb.shape[1] if img_emb.ndim == 2 else 0
     table = pa.table(
         {
-            "key": pa.array([str(k) for k in cols["key"]], pa.string()),
-            "clip_score": pa.array(cols["clip_score"], pa.float32()),
-            "decode_ok": pa.array(cols["decode_ok"], pa.bool_()),
-            "img_emb": _emb_array(img.reshape(len(img), dim)),
-            "text_emb": _emb_array(txt.reshape(len(txt), dim)),
+            "key": pa.array([str(k) for k in keys], pa.string()),
+            "clip_score": pa.array(clip_score, pa.float32()),
+            "decode_ok": pa.array(decode_ok, pa.bool_()),
+            "img_emb": _emb_array(img_emb.reshape(len(img_emb), dim)),
+            "text_emb": _emb_array(text_emb.reshape(len(text_emb), dim)),
         }
     )
     # The scorer's key (the cache folder: scores/<source>/<scorer-key>/<batch>/<shard>) travels in the file, so a
@@ -193,6 +189,18 @@ def _write_cache(uri: str, parts: list[dict], dim: int) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+def _write_cache(uri: str, parts: list[dict], dim: int) -> None:
+    cols = {
+        k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0)
+        for k in ("key", "clip_score", "decode_ok")
+    }
+    img = np.concatenate([p["img_emb"] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+    txt = np.concatenate([p["text_emb"] for p in parts]) if parts else np.zeros((0, dim), np.float32)
+    write_cache(
+        uri, cols["key"], cols["clip_score"], cols["decode_ok"], img.reshape(-1, dim), txt.reshape(-1, dim)
+    )
 
 
 def _strip_scheme(uri: str) -> str:
