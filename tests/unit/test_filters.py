@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 
 from tasks.curate import filters as F
-from tasks.curate.stage import resolve_filters
-from tasks.curate.language import detect_language
 from tasks.curate.filters import FilterConfig, FilterConfigError, apply_filters
+from tasks.curate.language import detect_language
+from tasks.curate.stage import resolve_filters
 
 
 def table(**cols):
