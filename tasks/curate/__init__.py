@@ -4,9 +4,27 @@ Modules: ``scoring`` (the CLIP scorer on Ray Data, score cache), ``filters`` (th
 reference), ``shards`` (one raw shard joined with its scores), ``select`` (top fraction, exact and near dedup
 without per-row state in the driver), ``passes`` (the per-shard Ray tasks), ``publish`` (the write pass),
 ``run`` (the driver of the passes), ``report`` (MLflow and Prefect) and ``stage`` (``curate`` itself).
+
+The entry points are imported lazily: a Ray worker that runs a pass imports ``passes`` and its few
+dependencies, not Prefect and MLflow.
 """
 
-from tasks.curate.filters import FilterConfig, FilterConfigError
-from tasks.curate.stage import CurateResult, curate, curate_task, resolve_filters
+from __future__ import annotations
 
-__all__ = ["CurateResult", "FilterConfig", "FilterConfigError", "curate", "curate_task", "resolve_filters"]
+_EXPORTS = {
+    "CurateResult": "stage",
+    "curate": "stage",
+    "curate_task": "stage",
+    "resolve_filters": "stage",
+    "FilterConfig": "filters",
+    "FilterConfigError": "filters",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"tasks.curate.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'tasks.curate' has no attribute {name!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ class CurationOutput:
     embedding_dim: int | None
     selection: dict
     nodes: int = 0  # Ray nodes that wrote parts
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per pass
     hist_kept: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES) - 1, np.int64))
     hist_rejected: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES) - 1, np.int64))
     examples: list[dict] = field(default_factory=list)
@@ -100,7 +102,14 @@ def run_curation(
 
     from vlforge.raycluster import cluster_cpus, init_ray
 
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 2)
+
     init_ray(settings)
+    lap("ray_start")
     cpus = cluster_cpus()
     top = config.top_fraction is not None
     scan = ray.remote(passes.scan).options(num_returns=2, scheduling_strategy="SPREAD")
@@ -115,20 +124,25 @@ def run_curation(
                 r.hist = None
             results.append(r)
             bar.update()
+    lap("filter")
     pool_schema = passes.check_schemas(results, {s.index: s.uri for s in shards})
     eligible = sum(r.eligible for r in results)
     del results
     cutoff, quotas, selection = _top_fraction(elig, hist, config, len(shards))
+    lap("top_fraction")
     survivors = cutoff.n_keep if cutoff else eligible
     exact_refs = _exact_dedup(shards, elig, cutoff, quotas, config, survivors, cpus)
     n_exact_lost = sum(_get([ray.remote(_rows).remote(r) for r in exact_refs], "exact dedup"))
+    lap("exact_dedup")
     near_refs, clusters = _near_dedup(
         shards, elig, cutoff, quotas, config, survivors - n_exact_lost, cpus, exact_refs
     )
+    _get(near_refs, "near dedup")
+    lap("near_dedup")
     selection.update(
         {"eligible": eligible, "exact_dedup_partitions": len(exact_refs), "near_dup_clusters": clusters}
     )
-    return _write(
+    out = _write(
         shards,
         source,
         config,
@@ -142,6 +156,10 @@ def run_curation(
         selection,
         progress,
     )
+    lap("write")
+    out.timings = timings
+    log.info("curation passes (s): %s", timings)
+    return out
 
 
 def _rows(table) -> int:

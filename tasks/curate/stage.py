@@ -154,7 +154,7 @@ def curate(
         "schema": out.schema,
         "embeddings": {"dim": dim, "dtype": "float16"} if info else None,
         "selection": out.selection,
-        "compute": {"shards": len(refs), "nodes": out.nodes},
+        "compute": {"shards": len(refs), "nodes": out.nodes, "seconds": out.timings},
         "inputs_fingerprint": fingerprint,
     }
     params = {
