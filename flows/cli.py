@@ -142,6 +142,9 @@ def curate(
     near_dup_threshold: Annotated[
         float | None, typer.Option(help="Drop near duplicates above this image-embedding cosine (faiss).")
     ] = None,
+    near_dup_cluster_rows: Annotated[
+        int, typer.Option(help="Near dedup compares within k-means clusters of about this many rows.")
+    ] = 50_000,
     language: Annotated[
         list[str] | None, typer.Option(help="Keep captions in this language (repeatable).")
     ] = None,
@@ -165,6 +168,7 @@ def curate(
         max_caption_chars=max_caption_chars,
         exact_dedup=exact_dedup,
         near_dup_threshold=near_dup_threshold,
+        near_dup_cluster_rows=near_dup_cluster_rows,
         languages=language or None,
     )
     result = run(
@@ -376,3 +380,20 @@ def lineage(
 
 if __name__ == "__main__":
     sys.exit(app())
+
+
+@app.command()
+@user_errors
+def gc(
+    dataset: Annotated[str | None, typer.Argument(help="Only this dataset (default: every dataset).")] = None,
+) -> None:
+    """Remove abandoned dataset versions: folders without a manifest whose writer is gone (a killed curate).
+
+    A version being written by a live process is left alone; the next curate of the same inputs would resume an
+    abandoned one instead, so run this to reclaim the space when you will not re-run it."""
+    from vlforge.datasets import remove_abandoned
+
+    removed = remove_abandoned(_settings(), dataset)
+    for a in removed:
+        out.print(f"removed {a.name}@{a.version} ({a.uri})")
+    out.print(f"{len(removed)} abandoned version(s) removed")

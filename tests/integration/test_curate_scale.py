@@ -194,14 +194,21 @@ def test_an_abandoned_version_is_resumed_and_others_are_removed(settings, ray_lo
     assert abandoned_versions(settings, "ds") == [] and remove_abandoned(settings) == []
 
 
-def test_gc_keeps_a_version_being_written_by_a_live_process(settings):
+def test_gc_removes_abandoned_versions_and_keeps_one_being_written(settings):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
     writer, _ = open_version(settings, "live", "f")
     storage.write_text_atomic(storage.join(writer.uri, "data", "part-00000.parquet"), "partial")
-    assert abandoned_versions(settings, "live") == []  # this process is alive
+    result = CliRunner().invoke(app, ["gc"])
+    assert result.exit_code == 0 and "0 abandoned version(s) removed" in result.output  # its writer is alive
+    assert storage.exists(writer.uri)
     claim = storage.read_json(storage.join(writer.uri, STAGING))
     storage.write_json_atomic(storage.join(writer.uri, STAGING), {**claim, "pid": _dead_pid()})
-    assert [a.version for a in remove_abandoned(settings)] == [writer.version]
-    assert not storage.exists(writer.uri)
+    result = CliRunner().invoke(app, ["gc", "live"])
+    assert result.exit_code == 0 and f"removed live@{writer.version}" in result.output
+    assert not storage.exists(writer.uri) and remove_abandoned(settings) == []
 
 
 @pytest.mark.slow
