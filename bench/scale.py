@@ -48,7 +48,7 @@ if "filters" in kw:
 res = curate("bench", "scale", get_settings(), progress=False, track=False, **kw)
 wall = time.perf_counter() - t0
 print("RESULT " + json.dumps({"wall_s": wall, "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "counts": res.counts, "passes_s": res.dataset_version.manifest.get("compute", {}).get("seconds")}))
+      "counts": res.counts, "uri": res.dataset_version.uri, "passes_s": res.dataset_version.manifest.get("compute", {}).get("seconds")}))
 """
 
 
@@ -64,8 +64,9 @@ def _jpegs(n: int = 16) -> list[bytes]:
     return out
 
 
-def build_pool(storage_root: str, rows: int, dim: int, scorer_key: str | None) -> None:
-    """Raw batch ``b1`` of ``rows`` rows (+ score caches under ``scorer_key`` when given)."""
+def build_pool(storage_root: str, rows: int, dim: int, scorer_key: str | None, near_every: int = 0) -> None:
+    """Raw batch ``b1`` of ``rows`` rows (+ score caches under ``scorer_key`` when given). ``near_every``: every
+    such row's image embedding is a near duplicate (cosine ~0.99) of the row before."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -105,6 +106,9 @@ def build_pool(storage_root: str, rows: int, dim: int, scorer_key: str | None) -
         if scorer_key:
             emb = rng.normal(size=(n, dim)).astype(np.float32)
             emb[idx % 50 == 49] = emb[np.flatnonzero(idx % 50 == 49) - 1]  # same image, same embedding
+            if near_every:
+                near = np.flatnonzero(idx % near_every == near_every - 1)
+                emb[near] = emb[near - 1] + 0.02 * rng.normal(size=(len(near), dim))
             emb /= np.linalg.norm(emb, axis=1, keepdims=True)
             txt = rng.normal(size=(n, dim)).astype(np.float32)
             txt /= np.linalg.norm(txt, axis=1, keepdims=True)
@@ -201,6 +205,42 @@ def bench_rows(rows: int, dim: int, configs: list[str], baseline: str | None, sc
     return out
 
 
+def near_agreement(rows: int, cluster_rows: int, scorer_dir: str) -> dict:
+    """Clustered near dedup against the all-pairs answer (one cluster) on a pool with planted near duplicates."""
+    import pyarrow.parquet as pq
+
+    from tasks.curate.scoring import scorer_identity
+    from vlforge.settings import Settings
+
+    def dropped(uri: str) -> set[str]:
+        keys = set()
+        for f in sorted(os.listdir(os.path.join(uri, "rejected"))):
+            t = pq.read_table(os.path.join(uri, "rejected", f), columns=["key", "reason"]).to_pylist()
+            keys |= {r["key"] for r in t if r["reason"] == "near_duplicate"}
+        return keys
+
+    out = {"rows": rows, "cluster_rows": cluster_rows}
+    with tempfile.TemporaryDirectory(prefix="vlforge-scale-near-") as work:
+        store = os.path.join(work, "store")
+        build_pool(store, rows, 64, scorer_identity(scorer_dir, Settings(storage=store)).key, near_every=10)
+        sets = {}
+        for name, c in (("all_pairs", max(rows, 1000)), ("clustered", cluster_rows)):
+            filters = {"exact_dedup": False, "near_dup_threshold": 0.95, "near_dup_cluster_rows": c}
+            res = run_curate(store, {"scorer": scorer_dir, "filters": filters, "force": True}, ROOT)
+            sets[name] = dropped(res["uri"])
+            out[f"{name}_wall_s"] = round(res["wall_s"], 1)
+            out[f"{name}_near_dedup_s"] = (res.get("passes_s") or {}).get("near_dedup")
+        ref, got = sets["all_pairs"], sets["clustered"]
+        out.update(
+            all_pairs_dropped=len(ref),
+            clustered_dropped=len(got),
+            recall=round(len(ref & got) / max(1, len(ref)), 4),
+            extra=len(got - ref),
+        )
+    print(f"  near dedup, clustered vs all pairs: {out}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="*", default=[100_000, 1_000_000])
@@ -210,6 +250,9 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", default=["plain", "scored"])
     ap.add_argument("--baseline", help="a checkout of the code to compare 'plain' with (side by side)")
     ap.add_argument("--stage-rows", type=int, default=0, help="also stage a URL list of this many rows")
+    ap.add_argument(
+        "--near-rows", type=int, default=50_000, help="pool for the near-dedup agreement (0: skip)"
+    )
     args = ap.parse_args()
     rows = sorted(set(args.rows + ([3_000_000] if args.full else [])))
     from models.clip import build_clip
@@ -220,6 +263,9 @@ def main() -> None:
         for n in rows:
             print(f"== {n:,} rows", flush=True)
             results["rows"][str(n)] = bench_rows(n, 64, args.configs, args.baseline, scorer)
+        if args.near_rows:
+            print(f"== near dedup agreement, {args.near_rows:,} rows", flush=True)
+            results["near_dedup_agreement"] = near_agreement(args.near_rows, 10_000, scorer)
         if args.full:
             print("== 1,000,000 rows at dim 512", flush=True)
             results["rows"]["1000000@512"] = bench_rows(1_000_000, 512, ["scored"], None, scorer)

@@ -144,7 +144,7 @@ def curate(
     ] = None,
     near_dup_cluster_rows: Annotated[
         int, typer.Option(help="Near dedup compares within k-means clusters of about this many rows.")
-    ] = 50_000,
+    ] = 10_000,
     language: Annotated[
         list[str] | None, typer.Option(help="Keep captions in this language (repeatable).")
     ] = None,

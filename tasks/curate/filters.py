@@ -93,7 +93,7 @@ class FilterConfig(BaseModel):
         "this (faiss). Off by default: a weak scorer makes different images of one class look alike.",
     )
     near_dup_cluster_rows: int = Field(
-        50_000,
+        10_000,
         ge=1000,
         description="Near dedup compares images within k-means clusters of about this many rows (SemDeDup), "
         "never all pairs: a pool up to this size is one cluster and gets the exact all-pairs answer; beyond "
