@@ -36,6 +36,11 @@ class RefreshParams(BaseModel):
     allow_private_networks: bool = Field(
         False, description="Allow URLs on private/loopback hosts (demo, tests)."
     )
+    allowed_networks: list[str] = Field(
+        [],
+        description="Networks (CIDR, e.g. 10.1.2.0/24) downloads may reach as if public, such as an internal "
+        "mirror; every other private address stays refused, on every redirect and connection.",
+    )
 
     @model_validator(mode="after")
     def _one_score_rule(self):
