@@ -36,6 +36,7 @@ def configure(settings: Settings):
     from mlflow import MlflowClient
 
     uri = settings.tracking_uri
+    keep_credentials_off_stdout(uri)
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (and the registry URI) to os.environ; a later
     # get_settings() in this process would then take that for the user's choice and keep pointing at this
     # storage root's database after VLFORGE_STORAGE changed. Keep the environment as the user left it.
@@ -52,6 +53,13 @@ def configure(settings: Settings):
         _init_sqlite(uri[len("sqlite:///") :], client)
         _INITIALISED.add(uri)
     return client
+
+
+def keep_credentials_off_stdout(tracking_uri: str) -> None:
+    """MLflow prints ``View run <name> at: <tracking URI>/#/...`` when a run ends; a URI with credentials
+    (``http://user:password@host``) would put the password on the console, so that line is switched off."""
+    if redact(tracking_uri) != tracking_uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def _init_sqlite(path: str, client) -> None:

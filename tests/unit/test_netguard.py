@@ -95,3 +95,16 @@ def test_safe_params_keeps_plain_values_and_drops_secret_keys(monkeypatch):
         "echo": "key is ***",
     }
     assert redact("plain text, no secret") == "plain text, no secret"
+
+
+def test_cli_takes_repeated_allow_network_and_rejects_a_bad_one_in_one_line(settings, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    path = tmp_path / "list.csv"
+    path.write_text("url,caption\nhttp://10.1.2.3/a.jpg,a\n")
+    args = ["ingest", str(path), "--source", "web", "--allow-network", "127.0.0.1/32", "--allow-network"]
+    result = CliRunner().invoke(app, [*args, "10.0.0.0/33"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--allow-network '10.0.0.0/33' is not a network" in " ".join(result.output.split())
