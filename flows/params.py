@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tasks.filters import FilterConfig
+from vlforge.netguard import parse_network
 
 
 class RefreshParams(BaseModel):
@@ -41,6 +42,16 @@ class RefreshParams(BaseModel):
         description="Networks (CIDR, e.g. 10.1.2.0/24) downloads may reach as if public, such as an internal "
         "mirror; every other private address stays refused, on every redirect and connection.",
     )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks_are_cidrs(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            try:
+                parse_network(network)
+            except Exception as exc:  # VlforgeError: the form shows its message
+                raise ValueError(str(exc)) from None
+        return networks
 
     @model_validator(mode="after")
     def _one_score_rule(self):

@@ -108,3 +108,13 @@ def test_cli_takes_repeated_allow_network_and_rejects_a_bad_one_in_one_line(sett
     result = CliRunner().invoke(app, [*args, "10.0.0.0/33"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "--allow-network '10.0.0.0/33' is not a network" in " ".join(result.output.split())
+
+
+def test_refresh_flow_parameters_take_allowed_networks_and_reject_a_bad_one():
+    from pydantic import ValidationError
+
+    from flows.params import RefreshParams
+
+    assert RefreshParams(location="l", allowed_networks=["10.1.2.0/24"]).allowed_networks == ["10.1.2.0/24"]
+    with pytest.raises(ValidationError, match="'mirror' is not a network"):
+        RefreshParams(location="l", allowed_networks=["mirror"])
