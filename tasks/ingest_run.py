@@ -103,12 +103,21 @@ def guarded_downloads(policy: netguard.NetworkPolicy):
 
     i2d_main = importlib.import_module("img2dataset.main")  # the module (the package's "main" is a function)
     original = i2d_main.Downloader
+    built: list[GuardedDownloader] = []
+
+    def build(**kwargs) -> GuardedDownloader:
+        built.append(GuardedDownloader(original(**kwargs), policy))
+        return built[-1]
+
     if policy.active:
-        i2d_main.Downloader = lambda **kw: GuardedDownloader(original(**kw), policy)
+        i2d_main.Downloader = build
     try:
         yield
     finally:
         i2d_main.Downloader = original
+    if policy.active and not built:  # an img2dataset that builds its downloader elsewhere: say so, loudly
+        raise RuntimeError("img2dataset did not build its downloader through img2dataset.main.Downloader: "
+                           "vlforge's network guard could not be installed in its workers")  # fmt: skip
 
 
 def _download(kwargs: dict, ray_address: str | None, policy: netguard.NetworkPolicy) -> None:

@@ -183,6 +183,9 @@ def test_no_secret_reaches_console_logs_mlflow_prefect_or_the_bucket(tmp_path, s
     assert not found, "a secret leaked:\n" + "\n".join(found)
     # What was searched is what the commands wrote: the stages ran against these services.
     assert f"url list s3://{BUCKET}/in/list.csv" in console and n_files > 0
+    assert list((work / "ray").rglob("session_*/logs/*")), (
+        "Ray's session logs were not where they were searched"
+    )
     assert any(k.startswith("vlforge/raw/canary/") and k.endswith("_SUCCESS") for k in keys)
     assert any(k.startswith("vlforge/datasets/canary/") and k.endswith("manifest.json") for k in keys)
     assert any(k.startswith("mlartifacts/") for k in keys)
