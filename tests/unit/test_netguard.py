@@ -118,3 +118,25 @@ def test_refresh_flow_parameters_take_allowed_networks_and_reject_a_bad_one():
     assert RefreshParams(location="l", allowed_networks=["10.1.2.0/24"]).allowed_networks == ["10.1.2.0/24"]
     with pytest.raises(ValidationError, match="'mirror' is not a network"):
         RefreshParams(location="l", allowed_networks=["mirror"])
+
+
+def test_a_registry_error_does_not_show_the_tracking_uri_password(monkeypatch):
+    import socket
+
+    from vlforge.errors import ModelNotFoundError
+    from vlforge.registry import registered_version
+    from vlforge.settings import Settings
+
+    with socket.socket() as s:  # a port nothing listens on: MLflow's request fails and names its URL
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv(
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false"
+    )  # configure() sets it: restored after
+    settings = Settings(storage="/tmp/unused", mlflow_tracking_uri=f"http://admin:canary-pw@127.0.0.1:{port}")
+    with pytest.raises(ModelNotFoundError) as error:
+        registered_version("models:/vlforge-clip@champion", settings)
+    assert "canary-pw" not in str(error.value) and f"http://***@127.0.0.1:{port}" in str(error.value)
+    assert error.value.__suppress_context__  # the original error (with the URL) is not shown below it
