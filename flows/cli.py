@@ -76,6 +76,10 @@ def ingest(
     threads: Annotated[int | None, typer.Option(help="Threads per process.")] = None,
     distributor: Annotated[str, typer.Option(help="multiprocessing or ray.")] = "multiprocessing",
     allow_private_networks: Annotated[bool, typer.Option(help="Allow private/loopback hosts.")] = False,
+    allow_network: Annotated[
+        list[str] | None,
+        typer.Option(help="Allow this network (CIDR, e.g. 10.1.2.0/24) as if public; repeatable."),
+    ] = None,
     timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = 10.0,
     retries: Annotated[int, typer.Option(help="Retries for transient errors.")] = 2,
     user_agent: Annotated[str | None, typer.Option(help="User agent (default names vlforge).")] = None,
@@ -103,6 +107,7 @@ def ingest(
         threads=threads,
         distributor=distributor,
         allow_private_networks=allow_private_networks,
+        allowed_networks=allow_network,
         timeout=timeout,
         retries=retries,
         user_agent=user_agent,

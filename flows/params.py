@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tasks.curate.filters import FilterConfig
+from vlforge.netguard import parse_network
 
 
 class RefreshParams(BaseModel):
@@ -36,6 +37,21 @@ class RefreshParams(BaseModel):
     allow_private_networks: bool = Field(
         False, description="Allow URLs on private/loopback hosts (demo, tests)."
     )
+    allowed_networks: list[str] = Field(
+        [],
+        description="Networks (CIDR, e.g. 10.1.2.0/24) downloads may reach as if public, such as an internal "
+        "mirror; every other private address stays refused, on every redirect and connection.",
+    )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks_are_cidrs(cls, networks: list[str]) -> list[str]:
+        for network in networks:
+            try:
+                parse_network(network)
+            except Exception as exc:  # VlforgeError: the form shows its message
+                raise ValueError(str(exc)) from None
+        return networks
 
     @model_validator(mode="after")
     def _one_score_rule(self):

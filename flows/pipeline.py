@@ -57,6 +57,7 @@ def refresh_dataset(params: RefreshParams) -> dict:
         caption_col=params.caption_col,
         shard_size=params.shard_size,
         allow_private_networks=params.allow_private_networks,
+        allowed_networks=params.allowed_networks,
     )
     new = [r for r in ingested if not r.skipped]
     batch_rows = [

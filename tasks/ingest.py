@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from prefect import task
@@ -25,6 +26,7 @@ from tasks.ingest_stage import StagedList, load_staged, read_allowed_rows, read_
 from tasks.urllists import content_hash, find_list_files
 from vlforge import raw, storage
 from vlforge.errors import UrlListError, VlforgeError
+from vlforge.netguard import NetworkPolicy
 from vlforge.settings import Settings
 
 log = logging.getLogger("vlforge.ingest")
@@ -70,6 +72,7 @@ class DownloadOptions:
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)  # checked before download and on every hop
 
 
 def ingest(
@@ -84,6 +87,7 @@ def ingest(
     threads: int | None = None,
     distributor: str = "multiprocessing",
     allow_private_networks: bool = False,
+    allowed_networks: Sequence[str] | None = None,
     timeout: float = 10.0,
     retries: int = 2,
     user_agent: str | None = None,
@@ -93,8 +97,13 @@ def ingest(
     disallowed_header_directives: list[str] | None = None,
 ) -> list[IngestResult]:
     """Download every list file at ``url_list`` (file, folder or glob; local or s3://) into raw batches of
-    ``source``. All lists are validated (and staged) before anything is downloaded."""
+    ``source``. All lists are validated (and staged) before anything is downloaded.
+
+    Hosts that are or resolve to private, loopback, link-local, multicast or reserved addresses are refused
+    (before download, on every redirect and on every connection) unless ``allow_private_networks`` or their
+    address lies in one of ``allowed_networks`` (CIDRs)."""
     _check_args(source, distributor, shard_size)
+    network = NetworkPolicy.of(allow_private_networks, allowed_networks)
     opts = DownloadOptions(
         shard_size=shard_size,
         processes=processes or os.cpu_count() or 1,
@@ -106,13 +115,11 @@ def ingest(
         image_size=image_size,
         min_image_size=min_image_size,
         max_image_area=max_image_area,
+        network=network,
     )
     if disallowed_header_directives is not None:
         opts.disallowed_header_directives = list(disallowed_header_directives)
-    plans = [
-        _plan(f, source, settings, url_col, caption_col, allow_private_networks)
-        for f in find_list_files(url_list)
-    ]
+    plans = [_plan(f, source, settings, url_col, caption_col, network) for f in find_list_files(url_list)]
     results = []
     for plan in plans:
         if plan.staged is None:
@@ -143,7 +150,7 @@ def _check_args(source: str, distributor: str, shard_size: int) -> None:
         raise VlforgeError(f"--shard-size must be at least 1, got {shard_size}")
 
 
-def _plan(path: str, source: str, settings: Settings, url_col, caption_col, allow_private) -> _Plan:
+def _plan(path: str, source: str, settings: Settings, url_col, caption_col, network: NetworkPolicy) -> _Plan:
     try:
         batch_id = content_hash(path)[:16]
     except FileNotFoundError as exc:
@@ -154,7 +161,7 @@ def _plan(path: str, source: str, settings: Settings, url_col, caption_col, allo
     if raw.is_complete(uri):
         return _Plan(path, batch_id, uri, None)
     staging = storage.join(raw.raw_root(settings, source), "_staging", batch_id)
-    staged = load_staged(staging) or stage_list(path, staging, url_col, caption_col, allow_private)
+    staged = load_staged(staging) or stage_list(path, staging, url_col, caption_col, network)
     return _Plan(path, batch_id, uri, staged)
 
 

@@ -15,10 +15,12 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlforge import storage
+from vlforge import netguard, storage
 
 ROW_COL = "vlforge_row"  # position of the row in the URL list (0-based), carried through img2dataset
-REFUSED_PREFIX = "refused by vlforge: "
+REFUSED_PREFIX = (
+    netguard.REFUSED_PREFIX
+)  # before download, or by the guard in a worker (inside urllib's text)
 OOM_SHARD_COUNT = 5  # img2dataset's default: shard files are NNNNN.parquet
 
 _HTTP = re.compile(r"HTTP Error (\d{3})")
@@ -43,8 +45,9 @@ def reason(status: str | None, error_message: str | None) -> str:
     if status == "success":
         return "success"
     msg = (error_message or "").strip()
-    if msg.startswith(REFUSED_PREFIX):
-        return msg[len(REFUSED_PREFIX) :].split(":", 1)[0]
+    at = msg.find(REFUSED_PREFIX)  # at 0 before download; inside "<urlopen error ...>" from a worker
+    if at >= 0:
+        return msg[at + len(REFUSED_PREFIX) :].split(":", 1)[0]
     m = _HTTP.search(msg)
     if m:
         return f"http_{m.group(1)}"

@@ -4,6 +4,10 @@ img2dataset spawns its workers, so the environment set here reaches them: OpenCV
 bomb is refused from its header, before any pixel buffer is allocated), the S3 endpoint for s3fs, and quiet
 albumentations. img2dataset installs a SIGINT handler in the calling process; it is restored afterwards, and off
 the main thread (where signal handlers cannot be set) the call runs in a spawned child process.
+
+The network guard travels with the downloader: img2dataset builds one ``Downloader`` and pickles it to every
+worker (spawned processes, or Ray tasks with ``distributor="ray"``); vlforge hands it a :class:`GuardedDownloader`
+instead, which enters :func:`vlforge.netguard.guarded` around each shard in whichever process runs it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import signal
 import threading
 from typing import TYPE_CHECKING
 
+from vlforge import netguard
 from vlforge.settings import Settings
 
 if TYPE_CHECKING:
@@ -78,7 +83,44 @@ def worker_environment(settings: Settings, max_image_area: float):
                 os.environ[k] = v
 
 
-def _download(kwargs: dict, ray_address: str | None) -> None:
+class GuardedDownloader:
+    """img2dataset's downloader with the network guard on while it downloads a shard (picklable by reference, so
+    it works in spawned multiprocessing workers and in Ray workers alike)."""
+
+    def __init__(self, downloader, policy: netguard.NetworkPolicy):
+        self.downloader = downloader
+        self.policy = policy
+
+    def __call__(self, row):
+        with netguard.guarded(self.policy):
+            return self.downloader(row)
+
+
+@contextlib.contextmanager
+def guarded_downloads(policy: netguard.NetworkPolicy):
+    """Make ``img2dataset.download`` wrap the downloader it builds in a :class:`GuardedDownloader`."""
+    import importlib
+
+    i2d_main = importlib.import_module("img2dataset.main")  # the module (the package's "main" is a function)
+    original = i2d_main.Downloader
+    built: list[GuardedDownloader] = []
+
+    def build(**kwargs) -> GuardedDownloader:
+        built.append(GuardedDownloader(original(**kwargs), policy))
+        return built[-1]
+
+    if policy.active:
+        i2d_main.Downloader = build
+    try:
+        yield
+    finally:
+        i2d_main.Downloader = original
+    if policy.active and not built:  # an img2dataset that builds its downloader elsewhere: say so, loudly
+        raise RuntimeError("img2dataset did not build its downloader through img2dataset.main.Downloader: "
+                           "vlforge's network guard could not be installed in its workers")  # fmt: skip
+
+
+def _download(kwargs: dict, ray_address: str | None, policy: netguard.NetworkPolicy) -> None:
     import img2dataset
 
     if kwargs["distributor"] == "ray":
@@ -87,7 +129,8 @@ def _download(kwargs: dict, ray_address: str | None) -> None:
         init_ray(Settings(storage="/tmp/unused", ray_address=ray_address))
     previous = signal.getsignal(signal.SIGINT)
     try:
-        img2dataset.download(**kwargs)
+        with guarded_downloads(policy):
+            img2dataset.download(**kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -100,12 +143,12 @@ def run_img2dataset(staged: StagedList, output_uri: str, opts: DownloadOptions, 
                 from vlforge.raycluster import init_ray
 
                 init_ray(settings)
-            _download(kwargs, settings.ray_address)
+            _download(kwargs, settings.ray_address, opts.network)
             return
         import multiprocessing
 
         child = multiprocessing.get_context("spawn").Process(
-            target=_download, args=(kwargs, settings.ray_address), name="vlforge-img2dataset"
+            target=_download, args=(kwargs, settings.ray_address, opts.network), name="vlforge-img2dataset"
         )
         child.start()
         child.join()

@@ -113,7 +113,7 @@ def _with_rows(table: pa.Table, malformed: list[str]) -> tuple[pa.Table, list[tu
 
 
 def stage_list(
-    path: str, uri: str, url_col: str, caption_col: str, allow_private_networks: bool
+    path: str, uri: str, url_col: str, caption_col: str, network: netguard.NetworkPolicy
 ) -> StagedList:
     """Read and validate ``path`` (raising UrlListError) and write the staged files to ``uri``."""
     listed = read_url_list(path, url_col, caption_col)
@@ -127,8 +127,10 @@ def stage_list(
         if refusal is not None:
             refusals.append((i, f"{refusal.reason}: {refusal.detail}"))
         hosts[i] = host
-    if not allow_private_networks:
-        bad_hosts = netguard.refuse_hosts(h for i, h in enumerate(hosts) if h and i not in refused_rows)
+    if network.active:
+        bad_hosts = netguard.refuse_hosts(
+            (h for i, h in enumerate(hosts) if h and i not in refused_rows), network
+        )
         for i, h in enumerate(hosts):
             if h in bad_hosts:
                 refusals.append((i, f"{bad_hosts[h].reason}: {bad_hosts[h].detail}"))

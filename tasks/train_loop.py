@@ -66,6 +66,9 @@ class _MlflowLogger:
             return
         import mlflow
 
+        from vlforge.tracking import keep_credentials_off_stdout
+
+        keep_credentials_off_stdout(config["tracking_uri"])  # this worker's process prints run links too
         mlflow.set_tracking_uri(config["tracking_uri"])
         mlflow.set_registry_uri(config["tracking_uri"])
         self.client = mlflow.MlflowClient(config["tracking_uri"])

@@ -55,11 +55,15 @@ def registered_version(uri: str, settings: Settings):
     except ModelNotFoundError:
         raise
     except Exception as exc:
+        from vlforge.tracking import redact  # the URI, and MLflow's message, may carry the server's password
+
         raise ModelNotFoundError(
-            f"cannot resolve {uri!r} in the MLflow registry at {settings.tracking_uri}: {str(exc)[:300]}. "
-            "Check the model name and alias (e.g. models:/vlforge-clip@champion) or train one first "
-            "with `vlforge pretrain`"
-        ) from exc
+            redact(
+                f"cannot resolve {uri!r} in the MLflow registry at {settings.tracking_uri}: {str(exc)[:300]}. "
+                "Check the model name and alias (e.g. models:/vlforge-clip@champion) or train one first "
+                "with `vlforge pretrain`"
+            )
+        ) from None
 
 
 def resolve_model_dir(uri: str, settings: Settings) -> str:

@@ -7,6 +7,7 @@ each experiment's artifact location lives under ``<storage>/mlflow-artifacts``.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from vlforge.settings import Settings
@@ -35,6 +36,7 @@ def configure(settings: Settings):
     from mlflow import MlflowClient
 
     uri = settings.tracking_uri
+    keep_credentials_off_stdout(uri)
     # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (and the registry URI) to os.environ; a later
     # get_settings() in this process would then take that for the user's choice and keep pointing at this
     # storage root's database after VLFORGE_STORAGE changed. Keep the environment as the user left it.
@@ -51,6 +53,13 @@ def configure(settings: Settings):
         _init_sqlite(uri[len("sqlite:///") :], client)
         _INITIALISED.add(uri)
     return client
+
+
+def keep_credentials_off_stdout(tracking_uri: str) -> None:
+    """MLflow prints ``View run <name> at: <tracking URI>/#/...`` when a run ends; a URI with credentials
+    (``http://user:password@host``) would put the password on the console, so that line is switched off."""
+    if redact(tracking_uri) != tracking_uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def _init_sqlite(path: str, client) -> None:
@@ -127,17 +136,50 @@ def log_dataset_input(dataset_version, context: str = "training") -> None:
 
 
 def run_url(settings: Settings, run_id: str) -> str:
-    """A link to the run: the MLflow UI when the tracking URI is a server, else the runs:/ URI."""
+    """A link to the run: the MLflow UI when the tracking URI is a server, else the runs:/ URI (never with the
+    credentials a tracking URI may carry)."""
     uri = settings.tracking_uri
     if uri.startswith(("http://", "https://")):
         import mlflow
 
         run = mlflow.get_run(run_id)
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        return redact(f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}")
     return f"runs:/{run_id}"
 
 
+_SECRET_NAMES = ("secret", "password", "passwd", "token", "key_id", "access_key", "credential", "api_key")
+# scheme://user:password@ (the password may hold a raw "/") or scheme://token@ (no "/" before the "@").
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][\w+.-]*://)(?:[^\s/@:]*:[^\s@]*|[^\s/@]+)@")
+_QUERY_SECRET = re.compile(
+    r"(?P<name>[?&;][^=&\s]*(?:password|passwd|secret|token|signature|credential|api_?key|sig)[^=&\s]*)=[^&\s]+",
+    re.IGNORECASE,
+)
+_MIN_ENV_SECRET = 8  # shorter environment values are too common to redact wherever they occur
+
+
+def _environment_secrets() -> list[str]:
+    """Values of this process's secret-named environment variables (S3 keys, database passwords, tokens)."""
+    values = {
+        v
+        for k, v in os.environ.items()
+        if any(n in k.lower() for n in _SECRET_NAMES) and len(v) >= _MIN_ENV_SECRET
+    }
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """``text`` without credentials: URL user info, secret query parameters, and the value of any secret-named
+    environment variable (``AWS_SECRET_ACCESS_KEY``, ``*_PASSWORD``, ``*_TOKEN``...) wherever it appears."""
+    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    text = _QUERY_SECRET.sub(r"\g<name>=***", text)
+    for secret in _environment_secrets():
+        text = text.replace(secret, "***")
+    return text
+
+
 def safe_params(params: dict[str, Any]) -> dict[str, str]:
-    """Drop anything that looks like a secret before it reaches MLflow."""
-    banned = ("secret", "password", "token", "key_id", "access_key")
-    return {k: str(v)[:500] for k, v in params.items() if not any(b in k.lower() for b in banned)}
+    """Params fit for MLflow: secret-named keys dropped, credentials inside values redacted (see :func:`redact`),
+    values cut to MLflow's 500 characters."""
+    return {
+        k: redact(str(v))[:500] for k, v in params.items() if not any(b in k.lower() for b in _SECRET_NAMES)
+    }

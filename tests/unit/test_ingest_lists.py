@@ -177,7 +177,7 @@ def test_staging_numbers_rows_refuses_with_reasons_and_interleaves(tmp_path):
         {"url": "gopher://93.184.216.34/", "caption": "x", "key": "k4"},
     ]
     path = _write(tmp_path / "list.parquet", "parquet", rows)
-    staged = stage_list(path, str(tmp_path / "stage"), "url", "caption", allow_private_networks=False)
+    staged = stage_list(path, str(tmp_path / "stage"), "url", "caption", netguard.NetworkPolicy())
     assert (staged.rows, staged.allowed) == (5, 3)
     assert staged.extra_columns == ["list_key", ROW_COL]  # img2dataset reserves "key"
     allowed = pq.read_table(staged.input_uri).to_pylist()
