@@ -67,10 +67,15 @@ def _curate_on_cluster(head, worker, address, env, tmp_path):
         _wait_for_nodes(address, env, 1)
         with background("ray worker", worker, env, tmp_path / "worker.log", grace=20):
             _wait_for_nodes(address, env, 2)
-            cli = {**env, "VLFORGE_RAY_ADDRESS": address}
+            cli = {
+                **env,
+                "VLFORGE_RAY_ADDRESS": address,
+                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+            }
             proc = subprocess.run(
                 [str(BIN / "vlforge"), "curate", "--source", "web", "--dataset", "multi"],
                 env=cli,
+                cwd=tmp_path,
                 capture_output=True,
                 text=True,
                 timeout=600,
