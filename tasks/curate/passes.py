@@ -44,7 +44,7 @@ class ScanResult:
     arrow_schema: pa.Schema
     counts: dict[str, int]
     eligible: int
-    hist: np.ndarray | None = None
+    hist: tuple[np.ndarray, np.ndarray] | None = None  # sparse high-bits histogram (select.high_histogram)
 
 
 @dataclass
@@ -77,7 +77,7 @@ def scan(shard: ShardRef, config: FilterConfig, top: bool) -> tuple[ScanResult, 
     return res, Eligible(elig, keys)
 
 
-def refine(elig: Eligible, high_bin: int) -> np.ndarray:
+def refine(elig: Eligible, high_bin: int) -> tuple[np.ndarray, np.ndarray]:
     return select.low_histogram(elig.keys, high_bin)
 
 

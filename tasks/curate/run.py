@@ -115,16 +115,19 @@ def run_curation(
     scan = ray.remote(passes.scan).options(num_returns=2, scheduling_strategy="SPREAD")
     launched = [scan.remote(s, config, top) for s in shards]
     elig = [e for _, e in launched]
+    scanned = [r for r, _ in launched]
+    del launched
     hist = np.zeros(select.HIGH, np.int64) if top else None
     results: list[passes.ScanResult] = []
     with _bar(len(shards), "filtering", progress) as bar:
-        for r in _completed([r for r, _ in launched], "filtering the pool"):
+        for r in _completed(scanned, "filtering the pool"):
             if top:
-                hist += r.hist
+                select.add_sparse(hist, r.hist)
                 r.hist = None
             results.append(r)
             bar.update()
     lap("filter")
+    del scanned  # results read: let Ray free them
     pool_schema = passes.check_schemas(results, {s.index: s.uri for s in shards})
     eligible = sum(r.eligible for r in results)
     del results
@@ -137,7 +140,7 @@ def run_curation(
     near_refs, clusters = _near_dedup(
         shards, elig, cutoff, quotas, config, survivors - n_exact_lost, cpus, exact_refs
     )
-    _get(near_refs, "near dedup")
+    ray.wait(near_refs, num_returns=len(near_refs), fetch_local=False)  # for the timing; nothing fetched
     lap("near_dedup")
     selection.update(
         {"eligible": eligible, "exact_dedup_partitions": len(exact_refs), "near_dup_clusters": clusters}
@@ -178,7 +181,7 @@ def _top_fraction(elig: list, hist, config: FilterConfig, n_shards: int):
     refine = ray.remote(passes.refine)
     low = np.zeros(select.HIGH, np.int64)
     for h in _completed([refine.remote(e, high_bin) for e in elig], "the top-fraction cutoff"):
-        low += h
+        select.add_sparse(low, h)
     key, above_in_bin = select.cutoff_key(low, high_bin, n_keep - above)
     needed = n_keep - above - above_in_bin
     ties = _get([ray.remote(passes.ties).remote(e, key) for e in elig], "the top-fraction cutoff")

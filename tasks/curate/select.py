@@ -68,13 +68,25 @@ class Cutoff:
         return key_to_score(self.key) if self.n_keep else float("inf")
 
 
-def high_histogram(keys: np.ndarray) -> np.ndarray:
-    return np.bincount(keys >> 16, minlength=HIGH).astype(np.int64)
+def _sparse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A 65,536-bin histogram as (bins, counts) of its non-empty bins: scores occupy a few thousand bins, and
+    what a task returns to the driver is mapped into the driver's memory."""
+    bins, counts = np.unique(values, return_counts=True)
+    return bins.astype(np.uint16), counts.astype(np.int64)
 
 
-def low_histogram(keys: np.ndarray, high_bin: int) -> np.ndarray:
-    inside = keys[(keys >> 16) == high_bin]
-    return np.bincount(inside & 0xFFFF, minlength=HIGH).astype(np.int64)
+def high_histogram(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return _sparse(keys >> 16)
+
+
+def low_histogram(keys: np.ndarray, high_bin: int) -> tuple[np.ndarray, np.ndarray]:
+    return _sparse(keys[(keys >> 16) == high_bin] & 0xFFFF)
+
+
+def add_sparse(hist: np.ndarray, sparse: tuple[np.ndarray, np.ndarray]) -> None:
+    """Add a sparse histogram into a dense [65,536] one."""
+    bins, counts = sparse
+    np.add.at(hist, bins.astype(np.int64), counts)
 
 
 def cutoff_bin(hist: np.ndarray, fraction: float) -> tuple[int, int, int, int]:
