@@ -37,7 +37,7 @@ SHARD_ROWS = 10_000
 SOURCE = "bench"
 
 DRIVER = """
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 from tasks.curate import curate
 from vlforge.settings import get_settings
@@ -47,7 +47,10 @@ if "filters" in kw:
     kw["filters"] = FilterConfig(**kw["filters"])
 res = curate("bench", "scale", get_settings(), progress=False, track=False, **kw)
 wall = time.perf_counter() - t0
-print("RESULT " + json.dumps({"wall_s": wall, "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM, not getrusage's ru_maxrss: on Linux that keeps the parent's RSS at fork/exec (the bench's own, which
+# grows with the pool it built), so it cannot tell a driver that stays small.
+hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+print("RESULT " + json.dumps({"wall_s": wall, "driver_peak_rss_mb": hwm,
       "counts": res.counts, "uri": res.dataset_version.uri, "passes_s": res.dataset_version.manifest.get("compute", {}).get("seconds")}))
 """
 

@@ -107,6 +107,7 @@ def run_curation(
 
     def lap(name: str) -> None:
         timings[name] = round(time.perf_counter() - t0 - sum(timings.values()), 2)
+        log.debug("after %s: driver RSS %.0f MB", name, _rss_mb())
 
     init_ray(settings)
     lap("ray_start")
@@ -163,6 +164,14 @@ def run_curation(
     out.timings = timings
     log.info("curation passes (s): %s", timings)
     return out
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(x.split()[1]) for x in fh if x.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
 
 
 def _rows(table) -> int:
