@@ -426,18 +426,19 @@ def _capture_logging(stream) -> list:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_drop_noise)
-    previous_level = root.level
+    undo = [(root, handler, root.level), (log, None, log.level)]
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     log.setLevel(logging.INFO)
     logging.captureWarnings(True)
-    return [(root, handler, previous_level)]
+    return undo
 
 
 def _release_logging(undo: list) -> None:
     logging.captureWarnings(False)
     for logger, handler, level in undo:
-        logger.removeHandler(handler)
+        if handler is not None:
+            logger.removeHandler(handler)
         logger.setLevel(level)
 
 
