@@ -33,8 +33,9 @@ class _Terminal:
 console = _Terminal(stderr=True)
 out = _Terminal(stderr=False)
 _verbose = False
-# Commands that run libraries (Ray, MLflow, Prefect, img2dataset): their output goes to a log file.
-LOGGED_COMMANDS = ("ingest", "curate", "pretrain", "finetune", "demo", "serve")
+# Commands that run libraries (Ray, MLflow, Prefect, img2dataset): their output goes to a log file. `serve` is
+# a server: its output (Prefect's runner, the flow runs) is what an operator reads, and stays on the console.
+LOGGED_COMMANDS = ("ingest", "curate", "pretrain", "finetune", "demo")
 
 
 def _quiet_environment() -> None:
