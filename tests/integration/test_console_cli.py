@@ -116,3 +116,29 @@ def test_progress_is_live_on_a_terminal(settings, image_server, tmp_path):
     live = re.findall(r"downloading tty\.csv\s+━+\s*\d+/12 rows", plain)
     assert live, plain[-3000:]
     assert "downloading tty.csv: 12/12 rows in " in plain
+
+
+def test_stage_lines_reach_the_prefect_flow_run_logs(settings):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.context import FlowRunContext
+
+    from vlforge import console
+
+    @flow(name="staged")
+    def staged():
+        with console.stage("score the pool"):
+            console.warn_user("3 rows have no caption")
+        return FlowRunContext.get().flow_run.id
+
+    run_id = staged()
+    messages, deadline = [], time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline and not any(m.startswith("ok score") for m in messages):
+            time.sleep(0.5)  # Prefect ships run logs to its API in batches
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            messages = [log.message for log in logs]
+    assert "> score the pool" in messages, messages
+    assert "warning: 3 rows have no caption" in messages, messages
+    assert any(m.startswith("ok score the pool (") for m in messages), messages
