@@ -425,7 +425,6 @@ def _capture_logging(stream) -> list:
     root = logging.getLogger()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_drop_noise)
     undo = [(root, handler, root.level), (log, None, log.level)]
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -440,18 +439,3 @@ def _release_logging(undo: list) -> None:
         if handler is not None:
             logger.removeHandler(handler)
         logger.setLevel(level)
-
-
-# Library messages that say nothing about the user's work and repeat many times; dropped from the log too.
-_NOISE = (
-    # Ray 2.5x Train V2 driver: logged every 2 s while the controller actor is busy or starting (ray.train.v2).
-    ("ray.train", "Failed to query Ray Train Controller actor state"),
-)
-
-
-def _drop_noise(record: logging.LogRecord) -> bool:
-    name = record.name
-    for logger_prefix, text in _NOISE:
-        if name.startswith(logger_prefix) and text in record.getMessage():
-            return False
-    return True

@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import sys
+import time
 import warnings
 
 from vlforge import console
@@ -70,3 +71,18 @@ def test_failed_stage_says_so_and_outside_a_session_only_logs(settings, monkeypa
         bar.advance(5)
     assert user_err.getvalue() == before  # no session: nothing printed
     assert "> quiet" in caplog.text and "counting: 5 items" in caplog.text
+
+
+def test_verbose_session_shows_the_log_live_and_still_records_it(settings, capfd):
+    with console.session("unit", settings, verbose=True) as path:
+        os.write(2, b"library line from a child process\n")
+        logging.getLogger("ray.data").warning("a Ray Data warning")
+        with console.stage("step"):
+            pass
+    time.sleep(0.2)  # the tee thread copies what it read before the session ended
+    shown = capfd.readouterr()
+    assert "library line from a child process" in shown.err and "a Ray Data warning" in shown.err
+    with open(path) as f:
+        logged = f.read()
+    assert "library line from a child process" in logged and "a Ray Data warning" in logged
+    assert "> step" in logged
