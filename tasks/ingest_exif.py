@@ -59,8 +59,7 @@ def upright_batch(batch_uri: str, shard_uris: list[str], workers: int = MAX_WORK
         for n in pool.map(upright_shard, shard_uris):
             turned += n
             bar.advance()
-            if turned:
-                bar.update(info=f"{turned} turned upright")
+            bar.update(info=f"{turned} images turned upright")
     return turned
 
 
