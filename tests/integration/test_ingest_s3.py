@@ -78,3 +78,7 @@ def test_command_log_is_written_locally_and_uploaded_to_s3_storage(s3_endpoint, 
     assert b"a library line" in storage.read_bytes(uri)
     [local] = os.listdir(tmp_path / ".vlforge-logs")
     assert uri.endswith("/" + local)
+    with pytest.raises(RuntimeError), console.session("failing", settings) as failed_uri:
+        os.write(2, b"what went wrong\n")
+        raise RuntimeError("boom")
+    assert b"what went wrong" in storage.read_bytes(failed_uri)  # uploaded after an error too
