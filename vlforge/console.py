@@ -21,14 +21,18 @@ The API stage code calls (small and stable)::
 - ``stage(name)``: a line as it starts and one as it ends (with its duration, or that it failed). Inside a
   Prefect flow or task run the same lines go to the run's logs (the Prefect UI), nothing else of ours does.
   The caller of a stage function owns its stage (the CLI command, the flow); stage functions report progress.
-- ``progress(total, unit, description)``: a context manager yielding a handle with ``advance(n=1)`` and
-  ``update(completed=None, total=None, info=None)``; thread-safe. ``total`` may be None (a count only).
+- ``progress(total, unit, description, poll=None, every=1.0)``: a context manager yielding a handle with
+  ``advance(n=1)`` and ``update(completed=None, total=None, info=None)``; thread-safe. ``total`` may be None (a
+  count only). ``poll`` (a callable returning the count, or ``(count, info)``) is for work done elsewhere: it is
+  called every ``every`` seconds while the display is live, and once at the end. The live display is drawn only
+  on a terminal; in a pipe (and in the log) the closing line, with count, time and rate, is what remains.
 - ``info(msg)``: one line on the console and in the log. ``warn_user(msg)``: a warning about the user's data
   or settings, in plain words, once per session; warnings the user cannot act on belong in the log only.
 - ``log_path()``: where this command's log is (None outside a session).
 
-Log files: ``<storage>/logs/<UTC time>-<command>.log``. With ``s3://`` storage the log is written locally to
-``./.vlforge-logs/`` and uploaded to ``<storage>/logs/`` when the command ends (also after an error).
+Log files: ``<storage>/logs/<UTC time>-<pid>-<command>.log``. With ``s3://`` storage the log is written locally
+to ``./.vlforge-logs/`` and uploaded to ``<storage>/logs/`` when the command ends (also after an error). The fd
+plumbing lives in :mod:`vlforge.command_log`.
 """
 
 from __future__ import annotations
