@@ -10,15 +10,32 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from vlforge import console as ui
 from vlforge.errors import VlforgeError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Curated image-text datasets and CLIP models."
 )
-console = Console(stderr=True)
-out = Console()
+
+
+class _Terminal:
+    """The console people see (``vlforge.console.terminal``), looked up when used: inside a command's session
+    it is the terminal the command started on, while stdout/stderr go to the command's log file."""
+
+    def __init__(self, stderr: bool):
+        self.stderr = stderr
+
+    def __getattr__(self, name):
+        return getattr(ui.terminal(stderr=self.stderr), name)
+
+
+console = _Terminal(stderr=True)
+out = _Terminal(stderr=False)
+_verbose = False
+# Commands that run libraries (Ray, MLflow, Prefect, img2dataset): their output goes to a log file. `serve` is
+# a server: its output (Prefect's runner, the flow runs) is what an operator reads, and stays on the console.
+LOGGED_COMMANDS = ("ingest", "curate", "pretrain", "finetune", "demo")
 
 
 def _quiet_environment() -> None:
@@ -28,19 +45,42 @@ def _quiet_environment() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Prefect's ephemeral API can take a while to boot on a small, busy machine (default 20 s).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The ephemeral API's telemetry service: it phones home at start-up and logs an ERROR when it cannot.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def user_errors(fn):
-    """Turn a VlforgeError into one clear line on stderr and exit status 2 (no traceback wall)."""
+    """Run a command: library output to its log file (LOGGED_COMMANDS), a VlforgeError as one clear line and
+    exit status 2, any other failure as one line naming the log file that holds the traceback (status 1)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_environment()
-        try:
-            return fn(*args, **kwargs)
-        except VlforgeError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from None
+        if fn.__name__ not in LOGGED_COMMANDS:
+            try:
+                return fn(*args, **kwargs)
+            except VlforgeError as exc:
+                console.print(f"[bold red]error:[/] {exc}", highlight=False)
+                raise typer.Exit(2) from None
+        with ui.session(fn.__name__, _settings(), verbose=_verbose) as log_path:
+            try:
+                result = fn(*args, **kwargs)
+            except VlforgeError as exc:
+                ui.log.error("%s", exc)
+                console.print(f"[bold red]error:[/] {exc}", highlight=False)
+                console.print(f"log: {log_path}", highlight=False)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                ui.log.exception("interrupted")
+                console.print(f"interrupted; log: {log_path}", highlight=False)
+                raise typer.Exit(130) from None
+            except Exception as exc:
+                ui.log.exception("vlforge %s failed", fn.__name__)
+                console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+                console.print(f"the full traceback is in the log: {log_path}", highlight=False)
+                raise typer.Exit(1) from None
+            console.print(f"log: {log_path}", highlight=False, style="dim")
+            return result
 
     return wrapper
 
@@ -50,9 +90,15 @@ def main(
     storage: Annotated[
         str | None, typer.Option(help="Storage root (local folder or s3://); env VLFORGE_STORAGE.")
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Show the full log (libraries, Ray workers) live as well."),
+    ] = False,
 ) -> None:
+    global _verbose
     if storage:
         os.environ["VLFORGE_STORAGE"] = storage
+    _verbose = verbose
 
 
 def _settings():
@@ -96,25 +142,26 @@ def ingest(
     """Download image-text pairs from URL lists with img2dataset (resumable; every row accounted for)."""
     from tasks.ingest import ingest as run
 
-    results = run(
-        url_list,
-        source,
-        _settings(),
-        url_col=url_col,
-        caption_col=caption_col,
-        shard_size=shard_size,
-        processes=processes,
-        threads=threads,
-        distributor=distributor,
-        allow_private_networks=allow_private_networks,
-        allowed_networks=allow_network,
-        timeout=timeout,
-        retries=retries,
-        user_agent=user_agent,
-        image_size=image_size,
-        min_image_size=min_image_size,
-        max_image_area=max_image_area,
-    )
+    with ui.stage(f"ingest {url_list} into source {source}"):
+        results = run(
+            url_list,
+            source,
+            _settings(),
+            url_col=url_col,
+            caption_col=caption_col,
+            shard_size=shard_size,
+            processes=processes,
+            threads=threads,
+            distributor=distributor,
+            allow_private_networks=allow_private_networks,
+            allowed_networks=allow_network,
+            timeout=timeout,
+            retries=retries,
+            user_agent=user_agent,
+            image_size=image_size,
+            min_image_size=min_image_size,
+            max_image_area=max_image_area,
+        )
     for r in results:
         state = (
             "already ingested"
@@ -157,15 +204,18 @@ def curate(
     force: Annotated[bool, typer.Option(help="Publish a new version even if nothing changed.")] = False,
 ) -> None:
     """Score pairs with CLIP on Ray, filter, dedup and publish a versioned Parquet dataset."""
-    from tasks.curate import curate as run
-    from tasks.curate.filters import FilterConfig
-
     if min_score is not None and top_fraction is not None:
         raise VlforgeError("give either --min-score or --top-fraction, not both")
     if (min_score is not None or top_fraction is not None) and not scorer:
         raise VlforgeError(
             "--min-score and --top-fraction need a --scorer (e.g. models:/vlforge-clip@champion)"
         )
+    settings = _settings()
+    if scorer:
+        _check_model_uri(scorer, settings)
+    from tasks.curate import curate as run
+    from tasks.curate.filters import FilterConfig
+
     filters = FilterConfig(
         min_image_size=min_image_size,
         max_aspect_ratio=max_aspect_ratio,
@@ -176,17 +226,18 @@ def curate(
         near_dup_cluster_rows=near_dup_cluster_rows,
         languages=language or None,
     )
-    result = run(
-        source,
-        dataset,
-        _settings(),
-        scorer=scorer,
-        min_score=min_score,
-        top_fraction=top_fraction,
-        filters=filters,
-        batch_size=batch_size,
-        force=force,
-    )
+    with ui.stage(f"curate source {source} into dataset {dataset}"):
+        result = run(
+            source,
+            dataset,
+            settings,
+            scorer=scorer,
+            min_score=min_score,
+            top_fraction=top_fraction,
+            filters=filters,
+            batch_size=batch_size,
+            force=force,
+        )
     dv = result.dataset_version
     if result.skipped:
         out.print(f"nothing new: {dv.ref} already covers every raw batch with this scorer and these filters")
@@ -220,23 +271,26 @@ def pretrain(
     eval_dataset: Annotated[str | None, typer.Option(help="Extra evaluation dataset.")] = None,
 ) -> None:
     """Contrastive (CLIP) pretraining with Ray Train; logs to MLflow and registers vlforge-clip."""
+    settings = _settings()
+    _check_inputs(settings, dataset, eval_dataset, init)
     from tasks.pretrain import pretrain as run
 
-    result = run(
-        dataset,
-        _settings(),
-        recipe=recipe,
-        init=init,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        name=name,
-        grad_accum=grad_accum,
-        grad_checkpointing=grad_checkpointing,
-        eval_dataset=eval_dataset,
-    )
+    with ui.stage(f"pretrain on {dataset}"):
+        result = run(
+            dataset,
+            settings,
+            recipe=recipe,
+            init=init,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            name=name,
+            grad_accum=grad_accum,
+            grad_checkpointing=grad_checkpointing,
+            eval_dataset=eval_dataset,
+        )
     _print_train(result)
 
 
@@ -255,22 +309,42 @@ def finetune(
     name: Annotated[str | None, typer.Option(help="Training name; the same name again resumes it.")] = None,
 ) -> None:
     """LoRA (peft) fine-tuning of a registered model; registers vlforge-clip-lora."""
+    settings = _settings()
+    _check_inputs(settings, dataset, None, base)
     from tasks.finetune import finetune as run
 
-    result = run(
-        dataset,
-        _settings(),
-        base=base,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        name=name,
-    )
+    with ui.stage(f"fine-tune {base} on {dataset}"):
+        result = run(
+            dataset,
+            settings,
+            base=base,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            name=name,
+        )
     _print_train(result)
+
+
+def _check_model_uri(uri: str, settings) -> None:
+    """Resolve a model URI now (one clear error in a second), before Ray or Prefect start."""
+    from vlforge.registry import check_model_uri
+
+    check_model_uri(uri, settings)
+
+
+def _check_inputs(settings, dataset: str, eval_dataset: str | None, model: str | None) -> None:
+    from vlforge.datasets import resolve_dataset
+
+    for name in (dataset, eval_dataset):
+        if name:
+            resolve_dataset(settings, name)
+    if model:
+        _check_model_uri(model, settings)
 
 
 def _print_train(result) -> None:

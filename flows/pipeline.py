@@ -13,7 +13,7 @@ from tasks.curate import curate_task
 from tasks.finetune import finetune_task
 from tasks.ingest import ingest_task
 from tasks.pretrain import pretrain_task
-from vlforge import tracking
+from vlforge import console, tracking
 from vlforge.errors import ModelNotFoundError
 from vlforge.registry import registered_version
 from vlforge.settings import Settings, get_settings
@@ -36,9 +36,9 @@ def _usable_scorer(settings: Settings, scorer: str | None) -> str | None:
         try:
             registered_version(scorer, settings)
         except ModelNotFoundError:
-            _logger().warning(
-                "no %s registered yet: curating with the basic filters only (train a model, then refresh again)",
-                scorer,
+            console.warn_user(
+                f"no {scorer} registered yet: curating with the basic filters only (train a model, then "
+                "refresh again)"
             )
             return None
     return scorer
@@ -49,16 +49,17 @@ def refresh_dataset(params: RefreshParams) -> dict:
     """Ingest the URL lists at ``params.location`` not ingested yet, curate the source, publish a version."""
     settings = get_settings()
     log = _logger()
-    ingested = ingest_task(
-        params.location,
-        params.source,
-        settings,
-        url_col=params.url_col,
-        caption_col=params.caption_col,
-        shard_size=params.shard_size,
-        allow_private_networks=params.allow_private_networks,
-        allowed_networks=params.allowed_networks,
-    )
+    with console.stage(f"ingest {params.location} into source {params.source}"):
+        ingested = ingest_task(
+            params.location,
+            params.source,
+            settings,
+            url_col=params.url_col,
+            caption_col=params.caption_col,
+            shard_size=params.shard_size,
+            allow_private_networks=params.allow_private_networks,
+            allowed_networks=params.allowed_networks,
+        )
     new = [r for r in ingested if not r.skipped]
     batch_rows = [
         {
@@ -71,15 +72,16 @@ def refresh_dataset(params: RefreshParams) -> dict:
         for r in ingested
     ]
     scorer = _usable_scorer(settings, params.scorer)
-    result = curate_task(
-        params.source,
-        params.dataset,
-        settings,
-        scorer=scorer,
-        min_score=params.min_score if scorer else None,
-        top_fraction=params.top_fraction if scorer else None,
-        filters=params.filters,
-    )
+    with console.stage(f"curate source {params.source} into dataset {params.dataset}"):
+        result = curate_task(
+            params.source,
+            params.dataset,
+            settings,
+            scorer=scorer,
+            min_score=params.min_score if scorer else None,
+            top_fraction=params.top_fraction if scorer else None,
+            filters=params.filters,
+        )
     dv = result.dataset_version
     if result.skipped:
         # curate decides "nothing new": same raw batches, same scorer version, same filters as the newest version.
@@ -128,36 +130,38 @@ def train(params: TrainParams) -> dict:
     out: dict = {"dataset": params.dataset}
     rows, links = [], {}
     if params.pretrain:
-        pre = pretrain_task(
-            params.dataset,
-            settings,
-            recipe=params.recipe,
-            init=params.init,
-            epochs=params.epochs,
-            batch_size=params.batch_size,
-            lr=params.learning_rate,
-            num_workers=params.num_workers,
-            use_gpu=params.use_gpu,
-        )
+        with console.stage(f"pretrain on {params.dataset}"):
+            pre = pretrain_task(
+                params.dataset,
+                settings,
+                recipe=params.recipe,
+                init=params.init,
+                epochs=params.epochs,
+                batch_size=params.batch_size,
+                lr=params.learning_rate,
+                num_workers=params.num_workers,
+                use_gpu=params.use_gpu,
+            )
         out["pretrain"] = _train_summary(pre)
         rows.append({"stage": "pretrain", **out["pretrain"]})
         links["MLflow pretrain run"] = tracking.run_url(settings, pre.run_id)
     if params.finetune:
         base = params.base_model or DEFAULT_SCORER
-        ft = finetune_task(
-            params.finetune_dataset or params.dataset,
-            settings,
-            base=base,
-            epochs=params.finetune_epochs,
-            batch_size=params.batch_size,
-            lr=params.finetune_learning_rate,
-            lora_r=params.lora.r,
-            lora_alpha=params.lora.alpha,
-            lora_dropout=params.lora.dropout,
-            lora_targets=list(params.lora.targets),
-            num_workers=params.num_workers,
-            use_gpu=params.use_gpu,
-        )
+        with console.stage(f"fine-tune {base} on {params.finetune_dataset or params.dataset}"):
+            ft = finetune_task(
+                params.finetune_dataset or params.dataset,
+                settings,
+                base=base,
+                epochs=params.finetune_epochs,
+                batch_size=params.batch_size,
+                lr=params.finetune_learning_rate,
+                lora_r=params.lora.r,
+                lora_alpha=params.lora.alpha,
+                lora_dropout=params.lora.dropout,
+                lora_targets=list(params.lora.targets),
+                num_workers=params.num_workers,
+                use_gpu=params.use_gpu,
+            )
         out["finetune"] = _train_summary(ft)
         rows.append({"stage": "finetune", **out["finetune"]})
         links["MLflow fine-tune run"] = tracking.run_url(settings, ft.run_id)

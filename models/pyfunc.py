@@ -46,6 +46,15 @@ def model_signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+def input_example() -> pd.DataFrame:
+    """One row the registered model is logged with (and MLflow checks it serves): a small PNG and a caption."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buf, format="PNG")
+    return pd.DataFrame({IMAGE_COLUMN: [buf.getvalue()], TEXT_COLUMN: ["a red square"]})
+
+
 def image_bytes(value) -> bytes:
     """Encoded image bytes from raw bytes or a base64 string (or base64 held in bytes)."""
     if isinstance(value, bytearray | memoryview):

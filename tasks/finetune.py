@@ -78,14 +78,17 @@ def finetune(
     from tasks.train_data import count_train_rows, train_dataset
     from vlforge.datasets import resolve_dataset
     from vlforge.raycluster import init_ray
-    from vlforge.registry import registered_version
+    from vlforge.registry import check_model_uri, registered_version
     from vlforge.tracking import LORA_MODEL, TAG_BASE_MODEL
 
-    init_ray(settings)
+    # Every address resolved before Ray starts: a wrong one fails in a second, not after Ray's start-up.
     dv = resolve_dataset(settings, dataset)
     eval_dv = resolve_dataset(settings, eval_dataset) if eval_dataset else None
     mv = registered_version(base, settings)  # pin an alias to the version it names now
     base_pinned = f"models:/{mv.name}/{mv.version}" if mv is not None else base
+    if mv is None:
+        check_model_uri(base, settings)
+    init_ray(settings)
     name = name or default_name("finetune", dv)
     gpu = resolve_use_gpu(use_gpu)
     spec = LoraSpec(

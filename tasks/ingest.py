@@ -21,10 +21,11 @@ from prefect import task
 
 from tasks import ingest_accounting as acc
 from tasks.common import retry_unless_user_error
+from tasks.ingest_exif import upright_batch
 from tasks.ingest_run import run_img2dataset
 from tasks.ingest_stage import StagedList, load_staged, read_allowed_rows, read_refused, stage_list
 from tasks.urllists import content_hash, find_list_files
-from vlforge import raw, storage
+from vlforge import console, raw, storage
 from vlforge.errors import UrlListError, VlforgeError
 from vlforge.netguard import NetworkPolicy
 from vlforge.settings import Settings
@@ -195,13 +196,15 @@ def _download(plan: _Plan, source: str, settings: Settings, opts: DownloadOption
     n_shards = math.ceil(staged.allowed / opts.shard_size)
     before = acc.done_shards(plan.uri) & set(range(n_shards))
     start = time.perf_counter()
-    for attempt in range(2):  # a second pass picks up shards img2dataset gave up on
-        if acc.done_shards(plan.uri) >= set(range(n_shards)):
-            break
-        if attempt:
-            log.warning("%s: some shards did not finish; retrying them", plan.uri)
-        run_img2dataset(staged, plan.uri, opts, settings)
-        storage.filesystem(plan.uri)[0].invalidate_cache()
+    name = plan.url_list.rsplit("/", 1)[-1]
+    with console.progress(staged.allowed, "rows", f"downloading {name}", poll=acc.DoneRows(plan.uri)):
+        for attempt in range(2):  # a second pass picks up shards img2dataset gave up on
+            if acc.done_shards(plan.uri) >= set(range(n_shards)):
+                break
+            if attempt:
+                log.warning("%s: some shards did not finish; retrying them", plan.uri)
+            run_img2dataset(staged, plan.uri, opts, settings)
+            storage.filesystem(plan.uri)[0].invalidate_cache()
     elapsed = time.perf_counter() - start
     missing = set(range(n_shards)) - acc.done_shards(plan.uri)
     if missing:
@@ -209,6 +212,8 @@ def _download(plan: _Plan, source: str, settings: Settings, opts: DownloadOption
             f"ingest of {plan.url_list}: shards {sorted(missing)[:10]} did not finish; run the same command "
             "again to resume (completed shards are kept)"
         )
+    shards = [storage.join(plan.uri, f"{acc.shard_name(i)}.parquet") for i in range(n_shards)]
+    upright_batch(plan.uri, shards, opts.processes)  # before _SUCCESS: a resumed run finishes it
     counts = _account(plan, staged, n_shards, opts.shard_size)
     new = acc.shard_stats(plan.uri, set(range(n_shards)) - before)
     images_per_s = sum(s["successes"] for s in new) / elapsed if new and elapsed > 0 else 0.0

@@ -150,3 +150,17 @@ def done_shards(batch: str) -> set[int]:
 
 def shard_stats(batch: str, shard_ids: set[int]) -> list[dict]:
     return [storage.read_json(storage.join(batch, f"{shard_name(i)}_stats.json")) for i in sorted(shard_ids)]
+
+
+class DoneRows:
+    """Rows in the shards img2dataset has finished so far (a progress count); reads each stats file once."""
+
+    def __init__(self, batch: str):
+        self.batch, self.counts = batch, {}
+
+    def __call__(self) -> int:
+        storage.filesystem(self.batch)[0].invalidate_cache()  # s3fs caches listings
+        for uri in storage.glob(storage.join(self.batch, "*_stats.json")):
+            if uri not in self.counts:
+                self.counts[uri] = int(storage.read_json(uri).get("count", 0))
+        return sum(self.counts.values())

@@ -83,9 +83,14 @@ def pretrain(
     from vlforge.raycluster import init_ray
     from vlforge.tracking import PRETRAINED_MODEL, TAG_BASE_MODEL
 
-    init_ray(settings)
+    # Every address resolved before Ray starts: a wrong one fails in a second, not after Ray's start-up.
     dv = resolve_dataset(settings, dataset)
     eval_dv = resolve_dataset(settings, eval_dataset) if eval_dataset else None
+    if init:
+        from vlforge.registry import check_model_uri
+
+        check_model_uri(init, settings)
+    init_ray(settings)
     name = name or default_name("pretrain", dv)
     gpu = resolve_use_gpu(use_gpu)
     n_train = count_train_rows(dv, eval_fraction)

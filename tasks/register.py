@@ -266,7 +266,7 @@ def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str]):
     """``mlflow.pyfunc.log_model`` inside run ``run_id``, leaving the run's status as it was."""
     import mlflow
 
-    from models.pyfunc import ClipPyfunc, model_signature
+    from models.pyfunc import ClipPyfunc, input_example, model_signature
 
     def log_model():
         return mlflow.pyfunc.log_model(
@@ -274,6 +274,7 @@ def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str]):
             python_model=ClipPyfunc(),
             artifacts=artifacts,
             signature=model_signature(),
+            input_example=input_example(),
             code_paths=_code_paths(),
             pip_requirements=pip_requirements(),
             registered_model_name=name,

@@ -145,10 +145,27 @@ def _maybe_fail(config: dict, rank: int, step: int) -> None:
     os._exit(1)
 
 
+def _quiet_report_log() -> None:
+    """Ray 2.60 Train V2 logs "Reporting training result N: TrainingReport(checkpoint=...)" at INFO on every
+    report (each checkpoint) from a logger named by its file path (``logging.getLogger(__file__)`` in
+    ray/train/v2/_internal/execution/context.py), which ``LoggingConfig(log_level=...)`` does not reach (it
+    filters ``ray.train.*``). Drop that message on that logger; everything else from it still flows."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).addFilter(
+        lambda record: not str(record.msg).startswith("Reporting training result")
+    )
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()

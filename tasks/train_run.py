@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlforge import storage
+from vlforge import console, storage
 from vlforge.datasets import DatasetVersion, new_version_id
 from vlforge.settings import Settings
 
@@ -125,7 +125,7 @@ def fit(
     max_failures: int,
 ):
     """Run the TorchTrainer; returns Ray's Result (with the last checkpoint)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tasks.train_loop import train_loop_per_worker
@@ -142,6 +142,9 @@ def fit(
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (a "Checkpoint successfully created at ..." per report) stay in its
+            # session log files; the console shows steps and loss from the MLflow run instead.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
         # One worker has nothing to split: it iterates the dataset itself. A split would add a coordinator
@@ -154,11 +157,29 @@ def fit(
     # interrupting. Put the previous handler back, which releases the handle and with it those actors.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if in_main else None
+    total = int(loop_config.get("total_steps") or 0) or None
     try:
-        return trainer.fit()
+        with console.progress(total, "steps", "training", poll=_loss_poll(settings, tr.run_id), every=2.0):
+            return trainer.fit()
     finally:
         if in_main:
             signal.signal(signal.SIGINT, previous)
+
+
+def _loss_poll(settings: Settings, run_id: str):
+    """The last logged step and loss of the run (rank 0 logs them to MLflow every ``log_every`` steps)."""
+    from vlforge.tracking import configure
+
+    client = configure(settings)
+
+    def poll():
+        history = client.get_metric_history(run_id, "loss")
+        if not history:
+            return None
+        last = max(history, key=lambda m: m.step)
+        return last.step, f"loss {last.value:.4f}"
+
+    return poll
 
 
 def checkpoint_dir(result, tr: TrainingRun) -> str:

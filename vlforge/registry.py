@@ -66,6 +66,16 @@ def registered_version(uri: str, settings: Settings):
         ) from None
 
 
+def check_model_uri(uri: str, settings: Settings) -> None:
+    """Raise :class:`ModelNotFoundError` now when ``uri`` names no model: a ``models:/`` URI is looked up in the
+    registry, a folder checked for a transformers model, a Hugging Face id accepted as it is. Cheap (no download,
+    no Ray), so commands call it before starting anything."""
+    if uri.startswith("models:/"):
+        registered_version(uri, settings)
+    elif not is_mlflow_uri(uri):
+        resolve_model_dir(uri, settings)
+
+
 def resolve_model_dir(uri: str, settings: Settings) -> str:
     """A local ``save_pretrained`` folder for ``uri``, downloading MLflow artifacts into a local cache."""
     if is_mlflow_uri(uri):

@@ -118,21 +118,37 @@ def dataset_tags(dataset_version) -> dict[str, str]:
 
 
 def log_dataset_input(dataset_version, context: str = "training") -> None:
-    """Log a dataset version as an ``mlflow.data`` input of the active run; its source is the version's URI."""
+    """Log a dataset version as an ``mlflow.data`` input of the active run; its source is the version's URI.
+
+    The input is a metadata-only dataset (its digest is the manifest's content hash, its kept rows a tag): the
+    rows stay in the version's Parquet files, and nothing is inferred from a sample (which warned about
+    integer columns)."""
     import mlflow
-    import pandas as pd
+    from mlflow.data.meta_dataset import MetaDataset
 
     manifest = dataset_version.manifest or {}
-    summary = pd.DataFrame(
-        {
-            "dataset": [dataset_version.name],
-            "version": [dataset_version.version],
-            "rows": [int(manifest.get("counts", {}).get("kept", 0))],
-        }
-    )
-    source = dataset_version.uri if "://" in dataset_version.uri else "file://" + dataset_version.uri
-    ds = mlflow.data.from_pandas(summary, source=source, name=dataset_version.ref)
-    mlflow.log_input(ds, context=context, tags={"uri": dataset_version.uri})
+    uri = dataset_version.uri if "://" in dataset_version.uri else "file://" + dataset_version.uri
+    digest = str(manifest.get("content_hash") or "")[:16] or None
+    ds = MetaDataset(_dataset_source(uri), name=dataset_version.ref, digest=digest)
+    rows = str(int(manifest.get("counts", {}).get("kept", 0)))
+    mlflow.log_input(ds, context=context, tags={"uri": dataset_version.uri, "rows": rows})
+
+
+def _dataset_source(uri: str):
+    """The MLflow dataset source of ``uri``. MLflow 3.x registers LocalArtifactDatasetSource twice, so resolving
+    a file:// URI by string warns that it "can be interpreted in multiple ways"; take the first source class
+    that accepts it instead."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    for source in get_registered_sources():
+        try:
+            if source._can_resolve(uri):
+                return source._resolve(uri)
+        except Exception:
+            continue
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    return HTTPDatasetSource(uri)
 
 
 def run_url(settings: Settings, run_id: str) -> str:

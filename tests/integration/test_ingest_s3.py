@@ -62,3 +62,23 @@ def test_list_on_s3_ingests_into_an_s3_storage_root(s3_endpoint, image_server, t
 
     [again] = ingest("s3://vlforge-test/lists/list.csv", "web", settings, allow_private_networks=True)
     assert again.skipped and again.counts == {"success": 5}
+
+
+def test_command_log_is_written_locally_and_uploaded_to_s3_storage(s3_endpoint, tmp_path, monkeypatch):
+    import os
+
+    from vlforge import console
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VLFORGE_STORAGE", "s3://vlforge-test/store")
+    settings = get_settings()
+    with console.session("unit", settings) as uri:
+        os.write(2, b"a library line\n")
+    assert uri.startswith("s3://vlforge-test/store/logs/") and uri.endswith("-unit.log")
+    assert b"a library line" in storage.read_bytes(uri)
+    [local] = os.listdir(tmp_path / ".vlforge-logs")
+    assert uri.endswith("/" + local)
+    with pytest.raises(RuntimeError), console.session("failing", settings) as failed_uri:
+        os.write(2, b"what went wrong\n")
+        raise RuntimeError("boom")
+    assert b"what went wrong" in storage.read_bytes(failed_uri)  # uploaded after an error too

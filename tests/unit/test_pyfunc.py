@@ -90,3 +90,31 @@ def test_image_bytes_accepts_raw_base64_and_data_uri():
     assert image_bytes("data:image/jpeg;base64," + b64.decode()) == raw
     with pytest.raises(ValueError, match="bytes or base64"):
         image_bytes(12)
+
+
+def test_saved_with_an_input_example_that_serves_and_without_mlflow_warnings(saved, tmp_path):
+    import warnings
+
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    from models.pyfunc import input_example
+
+    _, bundle = saved
+    model_dir = bundle.save(str(tmp_path / "model"))
+    path = str(tmp_path / "pyfunc")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlflow.pyfunc.save_model(
+            path,
+            python_model=ClipPyfunc(),
+            artifacts={"model": model_dir},
+            signature=model_signature(),
+            input_example=input_example(),
+            pip_requirements=["mlflow"],
+        )
+    from_mlflow = [str(w.message) for w in caught if "mlflow" in (w.filename or "")]
+    assert not from_mlflow, from_mlflow
+    example = Model.load(path).load_input_example(path)
+    served = mlflow.pyfunc.load_model(path).predict(example)
+    assert set(served.columns) == {"image_embedding", "text_embedding", "score"} and len(served) == 1
