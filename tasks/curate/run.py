@@ -85,9 +85,9 @@ def _get(refs: list, what: str) -> list:
 
 
 def _bar(total: int, desc: str, progress: bool | None):
-    from tqdm.auto import tqdm
+    from tasks.curate.scoring import progress_line
 
-    return tqdm(total=total, desc=desc, unit="shard", disable={True: False, False: True}.get(progress))
+    return progress_line(total, "shards", desc, progress)
 
 
 def run_curation(
@@ -126,7 +126,7 @@ def run_curation(
                 select.add_sparse(hist, r.hist)
                 r.hist = None
             results.append(r)
-            bar.update()
+            bar.advance()
     lap("filter")
     del scanned  # results read: let Ray free them
     pool_schema = passes.check_schemas(results, {s.index: s.uri for s in shards})
@@ -290,10 +290,10 @@ def _write(
         for s in todo
     ]
     with _bar(len(shards), "publishing", progress) as bar:
-        bar.update(len(shards) - len(todo))
+        bar.advance(len(shards) - len(todo))
         for r in _completed(refs, f"writing version {writer.version} under {writer.uri}"):
             results.append(r)
-            bar.update()
+            bar.advance()
     return _merge(results, writer, selection)
 
 

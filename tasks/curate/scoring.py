@@ -291,6 +291,23 @@ def scorer_plan(num_scorers: int | None = None, num_threads: int | None = None) 
     return ScorerPlan(actors, threads, per_actor, 0, 0.25, max(1, actors // 4))
 
 
+class _NoProgress:
+    def advance(self, n: float = 1) -> None:
+        pass
+
+
+def progress_line(total: int, unit: str, description: str, progress: bool | None):
+    """The console's progress line (``vlforge.console``: nothing outside a command), or none when ``progress``
+    is False."""
+    import contextlib
+
+    from vlforge import console
+
+    if progress is False:
+        return contextlib.nullcontext(_NoProgress())
+    return console.progress(total=total, unit=unit, description=description)
+
+
 def score_shards(
     shards: list[Shard],
     scorer_uri: str,
@@ -309,8 +326,6 @@ def score_shards(
     """
     import time
 
-    from tqdm.auto import tqdm
-
     from vlforge.raycluster import init_ray
 
     dim = int(bundle.model.config.projection_dim)
@@ -326,9 +341,7 @@ def score_shards(
     parts: dict[str, list[dict]] = defaultdict(list)
     done: dict[str, int] = defaultdict(int)
     total = sum(s.rows for s in todo.values())
-    with tqdm(
-        total=total, desc="scoring", unit="pair", disable={True: False, False: True}.get(progress)
-    ) as bar:
+    with progress_line(total, "pairs", "scoring", progress) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             paths = np.asarray(batch["path"])
             for p in np.unique(paths):
@@ -338,7 +351,7 @@ def score_shards(
                 done[key] += int(sel.sum())
                 if done[key] == todo[key].rows:
                     _write_cache(todo[key].cache_uri, parts.pop(key), dim)
-            bar.update(len(paths))
+            bar.advance(len(paths))
             if timings is not None:
                 timings.setdefault("first_batch_at", time.perf_counter())
                 timings.setdefault("first_batch_rows", len(paths))

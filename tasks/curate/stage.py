@@ -107,7 +107,7 @@ def curate(
 ) -> CurateResult:
     """Curate ``source``'s raw batches into a new version of ``dataset`` (see the module docstring).
 
-    ``progress``: True/False forces the progress bars on/off (None: on when attached to a terminal).
+    ``progress``: False turns the console's progress lines off (they show only inside a CLI command).
     ``track``: log the version's MLflow run (on by default).
     """
     config = resolve_filters(filters, min_score, top_fraction)
