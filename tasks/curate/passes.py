@@ -30,10 +30,20 @@ SEED = 20261130
 
 @dataclass
 class Eligible:
-    """One shard's rows that passed the per-row filters: positions and score keys (object store only)."""
+    """One shard's rows that passed the per-row filters, as a bitmap: 1.25 KB for a 10,000-row shard, so it is
+    per-shard metadata (Ray keeps results under 100 KB in the driver's own memory, so nothing per row may come
+    back this way). Later passes read the scores again from the shard's cache."""
 
-    rows: np.ndarray  # int32
-    keys: np.ndarray | None  # uint32, when a top fraction is asked for
+    bits: np.ndarray  # packed bits, one per row
+    n: int
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.flatnonzero(np.unpackbits(self.bits, count=self.n)).astype(np.int32)
+
+
+def eligible_keys(shard: ShardRef, elig: Eligible) -> np.ndarray:
+    return select.sortable_keys(read_shard(shard, ["key"]).scores[elig.rows])
 
 
 @dataclass
@@ -62,7 +72,7 @@ class Plan:
 def scan(shard: ShardRef, config: FilterConfig, top: bool) -> tuple[ScanResult, Eligible]:
     rows = read_shard(shard)
     dec = row_filters(rows.table, config, rows.scores)
-    elig = np.flatnonzero(dec.keep).astype(np.int32)
+    elig = np.flatnonzero(dec.keep)
     keys = select.sortable_keys(rows.scores[elig]) if top else None
     counts = {k: v for k, v in dec.counts().items() if v}
     res = ScanResult(
@@ -74,27 +84,27 @@ def scan(shard: ShardRef, config: FilterConfig, top: bool) -> tuple[ScanResult, 
         len(elig),
         select.high_histogram(keys) if top else None,
     )
-    return res, Eligible(elig, keys)
+    return res, Eligible(np.packbits(dec.keep), len(dec.keep))
 
 
-def refine(elig: Eligible, high_bin: int) -> tuple[np.ndarray, np.ndarray]:
-    return select.low_histogram(elig.keys, high_bin)
+def refine(shard: ShardRef, elig: Eligible, high_bin: int) -> tuple[np.ndarray, np.ndarray]:
+    return select.low_histogram(eligible_keys(shard, elig), high_bin)
 
 
-def ties(elig: Eligible, key: int) -> int:
-    return int((elig.keys == key).sum())
+def ties(shard: ShardRef, elig: Eligible, key: int) -> int:
+    return int((eligible_keys(shard, elig) == key).sum())
 
 
-def survivors(elig: Eligible, plan: Plan, index: int) -> np.ndarray:
+def survivors(elig: Eligible, plan: Plan, index: int, scores: np.ndarray | None) -> np.ndarray:
     """Rows of the shard still kept after the per-row filters and the top fraction (int32 positions)."""
+    rows = elig.rows
     if plan.cutoff is None:
-        return elig.rows
-    return elig.rows[select.in_top(elig.keys, plan.cutoff, plan.quotas[index])]
+        return rows
+    return rows[select.in_top(select.sortable_keys(scores[rows]), plan.cutoff, plan.quotas[index])]
 
 
-def _slim(shard: ShardRef, rows: np.ndarray, extra: dict | None = None) -> pa.Table:
+def _slim(shard: ShardRef, data, rows: np.ndarray) -> pa.Table:
     """(key, score, shard, row, sha256) of the shard's ``rows``."""
-    data = read_shard(shard, ["key", "sha256"])
     t = data.table.take(pa.array(rows))
     score = data.scores[rows] if data.scores is not None else np.full(len(rows), np.nan, np.float32)
     cols = {
@@ -106,29 +116,28 @@ def _slim(shard: ShardRef, rows: np.ndarray, extra: dict | None = None) -> pa.Ta
         "shard": pa.array(np.full(len(rows), shard.index, np.int32)),
         "row": pa.array(rows.astype(np.int32)),
     }
-    return pa.table({**cols, **(extra or {})}), data
+    return pa.table(cols)
 
 
-def dedup_map(shard: ShardRef, elig: Eligible, plan: Plan, parts: int) -> list[pa.Table]:
-    rows = survivors(elig, plan, shard.index)
-    slim, _ = _slim(shard, rows)
+def dedup_map(shard: ShardRef, elig: Eligible, plan: Plan, parts: int) -> select.Partitioned:
+    data = read_shard(shard, ["key", "sha256"])
+    slim = _slim(shard, data, survivors(elig, plan, shard.index, data.scores))
     slim = slim.filter(slim.column("sha256").is_valid())  # rows without a hash are never duplicates
-    out = select.split_by(slim, select.partition_of(slim.column("sha256"), parts), parts)
-    return out if parts > 1 else out[0]
+    return select.partitioned(slim, select.partition_of(slim.column("sha256"), parts), parts)
 
 
-def after_exact(shard: ShardRef, elig: Eligible, plan: Plan, exact: list[pa.Table]) -> np.ndarray:
-    rows = survivors(elig, plan, shard.index)
+def after_exact(shard: ShardRef, elig: Eligible, plan: Plan, exact: list[pa.Table], scores) -> np.ndarray:
+    rows = survivors(elig, plan, shard.index, scores)
     lost = select.losers_of(shard.index, exact).column("row").to_numpy()
     return rows[~np.isin(rows, lost)]
 
 
 def near_sample(shard: ShardRef, elig: Eligible, plan: Plan, rate: float, *exact: pa.Table) -> np.ndarray:
-    rows = after_exact(shard, elig, plan, list(exact))
+    data = read_shard(shard, ["key"])
+    rows = after_exact(shard, elig, plan, list(exact), data.scores)
     pick = np.random.default_rng([SEED, shard.index]).random(len(rows)) < rate
     if not pick.any():
         return np.zeros((0, 0), np.float32)
-    data = read_shard(shard, ["key"])
     return read_embeddings(shard, data.cache_rows, rows[pick])
 
 
@@ -143,8 +152,9 @@ def fit_centroids(k: int, *samples: np.ndarray) -> np.ndarray:
 
 
 def near_map(shard: ShardRef, elig: Eligible, plan: Plan, parts: int, centroids, *exact: pa.Table):
-    rows = after_exact(shard, elig, plan, list(exact))
-    slim, data = _slim(shard, rows)
+    data = read_shard(shard, ["key", "sha256"])
+    rows = after_exact(shard, elig, plan, list(exact), data.scores)
+    slim = _slim(shard, data, rows)
     emb = read_embeddings(shard, data.cache_rows, rows)
     if centroids is None:
         cluster = np.zeros(len(rows), dtype=np.int32)
@@ -159,9 +169,7 @@ def near_map(shard: ShardRef, elig: Eligible, plan: Plan, parts: int, centroids,
     slim = slim.append_column(
         "emb", pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim)
     )
-    part = (cluster % parts).astype(np.int64)
-    out = select.split_by(slim, part, parts)
-    return out if parts > 1 else out[0]
+    return select.partitioned(slim, (cluster % parts).astype(np.int64), parts)
 
 
 def partitions(rows: int, cpus: int) -> int:

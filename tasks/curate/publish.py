@@ -94,9 +94,9 @@ def decide(
     n = rows.table.num_rows
     dec = row_filters(rows.table, config, rows.scores)
     if cutoff is not None:
-        top = elig.rows[select.in_top(elig.keys, cutoff, quota)]
-        out = np.setdiff1d(elig.rows, top)
-        s = rows.scores
+        s, candidates = rows.scores, elig.rows
+        top = candidates[select.in_top(select.sortable_keys(s[candidates]), cutoff, quota)]
+        out = np.setdiff1d(candidates, top)
         dec.merge(
             _drop(
                 n,

@@ -132,7 +132,7 @@ def run_curation(
     pool_schema = passes.check_schemas(results, {s.index: s.uri for s in shards})
     eligible = sum(r.eligible for r in results)
     del results
-    cutoff, quotas, selection = _top_fraction(elig, hist, config, len(shards))
+    cutoff, quotas, selection = _top_fraction(shards, elig, hist, config)
     lap("top_fraction")
     survivors = cutoff.n_keep if cutoff else eligible
     exact_refs = _exact_dedup(shards, elig, cutoff, quotas, config, survivors, cpus)
@@ -178,22 +178,26 @@ def _rows(table) -> int:
     return table.num_rows
 
 
-def _top_fraction(elig: list, hist, config: FilterConfig, n_shards: int):
+def _top_fraction(shards: list, elig: list, hist, config: FilterConfig):
     import ray
 
     if config.top_fraction is None:
-        return None, [0] * n_shards, {}
+        return None, [0] * len(shards), {}
     eligible, n_keep, high_bin, above = select.cutoff_bin(hist, config.top_fraction)
     if n_keep == 0:
         cut = select.Cutoff(0xFFFFFFFF, config.top_fraction, eligible, 0)
-        return cut, [0] * n_shards, {"top_fraction_kept": 0}
+        return cut, [0] * len(shards), {"top_fraction_kept": 0}
     refine = ray.remote(passes.refine)
     low = np.zeros(select.HIGH, np.int64)
-    for h in _completed([refine.remote(e, high_bin) for e in elig], "the top-fraction cutoff"):
+    refs = [refine.remote(s, e, high_bin) for s, e in zip(shards, elig, strict=True)]
+    for h in _completed(refs, "the top-fraction cutoff"):
         select.add_sparse(low, h)
     key, above_in_bin = select.cutoff_key(low, high_bin, n_keep - above)
     needed = n_keep - above - above_in_bin
-    ties = _get([ray.remote(passes.ties).remote(e, key) for e in elig], "the top-fraction cutoff")
+    tie_task = ray.remote(passes.ties)
+    ties = _get(
+        [tie_task.remote(s, e, key) for s, e in zip(shards, elig, strict=True)], "the top-fraction cutoff"
+    )
     quotas = select.tie_quotas(ties, needed)
     cut = select.Cutoff(key, config.top_fraction, eligible, n_keep)
     return cut, quotas, {"top_fraction_kept": n_keep, "top_fraction_cutoff": cut.score}
@@ -210,11 +214,10 @@ def _exact_dedup(shards, elig, cutoff, quotas, config, survivors: int, cpus: int
         return []
     parts = passes.partitions(survivors, cpus)
     plan = _plan(config, cutoff, quotas)
-    mapper = ray.remote(passes.dedup_map).options(num_returns=parts)
+    mapper = ray.remote(passes.dedup_map)
     mapped = [mapper.remote(s, e, plan, parts) for s, e in zip(shards, elig, strict=True)]
-    mapped = [m if parts > 1 else [m] for m in mapped]
-    reduce = ray.remote(lambda *tables: select.exact_losers(list(tables)))
-    return [reduce.remote(*[m[p] for m in mapped]) for p in range(parts)]
+    reduce = ray.remote(lambda p, *outs: select.exact_losers([o.part(p) for o in outs]))
+    return [reduce.remote(p, *mapped) for p in range(parts)]
 
 
 def _near_dedup(shards, elig, cutoff, quotas, config, survivors: int, cpus: int, exact_refs: list):
@@ -231,14 +234,13 @@ def _near_dedup(shards, elig, cutoff, quotas, config, survivors: int, cpus: int,
         samples = [sampler.remote(s, e, plan, rate, *exact_refs) for s, e in zip(shards, elig, strict=True)]
         centroids = ray.remote(passes.fit_centroids).remote(k, *samples)
     parts = passes.partitions(survivors, cpus) if k > 1 else 1
-    mapper = ray.remote(passes.near_map).options(num_returns=parts)
+    mapper = ray.remote(passes.near_map)
     mapped = [
         mapper.remote(s, e, plan, parts, centroids, *exact_refs) for s, e in zip(shards, elig, strict=True)
     ]
-    mapped = [m if parts > 1 else [m] for m in mapped]
     threshold = float(config.near_dup_threshold)
-    reduce = ray.remote(lambda *tables: select.near_losers(list(tables), threshold))
-    return [reduce.remote(*[m[p] for m in mapped]) for p in range(parts)], k
+    reduce = ray.remote(lambda p, *outs: select.near_losers([o.part(p) for o in outs], threshold))
+    return [reduce.remote(p, *mapped) for p in range(parts)], k
 
 
 def _write(

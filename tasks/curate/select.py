@@ -135,10 +135,24 @@ def partition_of(values: pa.Array, parts: int) -> np.ndarray:
     return (h % np.uint64(parts)).astype(np.int64)
 
 
-def split_by(table: pa.Table, part: np.ndarray, parts: int) -> list[pa.Table]:
+@dataclass(frozen=True)
+class Partitioned:
+    """One map task's output for a shuffle: its rows sorted by partition, and where each partition starts.
+
+    One object per map task, not one per partition: Ray keeps task results under 100 KB in the memory of the
+    process that launched the task (the driver), and a map task's slice for one partition is often that small."""
+
+    table: pa.Table
+    bounds: np.ndarray  # [parts + 1]
+
+    def part(self, p: int) -> pa.Table:
+        return self.table.slice(int(self.bounds[p]), int(self.bounds[p + 1] - self.bounds[p]))
+
+
+def partitioned(table: pa.Table, part: np.ndarray, parts: int) -> Partitioned:
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(parts + 1))
-    return [table.take(pa.array(order[bounds[p] : bounds[p + 1]])) for p in range(parts)]
+    return Partitioned(table.take(pa.array(order)), bounds)
 
 
 def _rank_sort(table: pa.Table, group: str) -> pa.Table:
