@@ -21,7 +21,7 @@ from prefect import task
 from tasks import ingest_accounting as acc
 from tasks.common import retry_unless_user_error
 from tasks.ingest_run import run_img2dataset
-from tasks.ingest_stage import StagedList, load_staged, read_allowed_rows, read_refused, stage_list
+from tasks.ingest_stage import StagedList, allowed_rows_not_in, load_staged, read_refused, stage_list
 from tasks.urllists import content_hash, find_list_files
 from vlforge import raw, storage
 from vlforge.errors import UrlListError, VlforgeError
@@ -222,7 +222,6 @@ def _download(plan: _Plan, source: str, settings: Settings, opts: DownloadOption
 def _account(plan: _Plan, staged: StagedList, n_shards: int, shard_size: int) -> Counter:
     """Check every list row is in the batch exactly once; write refused and unanswered rows as one more shard."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     counts, seen = acc.scan_batch(plan.uri, set(range(n_shards)))
     if len(seen) != len(set(seen)):
@@ -231,9 +230,7 @@ def _account(plan: _Plan, staged: StagedList, n_shards: int, shard_size: int) ->
         )
     refused = read_refused(staged)
     extra = [refused]
-    allowed = read_allowed_rows(staged)
-    lost_mask = pc.invert(pc.is_in(allowed.column(acc.ROW_COL), value_set=pa.array(seen, pa.int64())))
-    lost = allowed.filter(lost_mask)
+    lost = allowed_rows_not_in(staged, pa.array(seen, pa.int64()))
     if lost.num_rows:
         msg = acc.REFUSED_PREFIX + "no_result: img2dataset wrote no row for this url"
         extra.append(lost.append_column("error_message", pa.array([msg] * lost.num_rows, pa.string())))
