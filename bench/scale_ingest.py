@@ -14,6 +14,7 @@ bench/results/scale_ingest.json. ``bench_staging(rows, workdir)`` is what bench/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -68,25 +69,30 @@ def _chunk_columns(start: int, n: int, rng: np.random.Generator) -> dict[str, pa
     url = url.to_numpy(zero_copy_only=False)
     for offset, text in bad.items():  # a few refused rows every 250k rows
         url[(ids % 250_000) == offset] = text
-    caption = pc.binary_join_element_wise("a synthetic photo number ", pc.cast(pa.array(ids), pa.string()), "")
+    caption = pc.binary_join_element_wise(
+        "a synthetic photo number ", pc.cast(pa.array(ids), pa.string()), ""
+    )
     return {"url": pa.array(url, pa.string()), "caption": caption, "width_hint": pa.array(ids % 1024)}
 
 
-def make_lists(rows: int, workdir: str, formats: tuple[str, ...] = ("parquet",), seed: int = 0) -> dict[str, str]:
+def make_lists(
+    rows: int, workdir: str, formats: tuple[str, ...] = ("parquet",), seed: int = 0
+) -> dict[str, str]:
     """Write the synthetic list as ``list.parquet`` (and ``list.csv``) under ``workdir``, chunk by chunk."""
     os.makedirs(workdir, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = {fmt: os.path.join(workdir, f"list.{fmt}") for fmt in formats}
-    writer = None
-    csv_file = open(paths["csv"], "w") if "csv" in paths else None
-    try:
-        if csv_file:
+    with contextlib.ExitStack() as stack:
+        writer = csv_file = None
+        if "csv" in paths:
+            csv_file = stack.enter_context(open(paths["csv"], "w"))
             csv_file.write("url,caption,width_hint\n")
         for start in range(0, rows, CHUNK):
             cols = _chunk_columns(start, min(CHUNK, rows - start), rng)
             table = pa.table(cols)
             if "parquet" in paths:
-                writer = writer or pq.ParquetWriter(paths["parquet"], table.schema)
+                if writer is None:
+                    writer = stack.enter_context(pq.ParquetWriter(paths["parquet"], table.schema))
                 writer.write_table(table)
             if csv_file:
                 lines = pc.binary_join_element_wise(
@@ -94,11 +100,6 @@ def make_lists(rows: int, workdir: str, formats: tuple[str, ...] = ("parquet",),
                 )
                 csv_file.write("\n".join(lines.to_pylist()) + "\n")
                 csv_file.write("http://93.184.0.1/x.jpg,an,unsplittable,row\n")  # one per chunk
-    finally:
-        if writer:
-            writer.close()
-        if csv_file:
-            csv_file.close()
     return paths
 
 
@@ -142,7 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--formats", default="parquet,csv")
-    parser.add_argument("--no-reader", action="store_true", help="skip img2dataset's reader on the staged input")
+    parser.add_argument(
+        "--no-reader", action="store_true", help="skip img2dataset's reader on the staged input"
+    )
     parser.add_argument("--workdir", default=None, help="keep the lists here (default: a temporary folder)")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="vlforge-scale-ingest-")
