@@ -123,6 +123,19 @@ def _authority(url: str) -> str:
     return urlsplit(url.strip()).netloc.rsplit("@", 1)[-1].lower()
 
 
+_AUTHORITY = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^/?#]*@)?(?P<host>[^/?#@]*)"
+
+
+def _authorities(urls: pa.ChunkedArray) -> list[str]:
+    """:func:`_authority` of each url (urls that passed the checks), vectorised for ASCII urls."""
+    import pyarrow.compute as pc
+
+    if not pc.all(pc.string_is_ascii(urls)).as_py():
+        return [_authority(u) for u in urls.to_pylist()]
+    hosts = pc.extract_regex(pc.utf8_trim_whitespace(urls), _AUTHORITY)
+    return pc.utf8_lower(pc.struct_field(hosts, "host")).to_pylist()
+
+
 class _RowCheck:
     """Per-row refusals: the URL's shape and scheme, then (guard on) its host, each distinct host checked once."""
 
@@ -272,7 +285,7 @@ def _malformed_rows(malformed: list[str], first_row: int, schema: pa.Schema) -> 
 
 def _write_run(allowed: pa.Table, turns: HostTurns, spill: str, index: int) -> str:
     """Sort one batch's allowed rows by their turn key and spill them as an Arrow file."""
-    keys = turns.keys([_authority(u) for u in allowed.column("url").to_pylist()])
+    keys = turns.keys(_authorities(allowed.column("url")))
     order = np.argsort(keys, kind="stable")
     run = allowed.append_column(_TURN, pa.array(keys)).take(pa.array(order))
     return _spill(iter([run]), run.schema, spill, f"run-{index:06d}")
