@@ -42,6 +42,7 @@ REFUSED = "refused.parquet"  # rows refused before download, with error_message
 MERGE_FAN_IN = 64  # sorted runs merged at once (more runs are merged in rounds)
 MERGE_CHUNK = 4096  # rows per record batch of a run: the merge holds about MERGE_FAN_IN of them
 ROW_GROUP = 100_000  # rows per row group of input.parquet
+PART_ROWS = 500_000  # rows per file img2dataset reads at once (rounded down to whole shards)
 _TURN = "__vlforge_turn"  # sort key of a run: (turn of the row within its host) << 32 | first position of the host
 MALFORMED_ROW = "malformed_row: the list parser could not split this row"
 
@@ -359,6 +360,44 @@ def _merge(paths: list[str]) -> Iterator[pa.Table]:
             f.close()
         for p in paths:
             os.remove(p)
+
+
+def input_parts(staged: StagedList, shard_size: int, part_rows: int = PART_ROWS) -> str:
+    """``input.parquet`` cut into ``input-<shard_size>/part-NNNNNN.parquet`` files of whole shards, the folder
+    img2dataset reads. img2dataset's reader loads each input file whole (``pq.read_table``) before cutting it into
+    shards, so one big input file puts the whole list in the ingest process's memory (img2dataset #338); with
+    parts it holds one part at a time. Every part but the last holds a whole number of shards, so shard ids are
+    those of the single file. Written once per shard size (``_COMPLETE`` last) and reused on a resumed run."""
+    folder = storage.join(staged.uri, f"input-{shard_size}")
+    if storage.exists(storage.join(folder, "_COMPLETE")):
+        return folder
+    storage.remove(folder)
+    part_rows = shard_size * max(1, part_rows // shard_size)
+    schema = _parquet_file(staged.input_uri)[0]
+    pending: list[pa.RecordBatch] = []
+    parts = 0
+    with tempfile.TemporaryDirectory(prefix="vlforge-parts-") as spill:
+
+        def write_part(batches: list[pa.RecordBatch]) -> None:
+            nonlocal parts
+            out = _Output(storage.join(folder, f"part-{parts:06d}.parquet"), spill)
+            pq.write_table(pa.Table.from_batches(batches, schema), out.local, row_group_size=ROW_GROUP)
+            out.commit()
+            parts += 1
+
+        held = 0
+        for batch in _parquet_batches(staged.input_uri):
+            while held + batch.num_rows >= part_rows:
+                take = part_rows - held
+                write_part([*pending, batch.slice(0, take)])
+                pending, held, batch = [], 0, batch.slice(take)
+            if batch.num_rows:
+                pending.append(batch)
+                held += batch.num_rows
+        if pending:
+            write_part(pending)
+    storage.write_bytes_atomic(storage.join(folder, "_COMPLETE"), str(parts).encode())
+    return folder
 
 
 def _parquet_batches(uri: str, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.ingest_accounting import ROW_COL, reason
-from tasks.ingest_stage import MERGE_FAN_IN, interleave_by_host, load_staged, stage_list
+from tasks.ingest_stage import MERGE_FAN_IN, input_parts, interleave_by_host, load_staged, stage_list
 from tasks.urllists import read_url_list
 
 HOSTS = ["93.184.216.34", "93.184.216.35:8080", "93.184.216.36", "[2606:2800:220:1:248:1893:25c8:1946]"]
@@ -134,3 +134,16 @@ def test_a_json_lines_column_that_widens_in_a_later_batch(tmp_path):
     by_row = {r[ROW_COL]: r for r in staged_input.to_pylist()}
     assert [by_row[i]["score"] for i in range(5)] == [0, 1, 2, 3, 0.5]
     assert [by_row[i]["lang"] for i in range(5)] == [None] * 4 + ["en"]
+
+
+def test_img2dataset_gets_the_staged_rows_as_parts_of_whole_shards(tmp_path):
+    path = tmp_path / "list.parquet"
+    pq.write_table(pa.Table.from_pylist(_rows(150)), path)
+    staged, staged_input, _ = _stage(str(path), tmp_path / "stage", batch_rows=7)
+    folder = input_parts(staged, shard_size=4, part_rows=10)  # 10 rounds down to 8: two shards a part
+    parts = sorted((tmp_path / "stage" / "input-4").glob("*.parquet"))
+    assert folder == str(tmp_path / "stage" / "input-4") and len(parts) == -(-staged.allowed // 8)
+    assert [pq.read_metadata(p).num_rows for p in parts[:-1]] == [8] * (len(parts) - 1)
+    assert pa.concat_tables([pq.read_table(p) for p in parts]).equals(staged_input)
+    parts[0].unlink()  # reused as it is once complete: a second call writes nothing
+    assert input_parts(staged, shard_size=4, part_rows=10) == folder and not parts[0].exists()
