@@ -1,14 +1,15 @@
 """Benchmark: peak memory and speed of staging a big URL list (``tasks.ingest_stage.stage_list``), and of
 img2dataset's own reader on the staged input.
 
-    .venv/bin/python bench/scale_ingest.py [--rows 10000000] [--formats parquet,csv] [--no-reader]
+    .venv/bin/python bench/scale_ingest.py [--rows 10000000] [--formats parquet,csv] [--reader parts,file]
 
 Builds a synthetic list of ``rows`` rows (about 1000 hosts, IP literals so the private-address guard runs without
 DNS; a few private hosts, bad schemes, malformed urls and, in the csv, unsplittable lines), stages it in a fresh
-subprocess with the guard on and reports that process's peak RSS (``ru_maxrss``), wall time and rows/s. With the
-reader on it also runs img2dataset's ``Reader`` (what ``img2dataset.download`` does first: read the input file and
-cut it into feather shards) on the staged ``input.parquet`` in another subprocess. Writes
-bench/results/scale_ingest.json. ``bench_staging(rows, workdir)`` is what bench/scale.py calls.
+subprocess with the guard on and reports that process's peak RSS (``ru_maxrss``), wall time and rows/s. It also
+runs img2dataset's ``Reader`` (what ``img2dataset.download`` does first in the ingest process: read each input file
+and cut it into feather shards) on the staged rows, as the ingest hands them over (part files) and as one file,
+each in its own subprocess. Writes bench/results/scale_ingest.json. bench/scale.py calls
+``bench_staging(rows, workdir)``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -40,15 +42,20 @@ print(json.dumps({"seconds": time.perf_counter() - start, "rows": staged.rows, "
 """
 
 READER = """
-import json, resource, sys, time, inspect
+import json, os, resource, sys, time, inspect
 from img2dataset.reader import Reader
 import pyarrow.parquet as pq
-cols = [c for c in pq.read_schema(sys.argv[1]).names if c not in ("url", "caption")]
-kwargs = dict(url_list=sys.argv[1], input_format="parquet", url_col="url", caption_col="caption",
-              verify_hash_col=None, verify_hash_type=None, save_additional_columns=cols,
-              number_sample_per_shard=10_000, done_shards=set(), tmp_path=sys.argv[2])
-kwargs = {k: v for k, v in kwargs.items() if k in inspect.signature(Reader).parameters}
+stage_dir, tmp, mode = sys.argv[1:4]
 start = time.perf_counter()
+url_list = os.path.join(stage_dir, "input.parquet")
+if mode == "parts":  # what the ingest hands img2dataset: part files of whole shards, written here
+    from tasks.ingest_stage import input_parts, load_staged
+    url_list = input_parts(load_staged(stage_dir), 10_000)
+cols = [c for c in pq.read_schema(os.path.join(stage_dir, "input.parquet")).names if c not in ("url", "caption")]
+kwargs = dict(url_list=url_list, input_format="parquet", url_col="url", caption_col="caption",
+              verify_hash_col=None, verify_hash_type=None, save_additional_columns=cols,
+              number_sample_per_shard=10_000, done_shards=set(), tmp_path=tmp)
+kwargs = {k: v for k, v in kwargs.items() if k in inspect.signature(Reader).parameters}
 shards = sum(1 for _ in Reader(**kwargs))
 print(json.dumps({"seconds": time.perf_counter() - start, "shards": shards,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -118,9 +125,11 @@ def _run(script: str, *args: str) -> dict:
 
 
 def bench_staging(
-    rows: int, workdir: str, formats: tuple[str, ...] = ("parquet",), reader: bool = False
+    rows: int, workdir: str, formats: tuple[str, ...] = ("parquet",), reader: tuple[str, ...] = ()
 ) -> dict:
-    """Stage a synthetic ``rows``-row list (each format) in a subprocess; peak RSS, wall time, rows/s."""
+    """Stage a synthetic ``rows``-row list (each format) in a subprocess; peak RSS, wall time, rows/s. ``reader``:
+    also run img2dataset's reader on the staged rows as the ingest hands them over (``"parts"``) and/or as one
+    file (``"file"``), each in its own subprocess."""
     paths = make_lists(rows, workdir, formats)
     out: dict = {"rows": rows, "hosts": HOSTS}
     for fmt, path in paths.items():
@@ -130,27 +139,31 @@ def bench_staging(
         fig["list_mb"] = os.path.getsize(path) / 2**20
         out[fmt] = fig
         if reader and fmt == "parquet":
-            tmp = os.path.join(workdir, "reader-tmp")
-            os.makedirs(tmp, exist_ok=True)
-            out["img2dataset_reader"] = _run(READER, os.path.join(stage_dir, "input.parquet"), tmp)
+            for mode in reader:
+                tmp = os.path.join(workdir, f"reader-tmp-{mode}")
+                os.makedirs(tmp, exist_ok=True)
+                out[f"img2dataset_reader_{mode}"] = _run(READER, stage_dir, tmp, mode)
+                shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def main() -> None:
-    import shutil
     import tempfile
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--formats", default="parquet,csv")
     parser.add_argument(
-        "--no-reader", action="store_true", help="skip img2dataset's reader on the staged input"
+        "--reader",
+        default="parts,file",
+        help="img2dataset's reader on the staged rows: as the ingest hands them (parts), as one file (file), none",
     )
     parser.add_argument("--workdir", default=None, help="keep the lists here (default: a temporary folder)")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="vlforge-scale-ingest-")
+    readers = tuple(m for m in args.reader.split(",") if m in ("parts", "file"))
     try:
-        result = bench_staging(args.rows, workdir, tuple(args.formats.split(",")), reader=not args.no_reader)
+        result = bench_staging(args.rows, workdir, tuple(args.formats.split(",")), reader=readers)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -160,11 +173,11 @@ def main() -> None:
             f"staging {args.rows:,} rows ({fmt}, {f['list_mb']:.0f} MB): peak RSS {f['peak_rss_mb']:.0f} MB, "
             f"{f['wall_s']:.1f} s, {f['rows_per_s']:,.0f} rows/s, {f['allowed']:,} allowed"
         )
-    if "img2dataset_reader" in result:
-        r = result["img2dataset_reader"]
+    for mode in readers:
+        r = result[f"img2dataset_reader_{mode}"]
         print(
-            f"img2dataset reader on the staged input: peak RSS {r['peak_rss_mb']:.0f} MB, {r['wall_s']:.1f} s, "
-            f"{r['shards']} shards"
+            f"img2dataset reader on the staged rows ({mode}): peak RSS {r['peak_rss_mb']:.0f} MB, "
+            f"{r['wall_s']:.1f} s, {r['shards']} shards"
         )
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "scale_ingest.json"), "w") as f:
