@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 from prefect import task
 
 from tasks import ingest_accounting as acc
@@ -224,7 +225,7 @@ def _account(plan: _Plan, staged: StagedList, n_shards: int, shard_size: int) ->
     import pyarrow as pa
 
     counts, seen = acc.scan_batch(plan.uri, set(range(n_shards)))
-    if len(seen) != len(set(seen)):
+    if len(np.unique(seen)) != len(seen):
         raise RuntimeError(
             f"ingest of {plan.url_list}: duplicated rows in {plan.uri}; remove it and ingest again"
         )
