@@ -238,7 +238,7 @@ def _stage(
 ) -> StagedList:
     check, turns = _RowCheck(allow_private), HostTurns()
     runs: list[str] = []
-    rows = refused_rows = 0
+    rows = 0
     schema = refused_writer = None
     try:
         for table in reader:
@@ -252,7 +252,6 @@ def _stage(
             if refused.any():
                 messages = pa.array([REFUSED_PREFIX + r for r in reasons if r is not None], pa.string())
                 refused_writer.write_table(table.filter(refused).append_column(_error_field(), messages))
-                refused_rows += len(messages)
             allowed = table.filter(~refused)
             if allowed.num_rows:
                 runs.append(_write_run(allowed, turns, spill, len(runs)))
@@ -261,7 +260,6 @@ def _stage(
             refused_writer = pq.ParquetWriter(refused_out.local, schema.append(_error_field()))
         if reader.malformed:
             refused_writer.write_table(_malformed_rows(reader.malformed, rows, schema))
-            refused_rows += len(reader.malformed)
     finally:
         if refused_writer is not None:
             refused_writer.close()
