@@ -17,13 +17,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 from prefect import task
 
 from tasks import ingest_accounting as acc
 from tasks.common import retry_unless_user_error
 from tasks.ingest_exif import upright_batch
 from tasks.ingest_run import run_img2dataset
-from tasks.ingest_stage import StagedList, load_staged, read_allowed_rows, read_refused, stage_list
+from tasks.ingest_stage import StagedList, allowed_rows_not_in, load_staged, read_refused, stage_list
 from tasks.urllists import content_hash, find_list_files
 from vlforge import console, raw, storage
 from vlforge.errors import UrlListError, VlforgeError
@@ -234,18 +235,15 @@ def _download(plan: _Plan, source: str, settings: Settings, opts: DownloadOption
 def _account(plan: _Plan, staged: StagedList, n_shards: int, shard_size: int) -> Counter:
     """Check every list row is in the batch exactly once; write refused and unanswered rows as one more shard."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     counts, seen = acc.scan_batch(plan.uri, set(range(n_shards)))
-    if len(seen) != len(set(seen)):
+    if len(np.unique(seen)) != len(seen):
         raise RuntimeError(
             f"ingest of {plan.url_list}: duplicated rows in {plan.uri}; remove it and ingest again"
         )
     refused = read_refused(staged)
     extra = [refused]
-    allowed = read_allowed_rows(staged)
-    lost_mask = pc.invert(pc.is_in(allowed.column(acc.ROW_COL), value_set=pa.array(seen, pa.int64())))
-    lost = allowed.filter(lost_mask)
+    lost = allowed_rows_not_in(staged, pa.array(seen, pa.int64()))
     if lost.num_rows:
         msg = acc.REFUSED_PREFIX + "no_result: img2dataset wrote no row for this url"
         extra.append(lost.append_column("error_message", pa.array([msg] * lost.num_rows, pa.string())))

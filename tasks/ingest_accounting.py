@@ -12,6 +12,7 @@ import re
 import time
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -119,11 +120,11 @@ def write_extra_shard(
     storage.write_bytes_atomic(storage.join(batch, f"{name}_stats.json"), json.dumps(stats).encode())
 
 
-def scan_batch(batch: str, shard_ids: set[int] | None) -> tuple[Counter, list[int]]:
+def scan_batch(batch: str, shard_ids: set[int] | None) -> tuple[Counter, np.ndarray]:
     """``(rows per reason, list-row ids in the order found)`` over the batch's parquet shards (all when
-    ``shard_ids`` is None)."""
+    ``shard_ids`` is None). The ids are one int64 array (8 bytes a row, not a Python int each)."""
     counts: Counter = Counter()
-    seen: list[int] = []
+    seen: list[np.ndarray] = []
     for shard in storage.glob(storage.join(batch, "*.parquet")):
         if shard_ids is not None and int(shard.rsplit("/", 1)[-1].split(".")[0]) not in shard_ids:
             continue
@@ -138,8 +139,8 @@ def scan_batch(batch: str, shard_ids: set[int] | None) -> tuple[Counter, list[in
         ):
             counts[reason(status, msg)] += 1
         if ROW_COL in table.column_names:
-            seen.extend(table.column(ROW_COL).to_pylist())
-    return counts, seen
+            seen.append(table.column(ROW_COL).to_numpy().astype(np.int64, copy=False))
+    return counts, np.concatenate(seen) if seen else np.empty(0, np.int64)
 
 
 def done_shards(batch: str) -> set[int]:

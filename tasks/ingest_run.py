@@ -1,5 +1,8 @@
 """One call of ``img2dataset.download`` on a staged list, writing into the raw batch folder in incremental mode.
 
+img2dataset reads each input file whole before cutting it into shards, so it is handed the staged list as a
+folder of part files of whole shards (:func:`tasks.ingest_stage.input_parts`): its memory is that of one part.
+
 img2dataset spawns its workers, so the environment set here reaches them: OpenCV's pixel limit (a decompression
 bomb is refused from its header, before any pixel buffer is allocated), the S3 endpoint for s3fs, and quiet
 albumentations. img2dataset installs a SIGINT handler in the calling process; it is restored afterwards, and off
@@ -136,7 +139,10 @@ def _download(kwargs: dict, ray_address: str | None, policy: netguard.NetworkPol
 
 
 def run_img2dataset(staged: StagedList, output_uri: str, opts: DownloadOptions, settings: Settings) -> None:
-    kwargs = img2dataset_kwargs(staged.input_uri, output_uri, staged.extra_columns, opts)
+    from tasks.ingest_stage import input_parts
+
+    parts = input_parts(staged, opts.shard_size)  # img2dataset loads each input file whole: give it parts
+    kwargs = img2dataset_kwargs(parts, output_uri, staged.extra_columns, opts)
     with worker_environment(settings, opts.max_image_area):
         if threading.current_thread() is threading.main_thread():
             if opts.distributor == "ray":

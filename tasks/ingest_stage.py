@@ -1,13 +1,29 @@
 """Staging of one URL list before img2dataset sees it: validate, number the rows, refuse what must not be fetched
 (bad scheme, malformed URL or row, private host when the guard is on) and interleave the rest by host.
 
-The staged files live in ``raw/<source>/_staging/<batch_id>/`` and are reused as they are on a resumed run, so
-the rows of every shard stay the same even if DNS answers change between runs.
+The staged files live in ``raw/<source>/_staging/<batch_id>/``: ``refused.parquet``, then ``input.parquet`` written
+last (its presence marks staging complete). They are reused as they are on a resumed run, so the rows of every
+shard stay the same even if DNS answers change between runs; a staging killed part-way leaves no ``input.parquet``
+and is redone from the list.
+
+Staging streams: the list is read, checked and written in batches of ``batch_rows`` rows, so its memory does not
+grow with the list's length. What stays in memory: one batch, the sorted runs' read buffers (at most
+``MERGE_FAN_IN`` runs of ``MERGE_CHUNK`` rows), and one small entry per distinct host (its turn count and the
+guard's verdict). Rows spill to a local temporary folder as sorted runs (about the list's size on disk).
+
+Interleaving is exact, not windowed: ``input.parquet`` holds the allowed rows in the order of
+:func:`interleave_by_host` over the whole list (every host's first row, hosts in order of first appearance, then
+every host's second row, and so on), whatever the batch size. It is an external merge sort on the key
+(turn, first position of the host): the key of a row depends only on the rows before it, so each batch is sorted
+and spilled as a run and the runs are merged. The same list always stages to the same rows in the same order.
 """
 
 from __future__ import annotations
 
-import io
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -16,13 +32,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.ingest_accounting import REFUSED_PREFIX, ROW_COL
-from tasks.urllists import read_url_list
+from tasks.urllists import BATCH_ROWS, UrlListReader, read_pinned
 from vlforge import netguard, storage
 
 INPUT = (
     "input.parquet"  # rows img2dataset downloads, interleaved by host (written last: marks staging complete)
 )
 REFUSED = "refused.parquet"  # rows refused before download, with error_message
+MERGE_FAN_IN = 64  # sorted runs merged at once (more runs are merged in rounds)
+MERGE_CHUNK = 4096  # rows per record batch of a run: the merge holds about MERGE_FAN_IN of them
+ROW_GROUP = 100_000  # rows per row group of input.parquet
+PART_ROWS = 500_000  # rows per file img2dataset reads at once (rounded down to whole shards)
+_TURN = "__vlforge_turn"  # sort key of a run: (turn of the row within its host) << 32 | first position of the host
+MALFORMED_ROW = "malformed_row: the list parser could not split this row"
 
 # Column names img2dataset reserves for its own output: list columns with these names are carried as list_<name>.
 RESERVED = {
@@ -52,39 +74,49 @@ class StagedList:
         return [*self.extra_columns, "caption", "url"]
 
 
-def _write_parquet(uri: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes_atomic(uri, buf.getvalue())
-
-
-def _read_parquet(uri: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-
-
-def _describe(uri: str, refused: pa.Table, allowed: pa.Table) -> StagedList:
-    extras = [c for c in allowed.column_names if c not in ("url", "caption")]
-    return StagedList(uri, refused.num_rows + allowed.num_rows, allowed.num_rows, extras)
+def _parquet_file(uri: str) -> tuple[pa.Schema, int]:
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f)
+        return meta.schema_arrow, meta.metadata.num_rows
 
 
 def load_staged(uri: str) -> StagedList | None:
+    """The staged list at ``uri`` if its staging completed (read from the parquet footers only)."""
     if not storage.exists(storage.join(uri, INPUT)):
         return None
-    return _describe(uri, _read_parquet(storage.join(uri, REFUSED)), _read_parquet(storage.join(uri, INPUT)))
+    schema, allowed = _parquet_file(storage.join(uri, INPUT))
+    _, refused = _parquet_file(storage.join(uri, REFUSED))
+    extras = [c for c in schema.names if c not in ("url", "caption")]
+    return StagedList(uri, refused + allowed, allowed, extras)
+
+
+class HostTurns:
+    """Round-robin sort keys, fed row by row in list order: the k-th row of a host (k = 0, 1, ...) gets
+    ``k << 32 | p`` where ``p`` is the position of that host's first row. Sorting by the key puts the hosts' first
+    rows first (in order of first appearance), then their second rows, and so on. Keys are unique; positions
+    and turns must stay below 2**32 and 2**31."""
+
+    def __init__(self) -> None:
+        self._hosts: dict[str, list[int]] = {}  # host -> [first position, rows seen]
+        self._position = 0
+
+    def keys(self, hosts: list[str]) -> np.ndarray:
+        out = np.empty(len(hosts), dtype=np.int64)
+        for i, host in enumerate(hosts):
+            entry = self._hosts.get(host)
+            if entry is None:
+                entry = self._hosts[host] = [self._position + i, 0]
+            out[i] = (entry[1] << 32) | entry[0]
+            entry[1] += 1
+        self._position += len(hosts)
+        return out
 
 
 def interleave_by_host(hosts: list[str]) -> np.ndarray:
     """An order of positions in which hosts take turns (round robin, hosts in order of first appearance), so
     that no single host fills a shard while others wait."""
-    first: dict[str, int] = {}
-    seen: dict[str, int] = {}
-    rank = np.empty(len(hosts), dtype=np.int64)
-    host_order = np.empty(len(hosts), dtype=np.int64)
-    for i, h in enumerate(hosts):
-        host_order[i] = first.setdefault(h, len(first))
-        rank[i] = seen.get(h, 0)
-        seen[h] = rank[i] + 1
-    return np.lexsort((host_order, rank))  # by rank, then host
+    return np.argsort(HostTurns().keys(hosts), kind="stable")
 
 
 def _authority(url: str) -> str:
@@ -92,68 +124,318 @@ def _authority(url: str) -> str:
     return urlsplit(url.strip()).netloc.rsplit("@", 1)[-1].lower()
 
 
-def _with_rows(table: pa.Table, malformed: list[str]) -> tuple[pa.Table, list[tuple[int, str]]]:
-    """Number the rows; append the unparseable ones (their text as url) so that none is dropped."""
-    renames = [f"list_{c}" if c in RESERVED else c for c in table.column_names]
-    table = table.rename_columns(renames)
-    n = table.num_rows
-    table = table.append_column(ROW_COL, pa.array(np.arange(n, dtype=np.int64)))
-    refusals: list[tuple[int, str]] = []
-    if malformed:
-        extra = {
-            f.name: pa.nulls(len(malformed), f.type) for f in table.schema if f.name not in ("url", ROW_COL)
-        }
-        extra["url"] = pa.array([m[:2000] for m in malformed], pa.string())
-        extra[ROW_COL] = pa.array(np.arange(n, n + len(malformed), dtype=np.int64))
-        table = pa.concat_tables([table, pa.table(extra, schema=table.schema)])
-        refusals = [
-            (n + i, "malformed_row: the list parser could not split this row") for i in range(len(malformed))
-        ]
-    return table, refusals
+_AUTHORITY = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^/?#]*@)?(?P<host>[^/?#@]*)"
+
+
+def _authorities(urls: pa.ChunkedArray) -> list[str]:
+    """:func:`_authority` of each url (urls that passed the checks), vectorised for ASCII urls."""
+    import pyarrow.compute as pc
+
+    if not pc.all(pc.string_is_ascii(urls)).as_py():
+        return [_authority(u) for u in urls.to_pylist()]
+    hosts = pc.extract_regex(pc.utf8_trim_whitespace(urls), _AUTHORITY)
+    return pc.utf8_lower(pc.struct_field(hosts, "host")).to_pylist()
+
+
+class _RowCheck:
+    """Per-row refusals: the URL's shape and scheme, then (guard on) its host, each distinct host checked once."""
+
+    def __init__(self, network: netguard.NetworkPolicy) -> None:
+        self.network = network
+        self.guard = network.active
+        self.verdicts: dict[str, netguard.Refusal | None] = {}  # host -> refusal (None: allowed)
+
+    def refusals(self, urls: list) -> list[str | None]:
+        hosts: list[str | None] = []
+        out: list[str | None] = []
+        for url in urls:
+            host, refusal = netguard.parse_host(url)
+            hosts.append(host)
+            out.append(None if refusal is None else f"{refusal.reason}: {refusal.detail}")
+        if self.guard:
+            new = {h for h in hosts if h and h not in self.verdicts}
+            refused = netguard.refuse_hosts(new, self.network)
+            self.verdicts.update({h: refused.get(h) for h in new})
+            for i, host in enumerate(hosts):
+                verdict = self.verdicts.get(host) if host else None
+                if out[i] is None and verdict is not None:
+                    out[i] = f"{verdict.reason}: {verdict.detail}"
+        return out
+
+
+def _staged_schema(canonical: pa.Schema) -> pa.Schema:
+    """Extra columns (reserved names as list_<name>) and ROW_COL, then caption and url: img2dataset's order."""
+    extras = [
+        pa.field(f"list_{f.name}" if f.name in RESERVED else f.name, f.type)
+        for f in canonical
+        if f.name not in ("url", "caption")
+    ]
+    return pa.schema(
+        [*extras, pa.field(ROW_COL, pa.int64()), canonical.field("caption"), canonical.field("url")]
+    )
+
+
+def _numbered(table: pa.Table, first_row: int, schema: pa.Schema) -> pa.Table:
+    columns = [table.column(f.name) for f in table.schema if f.name not in ("url", "caption")]
+    rows = pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64))
+    return pa.Table.from_arrays([*columns, rows, table.column("caption"), table.column("url")], schema=schema)
+
+
+class _Output:
+    """A staged file written locally, then moved into place at once (rename; one put on an object store)."""
+
+    def __init__(self, uri: str, spill: str) -> None:
+        self.fs, self.path = storage.filesystem(uri)
+        self.remote = storage.is_remote(uri)
+        if self.remote:
+            self.local = os.path.join(spill, f"out-{uuid.uuid4().hex}.parquet")
+        else:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self.local = f"{self.path}.tmp-{uuid.uuid4().hex}"
+
+    def commit(self) -> None:
+        if self.remote:
+            self.fs.put_file(self.local, self.path)
+            os.remove(self.local)
+        else:
+            os.replace(self.local, self.path)
+
+    def discard(self) -> None:
+        if os.path.exists(self.local):
+            os.remove(self.local)
 
 
 def stage_list(
-    path: str, uri: str, url_col: str, caption_col: str, network: netguard.NetworkPolicy
+    path: str,
+    uri: str,
+    url_col: str,
+    caption_col: str,
+    network: netguard.NetworkPolicy,
+    batch_rows: int = BATCH_ROWS,
 ) -> StagedList:
-    """Read and validate ``path`` (raising UrlListError) and write the staged files to ``uri``."""
-    listed = read_url_list(path, url_col, caption_col)
-    table, refusals = _with_rows(listed.table, listed.malformed)
-    refused_rows = {i for i, _ in refusals}
-    hosts: list[str | None] = [None] * table.num_rows
-    for i, url in enumerate(table.column("url").to_pylist()):
-        if i in refused_rows:
-            continue
-        host, refusal = netguard.parse_host(url)
-        if refusal is not None:
-            refusals.append((i, f"{refusal.reason}: {refusal.detail}"))
-        hosts[i] = host
-    if network.active:
-        bad_hosts = netguard.refuse_hosts(
-            (h for i, h in enumerate(hosts) if h and i not in refused_rows), network
-        )
-        for i, h in enumerate(hosts):
-            if h in bad_hosts:
-                refusals.append((i, f"{bad_hosts[h].reason}: {bad_hosts[h].detail}"))
-    refusals.sort()
-    refused_idx = [i for i, _ in refusals]
-    skip = set(refused_idx)
-    allowed_idx = np.array([i for i in range(table.num_rows) if i not in skip], dtype=np.int64)
-    urls = table.column("url").to_pylist()
-    order = allowed_idx[interleave_by_host([_authority(urls[i]) for i in allowed_idx])]
-    column_order = [c for c in table.column_names if c not in ("url", "caption")] + ["caption", "url"]
-    allowed = table.take(pa.array(order, pa.int64())).select(column_order)
-    refused = table.take(pa.array(refused_idx, pa.int64())).select(column_order)
-    refused = refused.append_column(
-        "error_message", pa.array([REFUSED_PREFIX + r for _, r in refusals], pa.string())
-    )
-    _write_parquet(storage.join(uri, REFUSED), refused)
-    _write_parquet(storage.join(uri, INPUT), allowed)  # last: its presence marks the staging complete
-    return _describe(uri, refused, allowed)
+    """Read and validate ``path`` (raising UrlListError) batch by batch and write the staged files to ``uri``."""
+    for leftover in storage.glob(storage.join(uri, "*.tmp-*")):  # from a staging killed part-way
+        storage.remove(leftover)
+
+    def stage(pinned: pa.Schema | None) -> StagedList:
+        reader = UrlListReader(path, url_col, caption_col, batch_rows, pinned)
+        with tempfile.TemporaryDirectory(prefix="vlforge-staging-") as spill:
+            outputs = [_Output(storage.join(uri, REFUSED), spill), _Output(storage.join(uri, INPUT), spill)]
+            try:
+                staged = _stage(reader, uri, network, spill, *outputs)
+            except BaseException:
+                for out in outputs:
+                    out.discard()
+                raise
+            for out in outputs:  # input.parquet last: it marks the staging complete
+                out.commit()
+        return staged
+
+    return read_pinned(path, stage)
+
+
+def _stage(
+    reader: UrlListReader,
+    uri: str,
+    network: netguard.NetworkPolicy,
+    spill: str,
+    refused_out: _Output,
+    input_out: _Output,
+) -> StagedList:
+    check, turns = _RowCheck(network), HostTurns()
+    runs: list[str] = []
+    rows = 0
+    schema = refused_writer = None
+    try:
+        for table in reader:
+            if schema is None:
+                schema = _staged_schema(reader.schema)
+                refused_writer = pq.ParquetWriter(refused_out.local, schema.append(_error_field()))
+            table = _numbered(table, rows, schema)
+            rows += table.num_rows
+            reasons = check.refusals(table.column("url").to_pylist())
+            refused = np.array([r is not None for r in reasons], dtype=bool)
+            if refused.any():
+                messages = pa.array([REFUSED_PREFIX + r for r in reasons if r is not None], pa.string())
+                refused_writer.write_table(table.filter(refused).append_column(_error_field(), messages))
+            allowed = table.filter(~refused)
+            if allowed.num_rows:
+                runs.append(_write_run(allowed, turns, spill, len(runs)))
+        if schema is None:  # no parsed row at all, only rows the parser could not split
+            schema = _staged_schema(reader.schema)
+            refused_writer = pq.ParquetWriter(refused_out.local, schema.append(_error_field()))
+        if reader.malformed:
+            refused_writer.write_table(_malformed_rows(reader.malformed, rows, schema))
+    finally:
+        if refused_writer is not None:
+            refused_writer.close()
+    allowed_rows = _write_input(runs, schema, input_out.local, spill)
+    extras = [c for c in schema.names if c not in ("url", "caption")]
+    return StagedList(uri, rows + len(reader.malformed), allowed_rows, extras)
+
+
+def _error_field() -> pa.Field:
+    return pa.field("error_message", pa.string())
+
+
+def _malformed_rows(malformed: list[str], first_row: int, schema: pa.Schema) -> pa.Table:
+    """The rows the parser could not split, numbered after every parsed row, their text as url."""
+    n = len(malformed)
+    columns = {f.name: pa.nulls(n, f.type) for f in schema}
+    columns["url"] = pa.array([m[:2000] for m in malformed], pa.string())
+    columns[ROW_COL] = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
+    columns["error_message"] = pa.array([REFUSED_PREFIX + MALFORMED_ROW] * n, pa.string())
+    return pa.table(columns, schema=schema.append(_error_field()))
+
+
+def _write_run(allowed: pa.Table, turns: HostTurns, spill: str, index: int) -> str:
+    """Sort one batch's allowed rows by their turn key and spill them as an Arrow file."""
+    keys = turns.keys(_authorities(allowed.column("url")))
+    order = np.argsort(keys, kind="stable")
+    run = allowed.append_column(_TURN, pa.array(keys)).take(pa.array(order))
+    return _spill(iter([run]), run.schema, spill, f"run-{index:06d}")
+
+
+def _spill(tables: Iterator[pa.Table], schema: pa.Schema, spill: str, name: str) -> str:
+    path = os.path.join(spill, f"{name}.arrow")
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for table in tables:
+            writer.write_table(table, max_chunksize=MERGE_CHUNK)
+    return path
+
+
+def _write_input(runs: list[str], schema: pa.Schema, local: str, spill: str) -> int:
+    """Merge the sorted runs into ``local`` (row groups of ROW_GROUP rows); the number of rows written."""
+    merged = 0
+    while len(runs) > MERGE_FAN_IN:  # merge in rounds so that at most MERGE_FAN_IN runs are open at once
+        group, runs = runs[:MERGE_FAN_IN], runs[MERGE_FAN_IN:]
+        run_schema = schema.append(pa.field(_TURN, pa.int64()))
+        runs.append(_spill(_merge(group), run_schema, spill, f"merged-{merged:06d}"))
+        merged += 1
+    rows = 0
+    pending: list[pa.Table] = []
+    with pq.ParquetWriter(local, schema) as writer:
+        for table in _merge(runs):
+            pending.append(table.drop_columns([_TURN]))
+            if sum(t.num_rows for t in pending) >= ROW_GROUP:
+                rows += _flush(writer, pending)
+        rows += _flush(writer, pending)
+    return rows
+
+
+def _flush(writer: pq.ParquetWriter, pending: list[pa.Table]) -> int:
+    if not pending:
+        return 0
+    table = pa.concat_tables(pending)
+    writer.write_table(table, row_group_size=max(table.num_rows, 1))
+    pending.clear()
+    return table.num_rows
+
+
+def _merge(paths: list[str]) -> Iterator[pa.Table]:
+    """The rows of the sorted runs at ``paths`` in key order, a few chunks at a time; removes the runs after."""
+    files = [pa.OSFile(p, "rb") for p in paths]
+    try:
+        readers = [pa.ipc.open_file(f) for f in files]
+        next_batch = [0] * len(readers)
+        buffers: list[pa.Table | None] = [None] * len(readers)
+        keys: list[np.ndarray] = [np.empty(0, np.int64)] * len(readers)
+        while True:
+            for i, reader in enumerate(readers):
+                if not len(keys[i]) and next_batch[i] < reader.num_record_batches:
+                    buffers[i] = pa.Table.from_batches([reader.get_batch(next_batch[i])])
+                    keys[i] = buffers[i].column(_TURN).to_numpy()
+                    next_batch[i] += 1
+            live = [i for i in range(len(readers)) if len(keys[i])]
+            if not live:
+                return
+            # Every row at or below the smallest last-buffered key can go: no unread row sorts before it.
+            bound = min(keys[i][-1] for i in live)
+            parts, part_keys = [], []
+            for i in live:
+                cut = int(np.searchsorted(keys[i], bound, side="right"))
+                parts.append(buffers[i].slice(0, cut))
+                part_keys.append(keys[i][:cut])
+                buffers[i], keys[i] = buffers[i].slice(cut), keys[i][cut:]
+            table = pa.concat_tables(parts)
+            yield table.take(pa.array(np.argsort(np.concatenate(part_keys), kind="stable")))
+    finally:
+        for f in files:
+            f.close()
+        for p in paths:
+            os.remove(p)
+
+
+def input_parts(staged: StagedList, shard_size: int, part_rows: int = PART_ROWS) -> str:
+    """``input.parquet`` cut into ``input-<shard_size>/part-NNNNNN.parquet`` files of whole shards, the folder
+    img2dataset reads. img2dataset's reader loads each input file whole (``pq.read_table``) before cutting it into
+    shards, so one big input file puts the whole list in the ingest process's memory (img2dataset #338); with
+    parts it holds one part at a time. Every part but the last holds a whole number of shards, so shard ids are
+    those of the single file. Written once per shard size (``_COMPLETE`` last) and reused on a resumed run."""
+    folder = storage.join(staged.uri, f"input-{shard_size}")
+    if storage.exists(storage.join(folder, "_COMPLETE")):
+        return folder
+    storage.remove(folder)
+    part_rows = shard_size * max(1, part_rows // shard_size)
+    schema = _parquet_file(staged.input_uri)[0]
+    pending: list[pa.RecordBatch] = []
+    parts = 0
+    with tempfile.TemporaryDirectory(prefix="vlforge-parts-") as spill:
+
+        def write_part(batches: list[pa.RecordBatch]) -> None:
+            nonlocal parts
+            out = _Output(storage.join(folder, f"part-{parts:06d}.parquet"), spill)
+            pq.write_table(pa.Table.from_batches(batches, schema), out.local, row_group_size=ROW_GROUP)
+            out.commit()
+            parts += 1
+
+        held = 0
+        for batch in _parquet_batches(staged.input_uri):
+            while held + batch.num_rows >= part_rows:
+                take = part_rows - held
+                write_part([*pending, batch.slice(0, take)])
+                pending, held, batch = [], 0, batch.slice(take)
+            if batch.num_rows:
+                pending.append(batch)
+                held += batch.num_rows
+        if pending:
+            write_part(pending)
+    storage.write_bytes_atomic(storage.join(folder, "_COMPLETE"), str(parts).encode())
+    return folder
+
+
+def _parquet_batches(uri: str, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, columns=columns)
 
 
 def read_refused(staged: StagedList) -> pa.Table:
-    return _read_parquet(staged.refused_uri)
+    return pa.Table.from_batches(
+        list(_parquet_batches(staged.refused_uri)), _parquet_file(staged.refused_uri)[0]
+    )
 
 
-def read_allowed_rows(staged: StagedList) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(staged.input_uri)), columns=[*staged.column_list])
+def allowed_batches(staged: StagedList, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The rows handed to img2dataset, batch by batch (``columns``: only these)."""
+    return _parquet_batches(staged.input_uri, columns or [*staged.column_list])
+
+
+def read_allowed_rows(staged: StagedList, columns: list[str] | None = None) -> pa.Table:
+    wanted = columns or [*staged.column_list]
+    schema = pa.schema([_parquet_file(staged.input_uri)[0].field(c) for c in wanted])
+    return pa.Table.from_batches(list(allowed_batches(staged, wanted)), schema)
+
+
+def allowed_rows_not_in(staged: StagedList, row_ids: pa.Array) -> pa.Table:
+    """The allowed rows whose ROW_COL is not in ``row_ids`` (img2dataset wrote nothing for them): the ids are
+    compared first, and the rows' other columns are read only when some are missing."""
+    import pyarrow.compute as pc
+
+    ids = read_allowed_rows(staged, [ROW_COL]).column(ROW_COL)
+    missing = ids.filter(pc.invert(pc.is_in(ids, value_set=row_ids)))
+    schema = pa.schema([_parquet_file(staged.input_uri)[0].field(c) for c in staged.column_list])
+    if not len(missing):
+        return schema.empty_table()
+    batches = [b.filter(pc.is_in(b.column(ROW_COL), value_set=missing)) for b in allowed_batches(staged)]
+    return pa.Table.from_batches(batches, schema)

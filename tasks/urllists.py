@@ -1,20 +1,27 @@
-"""URL lists: find the files behind a path/folder/glob (local or s3://), read and validate them, hash them.
+"""URL lists: find the files behind a path/folder/glob (local or s3://), read and validate them in record batches,
+hash them.
 
 Validation happens before anything is downloaded; every problem a user can cause becomes one
 :class:`~vlforge.errors.UrlListError` naming the file and the problem. Rows a CSV/TSV parser cannot split are not
-dropped: they come back in ``ListTable.malformed`` so the ingest can account for them.
+dropped: they come back in ``UrlListReader.malformed`` so the ingest can account for them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pyarrow as pa
 
 from vlforge import storage
 from vlforge.errors import UrlListError
+
+T = TypeVar("T")
 
 FORMATS = {
     ".csv": "csv",
@@ -70,79 +77,215 @@ def content_hash(path: str) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class ListTable:
-    path: str
-    table: pa.Table  # every parsed row, url/caption columns renamed to "url"/"caption" (strings)
-    malformed: list[str] = field(default_factory=list)  # raw text of rows the parser could not split
+BATCH_ROWS = 100_000  # rows read, checked and written at a time while staging
+_CSV_BLOCK_BYTES = 1 << 20  # pyarrow's default block: types of csv columns are inferred from the first block
+_MAX_REREADS = 16  # a csv/json list is read again at most this often when its column types widen
+_CSV_CONVERSION = re.compile(r"In CSV column #(\d+): (Row #\d+: )?CSV conversion error")
 
 
-def _read_delimited(data: bytes, delimiter: str, malformed: list[str]) -> pa.Table:
-    import pyarrow.csv as pacsv
+class ListSchemaChanged(Exception):  # noqa: N818 (a signal to read again, not an error a user sees)
+    """A later batch of a csv/json list does not fit the column types inferred from its first batch: read the
+    list again with ``schema`` pinned (wider types; the reader never guesses twice for the same file)."""
 
-    def on_invalid(row) -> str:
-        malformed.append(f"line {row.number}: {row.text}" if row.number is not None else str(row.text))
-        return "skip"
-
-    return pacsv.read_csv(
-        io.BytesIO(data),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
-    )
+    def __init__(self, schema: pa.Schema):
+        super().__init__(str(schema))
+        self.schema = schema
 
 
-def _read_json(data: bytes, lines: bool) -> pa.Table:
-    import pandas as pd
+class UrlListReader:
+    """One list file read in record batches of at most ``batch_rows`` rows, never whole (a ``.json`` file holding
+    one JSON array is the exception: it is one document; use JSON lines, csv or parquet for big lists).
 
-    text = data.decode("utf-8")
-    if not lines:
+    Iterating yields canonical tables: ``url`` and ``caption`` as strings first, the other columns as they are,
+    every batch with the same ``schema`` (known once iteration has started). Rows a CSV/TSV parser cannot split
+    are collected in ``malformed`` (complete when iteration ends). A csv/json column whose type changes after
+    the first batch raises :class:`ListSchemaChanged`; read again with ``pinned=`` that schema.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        url_col: str = "url",
+        caption_col: str = "caption",
+        batch_rows: int = BATCH_ROWS,
+        pinned: pa.Schema | None = None,
+    ):
+        self.path, self.url_col, self.caption_col = path, url_col, caption_col
+        self.batch_rows = max(1, int(batch_rows))
+        self.pinned = pinned
+        self.schema: pa.Schema | None = None
+        self.malformed: list[str] = []
+        self.fmt = list_format(path)
+        if self.fmt is None:
+            raise UrlListError(f"URL list {path}: unknown format (expected {', '.join(FORMATS)})")
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        rows = 0
         try:
-            return pa.Table.from_pandas(pd.read_json(io.StringIO(text), dtype=False), preserve_index=False)
-        except ValueError:
-            pass  # a .json file holding JSON lines
-    return pa.Table.from_pandas(
-        pd.read_json(io.StringIO(text), lines=True, dtype=False), preserve_index=False
-    )
+            for item in self._raw():
+                if isinstance(item, pa.Schema):
+                    self._check_columns(item.names)
+                    self.schema = self.pinned or _canonical_schema(item, self.url_col, self.caption_col)
+                    continue
+                table = _conform(_canonical(item, self.url_col, self.caption_col), self.schema)
+                rows += table.num_rows
+                if table.num_rows:
+                    yield table
+        except (UrlListError, ListSchemaChanged):
+            raise
+        except FileNotFoundError as exc:
+            raise UrlListError(f"URL list {self.path}: no such file") from exc
+        except Exception as exc:  # parser errors, bad encodings, truncated parquet, permissions
+            raise UrlListError(f"URL list {self.path}: cannot be read as {self.fmt} ({exc})") from exc
+        if rows == 0 and not self.malformed:
+            raise UrlListError(f"URL list {self.path}: the list is empty (no rows)")
 
+    def _check_columns(self, present: list[str]) -> None:
+        missing = [c for c in (self.url_col, self.caption_col) if c not in present]
+        if missing:
+            raise UrlListError(
+                f"URL list {self.path}: missing column(s) {', '.join(repr(m) for m in missing)}; "
+                f"columns present: {', '.join(present) or 'none'} (set --url-col / --caption-col)"
+            )
 
-def _read_any(path: str, fmt: str) -> tuple[pa.Table, list[str]]:
-    import pyarrow.parquet as pq
+    def _open(self):
+        fs, p = storage.filesystem(self.path)
+        return fs.open(p, "rb", compression="gzip" if self.path.lower().endswith(".gz") else None)
 
-    malformed: list[str] = []
-    data = storage.read_bytes(path)
-    if path.lower().endswith(".gz"):
-        import gzip
+    def _raw(self) -> Iterator[pa.Schema | pa.Table]:
+        """The file's schema first, then its rows in batches (columns as the file has them)."""
+        import pyarrow.parquet as pq
 
-        data = gzip.decompress(data)
-    if fmt == "parquet":
-        return pq.read_table(io.BytesIO(data)), malformed
-    if fmt in ("csv", "tsv"):
-        return _read_delimited(data, "," if fmt == "csv" else "\t", malformed), malformed
-    return _read_json(data, lines=fmt == "jsonl"), malformed
+        with self._open() as f:
+            if self.fmt == "parquet":
+                parquet = pq.ParquetFile(f)
+                yield parquet.schema_arrow
+                for batch in parquet.iter_batches(batch_size=self.batch_rows):
+                    yield pa.Table.from_batches([batch])
+            elif self.fmt in ("csv", "tsv"):
+                yield from self._delimited(f, "," if self.fmt == "csv" else "\t")
+            else:
+                yield from self._json(f)
 
+    def _delimited(self, f, delimiter: str) -> Iterator[pa.Schema | pa.Table]:
+        import pyarrow.csv as pacsv
 
-def read_url_list(path: str, url_col: str = "url", caption_col: str = "caption") -> ListTable:
-    """Read and validate one list file; raise UrlListError naming the file and the problem."""
-    fmt = list_format(path)
-    if fmt is None:
-        raise UrlListError(f"URL list {path}: unknown format (expected {', '.join(FORMATS)})")
-    try:
-        table, malformed = _read_any(path, fmt)
-    except FileNotFoundError as exc:
-        raise UrlListError(f"URL list {path}: no such file") from exc
-    except Exception as exc:  # parser errors, bad encodings, truncated parquet, permissions
-        raise UrlListError(f"URL list {path}: cannot be read as {fmt} ({exc})") from exc
-    present = table.column_names
-    missing = [c for c in (url_col, caption_col) if c not in present]
-    if missing:
-        raise UrlListError(
-            f"URL list {path}: missing column(s) {', '.join(repr(m) for m in missing)}; "
-            f"columns present: {', '.join(present) or 'none'} (set --url-col / --caption-col)"
+        def on_invalid(row) -> str:
+            text = f"line {row.number}: {row.text}" if row.number is not None else str(row.text)
+            self.malformed.append(text)
+            return "skip"
+
+        types = {self.url_col: pa.string(), self.caption_col: pa.string()}
+        if self.pinned is not None:
+            names = {"url": self.url_col, "caption": self.caption_col}
+            types |= {names.get(fl.name, fl.name): fl.type for fl in self.pinned if fl.type != pa.null()}
+        reader = pacsv.open_csv(
+            f,
+            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=False),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+            convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types=types),
         )
-    if table.num_rows == 0 and not malformed:
-        raise UrlListError(f"URL list {path}: the list is empty (no rows)")
-    table = _canonical(table, url_col, caption_col)
-    return ListTable(path, table, malformed)
+        yield reader.schema
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except pa.ArrowInvalid as exc:
+                found = _CSV_CONVERSION.search(str(exc))
+                if not found:
+                    raise
+                name = reader.schema.names[int(found.group(1))]
+                raise ListSchemaChanged(_widen(self.schema, {_renamed(name, self): pa.string()})) from exc
+            for start in range(0, batch.num_rows, self.batch_rows):
+                yield pa.Table.from_batches([batch.slice(start, self.batch_rows)])
+
+    def _json(self, f) -> Iterator[pa.Schema | pa.Table]:
+        import pandas as pd
+
+        head = io.TextIOWrapper(f, encoding="utf-8").readline()
+        if self.fmt == "json" and not _one_json_object(head):  # one JSON document (an array): read whole
+            with self._open() as again:
+                whole = pd.read_json(io.TextIOWrapper(again, encoding="utf-8"), dtype=False)
+            table = pa.Table.from_pandas(whole, preserve_index=False)
+            yield table.schema
+            for start in range(0, table.num_rows, self.batch_rows):
+                yield table.slice(start, self.batch_rows)
+            return
+        first = True
+        with self._open() as again:  # JSON lines: one object per line, read chunk by chunk
+            lines = io.TextIOWrapper(again, encoding="utf-8")
+            with pd.read_json(lines, lines=True, dtype=False, chunksize=self.batch_rows) as chunks:
+                for chunk in chunks:
+                    table = pa.Table.from_pandas(chunk, preserve_index=False)
+                    if first:
+                        yield table.schema
+                        first = False
+                    yield table
+        if first:
+            yield pa.schema([])
+
+
+def _one_json_object(line: str) -> bool:
+    """Whether ``line`` alone is one JSON object (then the file holds JSON lines)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _renamed(name: str, reader: UrlListReader) -> str:
+    return {reader.url_col: "url", reader.caption_col: "caption"}.get(name, name)
+
+
+def _canonical_schema(schema: pa.Schema, url_col: str, caption_col: str) -> pa.Schema:
+    others = [f for f in schema if f.name not in (url_col, caption_col, "url", "caption")]
+    return pa.schema([pa.field("url", pa.string()), pa.field("caption", pa.string()), *others])
+
+
+def _widen(schema: pa.Schema, wider: dict[str, pa.DataType]) -> pa.Schema:
+    return pa.schema([pa.field(f.name, wider.get(f.name, f.type)) for f in schema])
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns and types (missing columns null); raises ListSchemaChanged with
+    a wider schema when a column is new or its values do not fit the type chosen so far."""
+    if table.schema.equals(schema):
+        return table
+    wider: dict[str, pa.DataType] = {}
+    for f in table.schema:
+        if f.name not in schema.names:
+            continue
+        want = schema.field(f.name).type
+        if f.type != want and not _fits(table.column(f.name), want):
+            try:
+                wider[f.name] = (
+                    pa.unify_schemas(
+                        [pa.schema([pa.field(f.name, want)]), pa.schema([f])], promote_options="permissive"
+                    )
+                    .field(f.name)
+                    .type
+                )
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                wider[f.name] = pa.string()
+    new = [f for f in table.schema if f.name not in schema.names]
+    if wider or new:
+        raise ListSchemaChanged(pa.schema([*_widen(schema, wider), *new]))
+    columns = {
+        f.name: table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(len(table), f.type)
+        for f in schema
+    }
+    return pa.table(columns, schema=schema)
+
+
+def _fits(column: pa.ChunkedArray, to: pa.DataType) -> bool:
+    try:
+        column.cast(to)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
 
 
 def _canonical(table: pa.Table, url_col: str, caption_col: str) -> pa.Table:
@@ -153,3 +296,35 @@ def _canonical(table: pa.Table, url_col: str, caption_col: str) -> pa.Table:
     caption = pc.cast(table.column(caption_col), pa.string())
     others = [c for c in table.column_names if c not in (url_col, caption_col, "url", "caption")]
     return pa.table({"url": url, "caption": caption, **{c: table.column(c) for c in others}})
+
+
+@dataclass
+class ListTable:
+    path: str
+    table: pa.Table  # every parsed row, url/caption columns renamed to "url"/"caption" (strings)
+    malformed: list[str] = field(default_factory=list)  # raw text of rows the parser could not split
+
+
+def read_pinned(path: str, read: Callable[[pa.Schema | None], T]) -> T:
+    """``read(pinned)`` again with the wider schema each time a csv/json list's column types change mid-file."""
+    pinned = None
+    for _ in range(_MAX_REREADS):
+        try:
+            return read(pinned)
+        except ListSchemaChanged as changed:
+            pinned = changed.schema
+    raise UrlListError(f"URL list {path}: column types keep changing along the file ({pinned})")
+
+
+def read_url_list(
+    path: str, url_col: str = "url", caption_col: str = "caption", batch_rows: int = BATCH_ROWS
+) -> ListTable:
+    """Read and validate one whole list file (small lists; staging streams with :class:`UrlListReader`)."""
+
+    def read(pinned: pa.Schema | None) -> ListTable:
+        reader = UrlListReader(path, url_col, caption_col, batch_rows, pinned)
+        tables = list(reader)
+        table = pa.concat_tables(tables) if tables else reader.schema.empty_table()
+        return ListTable(path, table, reader.malformed)
+
+    return read_pinned(path, read)
