@@ -59,14 +59,12 @@ class ScanResult:
 
 @dataclass
 class Plan:
-    """Everything the write pass needs to know beyond its own shard (small, or object refs)."""
+    """The pool-wide decisions every later pass applies to its shard: filters, top-fraction cutoff and each
+    shard's places at the cutoff. Put in the object store once (its quotas are one integer per shard)."""
 
     config: FilterConfig
     cutoff: select.Cutoff | None = None
     quotas: list[int] = field(default_factory=list)
-    exact_refs: list = field(default_factory=list)  # reducer outputs (ObjectRefs), sorted by shard
-    near_refs: list = field(default_factory=list)
-    near_clusters: int = 0
 
 
 def scan(shard: ShardRef, config: FilterConfig, top: bool) -> tuple[ScanResult, Eligible]:

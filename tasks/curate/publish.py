@@ -168,18 +168,20 @@ def write_shard(
     shard: ShardRef,
     version_uri: str,
     source: str,
-    config: FilterConfig,
     extras: pa.Schema,
     elig,
-    cutoff,
-    quota: int,
+    plan,
     n_exact: int,
     *reducer_outputs: pa.Table,
 ) -> WriteResult:
-    """Decide and write one shard's parts (see the module docstring); returns its aggregates."""
+    """Decide and write one shard's parts (see the module docstring); returns its aggregates.
+
+    ``plan``: ``passes.Plan`` (filters, top-fraction cutoff and quotas); ``reducer_outputs``: the exact dedup
+    reducers' outputs (the first ``n_exact``), then the near dedup reducers'."""
     rows = read_shard(shard)
     exact, near = list(reducer_outputs[:n_exact]), list(reducer_outputs[n_exact:])
-    dec = decide(shard, rows, config, elig, cutoff, quota, exact, near)
+    quota = plan.quotas[shard.index] if plan.cutoff is not None else 0
+    dec = decide(shard, rows, plan.config, elig, plan.cutoff, quota, exact, near)
     table, n = rows.table, rows.table.num_rows
     scores = rows.scores if rows.scores is not None else np.full(n, np.nan, np.float32)
     kept, rejected = np.flatnonzero(dec.keep), np.flatnonzero(~dec.keep)

@@ -135,12 +135,12 @@ def run_curation(
     cutoff, quotas, selection = _top_fraction(shards, elig, hist, config)
     lap("top_fraction")
     survivors = cutoff.n_keep if cutoff else eligible
-    exact_refs = _exact_dedup(shards, elig, cutoff, quotas, config, survivors, cpus)
+    # Once in the object store: every task reads the one copy (its quotas are a list over all shards).
+    plan = ray.put(passes.Plan(config=config, cutoff=cutoff, quotas=quotas))
+    exact_refs = _exact_dedup(shards, elig, plan, config, survivors, cpus)
     n_exact_lost = sum(_get([ray.remote(_rows).remote(r) for r in exact_refs], "exact dedup"))
     lap("exact_dedup")
-    near_refs, clusters = _near_dedup(
-        shards, elig, cutoff, quotas, config, survivors - n_exact_lost, cpus, exact_refs
-    )
+    near_refs, clusters = _near_dedup(shards, elig, plan, config, survivors - n_exact_lost, cpus, exact_refs)
     ray.wait(near_refs, num_returns=len(near_refs), fetch_local=False)  # for the timing; nothing fetched
     lap("near_dedup")
     selection.update(
@@ -149,17 +149,15 @@ def run_curation(
     out = _write(
         shards,
         source,
-        config,
         writer,
-        pool_schema,
+        extras_schema(pool_schema),
         elig,
-        cutoff,
-        quotas,
-        exact_refs,
-        near_refs,
-        selection,
+        plan,
+        exact_refs + near_refs,
+        len(exact_refs),
         progress,
     )
+    out.selection = selection
     lap("write")
     out.timings = timings
     log.info("curation passes (s): %s", timings)
@@ -203,29 +201,23 @@ def _top_fraction(shards: list, elig: list, hist, config: FilterConfig):
     return cut, quotas, {"top_fraction_kept": n_keep, "top_fraction_cutoff": cut.score}
 
 
-def _plan(config: FilterConfig, cutoff, quotas) -> passes.Plan:
-    return passes.Plan(config=config, cutoff=cutoff, quotas=quotas)
-
-
-def _exact_dedup(shards, elig, cutoff, quotas, config, survivors: int, cpus: int) -> list:
+def _exact_dedup(shards, elig, plan, config: FilterConfig, survivors: int, cpus: int) -> list:
     import ray
 
     if not config.exact_dedup or not shards:
         return []
     parts = passes.partitions(survivors, cpus)
-    plan = _plan(config, cutoff, quotas)
     mapper = ray.remote(passes.dedup_map)
     mapped = [mapper.remote(s, e, plan, parts) for s, e in zip(shards, elig, strict=True)]
     reduce = ray.remote(lambda p, *outs: select.exact_losers([o.part(p) for o in outs]))
     return [reduce.remote(p, *mapped) for p in range(parts)]
 
 
-def _near_dedup(shards, elig, cutoff, quotas, config, survivors: int, cpus: int, exact_refs: list):
+def _near_dedup(shards, elig, plan, config: FilterConfig, survivors: int, cpus: int, exact_refs: list):
     import ray
 
     if config.near_dup_threshold is None or not shards or survivors == 0:
         return [], 0
-    plan = _plan(config, cutoff, quotas)
     k = max(1, math.ceil(survivors / config.near_dup_cluster_rows))
     centroids = None
     if k > 1:
@@ -243,23 +235,10 @@ def _near_dedup(shards, elig, cutoff, quotas, config, survivors: int, cpus: int,
     return [reduce.remote(p, *mapped) for p in range(parts)], k
 
 
-def _write(
-    shards,
-    source,
-    config,
-    writer,
-    pool_schema,
-    elig,
-    cutoff,
-    quotas,
-    exact_refs,
-    near_refs,
-    selection,
-    progress,
-):
+def _write(shards, source, writer, extras, elig, plan, reducer_refs: list, n_exact: int, progress):
+    """The write pass over the shards not written yet (a resumed version keeps its finished ones)."""
     import ray
 
-    extras = extras_schema(pool_schema)
     results: list[WriteResult] = []
     todo = []
     for s in shards:
@@ -276,32 +255,19 @@ def _write(
         )
     task = ray.remote(write_shard).options(scheduling_strategy="SPREAD")
     refs = [
-        task.remote(
-            s,
-            writer.uri,
-            source,
-            config,
-            extras,
-            elig[s.index],
-            cutoff,
-            quotas[s.index],
-            len(exact_refs),
-            *exact_refs,
-            *near_refs,
-        )
-        for s in todo
+        task.remote(s, writer.uri, source, extras, elig[s.index], plan, n_exact, *reducer_refs) for s in todo
     ]
     with _bar(len(shards), "publishing", progress) as bar:
         bar.advance(len(shards) - len(todo))
         for r in _completed(refs, f"writing version {writer.version} under {writer.uri}"):
             results.append(r)
             bar.advance()
-    return _merge(results, writer, selection)
+    return _merge(results, writer)
 
 
-def _merge(results: list[WriteResult], writer: VersionWriter, selection: dict) -> CurationOutput:
+def _merge(results: list[WriteResult], writer: VersionWriter) -> CurationOutput:
     counts = {"input": 0, "kept": 0, "rejected": 0, **dict.fromkeys(REASONS, 0)}
-    out = CurationOutput(counts, {}, None, selection)
+    out = CurationOutput(counts, {}, None, {})
     kept_ex, rej_ex, nodes = [], [], set()
     for r in sorted(results, key=lambda r: r.index):
         nodes.add(r.node)
