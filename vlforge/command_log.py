@@ -121,6 +121,16 @@ def _capture_logging(stream) -> list:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     undo = [(root, handler, root.level), (ours, None, ours.level)]
+    # Ray's loggers do not propagate to the root once Ray has set them up (an earlier Ray in this process):
+    # they get the log file too, for the session.
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (
+            (name == "ray" or name.startswith("ray."))
+            and isinstance(logger, logging.Logger)
+            and not logger.propagate
+        ):
+            logger.addHandler(handler)
+            undo.append((logger, handler, logger.level))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     ours.setLevel(logging.INFO)
@@ -134,3 +144,27 @@ def _release_logging(undo: list) -> None:
         if handler is not None:
             logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+def keep_ray_output_in(path: str) -> None:
+    """From now on, send the output of Ray's workers that reaches this driver to the log at ``path``.
+
+    Ray prints it as it arrives (Ray 2.5x: the ``ray_print_logs`` handler of its stdstream dispatcher, onto
+    ``sys.stdout``/``sys.stderr`` of that moment), which can be after the command's last line, when the terminal
+    is back. Without that handler (another Ray version) nothing changes."""
+    if "ray" not in sys.modules:
+        return
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except Exception:
+        return
+    if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
+        return
+
+    def to_log(data) -> None:
+        with contextlib.suppress(Exception), open(path, "a", encoding="utf-8") as fh:
+            ray_worker.print_worker_logs(data, fh)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", to_log)

@@ -325,6 +325,7 @@ def session(command: str, settings, *, verbose: bool = False):
             finally:
                 if s.live is not None:
                     s.live.stop()
+                command_log.keep_ray_output_in(path)
                 _session = None
     finally:
         if upload_to:  # also after an error: that is when the log is read
