@@ -252,7 +252,12 @@ def main() -> None:
     )
     ap.add_argument("--configs", nargs="*", default=["plain", "scored"])
     ap.add_argument("--baseline", help="a checkout of the code to compare 'plain' with (side by side)")
-    ap.add_argument("--stage-rows", type=int, default=0, help="also stage a URL list of this many rows")
+    ap.add_argument(
+        "--stage-rows",
+        type=int,
+        default=0,
+        help="also stage a URL list of this many rows (-1: not even with --full)",
+    )
     ap.add_argument(
         "--near-rows", type=int, default=50_000, help="pool for the near-dedup agreement (0: skip)"
     )
@@ -273,7 +278,7 @@ def main() -> None:
             print("== 1,000,000 rows at dim 512", flush=True)
             results["rows"]["1000000@512"] = bench_rows(1_000_000, 512, ["scored"], None, scorer)
     stage_rows = args.stage_rows or (10_000_000 if args.full else 0)
-    if stage_rows:
+    if stage_rows > 0:
         try:
             from bench.scale_ingest import bench_staging
         except ImportError:
