@@ -371,7 +371,9 @@ def demo(
     from flows.demo import demo as run
 
     s = _settings()
-    console.print(f"[bold]vlforge demo[/]: storage {s.storage_uri}, MLflow {s.tracking_uri}")
+    from vlforge.tracking import redact
+
+    console.print(f"[bold]vlforge demo[/]: storage {s.storage_uri}, MLflow {redact(s.tracking_uri)}")
     summary = run(
         seed_size=seed_size,
         pool_size=pool_size,
@@ -389,7 +391,7 @@ def demo(
         out.print(f"MLflow run ({stage}): {run_id}")
     for what, uri in summary["models"].items():
         out.print(f"model ({what}): {uri}")
-    out.print(f"MLflow UI: mlflow ui --backend-store-uri {s.tracking_uri}")
+    out.print(f"MLflow UI: mlflow ui --backend-store-uri {redact(s.tracking_uri)}")
 
 
 @app.command()
