@@ -168,3 +168,11 @@ def keep_ray_output_in(path: str) -> None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", to_log)
+    # Lines Ray's log deduplication still holds are printed onto sys.stdout/sys.stderr when Ray disconnects at
+    # exit (Ray 2.5x, worker.disconnect): write them to the log now.
+    with contextlib.suppress(Exception):
+        from ray._private.ray_logging import stderr_deduplicator, stdout_deduplicator
+
+        for dedup in (stdout_deduplicator, stderr_deduplicator):
+            for leftover in dedup.flush():
+                to_log(leftover)
