@@ -32,7 +32,9 @@ def _wait_for_nodes(address: str, env: dict, nodes: int, timeout: float = 120) -
 
 
 def test_curate_on_two_ray_nodes_writes_to_s3_from_both(s3_endpoint, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setenv("VLFORGE_STORAGE", "s3://vlforge-test/store")
+    monkeypatch.setenv(
+        "VLFORGE_STORAGE", "s3://vlforge-test/cluster-store"
+    )  # moto keeps buckets per process: not test_ingest_s3's
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     settings = get_settings()
     pairs = make_pairs(48, 0.0, seed=21)
@@ -56,7 +58,7 @@ def test_curate_on_two_ray_nodes_writes_to_s3_from_both(s3_endpoint, tmp_path, m
         subprocess.run(["pkill", "-9", "-f", temp], check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     dv = resolve_dataset(settings, "multi")
-    assert dv.uri.startswith("s3://vlforge-test/store/datasets/multi/")
+    assert dv.uri.startswith("s3://vlforge-test/cluster-store/datasets/multi/")
     assert dv.manifest["compute"] == {**dv.manifest["compute"], "shards": 8, "nodes": 2}
     assert dv.manifest["counts"]["kept"] == 47 and dv.manifest["counts"]["duplicate"] == 1
     assert dv.read_table("data").num_rows == 47
