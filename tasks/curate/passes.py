@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from tasks.curate import select
 from tasks.curate.filters import FilterConfig, row_filters
-from tasks.curate.shards import CurationInputError, ShardRef, read_embeddings, read_shard, shard_schema
+from tasks.curate.shards import CurationInputError, ShardRef, read_embeddings, read_shard
 
 ROWS_PER_PARTITION = 250_000  # shuffle partitions are sized so a reducer holds about this many rows
 NEAR_SAMPLE_PER_CLUSTER = 64  # k-means sample: points per centroid (faiss warns below 39)
@@ -48,11 +48,10 @@ def eligible_keys(shard: ShardRef, elig: Eligible) -> np.ndarray:
 
 @dataclass
 class ScanResult:
+    """What the driver needs from a shard's scan: its schema (checked across the pool) and eligible count."""
+
     index: int
-    rows: int
-    schema: dict[str, str]
-    arrow_schema: pa.Schema
-    counts: dict[str, int]
+    schema: pa.Schema
     eligible: int
     hist: tuple[np.ndarray, np.ndarray] | None = None  # sparse high-bits histogram (select.high_histogram)
 
@@ -72,16 +71,7 @@ def scan(shard: ShardRef, config: FilterConfig, top: bool) -> tuple[ScanResult, 
     dec = row_filters(rows.table, config, rows.scores)
     elig = np.flatnonzero(dec.keep)
     keys = select.sortable_keys(rows.scores[elig]) if top else None
-    counts = {k: v for k, v in dec.counts().items() if v}
-    res = ScanResult(
-        shard.index,
-        rows.table.num_rows,
-        shard_schema(rows.table),
-        rows.table.schema,
-        counts,
-        len(elig),
-        select.high_histogram(keys) if top else None,
-    )
+    res = ScanResult(shard.index, rows.table.schema, len(elig), select.high_histogram(keys) if top else None)
     return res, Eligible(np.packbits(dec.keep), len(dec.keep))
 
 
@@ -179,7 +169,7 @@ def check_schemas(results: list[ScanResult], uris: dict[int, str]) -> pa.Schema:
     """The pool's schema: shards may lack a carried column (it becomes null) but must not disagree on a type."""
     fields: dict[str, tuple[pa.DataType, int]] = {}
     for r in sorted(results, key=lambda r: r.index):
-        for f in r.arrow_schema:
+        for f in r.schema:
             if f.name not in fields or fields[f.name][0] != f.type and pa.types.is_null(fields[f.name][0]):
                 fields[f.name] = (f.type, r.index)
             elif fields[f.name][0] != f.type and not pa.types.is_null(f.type):

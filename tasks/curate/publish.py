@@ -31,7 +31,7 @@ from tasks.curate.filters import (
     row_filters,
     top_fraction_detail,
 )
-from tasks.curate.shards import RAW_COLUMNS, ShardRef, read_embeddings, read_parquet, read_shard
+from tasks.curate.shards import RAW_COLUMNS, ShardRef, read_embeddings, read_parquet, read_shard, schema_dict
 from vlforge import storage
 
 DATA_COLUMNS = [
@@ -197,7 +197,7 @@ def write_shard(
         for f in conformed.schema:
             data = data.append_column(f.name, conformed.column(f.name))
         files[f"data/part-{tag}.parquet"] = _parquet(data)
-        schema["data"] = {f.name: str(f.type) for f in data.schema}
+        schema["data"] = schema_dict(data)
         if rows.cache_rows is not None:
             for which in ("img_emb", "text_emb"):
                 emb = read_embeddings(shard, rows.cache_rows, kept, which)
@@ -224,7 +224,7 @@ def write_shard(
         )
         rej = rej.append_column("reason_detail", pa.array(dec.details[rejected].tolist(), pa.string()))
         files[f"rejected/part-{tag}.parquet"] = _parquet(rej)
-        schema["rejected"] = {f.name: str(f.type) for f in rej.schema}
+        schema["rejected"] = schema_dict(rej)
     digests = {}
     for relpath, data in files.items():
         storage.write_bytes_atomic(storage.join(version_uri, relpath), data)

@@ -172,10 +172,10 @@ LOSERS_SCHEMA = pa.schema(
 
 def exact_losers(tables: list[pa.Table]) -> pa.Table:
     """Reducer of the sha256 shuffle: every row but the best of its hash, with the winner's key."""
-    t = pa.concat_tables([x for x in tables if x.num_rows]) if any(x.num_rows for x in tables) else None
-    if t is None:
+    live = [x for x in tables if x.num_rows]
+    if not live:
         return LOSERS_SCHEMA.empty_table()
-    t = _rank_sort(t, "sha256")
+    t = _rank_sort(pa.concat_tables(live), "sha256")
     sha = t.column("sha256").to_numpy(zero_copy_only=False)
     first = np.ones(len(sha), dtype=bool)
     first[1:] = sha[1:] != sha[:-1]

@@ -67,7 +67,7 @@ def read_schema(uri: str) -> pa.Schema:
         ) from exc
 
 
-def _cache_positions(shard: ShardRef, keys: pa.ChunkedArray, cache_keys: pa.Array) -> np.ndarray:
+def _cache_positions(keys: pa.ChunkedArray, cache_keys: pa.Array) -> np.ndarray:
     """For each raw row, its row in the cache (-1 where it has none)."""
     pos = pc.index_in(keys, value_set=cache_keys)
     return pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -111,7 +111,7 @@ def read_shard(shard: ShardRef, columns: list[str] | None = None) -> ShardRows:
     if shard.cache_uri is None:
         return ShardRows(table, None, None)
     cache = read_parquet(shard.cache_uri, ["key", "clip_score", "decode_ok"], what="score cache")
-    pos = _cache_positions(shard, table.column("key"), cache.column("key").combine_chunks())
+    pos = _cache_positions(table.column("key"), cache.column("key").combine_chunks())
     ok = pc.fill_null(pc.equal(table.column("status"), "success"), False).to_numpy(zero_copy_only=False)
     _check_cache(shard, cache, ok, pos)
     has = pos >= 0
@@ -131,5 +131,6 @@ def read_embeddings(shard: ShardRef, cache_rows: np.ndarray, rows: np.ndarray, w
     return np.ascontiguousarray(flat[cache_rows[rows]], dtype=np.float32)
 
 
-def shard_schema(table: pa.Table) -> dict[str, str]:
+def schema_dict(table: pa.Table) -> dict[str, str]:
+    """Column name -> type name, as manifests record a part's schema."""
     return {f.name: str(f.type) for f in table.schema}
