@@ -20,7 +20,7 @@ import time
 def _raw_run(list_path: str, out: str, opts) -> float:
     import img2dataset
 
-    from tasks.ingest_run import img2dataset_kwargs, worker_environment
+    from tasks.ingest.run import img2dataset_kwargs, worker_environment
     from vlforge.settings import Settings
 
     kwargs = img2dataset_kwargs(list_path, out, ["truth_matched", "truth_colour", "truth_shape"], opts)

@@ -1,4 +1,4 @@
-"""Benchmark: peak memory and speed of staging a big URL list (``tasks.ingest_stage.stage_list``), and of
+"""Benchmark: peak memory and speed of staging a big URL list (``tasks.ingest.staging.stage_list``), and of
 img2dataset's own reader on the staged input.
 
     .venv/bin/python bench/scale_ingest.py [--rows 10000000] [--formats parquet,csv] [--reader parts,file]
@@ -44,7 +44,7 @@ STAGE = (
     PEAK
     + """
 import json, sys, time
-from tasks.ingest_stage import stage_list
+from tasks.ingest.staging import stage_list
 start = time.perf_counter()
 staged = stage_list(sys.argv[1], sys.argv[2], "url", "caption", allow_private_networks=False)
 print(json.dumps({"seconds": time.perf_counter() - start, "rows": staged.rows, "allowed": staged.allowed,
@@ -62,7 +62,7 @@ stage_dir, tmp, mode = sys.argv[1:4]
 start = time.perf_counter()
 url_list = os.path.join(stage_dir, "input.parquet")
 if mode == "parts":  # what the ingest hands img2dataset: part files of whole shards, written here
-    from tasks.ingest_stage import input_parts, load_staged
+    from tasks.ingest.staging import input_parts, load_staged
     url_list = input_parts(load_staged(stage_dir), 10_000)
 cols = [c for c in pq.read_schema(os.path.join(stage_dir, "input.parquet")).names if c not in ("url", "caption")]
 kwargs = dict(url_list=url_list, input_format="parquet", url_col="url", caption_col="caption",

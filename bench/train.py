@@ -62,7 +62,7 @@ def plain_step_times(
     import torch
 
     from models.clip import clip_loss, load_clip
-    from tasks.train_data import read_split
+    from tasks.train.data import read_split
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     bundle = load_clip(init_dir)
@@ -115,7 +115,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="vlforge-bench-train-")
     os.environ["VLFORGE_STORAGE"] = os.path.join(tmp, "store")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    from tasks.pretrain import pretrain
+    from tasks.train.pretrain import pretrain
     from tests.helpers import publish_synthetic_dataset
     from vlforge.raycluster import init_ray
     from vlforge.settings import get_settings

@@ -273,7 +273,7 @@ def pretrain(
     """Contrastive (CLIP) pretraining with Ray Train; logs to MLflow and registers vlforge-clip."""
     settings = _settings()
     _check_inputs(settings, dataset, eval_dataset, init)
-    from tasks.pretrain import pretrain as run
+    from tasks.train.pretrain import pretrain as run
 
     with ui.stage(f"pretrain on {dataset}"):
         result = run(
@@ -311,7 +311,7 @@ def finetune(
     """LoRA (peft) fine-tuning of a registered model; registers vlforge-clip-lora."""
     settings = _settings()
     _check_inputs(settings, dataset, None, base)
-    from tasks.finetune import finetune as run
+    from tasks.train.finetune import finetune as run
 
     with ui.stage(f"fine-tune {base} on {dataset}"):
         result = run(

@@ -10,9 +10,9 @@ from prefect import flow, get_run_logger
 from flows.artifacts import publish
 from flows.params import PipelineParams, RefreshParams, TrainParams
 from tasks.curate import curate_task
-from tasks.finetune import finetune_task
 from tasks.ingest import ingest_task
-from tasks.pretrain import pretrain_task
+from tasks.train.finetune import finetune_task
+from tasks.train.pretrain import pretrain_task
 from vlforge import console, tracking
 from vlforge.errors import ModelNotFoundError
 from vlforge.registry import registered_version

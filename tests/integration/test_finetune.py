@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from tasks.finetune import finetune
-from tasks.pretrain import pretrain
+from tasks.train.finetune import finetune
+from tasks.train.pretrain import pretrain
 from tests.helpers import publish_synthetic_dataset
 from vlforge.tracking import TAG_BASE_MODEL, configure
 

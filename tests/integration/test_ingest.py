@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tasks.ingest import ingest
-from tasks.ingest_accounting import ROW_COL, reason
+from tasks.ingest.accounting import ROW_COL, reason
 from vlforge import raw, storage
 from vlforge.demo.server import Response
 from vlforge.demo.synth import make_pairs

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tasks.ingest import ingest
-from tasks.ingest_exif import UPRIGHT_KEY, upright_shard
+from tasks.ingest.exif import UPRIGHT_KEY, upright_shard
 from vlforge import raw
 
 pytestmark = pytest.mark.integration

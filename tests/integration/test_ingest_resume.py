@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.ingest import ingest
-from tasks.ingest_accounting import ROW_COL, done_shards
-from tasks.urllists import content_hash
+from tasks.ingest.accounting import ROW_COL, done_shards
+from tasks.ingest.urllists import content_hash
 from vlforge import raw, storage
 from vlforge.demo.server import write_url_list
 from vlforge.demo.synth import make_pairs

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.ingest import ingest
-from tasks.ingest_accounting import ROW_COL
+from tasks.ingest.accounting import ROW_COL
 from vlforge import raw, storage
 from vlforge.demo.server import write_url_list
 from vlforge.demo.synth import make_pairs

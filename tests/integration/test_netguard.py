@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.ingest import ingest
-from tasks.ingest_accounting import ROW_COL, reason
+from tasks.ingest.accounting import ROW_COL, reason
 from vlforge import raw
 from vlforge.demo.server import ImageServer, Response
 from vlforge.demo.synth import make_pairs

@@ -13,7 +13,7 @@ import time
 import mlflow
 import pytest
 
-from tasks.pretrain import pretrain
+from tasks.train.pretrain import pretrain
 from tests.helpers import RayProcessWatcher, publish_synthetic_dataset, ray_processes
 from vlforge.tracking import EXPERIMENTS, configure
 
@@ -81,7 +81,7 @@ def test_killed_worker_restarts_from_checkpoint_in_the_same_run(settings, ray_lo
 DRIVER = textwrap.dedent(
     """
     import sys
-    from tasks.pretrain import pretrain
+    from tasks.train.pretrain import pretrain
     from vlforge.settings import get_settings
     pretrain("seed", get_settings(), name="resume-me", epochs=10, batch_size=16, checkpoint_every=2,
              register=False, log_every=2)

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.ingest import ingest, user_agent_token
-from tasks.ingest_accounting import ROW_COL, reason
-from tasks.ingest_stage import interleave_by_host, stage_list
-from tasks.urllists import find_list_files, read_url_list
+from tasks.ingest.accounting import ROW_COL, reason
+from tasks.ingest.staging import interleave_by_host, stage_list
+from tasks.ingest.urllists import find_list_files, read_url_list
 from vlforge import netguard, raw
 from vlforge.errors import UrlListError
 

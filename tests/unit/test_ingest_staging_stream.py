@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.ingest_accounting import ROW_COL, reason
-from tasks.ingest_stage import MERGE_FAN_IN, input_parts, interleave_by_host, load_staged, stage_list
-from tasks.urllists import read_url_list
+from tasks.ingest.accounting import ROW_COL, reason
+from tasks.ingest.staging import MERGE_FAN_IN, input_parts, interleave_by_host, load_staged, stage_list
+from tasks.ingest.urllists import read_url_list
 from vlforge import netguard
 
 HOSTS = ["93.184.216.34", "93.184.216.35:8080", "93.184.216.36", "[2606:2800:220:1:248:1893:25c8:1946]"]

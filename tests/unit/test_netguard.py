@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from tasks.ingest_accounting import reason
+from tasks.ingest.accounting import reason
 from vlforge import netguard
 from vlforge.errors import VlforgeError
 from vlforge.netguard import NetworkPolicy

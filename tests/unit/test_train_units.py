@@ -8,9 +8,9 @@ import torch
 
 from models.clip import build_clip
 from models.lora import LoraSpec, apply_lora, check_targets, merge_lora, trainable_parameters
-from tasks.train_data import eval_mask, is_eval_key, preprocess_batch
-from tasks.train_loop import cosine_with_warmup
-from tasks.train_run import class_labels_for, steps_plan
+from tasks.train.data import eval_mask, is_eval_key, preprocess_batch
+from tasks.train.driver import class_labels_for, steps_plan
+from tasks.train.loop import cosine_with_warmup
 from vlforge.demo.synth import class_prompts, make_pairs
 from vlforge.errors import VlforgeError
 

@@ -11,7 +11,7 @@ import shutil
 
 from prefect import task
 
-from tasks.train_run import (
+from tasks.train.driver import (
     TrainResult,
     checkpoint_dir,
     default_name,
@@ -40,7 +40,7 @@ def _initial_bundle(dv, recipe: str, init: str | None, eval_fraction: float, set
 
         return load_model(init, settings)
     from models.clip import build_clip
-    from tasks.train_data import read_split
+    from tasks.train.data import read_split
 
     captions = [str(c) for c in read_split(dv, eval_fraction, "train").column("caption").to_pylist()]
     return build_clip(recipe, captions, seed=seed)
@@ -78,7 +78,7 @@ def pretrain(
     same name again resumes it from its last checkpoint); ``fail_once`` is a test hook
     (``{"rank", "step", "marker"}``: that rank exits hard once at that step).
     """
-    from tasks.train_data import count_train_rows, train_dataset
+    from tasks.train.data import count_train_rows, train_dataset
     from vlforge.datasets import resolve_dataset
     from vlforge.raycluster import init_ray
     from vlforge.tracking import PRETRAINED_MODEL, TAG_BASE_MODEL

@@ -31,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.ingest_accounting import REFUSED_PREFIX, ROW_COL
-from tasks.urllists import BATCH_ROWS, UrlListReader, read_pinned
+from tasks.ingest.accounting import REFUSED_PREFIX, ROW_COL
+from tasks.ingest.urllists import BATCH_ROWS, UrlListReader, read_pinned
 from vlforge import netguard, storage
 
 INPUT = (

@@ -1,6 +1,6 @@
 """peft LoRA fine-tuning of a registered CLIP on Ray Train; registers the merged model as ``vlforge-clip-lora``.
 
-The same loop as pretraining (tasks/train_loop.py) trains LoRA adapters on the attention projections (and the
+The same loop as pretraining (tasks/train/loop.py) trains LoRA adapters on the attention projections (and the
 projection heads); the driver merges them into the base weights so transformers loads the registered folder
 directly, and hands the adapter folder to the registry as well.
 """
@@ -11,7 +11,7 @@ import os
 
 from prefect import task
 
-from tasks.train_run import (
+from tasks.train.driver import (
     TrainResult,
     checkpoint_dir,
     default_name,
@@ -75,7 +75,7 @@ def finetune(
     """LoRA-fine-tune ``base`` (a model URI) on ``dataset`` and register the merged model as ``vlforge-clip-lora``."""
     from models.lora import LoraSpec, check_targets
     from tasks.common import load_model
-    from tasks.train_data import count_train_rows, train_dataset
+    from tasks.train.data import count_train_rows, train_dataset
     from vlforge.datasets import resolve_dataset
     from vlforge.raycluster import init_ray
     from vlforge.registry import check_model_uri, registered_version
@@ -119,7 +119,7 @@ def finetune(
         )  # fmt: skip
         ds = train_dataset(dv, tr.init_uri, eval_fraction=eval_fraction, augment=True, seed=seed)
         result = fit(settings, tr, cfg, ds, num_workers=num_workers, use_gpu=gpu, max_failures=max_failures)
-        from tasks.train_data import local_dir
+        from tasks.train.data import local_dir
 
         adapter_dir = os.path.join(checkpoint_dir(result, tr), "adapter")
         model_dir = output_dir(settings, tr)

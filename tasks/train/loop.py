@@ -34,7 +34,7 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
 def _build_model(config: dict, ckpt_dir: str | None):
     """(bundle, trainable module) from the initial model or the checkpoint."""
     from models.clip import load_clip
-    from tasks.train_data import local_dir
+    from tasks.train.data import local_dir
 
     init_dir = local_dir(config["init_uri"])
     if config.get("lora") is None:

@@ -15,17 +15,17 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from prefect import task
 
-from tasks import ingest_accounting as acc
 from tasks.common import retry_unless_user_error
-from tasks.ingest_exif import upright_batch
-from tasks.ingest_run import run_img2dataset
-from tasks.ingest_stage import StagedList, allowed_rows_not_in, load_staged, read_refused, stage_list
-from tasks.urllists import content_hash, find_list_files
+from tasks.ingest import accounting as acc
+from tasks.ingest.exif import upright_batch
+from tasks.ingest.run import DownloadOptions, run_img2dataset
+from tasks.ingest.staging import StagedList, allowed_rows_not_in, load_staged, read_refused, stage_list
+from tasks.ingest.urllists import content_hash, find_list_files
 from vlforge import console, raw, storage
 from vlforge.errors import UrlListError, VlforgeError
 from vlforge.netguard import NetworkPolicy
@@ -56,25 +56,6 @@ class _Plan:
     batch_id: str
     uri: str
     staged: StagedList | None  # None: the batch is complete already
-
-
-@dataclass
-class DownloadOptions:
-    shard_size: int = 10_000
-    processes: int = 1
-    threads: int = 64
-    distributor: str = "multiprocessing"
-    timeout: float = 10.0
-    retries: int = 2
-    user_agent_token: str = "vlforge"
-    image_size: int = 256
-    min_image_size: int = 10
-    max_image_area: float = 50_000_000
-    max_aspect_ratio: float = float("inf")
-    disallowed_header_directives: list[str] = field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
-    )
-    network: NetworkPolicy = field(default_factory=NetworkPolicy)  # checked before download and on every hop
 
 
 def ingest(

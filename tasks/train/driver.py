@@ -128,7 +128,7 @@ def fit(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from tasks.train_loop import train_loop_per_worker
+    from tasks.train.loop import train_loop_per_worker
 
     storage_path, storage_fs = ray_storage(settings)
     trainer = TorchTrainer(
@@ -339,7 +339,7 @@ def evaluate_and_register(
 
 def eval_sets_for(dv: DatasetVersion, eval_fraction: float, eval_dv: DatasetVersion | None) -> list:
     """The held-out split of ``dv`` and, when given, all of ``eval_dv`` (which then decides promotion)."""
-    from tasks.train_data import read_split
+    from tasks.train.data import read_split
 
     sets = [
         (

@@ -1,7 +1,7 @@
 """One call of ``img2dataset.download`` on a staged list, writing into the raw batch folder in incremental mode.
 
 img2dataset reads each input file whole before cutting it into shards, so it is handed the staged list as a
-folder of part files of whole shards (:func:`tasks.ingest_stage.input_parts`): its memory is that of one part.
+folder of part files of whole shards (:func:`tasks.ingest.staging.input_parts`): its memory is that of one part.
 
 img2dataset spawns its workers, so the environment set here reaches them: OpenCV's pixel limit (a decompression
 bomb is refused from its header, before any pixel buffer is allocated), the S3 endpoint for s3fs, and quiet
@@ -19,14 +19,34 @@ import contextlib
 import os
 import signal
 import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vlforge import netguard
+from vlforge.netguard import NetworkPolicy
 from vlforge.settings import Settings
 
 if TYPE_CHECKING:
-    from tasks.ingest import DownloadOptions
-    from tasks.ingest_stage import StagedList
+    from tasks.ingest.staging import StagedList
+
+
+@dataclass
+class DownloadOptions:
+    shard_size: int = 10_000
+    processes: int = 1
+    threads: int = 64
+    distributor: str = "multiprocessing"
+    timeout: float = 10.0
+    retries: int = 2
+    user_agent_token: str = "vlforge"
+    image_size: int = 256
+    min_image_size: int = 10
+    max_image_area: float = 50_000_000
+    max_aspect_ratio: float = float("inf")
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)  # checked before download and on every hop
 
 
 def img2dataset_kwargs(
@@ -139,7 +159,7 @@ def _download(kwargs: dict, ray_address: str | None, policy: netguard.NetworkPol
 
 
 def run_img2dataset(staged: StagedList, output_uri: str, opts: DownloadOptions, settings: Settings) -> None:
-    from tasks.ingest_stage import input_parts
+    from tasks.ingest.staging import input_parts
 
     parts = input_parts(staged, opts.shard_size)  # img2dataset loads each input file whole: give it parts
     kwargs = img2dataset_kwargs(parts, output_uri, staged.extra_columns, opts)
