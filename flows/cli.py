@@ -11,7 +11,11 @@ from typing import Annotated
 
 import typer
 
+from flows.options import collect, model_options
+from tasks.curate.filters import FilterConfig
+from tasks.train.args import FinetuneArgs, PretrainArgs
 from vlforge import console as ui
+from vlforge import defaults
 from vlforge.errors import VlforgeError
 
 app = typer.Typer(
@@ -117,27 +121,29 @@ def ingest(
     source: Annotated[str, typer.Option(help="Source name; raw batches go to raw/<source>/.")],
     url_col: str = "url",
     caption_col: str = "caption",
-    shard_size: Annotated[int, typer.Option(help="Rows per shard.")] = 10_000,
+    shard_size: Annotated[int, typer.Option(help="Rows per shard.")] = defaults.SHARD_SIZE,
     processes: Annotated[int | None, typer.Option(help="Download processes (default: cores).")] = None,
     threads: Annotated[int | None, typer.Option(help="Threads per process.")] = None,
-    distributor: Annotated[str, typer.Option(help="multiprocessing or ray.")] = "multiprocessing",
+    distributor: Annotated[str, typer.Option(help="multiprocessing or ray.")] = defaults.DISTRIBUTOR,
     allow_private_networks: Annotated[bool, typer.Option(help="Allow private/loopback hosts.")] = False,
     allow_network: Annotated[
         list[str] | None,
         typer.Option(help="Allow this network (CIDR, e.g. 10.1.2.0/24) as if public; repeatable."),
     ] = None,
-    timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = 10.0,
-    retries: Annotated[int, typer.Option(help="Retries for transient errors.")] = 2,
+    timeout: Annotated[
+        float, typer.Option(help="Per-request timeout in seconds.")
+    ] = defaults.DOWNLOAD_TIMEOUT_S,
+    retries: Annotated[int, typer.Option(help="Retries for transient errors.")] = defaults.DOWNLOAD_RETRIES,
     user_agent: Annotated[str | None, typer.Option(help="User agent (default names vlforge).")] = None,
     image_size: Annotated[
         int, typer.Option(help="Resize images to fit this size (img2dataset's image_size).")
-    ] = 256,
+    ] = defaults.IMAGE_SIZE,
     min_image_size: Annotated[
         int, typer.Option(help="Refuse images smaller than this (pixels, shorter side).")
-    ] = 10,
+    ] = defaults.MIN_DOWNLOAD_IMAGE_SIZE,
     max_image_area: Annotated[
         int, typer.Option(help="Refuse larger images (decompression-bomb guard).")
-    ] = 50_000_000,
+    ] = defaults.MAX_IMAGE_AREA,
 ) -> None:
     """Download image-text pairs from URL lists with img2dataset (resumable; every row accounted for)."""
     from tasks.ingest import ingest as run
@@ -174,66 +180,33 @@ def ingest(
 
 @app.command()
 @user_errors
+@model_options(FilterConfig)
 def curate(
     source: Annotated[str, typer.Option(help="Source whose raw batches to curate.")],
     dataset: Annotated[str, typer.Option(help="Dataset to publish a new version of.")],
     scorer: Annotated[
         str | None, typer.Option(help="CLIP scorer: models:/NAME@ALIAS, a folder or a HF id.")
     ] = None,
-    min_score: Annotated[
-        float | None, typer.Option(help="Keep pairs with CLIP score >= X (LAION: 0.28).")
-    ] = None,
-    top_fraction: Annotated[
-        float | None, typer.Option(help="Keep the top F of the pool by CLIP score.")
-    ] = None,
-    min_image_size: Annotated[int, typer.Option(help="Drop images whose shorter side is below this.")] = 32,
-    max_aspect_ratio: Annotated[float, typer.Option(help="Drop images more elongated than this.")] = 3.0,
-    min_caption_chars: int = 5,
-    max_caption_chars: int = 1000,
-    exact_dedup: Annotated[bool, typer.Option(help="Drop exact duplicate images (sha256).")] = True,
-    near_dup_threshold: Annotated[
-        float | None, typer.Option(help="Drop near duplicates above this image-embedding cosine (faiss).")
-    ] = None,
-    near_dup_cluster_rows: Annotated[
-        int, typer.Option(help="Near dedup compares within k-means clusters of about this many rows.")
-    ] = 10_000,
-    language: Annotated[
-        list[str] | None, typer.Option(help="Keep captions in this language (repeatable).")
-    ] = None,
     batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = 64,
     force: Annotated[bool, typer.Option(help="Publish a new version even if nothing changed.")] = False,
+    **options,
 ) -> None:
     """Score pairs with CLIP on Ray, filter, dedup and publish a versioned Parquet dataset."""
-    if min_score is not None and top_fraction is not None:
-        raise VlforgeError("give either --min-score or --top-fraction, not both")
-    if (min_score is not None or top_fraction is not None) and not scorer:
-        raise VlforgeError(
-            "--min-score and --top-fraction need a --scorer (e.g. models:/vlforge-clip@champion)"
-        )
+    from tasks.curate.filters import check_score_rule
+
+    filters = collect(FilterConfig, options)
+    check_score_rule(filters.min_score, filters.top_fraction, scorer)
     settings = _settings()
     if scorer:
         _check_model_uri(scorer, settings)
     from tasks.curate import curate as run
-    from tasks.curate.filters import FilterConfig
 
-    filters = FilterConfig(
-        min_image_size=min_image_size,
-        max_aspect_ratio=max_aspect_ratio,
-        min_caption_chars=min_caption_chars,
-        max_caption_chars=max_caption_chars,
-        exact_dedup=exact_dedup,
-        near_dup_threshold=near_dup_threshold,
-        near_dup_cluster_rows=near_dup_cluster_rows,
-        languages=language or None,
-    )
     with ui.stage(f"curate source {source} into dataset {dataset}"):
         result = run(
             source,
             dataset,
             settings,
             scorer=scorer,
-            min_score=min_score,
-            top_fraction=top_fraction,
             filters=filters,
             batch_size=batch_size,
             force=force,
@@ -248,85 +221,36 @@ def curate(
         out.print(f"  MLflow run: {result.mlflow_run_id}")
 
 
+DATASET_HELP = "Dataset to train on: NAME (newest version) or NAME@VERSION."
+
+
 @app.command()
 @user_errors
-def pretrain(
-    dataset: Annotated[str, typer.Option(help="NAME or NAME@VERSION.")],
-    recipe: Annotated[
-        str, typer.Option(help="Recipe in models/configs (clip-tiny, clip-vit-b-32).")
-    ] = "clip-tiny",
-    init: Annotated[str | None, typer.Option(help="Start from this model URI instead of scratch.")] = None,
-    epochs: int = 10,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    num_workers: Annotated[int, typer.Option(help="Ray Train workers.")] = 1,
-    use_gpu: Annotated[
-        bool | None, typer.Option("--use-gpu/--no-gpu", help="Default: GPUs if the cluster has any.")
-    ] = None,
-    name: Annotated[
-        str | None, typer.Option(help="Training name; running the same name again resumes it.")
-    ] = None,
-    grad_accum: int = 1,
-    grad_checkpointing: bool = False,
-    eval_dataset: Annotated[str | None, typer.Option(help="Extra evaluation dataset.")] = None,
-) -> None:
+@model_options(PretrainArgs)
+def pretrain(dataset: Annotated[str, typer.Option(help=DATASET_HELP)], **options) -> None:
     """Contrastive (CLIP) pretraining with Ray Train; logs to MLflow and registers vlforge-clip."""
     settings = _settings()
-    _check_inputs(settings, dataset, eval_dataset, init)
+    args = collect(PretrainArgs, options)
+    _check_inputs(settings, dataset, args.eval_dataset, args.init)
     from tasks.train.pretrain import pretrain as run
 
     with ui.stage(f"pretrain on {dataset}"):
-        result = run(
-            dataset,
-            settings,
-            recipe=recipe,
-            init=init,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            num_workers=num_workers,
-            use_gpu=use_gpu,
-            name=name,
-            grad_accum=grad_accum,
-            grad_checkpointing=grad_checkpointing,
-            eval_dataset=eval_dataset,
-        )
+        result = run(dataset, settings, args)
     _print_train(result)
 
 
 @app.command()
 @user_errors
-def finetune(
-    dataset: Annotated[str, typer.Option(help="NAME or NAME@VERSION.")],
-    base: Annotated[str, typer.Option(help="Model to adapt.")] = "models:/vlforge-clip@champion",
-    epochs: int = 5,
-    batch_size: int = 32,
-    lr: float = 2e-3,
-    lora_r: int = 8,
-    lora_alpha: int = 16,
-    num_workers: int = 1,
-    use_gpu: Annotated[bool | None, typer.Option("--use-gpu/--no-gpu")] = None,
-    name: Annotated[str | None, typer.Option(help="Training name; the same name again resumes it.")] = None,
-) -> None:
+@model_options(FinetuneArgs)
+def finetune(dataset: Annotated[str, typer.Option(help=DATASET_HELP)], **options) -> None:
     """LoRA (peft) fine-tuning of a registered model; registers vlforge-clip-lora."""
     settings = _settings()
-    _check_inputs(settings, dataset, None, base)
+    args = collect(FinetuneArgs, options)
+    _check_inputs(settings, dataset, args.eval_dataset, args.base)
     from tasks.train.finetune import finetune as run
 
-    with ui.stage(f"fine-tune {base} on {dataset}"):
-        result = run(
-            dataset,
-            settings,
-            base=base,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            num_workers=num_workers,
-            use_gpu=use_gpu,
-            name=name,
-        )
+    with ui.stage(f"fine-tune {args.base} on {dataset}"):
+        result = run(dataset, settings, args)
     _print_train(result)
 
 
@@ -397,7 +321,9 @@ def demo(
 @app.command()
 @user_errors
 def serve(
-    refresh_cron: Annotated[str, typer.Option(help="Cron schedule of the refresh deployment.")] = "0 3 * * *",
+    refresh_cron: Annotated[
+        str, typer.Option(help="Cron schedule of the refresh deployment.")
+    ] = defaults.REFRESH_CRON,
     refresh_location: Annotated[
         str | None, typer.Option(help="Where URL lists land (folder, glob, s3://).")
     ] = None,
@@ -459,10 +385,6 @@ def lineage(
         out.print(uri)
 
 
-if __name__ == "__main__":
-    sys.exit(app())
-
-
 @app.command()
 @user_errors
 def gc(
@@ -478,3 +400,7 @@ def gc(
     for a in removed:
         out.print(f"removed {a.name}@{a.version} ({a.uri})")
     out.print(f"{len(removed)} abandoned version(s) removed")
+
+
+if __name__ == "__main__":
+    sys.exit(app())

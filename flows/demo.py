@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 import pyarrow.compute as pc
 from prefect import flow
 
-from flows.artifacts import publish
 from flows.params import RefreshParams, TrainParams
 from flows.pipeline import refresh_dataset, train
-from vlforge import tracking
+from tasks.train.args import FinetuneArgs, PretrainArgs
+from vlforge import defaults, tracking
+from vlforge.artifacts import publish
 from vlforge.datasets import resolve_dataset
 from vlforge.demo.server import ImageServer, write_url_list
 from vlforge.demo.synth import make_pairs
@@ -93,13 +94,15 @@ def demo(
                 **common,
             )
         )
-        boot = train(TrainParams(dataset="demo-seed", epochs=seed_epochs, finetune=False))
+        boot = train(
+            TrainParams(dataset="demo-seed", pretraining=PretrainArgs(epochs=seed_epochs), finetune=False)
+        )
         pool_ref = refresh_dataset(
             RefreshParams(
                 source="demo-pool",
                 location=pool_list,
                 dataset="demo",
-                scorer="models:/vlforge-clip@champion",
+                scorer=defaults.DEFAULT_MODEL_URI,
                 top_fraction=top_fraction,
                 **common,
             )
@@ -109,9 +112,8 @@ def demo(
     trained = train(
         TrainParams(
             dataset="demo",
-            init="models:/vlforge-clip@champion",
-            epochs=epochs,
-            finetune_epochs=finetune_epochs,
+            pretraining=PretrainArgs(init=defaults.DEFAULT_MODEL_URI, epochs=epochs),
+            finetuning=FinetuneArgs(epochs=finetune_epochs),
         )
     )
     removed, kept = filter_quality("demo")

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from vlforge import defaults
 from vlforge.errors import ServerUnreachableError, VlforgeError
 from vlforge.settings import Settings
 
 REFRESH_DEPLOYMENT = "refresh-dataset"
 TRAIN_DEPLOYMENT = "train"
 PIPELINE_DEPLOYMENT = "pipeline"
-DEFAULT_REFRESH_CRON = "0 3 * * *"
+DEFAULT_REFRESH_CRON = defaults.REFRESH_CRON
 TAGS = ["vlforge"]
 
 

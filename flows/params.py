@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from tasks.curate.filters import FilterConfig
+from tasks.curate.filters import FilterConfig, check_score_rule
+from tasks.train.args import FinetuneArgs, PretrainArgs
+from vlforge import defaults
 from vlforge.netguard import parse_network
 
 
@@ -20,20 +22,23 @@ class RefreshParams(BaseModel):
     url_col: str = "url"
     caption_col: str = "caption"
     scorer: str | None = Field(
-        "models:/vlforge-clip@champion",
+        defaults.DEFAULT_MODEL_URI,
         description="CLIP used to score pairs: an MLflow URI, a folder or a Hugging Face id; empty = no CLIP filter.",
     )
     min_score: float | None = Field(
         None, description="Keep pairs whose CLIP score is at least this (LAION: 0.28)."
     )
     top_fraction: float | None = Field(
-        0.3, gt=0, le=1, description="Keep this top share of the pool by CLIP score (DataComp's best: 0.3)."
+        defaults.TOP_FRACTION,
+        gt=0,
+        le=1,
+        description="Keep this top share of the pool by CLIP score (DataComp's best: 0.3).",
     )
     filters: FilterConfig = Field(
         default_factory=FilterConfig,
         description="Quality filters (size, aspect ratio, captions, dedup, language).",
     )
-    shard_size: int = Field(10_000, gt=0, description="Rows per raw shard.")
+    shard_size: int = Field(defaults.SHARD_SIZE, gt=0, description="Rows per raw shard.")
     allow_private_networks: bool = Field(
         False, description="Allow URLs on private/loopback hosts (demo, tests)."
     )
@@ -55,47 +60,56 @@ class RefreshParams(BaseModel):
 
     @model_validator(mode="after")
     def _one_score_rule(self):
-        if self.min_score is not None and self.top_fraction is not None:
-            # An explicit threshold wins over the default top fraction.
-            self.top_fraction = None
+        # Raises when both are set: a threshold needs top_fraction cleared (the form shows the message).
+        check_score_rule(self.min_score, self.top_fraction)
         return self
 
 
-class LoraParams(BaseModel):
-    r: int = Field(8, gt=0, description="LoRA rank.")
-    alpha: int = Field(16, gt=0, description="LoRA scaling (alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    targets: list[str] = Field(["q_proj", "v_proj"], description="Attention projections that get adapters.")
+# Flat keys of the first train form, still accepted (saved deployment parameters, API callers):
+# key -> (group, field). A key that names both stages sets both.
+_FLAT_TRAIN_KEYS = {
+    "epochs": (("pretraining", "epochs"),),
+    "recipe": (("pretraining", "recipe"),),
+    "init": (("pretraining", "init"),),
+    "learning_rate": (("pretraining", "lr"),),
+    "batch_size": (("pretraining", "batch_size"), ("finetuning", "batch_size")),
+    "num_workers": (("pretraining", "num_workers"), ("finetuning", "num_workers")),
+    "use_gpu": (("pretraining", "use_gpu"), ("finetuning", "use_gpu")),
+    "finetune_epochs": (("finetuning", "epochs"),),
+    "finetune_learning_rate": (("finetuning", "lr"),),
+    "base_model": (("finetuning", "base"),),
+    "lora": (("finetuning", "lora"),),
+}
 
 
 class TrainParams(BaseModel):
     """Pretrain CLIP contrastively on a dataset version, then fine-tune it with LoRA."""
 
     dataset: str = Field(..., description="Dataset to train on: NAME (newest version) or NAME@VERSION.")
-    epochs: int = Field(10, gt=0, description="Pretraining epochs.")
-    recipe: str = Field(
-        "clip-tiny", description="Model recipe for training from scratch (models/configs/*.json)."
-    )
-    init: str | None = Field(
-        None, description="Start from this model (MLflow URI, folder, HF id) instead of scratch."
-    )
-    batch_size: int = Field(32, gt=1, description="Per-worker batch size.")
-    learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (cosine schedule).")
-    num_workers: int = Field(1, gt=0, description="Ray Train workers.")
-    use_gpu: bool | None = Field(None, description="Train on GPUs; empty = use them if the cluster has any.")
+    pretrain: bool = Field(True, description="Run the pretraining step.")
+    pretraining: PretrainArgs = Field(default_factory=PretrainArgs, description="Pretraining settings.")
     finetune: bool = Field(True, description="Fine-tune with LoRA after pretraining.")
     finetune_dataset: str | None = Field(
         None, description="Dataset for the LoRA fine-tune; empty = same dataset."
     )
-    finetune_epochs: int = Field(5, gt=0)
-    finetune_learning_rate: float = Field(2e-3, gt=0)
-    base_model: str | None = Field(
-        None,
-        description="Model the LoRA fine-tune starts from; empty = the model just pretrained "
-        "(or models:/vlforge-clip@champion when pretraining is skipped).",
-    )
-    pretrain: bool = Field(True, description="Run the pretraining step.")
-    lora: LoraParams = Field(default_factory=LoraParams)
+    finetuning: FinetuneArgs = Field(default_factory=FinetuneArgs, description="LoRA fine-tuning settings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys(cls, data):
+        if not isinstance(data, dict) or not set(data) & set(_FLAT_TRAIN_KEYS):
+            return data
+        data = dict(data)
+        for key in [k for k in data if k in _FLAT_TRAIN_KEYS]:
+            value = data.pop(key)
+            if value is None and key == "base_model":
+                continue
+            for group, name in _FLAT_TRAIN_KEYS[key]:
+                target = data.get(group)
+                target = target.model_dump() if isinstance(target, BaseModel) else dict(target or {})
+                target[name] = value
+                data[group] = target
+        return data
 
 
 class PipelineParams(BaseModel):

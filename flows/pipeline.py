@@ -7,18 +7,16 @@ import logging
 
 from prefect import flow, get_run_logger
 
-from flows.artifacts import publish
 from flows.params import PipelineParams, RefreshParams, TrainParams
 from tasks.curate import curate_task
 from tasks.ingest import ingest_task
 from tasks.train.finetune import finetune_task
 from tasks.train.pretrain import pretrain_task
-from vlforge import console, tracking
+from vlforge import console, defaults, tracking
+from vlforge.artifacts import publish
 from vlforge.errors import ModelNotFoundError
 from vlforge.registry import registered_version
 from vlforge.settings import Settings, get_settings
-
-DEFAULT_SCORER = "models:/vlforge-clip@champion"
 
 
 def _logger():
@@ -32,7 +30,7 @@ def _usable_scorer(settings: Settings, scorer: str | None) -> str | None:
     """The scorer to use; the default champion URI is dropped (with a warning) before any model is registered."""
     if not scorer:
         return None
-    if scorer == DEFAULT_SCORER:
+    if scorer == defaults.DEFAULT_MODEL_URI:
         try:
             registered_version(scorer, settings)
         except ModelNotFoundError:
@@ -131,37 +129,15 @@ def train(params: TrainParams) -> dict:
     rows, links = [], {}
     if params.pretrain:
         with console.stage(f"pretrain on {params.dataset}"):
-            pre = pretrain_task(
-                params.dataset,
-                settings,
-                recipe=params.recipe,
-                init=params.init,
-                epochs=params.epochs,
-                batch_size=params.batch_size,
-                lr=params.learning_rate,
-                num_workers=params.num_workers,
-                use_gpu=params.use_gpu,
-            )
+            pre = pretrain_task(params.dataset, settings, params.pretraining)
         out["pretrain"] = _train_summary(pre)
         rows.append({"stage": "pretrain", **out["pretrain"]})
         links["MLflow pretrain run"] = tracking.run_url(settings, pre.run_id)
     if params.finetune:
-        base = params.base_model or DEFAULT_SCORER
-        with console.stage(f"fine-tune {base} on {params.finetune_dataset or params.dataset}"):
-            ft = finetune_task(
-                params.finetune_dataset or params.dataset,
-                settings,
-                base=base,
-                epochs=params.finetune_epochs,
-                batch_size=params.batch_size,
-                lr=params.finetune_learning_rate,
-                lora_r=params.lora.r,
-                lora_alpha=params.lora.alpha,
-                lora_dropout=params.lora.dropout,
-                lora_targets=list(params.lora.targets),
-                num_workers=params.num_workers,
-                use_gpu=params.use_gpu,
-            )
+        ft_args = params.finetuning
+        dataset = params.finetune_dataset or params.dataset
+        with console.stage(f"fine-tune {ft_args.base} on {dataset}"):
+            ft = finetune_task(dataset, settings, ft_args)
         out["finetune"] = _train_summary(ft)
         rows.append({"stage": "finetune", **out["finetune"]})
         links["MLflow fine-tune run"] = tracking.run_url(settings, ft.run_id)

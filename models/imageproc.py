@@ -22,8 +22,8 @@ def resize_center_crop(image: bytes | Image.Image, size: int) -> np.ndarray:
     """Decode, resize the shortest edge to ``size`` (bicubic) and centre-crop: uint8 array [S, S, 3]."""
     img = decode_image(image)
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    # The long edge as transformers computes it (truncated), so both crop the same window.
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2

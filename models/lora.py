@@ -7,44 +7,40 @@ the adapter folder is kept beside it, so either form can be consumed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 # Small heads that map each tower into the shared space: cheap to train fully and they adapt the geometry.
 PROJECTION_MODULES = ("visual_projection", "text_projection")
 
 
-@dataclass(frozen=True)
-class LoraSpec:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    train_projections: bool = True
+class LoraArgs(BaseModel):
+    """LoRA settings of a fine-tune (peft ``LoraConfig``); the CLI's ``--lora-*`` options and the Prefect form's
+    ``lora`` group are derived from these fields."""
+
+    model_config = ConfigDict(frozen=True)
+
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling (alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    targets: tuple[str, ...] = Field(
+        DEFAULT_TARGETS, description="Modules that get adapters (name suffixes)."
+    )
+    train_projections: bool = Field(
+        True, description="Also train the projection heads in full (peft modules_to_save)."
+    )
 
     @classmethod
-    def from_dict(cls, d: dict) -> LoraSpec:
-        return cls(
-            r=int(d.get("r", 8)),
-            alpha=int(d.get("alpha", 16)),
-            dropout=float(d.get("dropout", 0.0)),
-            targets=tuple(d.get("targets") or DEFAULT_TARGETS),
-            train_projections=bool(d.get("train_projections", True)),
-        )
+    def from_dict(cls, d: dict) -> LoraArgs:
+        return cls.model_validate({**d, "targets": tuple(d.get("targets") or DEFAULT_TARGETS)})
 
     def to_dict(self) -> dict:
-        return {
-            "r": self.r,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "targets": list(self.targets),
-            "train_projections": self.train_projections,
-        }
+        return {**self.model_dump(), "targets": list(self.targets)}
 
 
-def lora_config(spec: LoraSpec):
+def lora_config(spec: LoraArgs):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -57,11 +53,11 @@ def lora_config(spec: LoraSpec):
     )
 
 
-def apply_lora(model: torch.nn.Module, spec: LoraSpec | None = None):
+def apply_lora(model: torch.nn.Module, spec: LoraArgs | None = None):
     """Wrap a ``CLIPModel`` in a trainable ``PeftModel``; the base weights and ``logit_scale`` stay frozen."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(spec or LoraSpec()))
+    return get_peft_model(model, lora_config(spec or LoraArgs()))
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: str, trainable: bool = True):

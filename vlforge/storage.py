@@ -15,6 +15,7 @@ import fsspec
 
 
 def _storage_options(uri: str) -> dict[str, Any]:
+    """fsspec storage options for ``uri`` (the S3 endpoint from the environment, if any)."""
     if uri.startswith("s3://"):
         endpoint = (
             os.environ.get("VLFORGE_S3_ENDPOINT_URL")
@@ -23,11 +24,6 @@ def _storage_options(uri: str) -> dict[str, Any]:
         )
         return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
     return {}
-
-
-def storage_options(uri: str) -> dict[str, Any]:
-    """fsspec/pyarrow storage options for ``uri`` (the S3 endpoint from the environment, if any)."""
-    return _storage_options(uri)
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -14,6 +14,7 @@ from vlforge.settings import Settings
 
 EXPERIMENTS = {
     "ingest": "vlforge-ingest",
+    "curate": "vlforge-datasets",
     "datasets": "vlforge-datasets",
     "pretrain": "vlforge-pretrain",
     "finetune": "vlforge-finetune",
@@ -21,10 +22,20 @@ EXPERIMENTS = {
 PRETRAINED_MODEL = "vlforge-clip"
 LORA_MODEL = "vlforge-clip-lora"
 
+# Tags every stage writes (one naming scheme: ``vlforge.<what>``); lineage reads them back.
+TAG_STAGE = "vlforge.stage"  # ingest, curate, pretrain, finetune
+TAG_SOURCE = "vlforge.source"
+TAG_RAW_BATCH = "vlforge.raw_batch"
+TAG_RAW_BATCH_URI = "vlforge.raw_batch_uri"
+TAG_URL_LIST = "vlforge.url_list"
 TAG_DATASET = "vlforge.dataset"
 TAG_DATASET_VERSION = "vlforge.dataset_version"
 TAG_BASE_MODEL = "vlforge.base_model"
+TAG_RECIPE = "vlforge.recipe"
+TAG_TRAIN_NAME = "vlforge.train_name"
 TAG_FLOW_RUN = "prefect.flow_run_id"
+# Metric names: ``count.<reason>`` for rows per outcome (ingest and curate alike).
+METRIC_COUNT_PREFIX = "count."
 
 
 _INITIALISED: set[str] = set()
@@ -94,6 +105,54 @@ def ensure_experiment(settings: Settings, stage: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def count_metrics(counts: dict[str, int]) -> dict[str, float]:
+    """Rows per outcome as metrics: ``{"count.success": 90.0, "count.http_404": 3.0, ...}``."""
+    return {f"{METRIC_COUNT_PREFIX}{k}": float(v) for k, v in counts.items()}
+
+
+def start_stage_run(
+    settings: Settings,
+    stage: str,
+    *,
+    name: str | None = None,
+    tags: dict[str, str] | None = None,
+    dataset=None,
+) -> str:
+    """Create a stage's MLflow run with the standard tags and return its id: the stage, the Prefect flow run
+    (inside one), the dataset version (``dataset``) and ``tags``. Continue it later by id
+    (``mlflow.start_run(run_id=...)`` or the client)."""
+    client = configure(settings)
+    experiment_id = ensure_experiment(settings, stage)
+    all_tags = {
+        TAG_STAGE: stage,
+        **flow_run_tags(),
+        **(dataset_tags(dataset) if dataset else {}),
+        **(tags or {}),
+    }
+    return client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+
+
+def log_to_run(
+    settings: Settings,
+    run_id: str,
+    *,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    step: int = 0,
+) -> None:
+    """Params (made safe: :func:`safe_params`) and metrics in one batch write."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    configure(settings).log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+        params=[Param(k, v) for k, v in safe_params(params or {}).items()],
+    )
 
 
 def flow_run_tags() -> dict[str, str]:

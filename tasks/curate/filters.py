@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, Field, model_validator
 
+from vlforge.defaults import DEFAULT_MODEL_URI
 from vlforge.errors import VlforgeError
 
 # Reasons, in the order the filters run.
@@ -54,6 +55,23 @@ REASONS = (
 
 class FilterConfigError(VlforgeError):
     """An impossible filter configuration (e.g. --min-score together with --top-fraction)."""
+
+
+def check_score_rule(
+    min_score: float | None, top_fraction: float | None, scorer: str | None = "unknown"
+) -> None:
+    """The one validation of the CLIP-score rule (CLI, Prefect form, Python API): an absolute threshold or a top
+    fraction, not both, and either needs a scorer (pass ``scorer`` when it is known)."""
+    if min_score is not None and top_fraction is not None:
+        raise FilterConfigError(
+            "give either --min-score or --top-fraction, not both: --min-score is an absolute CLIP score "
+            "threshold, --top-fraction keeps the best-scored fraction of the pool"
+        )
+    if (min_score is not None or top_fraction is not None) and not scorer:
+        raise FilterConfigError(
+            "--min-score and --top-fraction need CLIP scores: pass --scorer MODEL_URI "
+            f"(e.g. {DEFAULT_MODEL_URI})"
+        )
 
 
 class FilterConfig(BaseModel):
@@ -116,11 +134,7 @@ class FilterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_score_rule(self) -> FilterConfig:
-        if self.min_score is not None and self.top_fraction is not None:
-            raise FilterConfigError(
-                "use either --min-score (an absolute CLIP score threshold) or --top-fraction (keep the best "
-                "fraction of the pool), not both"
-            )
+        check_score_rule(self.min_score, self.top_fraction)
         return self
 
     @property

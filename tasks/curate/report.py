@@ -72,9 +72,8 @@ def start_version_run(settings: Settings, dataset: str, source: str):
     """Start the version's run in ``vlforge-datasets`` (a context manager; the caller publishes inside it)."""
     import mlflow
 
-    exp = tracking.ensure_experiment(settings, "datasets")
-    tags = {tracking.TAG_DATASET: dataset, "vlforge.source": source, **tracking.flow_run_tags()}
-    return mlflow.start_run(experiment_id=exp, tags=tags)
+    tags = {tracking.TAG_DATASET: dataset, tracking.TAG_SOURCE: source}
+    return mlflow.start_run(run_id=tracking.start_stage_run(settings, "curate", tags=tags))
 
 
 def log_version_details(dv: DatasetVersion, params: dict, out) -> None:
@@ -89,7 +88,7 @@ def log_version_details(dv: DatasetVersion, params: dict, out) -> None:
 
     mlflow.set_tags({**tracking.dataset_tags(dv), "mlflow.runName": dv.ref})
     mlflow.log_params(tracking.safe_params(params))
-    mlflow.log_metrics({f"count_{k}": float(v) for k, v in out.counts.items()})
+    mlflow.log_metrics(tracking.count_metrics(out.counts))
     files = {"manifest.json": json.dumps(dv.manifest, indent=2, default=str).encode()}
     if (out.hist_kept + out.hist_rejected).sum():
         files["score_histogram.png"] = score_histogram_png(HIST_EDGES, out.hist_kept, out.hist_rejected)
@@ -108,34 +107,16 @@ def log_version_details(dv: DatasetVersion, params: dict, out) -> None:
     tracking.log_dataset_input(dv, context="output")
 
 
-def summary_markdown(
-    dv: DatasetVersion, counts: dict[str, int], scorer: dict | None, run_link: str | None
-) -> str:
-    lines = [
-        f"# Dataset {dv.ref}",
-        "",
-        f"- URI: `{dv.uri}`",
-        f"- scorer: `{scorer['uri']}` (version {scorer.get('version')})" if scorer else "- scorer: none",
-        f"- MLflow run: {run_link}" if run_link else "- MLflow run: not logged",
-        "",
-        "| count | pairs |",
-        "| --- | --- |",
-    ]
-    lines += [f"| {k} | {v} |" for k, v in counts.items() if v or k in ("input", "kept", "rejected")]
-    return "\n".join(lines)
-
-
 def prefect_artifacts(
     dv: DatasetVersion, counts: dict[str, int], scorer: dict | None, run_link: str | None
 ) -> None:
-    """Markdown + table artifacts when running inside Prefect; a no-op otherwise."""
-    try:
-        from prefect.artifacts import create_markdown_artifact, create_table_artifact
-        from prefect.context import FlowRunContext, TaskRunContext
-    except ImportError:
-        return
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return
-    key = "curate-" + "".join(c if c.isalnum() else "-" for c in dv.name.lower())
-    create_markdown_artifact(summary_markdown(dv, counts, scorer, run_link), key=key, description=dv.ref)
-    create_table_artifact([{"count": k, "pairs": v} for k, v in counts.items()], key=key + "-counts")
+    """The version's summary and its counts as Prefect artifacts (inside a flow or task run; else nothing)."""
+    from vlforge.artifacts import artifact_key, publish
+
+    lines = [
+        f"- URI: `{dv.uri}`",
+        f"- scorer: `{scorer['uri']}` (version {scorer.get('version')})" if scorer else "- scorer: none",
+        f"- MLflow run: {run_link}" if run_link else "- MLflow run: not logged",
+    ]
+    rows = [{"count": k, "pairs": v} for k, v in counts.items() if v or k in ("input", "kept", "rejected")]
+    publish(artifact_key("curate", dv.name), f"Dataset {dv.ref}", lines, {"Counts": rows})

@@ -58,8 +58,7 @@ def _dir_digest(path: str) -> str:
     for name in sorted(os.listdir(path)):
         if name == "config.json" or name.endswith(".safetensors"):
             with open(os.path.join(path, name), "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
+                h.update(hashlib.file_digest(fh, "sha256").digest())
     return h.hexdigest()[:12]
 
 
@@ -80,16 +79,6 @@ def scorer_identity(uri: str, settings: Settings) -> ScorerInfo:
 def cache_uri(settings: Settings, source: str, scorer_key: str, batch: str, shard_uri: str) -> str:
     name = os.path.basename(shard_uri)
     return storage.join(settings.storage_uri, "scores", source, scorer_key, batch, name)
-
-
-def _read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as fh:
-        return pq.read_table(fh, columns=columns)
-
-
-def read_scores(uri: str) -> pa.Table:
-    return _read_parquet(uri)
 
 
 def list_shards(settings: Settings, source: str, batches: list[str], scorer_key: str) -> list[Shard]:

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from prefect import task
 
 from tasks.common import retry_unless_user_error
-from tasks.curate.filters import FilterConfig, FilterConfigError
+from tasks.curate.filters import FilterConfig, FilterConfigError, check_score_rule
 from tasks.curate.publish import DONE_DIR
 from tasks.curate.report import log_version_details, prefect_artifacts, start_version_run
 from tasks.curate.run import run_curation
 from tasks.curate.scoring import ScorerInfo, list_shards, score_shards, scorer_identity
 from tasks.curate.shards import ShardRef
-from vlforge import raw, storage
+from vlforge import defaults, raw, storage
 from vlforge.datasets import DatasetNotFoundError, DatasetVersion, open_version, resolve_dataset
 from vlforge.errors import SourceNotFoundError
 from vlforge.settings import Settings
@@ -53,11 +53,7 @@ class CurateResult:
 def resolve_filters(
     filters: FilterConfig | None, min_score: float | None, top_fraction: float | None
 ) -> FilterConfig:
-    if min_score is not None and top_fraction is not None:
-        raise FilterConfigError(
-            "use either --min-score (an absolute CLIP score threshold) or --top-fraction (keep the best "
-            "fraction of the pool), not both"
-        )
+    check_score_rule(min_score, top_fraction)
     config = filters or FilterConfig()
     if min_score is not None:
         config = config.model_copy(update={"min_score": min_score, "top_fraction": None})
@@ -114,7 +110,7 @@ def curate(
     if config.needs_scores and not scorer:
         raise FilterConfigError(
             "--min-score, --top-fraction and --near-dup-threshold need CLIP scores: pass --scorer MODEL_URI "
-            "(e.g. models:/vlforge-clip@champion)"
+            f"(e.g. {defaults.DEFAULT_MODEL_URI})"
         )
     batches = _source_batches(settings, source)
     info, bundle = None, None

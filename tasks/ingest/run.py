@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from vlforge import netguard
+from vlforge import defaults, netguard
 from vlforge.netguard import NetworkPolicy
 from vlforge.settings import Settings
 
@@ -32,19 +32,19 @@ if TYPE_CHECKING:
 
 @dataclass
 class DownloadOptions:
-    shard_size: int = 10_000
+    shard_size: int = defaults.SHARD_SIZE
     processes: int = 1
-    threads: int = 64
-    distributor: str = "multiprocessing"
-    timeout: float = 10.0
-    retries: int = 2
+    threads: int = defaults.DOWNLOAD_THREADS
+    distributor: str = defaults.DISTRIBUTOR
+    timeout: float = defaults.DOWNLOAD_TIMEOUT_S
+    retries: int = defaults.DOWNLOAD_RETRIES
     user_agent_token: str = "vlforge"
-    image_size: int = 256
-    min_image_size: int = 10
-    max_image_area: float = 50_000_000
+    image_size: int = defaults.IMAGE_SIZE
+    min_image_size: int = defaults.MIN_DOWNLOAD_IMAGE_SIZE
+    max_image_area: float = defaults.MAX_IMAGE_AREA
     max_aspect_ratio: float = float("inf")
     disallowed_header_directives: list[str] = field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+        default_factory=lambda: list(defaults.DISALLOWED_HEADER_DIRECTIVES)
     )
     network: NetworkPolicy = field(default_factory=NetworkPolicy)  # checked before download and on every hop
 

@@ -26,7 +26,7 @@ from tasks.ingest.exif import upright_batch
 from tasks.ingest.run import DownloadOptions, run_img2dataset
 from tasks.ingest.staging import StagedList, allowed_rows_not_in, load_staged, read_refused, stage_list
 from tasks.ingest.urllists import content_hash, find_list_files
-from vlforge import console, raw, storage
+from vlforge import console, defaults, raw, storage
 from vlforge.errors import UrlListError, VlforgeError
 from vlforge.netguard import NetworkPolicy
 from vlforge.settings import Settings
@@ -65,18 +65,18 @@ def ingest(
     *,
     url_col: str = "url",
     caption_col: str = "caption",
-    shard_size: int = 10_000,
+    shard_size: int = defaults.SHARD_SIZE,
     processes: int | None = None,
     threads: int | None = None,
-    distributor: str = "multiprocessing",
+    distributor: str = defaults.DISTRIBUTOR,
     allow_private_networks: bool = False,
     allowed_networks: Sequence[str] | None = None,
-    timeout: float = 10.0,
-    retries: int = 2,
+    timeout: float = defaults.DOWNLOAD_TIMEOUT_S,
+    retries: int = defaults.DOWNLOAD_RETRIES,
     user_agent: str | None = None,
-    image_size: int = 256,
-    min_image_size: int = 10,
-    max_image_area: float = 50_000_000,
+    image_size: int = defaults.IMAGE_SIZE,
+    min_image_size: int = defaults.MIN_DOWNLOAD_IMAGE_SIZE,
+    max_image_area: float = defaults.MAX_IMAGE_AREA,
     disallowed_header_directives: list[str] | None = None,
 ) -> list[IngestResult]:
     """Download every list file at ``url_list`` (file, folder or glob; local or s3://) into raw batches of
@@ -90,7 +90,7 @@ def ingest(
     opts = DownloadOptions(
         shard_size=shard_size,
         processes=processes or os.cpu_count() or 1,
-        threads=threads or 64,
+        threads=threads or defaults.DOWNLOAD_THREADS,
         distributor=distributor,
         timeout=timeout,
         retries=retries,
@@ -241,37 +241,28 @@ def _account(plan: _Plan, staged: StagedList, n_shards: int, shard_size: int) ->
 
 
 def _log_mlflow(settings: Settings, result: IngestResult, params: dict) -> str:
-    from mlflow.entities import Metric, Param
-
     from vlforge import tracking
 
-    client = tracking.configure(settings)
-    experiment_id = tracking.ensure_experiment(settings, "ingest")
     tags = {
-        "vlforge.source": result.source,
-        "vlforge.raw_batch": result.batch_id,
-        "vlforge.raw_batch_uri": result.uri,
-        "vlforge.url_list": result.url_list,
-        **tracking.flow_run_tags(),
+        tracking.TAG_SOURCE: result.source,
+        tracking.TAG_RAW_BATCH: result.batch_id,
+        tracking.TAG_RAW_BATCH_URI: result.uri,
+        tracking.TAG_URL_LIST: result.url_list,
     }
-    run = client.create_run(experiment_id, tags=tags, run_name=f"ingest {result.source}/{result.batch_id}")
-    now = int(time.time() * 1000)
+    run_id = tracking.start_stage_run(
+        settings, "ingest", name=f"ingest {result.source}/{result.batch_id}", tags=tags
+    )
     metrics = {
         "rows": result.rows,
         "success_rate": result.success_rate,
         "images_per_s": result.images_per_s,
-        **{f"count.{k}": v for k, v in result.counts.items()},
+        **tracking.count_metrics(result.counts),
     }
-    client.log_batch(
-        run.info.run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
-        params=[Param(k, v) for k, v in tracking.safe_params(params).items()],
-    )
-    client.log_dict(
-        run.info.run_id, {**asdict(result), "mlflow_run_id": run.info.run_id}, "ingest_summary.json"
-    )
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    tracking.log_to_run(settings, run_id, params=params, metrics=metrics)
+    client = tracking.configure(settings)
+    client.log_dict(run_id, {**asdict(result), "mlflow_run_id": run_id}, "ingest_summary.json")
+    client.set_terminated(run_id)
+    return run_id
 
 
 def summary_line(r: IngestResult) -> str:

@@ -69,12 +69,9 @@ def find_list_files(location: str) -> list[str]:
 
 def content_hash(path: str) -> str:
     """sha256 of the file's bytes, streamed."""
-    digest = hashlib.sha256()
     fs, p = storage.filesystem(path)
     with fs.open(p, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 BATCH_ROWS = 100_000  # rows read, checked and written at a time while staging

@@ -1,4 +1,9 @@
-"""Driver side of a training run, shared by pretrain and finetune.
+"""The one training driver every recipe runs on: :func:`run_training` with a :class:`Recipe`'s hooks.
+
+A recipe says what differs (build or load the initial model, the worker-side hooks that say what is trainable
+and how to compute the loss, the final model to evaluate and register, the registry name and tags); the driver
+does the rest the same way for all: resolve inputs before Ray starts, open or resume the run (refusing any
+changed setting), plan the steps, write the initial model, run Ray Train, evaluate, register, end the run.
 
 One training = one name = one folder ``<storage>/ray_results/<name>/`` (Ray Train's run folder with its
 checkpoints, plus our ``vlforge_run.json``: the MLflow run id and the initial model) = one MLflow run.
@@ -15,6 +20,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.train.args import TrainArgs
+from tasks.train.loop import LoopConfig
 from vlforge import console, storage
 from vlforge.datasets import DatasetVersion, new_version_id
 from vlforge.settings import Settings
@@ -58,7 +65,7 @@ def open_training(
     settings: Settings, stage: str, name: str, dv: DatasetVersion, tags: dict[str, str], params: dict
 ) -> TrainingRun:
     """The MLflow run of training ``name``: the existing one (resume) or a new one created here."""
-    from vlforge.tracking import configure, dataset_tags, ensure_experiment, flow_run_tags, safe_params
+    from vlforge.tracking import TAG_TRAIN_NAME, configure, log_to_run, safe_params, start_stage_run
 
     client = configure(settings)
     root = storage.join(results_root(settings), name)
@@ -77,14 +84,11 @@ def open_training(
                 "same settings, or choose a new --name"
             )
         return TrainingRun(name, root, info["run_id"], True, run.info.status, info)
-    experiment_id = ensure_experiment(settings, stage)
-    all_tags = {**flow_run_tags(), **dataset_tags(dv), "vlforge.train_name": name, **tags}
-    run = client.create_run(experiment_id, run_name=name, tags=all_tags)
-    for k, v in safe_params(params).items():
-        client.log_param(run.info.run_id, k, v)
-    info = {"run_id": run.info.run_id, "stage": stage, "dataset": dv.ref, "initialised": False}
+    run_id = start_stage_run(settings, stage, name=name, dataset=dv, tags={TAG_TRAIN_NAME: name, **tags})
+    log_to_run(settings, run_id, params=params)
+    info = {"run_id": run_id, "stage": stage, "dataset": dv.ref, "initialised": False}
     storage.write_json_atomic(run_file, info)
-    return TrainingRun(name, root, run.info.run_id, False, run.info.status, info)
+    return TrainingRun(name, root, run_id, False, "RUNNING", info)
 
 
 def mark_initialised(tr: TrainingRun) -> None:
@@ -117,7 +121,7 @@ def ray_storage(settings: Settings) -> tuple[str, Any]:
 def fit(
     settings: Settings,
     tr: TrainingRun,
-    loop_config: dict,
+    loop_config: LoopConfig,
     dataset,
     *,
     num_workers: int,
@@ -133,7 +137,7 @@ def fit(
     storage_path, storage_fs = ray_storage(settings)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop_config},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
@@ -157,9 +161,10 @@ def fit(
     # interrupting. Put the previous handler back, which releases the handle and with it those actors.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if in_main else None
-    total = int(loop_config.get("total_steps") or 0) or None
     try:
-        with console.progress(total, "steps", "training", poll=_loss_poll(settings, tr.run_id), every=2.0):
+        with console.progress(
+            loop_config.total_steps, "steps", "training", poll=_loss_poll(settings, tr.run_id), every=2.0
+        ):
             return trainer.fit()
     finally:
         if in_main:
@@ -199,17 +204,6 @@ def output_dir(settings: Settings, tr: TrainingRun) -> str:
     path = os.path.join(storage.filesystem(tr.root)[1], "final")
     os.makedirs(path, exist_ok=True)
     return path
-
-
-def loop_base_config(settings: Settings, tr: TrainingRun, dv: DatasetVersion, **kw) -> dict:
-    cfg = {
-        "run_id": tr.run_id,
-        "tracking_uri": settings.tracking_uri,
-        "dataset": dv,
-        "init_uri": tr.init_uri,
-    }
-    cfg.update(kw)
-    return cfg
 
 
 def steps_plan(
@@ -350,3 +344,101 @@ def eval_sets_for(dv: DatasetVersion, eval_fraction: float, eval_dv: DatasetVers
     if eval_dv is not None:
         sets.append((eval_dv.ref, eval_dv.read_table("data", columns=["image", "caption"])))
     return sets
+
+
+class Recipe:
+    """What one kind of training adds to the driver. Subclasses set the class attributes and the hooks."""
+
+    stage: str = ""  # MLflow experiment and default name prefix: "pretrain", "finetune"
+    model_name: str = ""  # registered model name
+    base_model: str | None = None  # the model it starts from (pinned), recorded as TAG_BASE_MODEL
+
+    def __init__(self, args: TrainArgs):
+        self.args = args
+
+    def check(self, settings: Settings) -> None:
+        """Resolve the recipe's own inputs (model URIs) before Ray starts: a wrong one fails in a second."""
+
+    def params(self) -> dict[str, Any]:
+        """Recipe settings beyond ``args`` that a resume must not change (e.g. the pinned base version)."""
+        return {}
+
+    def tags(self) -> dict[str, str]:
+        return {}
+
+    def initial_model(self, dv: DatasetVersion, settings: Settings):
+        """The bundle training starts from (saved once to the run folder, read by every worker)."""
+        raise NotImplementedError
+
+    def worker_hooks(self):
+        """The worker side (:class:`tasks.train.loop.ClipModelHooks` or alike), pickled into the loop config."""
+        raise NotImplementedError
+
+    def final_model(self, ckpt_dir: str, tr: TrainingRun, model_dir: str) -> tuple[Any, str | None]:
+        """Write the model to register into ``model_dir`` from the last checkpoint; ``(bundle, adapter_dir)``."""
+        raise NotImplementedError
+
+
+def run_training(
+    recipe: Recipe, dataset: str, settings: Settings, *, fail_once: dict | None = None
+) -> TrainResult:
+    """Train ``recipe`` on ``dataset`` (``name[@version]``): the same name again resumes, a finished one is a
+    no-op. ``fail_once`` is a test hook (``{"rank", "step", "marker"}``: that rank exits hard once at that step)."""
+    from tasks.train.data import count_train_rows, train_dataset
+    from vlforge.datasets import resolve_dataset
+    from vlforge.raycluster import init_ray
+    from vlforge.tracking import TAG_BASE_MODEL
+
+    args = recipe.args
+    # Every address resolved before Ray starts: a wrong one fails in a second, not after Ray's start-up.
+    dv = resolve_dataset(settings, dataset)
+    eval_dv = resolve_dataset(settings, args.eval_dataset) if args.eval_dataset else None
+    recipe.check(settings)
+    init_ray(settings)
+    name = args.name or default_name(recipe.stage, dv)
+    gpu = resolve_use_gpu(args.use_gpu)
+    n_train = count_train_rows(dv, args.eval_fraction)
+    steps_per_epoch, total = steps_plan(
+        n_train, args.batch_size, args.num_workers, args.grad_accum, args.epochs
+    )
+    params = {
+        "dataset": dv.ref,
+        **args.tracked(),
+        **recipe.params(),
+        "eval_dataset": eval_dv.ref if eval_dv else None,
+        "use_gpu": gpu,
+        "train_rows": n_train,
+        "total_steps": total,
+    }
+    tags = {**recipe.tags(), **({TAG_BASE_MODEL: recipe.base_model} if recipe.base_model else {})}
+    tr = open_training(settings, recipe.stage, name, dv, tags, params)
+    if tr.status == "FINISHED":
+        return finished_result(settings, tr, recipe.model_name)
+    try:
+        if not tr.info.get("initialised"):
+            save_init_model(recipe.initial_model(dv, settings), tr)
+        cfg = LoopConfig(
+            run_id=tr.run_id, tracking_uri=settings.tracking_uri, init_uri=tr.init_uri,
+            model=recipe.worker_hooks(), total_steps=total, steps_per_epoch=steps_per_epoch,
+            batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+            grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing,
+            checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
+            torch_threads=torch_threads(args.num_workers), params=params, dataset=dv, fail_once=fail_once,
+        )  # fmt: skip
+        ds = train_dataset(dv, tr.init_uri, eval_fraction=args.eval_fraction, augment=True, seed=args.seed)
+        result = fit(
+            settings, tr, cfg, ds, num_workers=args.num_workers, use_gpu=gpu, max_failures=args.max_failures
+        )
+        model_dir = output_dir(settings, tr)
+        bundle, adapter_dir = recipe.final_model(checkpoint_dir(result, tr), tr, model_dir)
+        metrics, registered = evaluate_and_register(
+            settings, tr, bundle, model_dir,
+            eval_sets=eval_sets_for(dv, args.eval_fraction, eval_dv), class_prompts=args.class_prompts,
+            register=args.register_model, model_name=recipe.model_name, base_model=recipe.base_model,
+            adapter_dir=adapter_dir,
+        )  # fmt: skip
+    except BaseException as exc:
+        finish_run(settings, tr.run_id, {}, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    uri = registered.uri if registered else ""
+    return TrainResult(tr.run_id, uri, registered, metrics, model_dir, resumed=tr.resumed)

@@ -1,24 +1,34 @@
-"""The Ray Train loop shared by pretraining and LoRA fine-tuning (runs on every worker).
+"""The Ray Train loop shared by every recipe (runs on every worker).
 
-Contrastive training with the symmetric InfoNCE loss over the global batch (embeddings all-gathered across
-workers, as CLIP does) and the learnable temperature, AdamW with a cosine
-schedule and linear warmup, gradient accumulation, bf16 autocast on GPU, optional gradient checkpointing.
-Rank 0 logs to the MLflow run the driver created (its id is in the config) and writes the checkpoints:
-``model/`` (pretrain: the save_pretrained bundle) or ``adapter/`` (LoRA), plus ``train_state.pt``
-(optimizer, scheduler, step). A restarted worker group resumes from ``ray.train.get_checkpoint()``.
+The driver hands each worker one typed :class:`LoopConfig`; its ``model`` is the recipe's worker side
+(:class:`ClipModelHooks` for CLIP and its LoRA fine-tune): how to build the trainable module, the loss of a
+batch (CLIP: the symmetric InfoNCE over the global batch, embeddings all-gathered across workers, with the
+learnable temperature), what to do after a step, and what a checkpoint holds. The loop itself is recipe-free:
+AdamW with a cosine schedule and linear warmup, gradient accumulation, bf16 autocast on GPU, optional gradient
+checkpointing. Rank 0 logs to the MLflow run the driver created and writes the checkpoints (the recipe's files
+plus ``train_state.pt``: optimizer, scheduler, step). A restarted worker group resumes from
+``ray.train.get_checkpoint()``.
+
+The schedule is ours, not transformers' ``get_cosine_schedule_with_warmup``: that one trains its first step at
+learning rate 0, a wasted step that matters in the few-hundred-step trainings of small data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from models.lora import LoraArgs
+
 STATE_FILE = "train_state.pt"
+PREFETCH_BATCHES = 4  # batches ready ahead of the step on each worker
 
 
 def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
@@ -31,27 +41,82 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _build_model(config: dict, ckpt_dir: str | None):
-    """(bundle, trainable module) from the initial model or the checkpoint."""
-    from models.clip import load_clip
-    from tasks.train.data import local_dir
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the driver hands every Ray Train worker (pickled once into ``train_loop_config``)."""
 
-    init_dir = local_dir(config["init_uri"])
-    if config.get("lora") is None:
-        bundle = load_clip(os.path.join(ckpt_dir, "model") if ckpt_dir else init_dir)
-        return bundle, bundle.model
-    from models.lora import LoraSpec, apply_lora, load_adapter
+    run_id: str
+    tracking_uri: str
+    init_uri: str  # the initial model's folder (local or remote), written by the driver
+    model: ClipModelHooks  # the recipe's worker side: build, loss, save
+    total_steps: int
+    steps_per_epoch: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_accum: int
+    grad_checkpointing: bool
+    checkpoint_every: int
+    log_every: int
+    seed: int
+    torch_threads: int
+    params: dict[str, Any] = field(default_factory=dict)  # logged to the run by rank 0
+    dataset: Any = None  # DatasetVersion: logged as the run's training input
+    fail_once: dict | None = None  # test hook: {"rank", "step", "marker"}
 
-    bundle = load_clip(init_dir)
-    if ckpt_dir:
-        module = load_adapter(bundle.model, os.path.join(ckpt_dir, "adapter"), trainable=True)
-    else:
-        module = apply_lora(bundle.model, LoraSpec.from_dict(config["lora"]))
-    return bundle, module
+
+@dataclass(frozen=True)
+class ClipModelHooks:
+    """The worker side of a CLIP recipe: build the trainable module from the initial model or a checkpoint,
+    the contrastive loss of a batch, and what a checkpoint holds (``model/`` in full, or the LoRA ``adapter/``)."""
+
+    lora: LoraArgs | None = None
+
+    def build(self, init_dir: str, ckpt_dir: str | None):
+        """(bundle, trainable module)."""
+        from models.clip import load_clip
+
+        if self.lora is None:
+            bundle = load_clip(os.path.join(ckpt_dir, "model") if ckpt_dir else init_dir)
+            return bundle, bundle.model
+        from models.lora import apply_lora, load_adapter
+
+        bundle = load_clip(init_dir)
+        if ckpt_dir:
+            return bundle, load_adapter(bundle.model, os.path.join(ckpt_dir, "adapter"), trainable=True)
+        return bundle, apply_lora(bundle.model, self.lora)
+
+    def loss(self, module, batch):
+        from models.clip import global_clip_loss
+
+        out = module(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+        )
+        return global_clip_loss(
+            out.image_embeds.float(), out.text_embeds.float(), _clip_model(module).logit_scale
+        )
+
+    def after_step(self, module) -> dict[str, float]:
+        """Clamp the learnable temperature as CLIP does; its value is a metric."""
+        clip = _clip_model(module)
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100.0))
+        return {"temperature": float(1.0 / clip.logit_scale.detach().exp())}
+
+    def save(self, bundle, module, folder: str) -> None:
+        inner = getattr(module, "module", module)  # DDP
+        if self.lora is not None:
+            inner.save_pretrained(os.path.join(folder, "adapter"))
+        else:
+            bundle.model = inner
+            bundle.save(os.path.join(folder, "model"))
 
 
 def _clip_model(module):
-    """The underlying CLIPModel of a DDP and/or peft wrapper (for logit_scale)."""
+    """The underlying model of a DDP and/or peft wrapper (the CLIPModel, for its logit_scale)."""
     m = getattr(module, "module", module)  # DDP
     return m.get_base_model() if hasattr(m, "get_base_model") else m
 
@@ -59,8 +124,8 @@ def _clip_model(module):
 class _MlflowLogger:
     """Rank-0 MLflow logging into the driver's run; per-step metrics are buffered and written in batches."""
 
-    def __init__(self, config: dict, rank: int):
-        self.enabled = rank == 0 and bool(config.get("run_id"))
+    def __init__(self, config: LoopConfig, rank: int):
+        self.enabled = rank == 0 and bool(config.run_id)
         self.buffer: list = []
         if not self.enabled:
             return
@@ -68,17 +133,17 @@ class _MlflowLogger:
 
         from vlforge.tracking import keep_credentials_off_stdout
 
-        keep_credentials_off_stdout(config["tracking_uri"])  # this worker's process prints run links too
-        mlflow.set_tracking_uri(config["tracking_uri"])
-        mlflow.set_registry_uri(config["tracking_uri"])
-        self.client = mlflow.MlflowClient(config["tracking_uri"])
-        self.run_id = config["run_id"]
-        mlflow.start_run(run_id=self.run_id, log_system_metrics=config.get("system_metrics", True))
+        keep_credentials_off_stdout(config.tracking_uri)  # this worker's process prints run links too
+        mlflow.set_tracking_uri(config.tracking_uri)
+        mlflow.set_registry_uri(config.tracking_uri)
+        self.client = mlflow.MlflowClient(config.tracking_uri)
+        self.run_id = config.run_id
+        mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
         from vlforge.tracking import log_dataset_input, safe_params
 
-        mlflow.log_params(safe_params(config.get("params", {})))
-        if config.get("dataset") is not None:
-            log_dataset_input(config["dataset"], "training")
+        mlflow.log_params(safe_params(config.params))
+        if config.dataset is not None:
+            log_dataset_input(config.dataset, "training")
 
     def log(self, metrics: dict[str, float], step: int, flush_every: int) -> None:
         if not self.enabled:
@@ -105,19 +170,13 @@ class _MlflowLogger:
         mlflow.end_run(status="RUNNING")
 
 
-def _save_checkpoint(bundle, module, optimizer, scheduler, step: int, config: dict, metrics: dict):
+def _save_checkpoint(bundle, module, optimizer, scheduler, step: int, config: LoopConfig, metrics: dict):
     import ray.train
     from ray.train import Checkpoint
 
-    is_lora = config.get("lora") is not None
     with tempfile.TemporaryDirectory(prefix="vlforge-ckpt-") as tmp:
         if ray.train.get_context().get_world_rank() == 0:
-            inner = getattr(module, "module", module)
-            if is_lora:
-                inner.save_pretrained(os.path.join(tmp, "adapter"))
-            else:
-                bundle.model = inner
-                bundle.save(os.path.join(tmp, "model"))
+            config.model.save(bundle, module, tmp)
             torch.save(
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
                 os.path.join(tmp, STATE_FILE),
@@ -127,9 +186,9 @@ def _save_checkpoint(bundle, module, optimizer, scheduler, step: int, config: di
             ray.train.report(metrics, checkpoint=None)
 
 
-def _maybe_fail(config: dict, rank: int, step: int) -> None:
+def _maybe_fail(config: LoopConfig, rank: int, step: int) -> None:
     """Test-only fault injection: the named rank exits hard once at the named step (a marker file says so)."""
-    hook = config.get("fail_once")
+    hook = config.fail_once
     if not hook or hook.get("rank") != rank or hook.get("step") != step:
         return
     marker = hook["marker"]
@@ -161,31 +220,33 @@ def _quiet_report_log() -> None:
     )
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from tasks.train.data import local_dir
+
+    config: LoopConfig = loop_config["loop"]
     _quiet_report_log()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     use_gpu = device.type == "cuda"
-    if not use_gpu and config.get("torch_threads"):
-        torch.set_num_threads(int(config["torch_threads"]))
-    torch.manual_seed(int(config.get("seed", 0)) + rank)
+    if not use_gpu and config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    torch.manual_seed(config.seed + rank)
 
     ckpt = ray.train.get_checkpoint()
-    with ckpt.as_directory() if ckpt else _nullpath() as ckpt_dir:
-        bundle, module = _build_model(config, ckpt_dir)
+    with ckpt.as_directory() if ckpt else contextlib.nullcontext() as ckpt_dir:
+        bundle, module = config.model.build(local_dir(config.init_uri), ckpt_dir)
         state = torch.load(os.path.join(ckpt_dir, STATE_FILE)) if ckpt_dir else None
-    if config.get("grad_checkpointing"):
+    if config.grad_checkpointing:
         _clip_model(module).gradient_checkpointing_enable()
     module.train()
     module = ray.train.torch.prepare_model(module)  # moves to device; DDP when world size > 1
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
-    total = int(config["total_steps"])
-    scheduler = cosine_with_warmup(optimizer, int(config["warmup_steps"]), total)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.total_steps)
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -194,54 +255,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     logger = _MlflowLogger(config, rank)
     try:
-        _run_epochs(config, bundle, module, optimizer, scheduler, step, total, device, use_gpu, logger)
+        _run_epochs(config, bundle, module, optimizer, scheduler, step, device, use_gpu, logger)
     finally:
         logger.close()
 
 
-class _nullpath:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _run_epochs(config, bundle, module, optimizer, scheduler, step, total, device, use_gpu, logger):
+def _run_epochs(config: LoopConfig, bundle, module, optimizer, scheduler, step, device, use_gpu, logger):
     import ray.train
-
-    from models.clip import global_clip_loss
 
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
-    accum = max(1, int(config["grad_accum"]))
-    steps_per_epoch = int(config["steps_per_epoch"])
-    every = max(1, int(config["checkpoint_every"]))
-    clip = _clip_model(module)
+    accum = max(1, config.grad_accum)
+    total, steps_per_epoch = config.total_steps, config.steps_per_epoch
     shard = ray.train.get_dataset_shard("train")
     while step < total:
         start_step = step
         epoch = step // steps_per_epoch
         skip = (step % steps_per_epoch) * accum  # batches already trained in this epoch (resume mid-epoch)
         batches = shard.iter_torch_batches(
-            batch_size=int(config["batch_size"]),
+            batch_size=config.batch_size,
             drop_last=True,
             device=device,
             # Batches ready ahead of the step: the shard's blocks arrive from the dataset's split coordinator,
             # and a step should never wait on that hand-off.
-            prefetch_batches=int(config.get("prefetch_batches", 4)),
+            prefetch_batches=PREFETCH_BATCHES,
         )
         t0, seen, micro = time.perf_counter(), 0, 0
         for i, batch in enumerate(batches):
             if i < skip:
                 continue
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_gpu):
-                out = module(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"],
-                )
-                loss = global_clip_loss(out.image_embeds.float(), out.text_embeds.float(), clip.logit_scale)
+                loss = config.model.loss(module, batch)
             (loss / accum).backward()
             micro += 1
             seen += batch["input_ids"].shape[0]
@@ -250,20 +294,18 @@ def _run_epochs(config, bundle, module, optimizer, scheduler, step, total, devic
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                clip.logit_scale.clamp_(0, math.log(100.0))
             step += 1
             elapsed = time.perf_counter() - t0
             metrics = {
                 "loss": float(loss.detach()),
                 "lr": scheduler.get_last_lr()[0],
-                "temperature": float(1.0 / clip.logit_scale.detach().exp()),
+                **config.model.after_step(module),
                 "samples_per_s": seen * world / max(elapsed, 1e-9),
             }
-            logger.log(metrics, step, int(config.get("log_every", 10)))
+            logger.log(metrics, step, config.log_every)
             _maybe_fail(config, rank, step)
             end_of_epoch = step % steps_per_epoch == 0 or step >= total
-            if step % every == 0 or end_of_epoch:
+            if step % config.checkpoint_every == 0 or end_of_epoch:
                 logger.flush()
                 report = dict(metrics, step=step, epoch=epoch + (1 if end_of_epoch else 0))
                 _save_checkpoint(bundle, module, optimizer, scheduler, step, config, report)

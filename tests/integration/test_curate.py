@@ -107,7 +107,7 @@ def test_curate_scores_on_ray_publishes_and_rescoring_is_incremental(settings, r
     assert [b["batch"] for b in m["raw_batches"]] == ["b1"] and m["content_hash"] and "data" in m["schema"]
 
     run = mlflow.get_run(res.mlflow_run_id)
-    assert run.data.metrics["count_download_failed"] == 1.0 and run.data.params["scorer_uri"] == scorer_dir
+    assert run.data.metrics["count.download_failed"] == 1.0 and run.data.params["scorer_uri"] == scorer_dir
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(res.mlflow_run_id)}
     assert {"score_histogram.png", "examples.png", "manifest.json"} <= arts
     assert run.inputs.dataset_inputs[0].dataset.name == dv.ref

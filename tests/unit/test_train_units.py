@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.clip import build_clip
-from models.lora import LoraSpec, apply_lora, check_targets, merge_lora, trainable_parameters
+from models.lora import LoraArgs, apply_lora, check_targets, merge_lora, trainable_parameters
 from tasks.train.data import eval_mask, is_eval_key, preprocess_batch
 from tasks.train.driver import class_labels_for, steps_plan
 from tasks.train.loop import cosine_with_warmup
@@ -73,7 +73,7 @@ def test_lora_trains_few_parameters_and_merges_to_the_same_function():
     pairs = make_pairs(8, seed=1)
     bundle = build_clip("clip-tiny", [p.caption for p in pairs])
     base_total = sum(p.numel() for p in bundle.model.parameters())
-    peft_model = apply_lora(bundle.model, LoraSpec(r=4, alpha=8))
+    peft_model = apply_lora(bundle.model, LoraArgs(r=4, alpha=8))
     trainable, _total = trainable_parameters(peft_model)
     assert 0 < trainable < base_total // 4
     with torch.no_grad():  # make the adapters non-zero so merging has something to fold in

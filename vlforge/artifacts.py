@@ -1,4 +1,6 @@
-"""Prefect artifacts for every flow run: a markdown summary, tables of counts and metrics, links to MLflow."""
+"""Prefect artifacts, for every flow and stage: a markdown summary, tables of counts and metrics, links to MLflow.
+
+One helper (:func:`publish`) for all of them; outside a Prefect flow or task run it only returns the markdown."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def _in_flow_run() -> bool:
-    from prefect.context import FlowRunContext
-
-    return FlowRunContext.get() is not None
+def _in_prefect_run() -> bool:
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+    except ImportError:
+        return False
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
 def _fmt(v: Any) -> str:
@@ -25,6 +29,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes) from free text such as a dataset name."""
+    return "-".join("".join(c if c.isalnum() else "-" for c in p.lower()).strip("-") for p in parts)
 
 
 def publish(
@@ -43,7 +52,7 @@ def publish(
     if links:
         md += ["## Links", ""] + [f"- [{text}]({url})" for text, url in links.items()]
     text = "\n".join(md)
-    if not _in_flow_run():
+    if not _in_prefect_run():
         return text
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 

@@ -1,0 +1,88 @@
+"""CLI options derived from the pydantic models that define a stage's settings.
+
+``@model_options(PretrainArgs)`` gives a Typer command one ``--option`` per field of the model, with the field's
+default and its description as help text, so ``vlforge pretrain --help``, the Prefect UI form (rendered from the
+same model) and the Python API cannot drift apart. A nested model (``FinetuneArgs.lora``) becomes prefixed options
+(``--lora-r``); the command receives the values as ``**options`` and builds the model with ``Model.build`` or
+:func:`collect`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+import typing
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+
+# Flag spellings that read better than the field name.
+FLAG_NAMES = {
+    "use_gpu": "--use-gpu/--no-gpu",
+    "register_model": "--register/--no-register",
+    "languages": "--language",
+}
+
+
+def _option_type(annotation: Any) -> tuple[Any, bool]:
+    """(the type Typer gets, whether the field is a nested model)."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, True
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        inner, _ = _option_type(args[0])
+        return inner | None, False
+    if origin in (list, tuple):
+        return list[str], False
+    return annotation, False
+
+
+def field_parameters(model: type[BaseModel], prefix: str = "", exclude: tuple[str, ...] = ()) -> list:
+    """One keyword-only ``inspect.Parameter`` per field of ``model`` (nested models flattened with a prefix)."""
+    params = []
+    for name, info in model.model_fields.items():
+        if name in exclude:
+            continue
+        kind, nested = _option_type(info.annotation)
+        if nested:
+            params += field_parameters(kind, prefix=f"{prefix}{name}_")
+            continue
+        key = prefix + name
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, tuple):
+            default = list(default)
+        names = (FLAG_NAMES[key],) if key in FLAG_NAMES else ()
+        option = typer.Option(*names, help=info.description or "")
+        params.append(
+            inspect.Parameter(
+                key, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]
+            )
+        )
+    return params
+
+
+def model_options(model: type[BaseModel], exclude: tuple[str, ...] = ()):
+    """Decorate a command ``fn(..., **options)`` so Typer offers every field of ``model`` as an option."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        params = own + field_parameters(model, exclude=exclude)
+
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            return fn(*args, **kwargs)
+
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
+def collect(model: type[BaseModel], options: dict[str, Any]) -> BaseModel:
+    """The model from the options :func:`model_options` passed (``lora_r`` -> ``lora.r``)."""
+    return model.build(**options) if hasattr(model, "build") else model(**options)

@@ -1,0 +1,115 @@
+"""The settings of a training, typed once: the Python API, the CLI options and the Prefect forms derive from them.
+
+:class:`TrainArgs` holds what every recipe shares (schedule, scale, evaluation, registration);
+:class:`PretrainArgs` and :class:`FinetuneArgs` add what their recipe needs and set their own defaults for the
+shared fields (a fine-tune trains fewer epochs at a lower learning rate). A field's ``description`` is its help
+text in ``vlforge pretrain --help`` and in the Prefect UI; ``tests/unit/test_train_args.py`` checks that both
+show these defaults and texts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.lora import LoraArgs
+from vlforge import defaults
+
+# Fields whose default differs by recipe: the constraint and the help text are shared, the default is not.
+Epochs = Annotated[int, Field(gt=0, description="Passes over the training split.")]
+LearningRate = Annotated[float, Field(gt=0, description="Peak AdamW learning rate (cosine schedule).")]
+WeightDecay = Annotated[float, Field(ge=0, description="AdamW weight decay.")]
+WarmupSteps = Annotated[int, Field(ge=0, description="Linear warmup steps before the cosine decay.")]
+
+
+# Settings that do not change what is trained: a resumed training may take other values.
+OPERATIONAL = ("checkpoint_every", "log_every", "max_failures", "register_model", "class_prompts")
+
+
+class TrainArgs(BaseModel):
+    """Settings shared by every recipe (the defaults are pretraining's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: Epochs = 10
+    batch_size: int = Field(32, gt=1, description="Per-worker batch size.")
+    lr: LearningRate = 3e-3
+    weight_decay: WeightDecay = 0.1
+    warmup_steps: WarmupSteps = 10
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    grad_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (less memory)."
+    )
+    num_workers: int = Field(1, gt=0, description="Ray Train workers.")
+    use_gpu: bool | None = Field(None, description="Train on GPUs; empty = use them if the cluster has any.")
+    name: str | None = Field(
+        None, description="Training name; running the same name again resumes it (default: a new name)."
+    )
+    checkpoint_every: int = Field(
+        50, gt=0, description="Optimizer steps between checkpoints (and every epoch end)."
+    )
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the dataset held out for evaluation.")
+    eval_dataset: str | None = Field(
+        None, description="Extra evaluation dataset (NAME or NAME@VERSION); when given it decides promotion."
+    )
+    class_prompts: list[str] | None = Field(
+        None, description="Class prompts for zero-shot accuracy (e.g. 'a photo of a red circle'); repeatable."
+    )
+    # Not ``register``: that name is pydantic's (ABCMeta's) own; ``build(register=False)`` and the CLI's
+    # ``--register/--no-register`` still say it that way.
+    register_model: bool = Field(True, description="Register the trained model in the MLflow registry.")
+    max_failures: int = Field(
+        2, ge=0, description="Worker-group restarts from the last checkpoint after a failure."
+    )
+    seed: int = Field(0, description="Random seed of the initial model, augmentation and data order.")
+    log_every: int = Field(10, gt=0, description="Optimizer steps between metric writes to MLflow.")
+
+    @classmethod
+    def build(cls, args: TrainArgs | None = None, **options: Any):
+        """``args`` with ``options`` applied; ``lora_r=4`` style keys set the nested ``lora`` settings."""
+        data = args.model_dump() if args is not None else {}
+        if "register" in options:
+            options["register_model"] = options.pop("register")
+        lora = dict(data.get("lora") or {})
+        for key in [k for k in options if k.startswith("lora_")]:
+            lora[key[len("lora_") :]] = options.pop(key)
+        if lora and "lora" in cls.model_fields:
+            data["lora"] = lora
+        elif lora:
+            raise TypeError(f"{cls.__name__} has no LoRA settings: {sorted(lora)}")
+        return cls.model_validate({**data, **options})
+
+    def tracked(self) -> dict[str, Any]:
+        """The settings that shape the trained model, as MLflow params: a resume refuses to change any of them.
+        ``name`` is the training's identity; the operational settings (:data:`OPERATIONAL`) may change when a
+        training is resumed (checkpoint more often, register this time) and are not params."""
+        out = self.model_dump(exclude={"name", "lora", *OPERATIONAL})
+        lora = getattr(self, "lora", None)
+        if lora is not None:
+            out.update({f"lora_{k}": v for k, v in lora.to_dict().items()})
+            out["lora_targets"] = ",".join(lora.targets)
+        return out
+
+
+class PretrainArgs(TrainArgs):
+    """Contrastive CLIP pretraining from a recipe (or from ``init``). The defaults learn colours and shapes of
+    a few hundred synthetic pairs on a 2-core machine in well under a minute."""
+
+    recipe: str = Field(
+        defaults.DEFAULT_RECIPE, description="Model recipe for training from scratch (models/configs/*.json)."
+    )
+    init: str | None = Field(
+        None, description="Start from this model (MLflow URI, folder, HF id) instead of the recipe."
+    )
+
+
+class FinetuneArgs(TrainArgs):
+    """LoRA fine-tuning of a registered model."""
+
+    base: str = Field(defaults.DEFAULT_MODEL_URI, description="Model to adapt (MLflow URI, folder, HF id).")
+    lora: LoraArgs = Field(default_factory=LoraArgs, description="LoRA adapters.")
+    epochs: Epochs = 5
+    lr: LearningRate = 2e-3
+    weight_decay: WeightDecay = 0.0
+    warmup_steps: WarmupSteps = 5

@@ -1,0 +1,30 @@
+"""Every default a user meets in more than one place (CLI, Prefect forms, Python calls), written once.
+
+Stage settings that form a group are pydantic models whose field defaults are the defaults
+(``tasks.curate.filters.FilterConfig``, ``tasks.train.args.PretrainArgs``/``FinetuneArgs``,
+``models.lora.LoraArgs``); the CLI options and the Prefect forms are derived from those models. The values
+below are the ones shared across groups.
+"""
+
+from __future__ import annotations
+
+# The registry alias users consume, and the model the refresh flow scores with and a fine-tune starts from.
+DEFAULT_MODEL_URI = "models:/vlforge-clip@champion"
+# The model recipe (models/configs/*.json) of a training from scratch.
+DEFAULT_RECIPE = "clip-tiny"
+# The refresh deployment's schedule: 03:00 every day.
+REFRESH_CRON = "0 3 * * *"
+
+# Ingest (img2dataset) options.
+SHARD_SIZE = 10_000
+DOWNLOAD_THREADS = 64
+DOWNLOAD_TIMEOUT_S = 10.0
+DOWNLOAD_RETRIES = 2
+IMAGE_SIZE = 256
+MIN_DOWNLOAD_IMAGE_SIZE = 10
+MAX_IMAGE_AREA = 50_000_000
+DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+DISTRIBUTOR = "multiprocessing"
+
+# Curation: DataComp's best CLIP-score filter keeps the top 30 % of a pool.
+TOP_FRACTION = 0.3
