@@ -97,3 +97,26 @@ def test_the_first_forms_flat_keys_still_work():
     assert (params.pretraining.lr, params.finetuning.epochs) == (1e-3, 1)
     assert params.pretraining.batch_size == params.finetuning.batch_size == 8
     assert params.finetuning.lora.r == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "changed", "field"),
+    [
+        (FinetuneArgs(), {"warmup_steps": 2}, "warmup_steps"),
+        (FinetuneArgs(), {"grad_accum": 2}, "grad_accum"),
+        (FinetuneArgs(), {"lora_r": 4}, "lora_r"),
+        (PretrainArgs(), {"lr": 1e-3}, "lr"),
+    ],
+)
+def test_resuming_a_training_with_a_changed_setting_is_refused(settings, args, changed, field):
+    from tasks.train.driver import open_training
+    from tests.helpers import publish_synthetic_dataset
+    from vlforge.errors import VlforgeError
+
+    dv, _ = publish_synthetic_dataset(settings, "resume", n=4)
+    first = open_training(settings, "finetune", "resume-me", dv, {}, args.tracked())
+    # The same settings (and an operational one changed) resume the same run.
+    again = open_training(settings, "finetune", "resume-me", dv, {}, type(args).build(args, log_every=1).tracked())
+    assert again.resumed and again.run_id == first.run_id
+    with pytest.raises(VlforgeError, match=field):
+        open_training(settings, "finetune", "resume-me", dv, {}, type(args).build(args, **changed).tracked())
