@@ -116,7 +116,9 @@ def test_resuming_a_training_with_a_changed_setting_is_refused(settings, args, c
     dv, _ = publish_synthetic_dataset(settings, "resume", n=4)
     first = open_training(settings, "finetune", "resume-me", dv, {}, args.tracked())
     # The same settings (and an operational one changed) resume the same run.
-    again = open_training(settings, "finetune", "resume-me", dv, {}, type(args).build(args, log_every=1).tracked())
+    again = open_training(
+        settings, "finetune", "resume-me", dv, {}, type(args).build(args, log_every=1).tracked()
+    )
     assert again.resumed and again.run_id == first.run_id
     with pytest.raises(VlforgeError, match=field):
         open_training(settings, "finetune", "resume-me", dv, {}, type(args).build(args, **changed).tracked())
