@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format bench retrieval-env clean
+.PHONY: install demo test test-fast lint format bench experiment retrieval-env clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ bench: $(STAMP)
 	@mkdir -p bench/results
 	@for b in bench/ingest.py bench/netguard.py bench/curate.py bench/train.py bench/scale.py; do \
 	  if [ -f $$b ]; then echo "== $$b"; $(BIN)/python $$b || exit 1; fi; done
+
+# Does curation pay? Unfiltered vs CLIP-filtered arms of a noisy labelled pool at equal samples seen (~15 min on 2 cores).
+experiment: $(STAMP)
+	@mkdir -p bench/results
+	$(BIN)/python bench/curation_experiment.py
 
 # clip-retrieval pins numpy<2 and pyarrow<16: it gets its own environment (see infra/retrieval/README.md).
 retrieval-env:

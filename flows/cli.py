@@ -13,6 +13,7 @@ import typer
 
 from flows.options import collect, model_options
 from tasks.curate.filters import FilterConfig
+from tasks.experiment.curation import CurationExperimentArgs
 from tasks.train.args import FinetuneArgs, PretrainArgs
 from vlforge import console as ui
 from vlforge import defaults
@@ -39,7 +40,7 @@ out = _Terminal(stderr=False)
 _verbose = False
 # Commands that run libraries (Ray, MLflow, Prefect, img2dataset): their output goes to a log file. `serve` is
 # a server: its output (Prefect's runner, the flow runs) is what an operator reads, and stays on the console.
-LOGGED_COMMANDS = ("ingest", "curate", "pretrain", "finetune", "demo")
+LOGGED_COMMANDS = ("ingest", "curate", "pretrain", "finetune", "demo", "experiment_curation")
 
 
 def _quiet_environment() -> None:
@@ -252,6 +253,34 @@ def finetune(dataset: Annotated[str, typer.Option(help=DATASET_HELP)], **options
     with ui.stage(f"fine-tune {args.base} on {dataset}"):
         result = run(dataset, settings, args)
     _print_train(result)
+
+
+experiment_app = typer.Typer(
+    no_args_is_help=True, help="Experiments that show what a stage is worth (vlforge experiment curation)."
+)
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("curation")
+@user_errors
+@model_options(CurationExperimentArgs)
+def experiment_curation(**options) -> None:
+    """Train the same recipe for the same samples seen on the pool unfiltered, CLIP-threshold filtered and
+    top-fraction filtered; evaluate each on one eval set with 95% intervals (DataComp's experiment)."""
+    from tasks.experiment.curation import run_curation_experiment, table_rows
+
+    args = collect(CurationExperimentArgs, options)
+    settings = _settings()
+    _check_inputs(settings, args.pool, args.eval, args.scorer)
+    result = run_curation_experiment(args, settings)
+    for row in table_rows(result):
+        out.print(
+            f"{row['arm']}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "arm"), highlight=False
+        )
+    out.print(f"[bold]{result['verdict']}[/]", highlight=False)
+    out.print(f"MLflow run: {result['mlflow_run_id']}")
+    if args.output:
+        out.print(f"results: {args.output}")
 
 
 def _check_model_uri(uri: str, settings) -> None:

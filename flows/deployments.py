@@ -1,11 +1,12 @@
 """Prefect deployments of the vlforge flows, and ``vlforge serve`` which serves them.
 
-Three deployments, each a :class:`~prefect.deployments.runner.RunnerDeployment` built with
+Four deployments, each a :class:`~prefect.deployments.runner.RunnerDeployment` built with
 ``flow.to_deployment``:
 
 - ``refresh-dataset``: the ``refresh_dataset`` flow on a cron schedule (default 03:00 every day);
 - ``train``: the ``train`` flow (pretrain then LoRA fine-tune), run on demand from the UI or the API;
-- ``pipeline``: ``refresh_dataset`` then ``train``, on demand.
+- ``pipeline``: ``refresh_dataset`` then ``train``, on demand;
+- ``curation-experiment``: the ``curation-experiment`` flow (unfiltered vs CLIP-filtered arms), on demand.
 
 Flow parameters are pydantic models, so the Prefect UI renders each deployment's "Run" form with
 defaults and validation. The entrypoints are module paths (``flows.pipeline.train``), so flow runs
@@ -23,6 +24,7 @@ from vlforge.settings import Settings
 REFRESH_DEPLOYMENT = "refresh-dataset"
 TRAIN_DEPLOYMENT = "train"
 PIPELINE_DEPLOYMENT = "pipeline"
+EXPERIMENT_DEPLOYMENT = "curation-experiment"
 DEFAULT_REFRESH_CRON = defaults.REFRESH_CRON
 TAGS = ["vlforge"]
 
@@ -67,7 +69,7 @@ def build_deployments(
     timezone: str | None = None,
     paused: bool = False,
 ) -> list:
-    """The refresh (cron), train and pipeline deployments, ready for ``prefect.serve``.
+    """The refresh (cron), train, pipeline and curation-experiment deployments, ready for ``prefect.serve``.
 
     ``refresh_location`` is where URL lists land (folder, glob or ``s3://`` prefix; unset:
     ``<storage>/incoming``), ``refresh_source`` the source name and ``refresh_dataset`` the dataset the
@@ -98,6 +100,11 @@ def build_deployments(
             name=PIPELINE_DEPLOYMENT,
             parameters={"params": {"refresh": refresh}},
             description="Refresh a dataset from its source, then train and register models on it.",
+            **common,
+        ),
+        module.curation_experiment.to_deployment(
+            name=EXPERIMENT_DEPLOYMENT,
+            description="Does curation pay? Unfiltered vs CLIP-filtered arms of a pool at equal samples seen.",
             **common,
         ),
     ]

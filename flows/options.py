@@ -23,6 +23,7 @@ FLAG_NAMES = {
     "use_gpu": "--use-gpu/--no-gpu",
     "register_model": "--register/--no-register",
     "languages": "--language",
+    "arms": "--arm",
 }
 
 
@@ -51,7 +52,9 @@ def field_parameters(model: type[BaseModel], prefix: str = "", exclude: tuple[st
             params += field_parameters(kind, prefix=f"{prefix}{name}_")
             continue
         key = prefix + name
-        default = info.get_default(call_default_factory=True)
+        default = (
+            inspect.Parameter.empty if info.is_required() else info.get_default(call_default_factory=True)
+        )
         if isinstance(default, tuple):
             default = list(default)
         names = (FLAG_NAMES[key],) if key in FLAG_NAMES else ()

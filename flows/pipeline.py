@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from flows.params import PipelineParams, RefreshParams, TrainParams
 from tasks.curate import curate_task
+from tasks.experiment.curation import CurationExperimentArgs
 from tasks.ingest import ingest_task
 from tasks.train.finetune import finetune_task
 from tasks.train.pretrain import pretrain_task
@@ -169,3 +170,12 @@ def pipeline(params: PipelineParams) -> dict:
     train_params = params.train or TrainParams(dataset=params.refresh.dataset)
     trained = train(train_params)
     return {"refresh": refreshed, "train": trained}
+
+
+@flow(name="curation-experiment", log_prints=True)
+def curation_experiment(params: CurationExperimentArgs) -> dict:
+    """Does curation pay? The same recipe for the same samples seen on the pool unfiltered, threshold-filtered
+    and top-fraction-filtered, each evaluated with 95% intervals (``vlforge experiment curation``)."""
+    from tasks.experiment.curation import run_curation_experiment
+
+    return run_curation_experiment(params, get_settings())

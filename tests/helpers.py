@@ -20,10 +20,17 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 
 def publish_synthetic_dataset(
-    settings: Settings, name: str = "synth", n: int = 64, mismatch_fraction: float = 0.0, seed: int = 0
+    settings: Settings,
+    name: str = "synth",
+    n: int = 64,
+    mismatch_fraction: float = 0.0,
+    seed: int = 0,
+    labels: bool = False,
+    prefix: str = "img",
 ) -> tuple[DatasetVersion, list[SynthPair]]:
-    """Publish a dataset version in DESIGN's data contract from synthetic pairs."""
-    pairs = make_pairs(n, mismatch_fraction, seed=seed)
+    """Publish a dataset version in DESIGN's data contract from synthetic pairs (``labels``: with a ``label``
+    column naming each image's true class, "red circle", as a labelled eval set has)."""
+    pairs = make_pairs(n, mismatch_fraction, seed=seed, prefix=prefix)
     sizes = [image_size(p.image) for p in pairs]
     table = pa.table(
         {
@@ -38,6 +45,7 @@ def publish_synthetic_dataset(
             "source": ["synthetic"] * n,
             "raw_batch": ["synthetic-batch"] * n,
             "truth_matched": [int(p.matched) for p in pairs],
+            **({"label": [f"{p.colour} {p.shape}" for p in pairs]} if labels else {}),
         }
     )
     writer = VersionWriter(settings, name)

@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "datasets": "vlforge-datasets",
     "pretrain": "vlforge-pretrain",
     "finetune": "vlforge-finetune",
+    "experiments": "vlforge-experiments",
 }
 PRETRAINED_MODEL = "vlforge-clip"
 LORA_MODEL = "vlforge-clip-lora"
@@ -119,12 +120,14 @@ def start_stage_run(
     name: str | None = None,
     tags: dict[str, str] | None = None,
     dataset=None,
+    experiment: str | None = None,
 ) -> str:
     """Create a stage's MLflow run with the standard tags and return its id: the stage, the Prefect flow run
-    (inside one), the dataset version (``dataset``) and ``tags``. Continue it later by id
+    (inside one), the dataset version (``dataset``) and ``tags``. The run goes to the stage's experiment, or to
+    ``experiment`` (a key of :data:`EXPERIMENTS` or a name). Continue it later by id
     (``mlflow.start_run(run_id=...)`` or the client)."""
     client = configure(settings)
-    experiment_id = ensure_experiment(settings, stage)
+    experiment_id = ensure_experiment(settings, experiment or stage)
     all_tags = {
         TAG_STAGE: stage,
         **flow_run_tags(),

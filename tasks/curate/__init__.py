@@ -11,6 +11,8 @@ dependencies, not Prefect and MLflow.
 
 from __future__ import annotations
 
+from tasks.lazy import lazy_getattr
+
 _EXPORTS = {
     "CurateResult": "stage",
     "curate": "stage",
@@ -21,10 +23,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"tasks.curate.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'tasks.curate' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

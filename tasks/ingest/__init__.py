@@ -7,6 +7,8 @@ The entry points are imported lazily, as in ``tasks.curate``."""
 
 from __future__ import annotations
 
+from tasks.lazy import lazy_getattr
+
 _EXPORTS = {
     "IngestResult": "stage",
     "ingest": "stage",
@@ -16,10 +18,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"tasks.ingest.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'tasks.ingest' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

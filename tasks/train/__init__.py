@@ -1,23 +1,25 @@
 """The training stages: pretrain (contrastive CLIP) and finetune (LoRA), on one Ray Train driver.
 
-Modules: ``data`` (dataset versions as Ray Data, eval split), ``loop`` (the per-worker loop), ``driver`` (the
-shared driver: resume, Ray Train, MLflow, evaluation, registration), ``pretrain`` and ``finetune`` (the recipes).
+Modules: ``args`` (the typed settings), ``data`` (dataset versions as Ray Data, eval split), ``loop`` (the
+per-worker loop and the recipes' worker hooks), ``driver`` (the one driver: resume, Ray Train, MLflow, evaluation,
+registration), ``pretrain`` and ``finetune`` (the recipes). See docs/training.md.
 The entry points are imported lazily: a Ray Train worker imports ``loop`` without Prefect."""
 
 from __future__ import annotations
+
+from tasks.lazy import lazy_getattr
 
 _EXPORTS = {
     "pretrain": "pretrain",
     "pretrain_task": "pretrain",
     "finetune": "finetune",
     "finetune_task": "finetune",
+    "TrainArgs": "args",
+    "PretrainArgs": "args",
+    "FinetuneArgs": "args",
+    "Recipe": "driver",
+    "run_training": "driver",
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"tasks.train.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'tasks.train' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

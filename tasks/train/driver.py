@@ -62,7 +62,13 @@ def default_name(stage: str, dv: DatasetVersion) -> str:
 
 
 def open_training(
-    settings: Settings, stage: str, name: str, dv: DatasetVersion, tags: dict[str, str], params: dict
+    settings: Settings,
+    stage: str,
+    name: str,
+    dv: DatasetVersion,
+    tags: dict[str, str],
+    params: dict,
+    experiment: str | None = None,
 ) -> TrainingRun:
     """The MLflow run of training ``name``: the existing one (resume) or a new one created here."""
     from vlforge.tracking import TAG_TRAIN_NAME, configure, log_to_run, safe_params, start_stage_run
@@ -84,7 +90,9 @@ def open_training(
                 "same settings, or choose a new --name"
             )
         return TrainingRun(name, root, info["run_id"], True, run.info.status, info)
-    run_id = start_stage_run(settings, stage, name=name, dataset=dv, tags={TAG_TRAIN_NAME: name, **tags})
+    run_id = start_stage_run(
+        settings, stage, name=name, dataset=dv, tags={TAG_TRAIN_NAME: name, **tags}, experiment=experiment
+    )
     log_to_run(settings, run_id, params=params)
     info = {"run_id": run_id, "stage": stage, "dataset": dv.ref, "initialised": False}
     storage.write_json_atomic(run_file, info)
@@ -374,17 +382,32 @@ class Recipe:
         """The worker side (:class:`tasks.train.loop.ClipModelHooks` or alike), pickled into the loop config."""
         raise NotImplementedError
 
+    def train_dataset(self, dv: DatasetVersion, init_uri: str):
+        """The training split as a Ray Dataset of model-ready batches (CLIP: pixels and caption tokens)."""
+        from tasks.train.data import train_dataset
+
+        args = self.args
+        return train_dataset(dv, init_uri, eval_fraction=args.eval_fraction, augment=True, seed=args.seed)
+
     def final_model(self, ckpt_dir: str, tr: TrainingRun, model_dir: str) -> tuple[Any, str | None]:
         """Write the model to register into ``model_dir`` from the last checkpoint; ``(bundle, adapter_dir)``."""
         raise NotImplementedError
 
 
 def run_training(
-    recipe: Recipe, dataset: str, settings: Settings, *, fail_once: dict | None = None
+    recipe: Recipe,
+    dataset: str,
+    settings: Settings,
+    *,
+    experiment: str | None = None,
+    run_tags: dict[str, str] | None = None,
+    fail_once: dict | None = None,
 ) -> TrainResult:
     """Train ``recipe`` on ``dataset`` (``name[@version]``): the same name again resumes, a finished one is a
-    no-op. ``fail_once`` is a test hook (``{"rank", "step", "marker"}``: that rank exits hard once at that step)."""
-    from tasks.train.data import count_train_rows, train_dataset
+    no-op. The run goes to the stage's MLflow experiment, or to ``experiment`` with ``run_tags`` (a curation
+    experiment's child runs). ``fail_once`` is a test hook (``{"rank", "step", "marker"}``: that rank exits hard
+    once at that step)."""
+    from tasks.train.data import count_train_rows
     from vlforge.datasets import resolve_dataset
     from vlforge.raycluster import init_ray
     from vlforge.tracking import TAG_BASE_MODEL
@@ -410,8 +433,12 @@ def run_training(
         "train_rows": n_train,
         "total_steps": total,
     }
-    tags = {**recipe.tags(), **({TAG_BASE_MODEL: recipe.base_model} if recipe.base_model else {})}
-    tr = open_training(settings, recipe.stage, name, dv, tags, params)
+    tags = {
+        **recipe.tags(),
+        **({TAG_BASE_MODEL: recipe.base_model} if recipe.base_model else {}),
+        **(run_tags or {}),
+    }
+    tr = open_training(settings, recipe.stage, name, dv, tags, params, experiment)
     if tr.status == "FINISHED":
         return finished_result(settings, tr, recipe.model_name)
     try:
@@ -425,7 +452,7 @@ def run_training(
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
             torch_threads=torch_threads(args.num_workers), params=params, dataset=dv, fail_once=fail_once,
         )  # fmt: skip
-        ds = train_dataset(dv, tr.init_uri, eval_fraction=args.eval_fraction, augment=True, seed=args.seed)
+        ds = recipe.train_dataset(dv, tr.init_uri)
         result = fit(
             settings, tr, cfg, ds, num_workers=args.num_workers, use_gpu=gpu, max_failures=args.max_failures
         )

@@ -116,10 +116,11 @@ class ImageServer:
 
 
 def write_url_list(path: str, pairs: Iterable[SynthPair], urls: Iterable[str]) -> str:
-    """Write a CSV URL list (url, caption, plus the known truth as extra columns) and return its path."""
+    """Write a CSV URL list (url, caption, plus the known truth as extra columns: the image's class is
+    ``label``, "red circle", what a labelled eval set carries) and return its path."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["url", "caption", "truth_matched", "truth_colour", "truth_shape"])
+        w.writerow(["url", "caption", "truth_matched", "truth_colour", "truth_shape", "label"])
         for p, u in zip(pairs, urls, strict=True):
-            w.writerow([u, p.caption, int(p.matched), p.colour, p.shape])
+            w.writerow([u, p.caption, int(p.matched), p.colour, p.shape, f"{p.colour} {p.shape}"])
     return path

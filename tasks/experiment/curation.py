@@ -1,0 +1,352 @@
+"""Does curation pay? The same recipe, for the same number of samples seen, on the pool as it is and on the pool
+filtered by CLIP score (DataComp's experiment, arXiv 2304.14108, at the scale of one pool).
+
+Arms: ``unfiltered`` (the whole pool), ``threshold`` (CLIP score at least a threshold: given, or Otsu's cut of
+the pool's scores), ``top_fraction`` (the best-scored share, DataComp's best 0.3) and any ``--arm`` given. Each
+arm is trained with K seeds for the same samples seen (epochs = samples seen / the arm's rows, rounded to whole
+steps), then evaluated on one eval dataset: zero-shot accuracy over its label column's classes and retrieval
+recall@1/5, each with a bootstrap 95 % interval over the eval pairs (the seeds' predictions averaged per pair);
+each filtered arm is compared with ``unfiltered`` by a paired bootstrap over the same pairs.
+
+MLflow: a parent run in ``vlforge-experiments`` (params, per-arm metrics, the table as JSON and Markdown, a bar
+chart with error bars) and one child run per arm and seed (the training itself).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.experiment.arms import (
+    THRESHOLD,
+    TOP_FRACTION,
+    UNFILTERED,
+    ArmSpec,
+    image_bytes,
+    keep_mask,
+    otsu_threshold,
+    parse_arm,
+    publish_arm,
+    score_pool,
+)
+from vlforge import defaults
+from vlforge.errors import VlforgeError
+from vlforge.settings import Settings
+
+log = logging.getLogger("vlforge.experiment")
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+class CurationExperimentArgs(BaseModel):
+    """Settings of ``vlforge experiment curation`` (and the Prefect flow's form)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str = Field(..., description="The pool to curate: a dataset NAME or NAME@VERSION.")
+    eval: str = Field(
+        ..., description="Evaluation dataset (NAME or NAME@VERSION), ideally with a label column."
+    )
+    scorer: str = Field(
+        defaults.DEFAULT_MODEL_URI, description="CLIP that scores the pool (MLflow URI, folder, HF id)."
+    )
+    samples_seen: int | None = Field(
+        None, gt=0, description="Training samples seen by every arm; empty = 10 epochs of the whole pool."
+    )
+    seeds: int = Field(2, gt=0, description="Trainings per arm (seeds 0..K-1), so the spread is visible.")
+    top_fraction: float = Field(
+        0.3, gt=0, le=1, description="The top_fraction arm's share (DataComp's best: 0.3)."
+    )
+    threshold: float | None = Field(
+        None, description="The threshold arm's CLIP score; empty = Otsu's cut of the pool's score histogram."
+    )
+    arms: list[str] = Field(
+        [],
+        description="More arms, NAME=min_score:X or NAME=top_fraction:F (repeatable: --arm top10=top_fraction:0.1).",
+    )
+    label_col: str = Field(
+        "label", description="The eval dataset's class column (zero-shot over its classes)."
+    )
+    prompt_template: str = Field("a photo of a {}", description="Zero-shot prompt of a class label.")
+    recipe: str = Field(
+        defaults.DEFAULT_RECIPE, description="Model recipe every arm trains (models/configs)."
+    )
+    batch_size: int = Field(32, gt=1, description="Per-worker batch size.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    output: str | None = Field(None, description="Also write the results as JSON to this file.")
+
+
+def _arms(args: CurationExperimentArgs, scores: np.ndarray) -> list[ArmSpec]:
+    if args.threshold is not None:
+        threshold = ArmSpec(THRESHOLD, min_score=args.threshold, rule="given")
+    else:
+        threshold = ArmSpec(
+            THRESHOLD, min_score=otsu_threshold(scores), rule="Otsu's cut of the pool's scores"
+        )
+    arms = [ArmSpec(UNFILTERED), threshold, ArmSpec(TOP_FRACTION, top_fraction=args.top_fraction)]
+    for text in args.arms:
+        spec = parse_arm(text)
+        if spec.name in {a.name for a in arms}:
+            raise VlforgeError(f"--arms: an arm named {spec.name!r} exists already")
+        arms.append(spec)
+    return arms
+
+
+def _eval_data(settings: Settings, ref: str, label_col: str, template: str):
+    """(eval dataset version, images, captions, labels [N] int or None, class prompts or None)."""
+    from vlforge.datasets import resolve_dataset
+
+    dv = resolve_dataset(settings, ref)
+    table = dv.read_table("data")
+    missing = {"image", "caption"} - set(table.column_names)
+    if missing:
+        raise VlforgeError(f"eval dataset {dv.ref} lacks column(s) {sorted(missing)}")
+    images = image_bytes(table.column("image"))
+    captions = [str(c) for c in table.column("caption").to_pylist()]
+    if label_col not in table.column_names:
+        log.warning("eval dataset %s has no %r column: zero-shot accuracy is not measured", dv.ref, label_col)
+        return dv, images, captions, None, None
+    names = [str(v) for v in table.column(label_col).to_pylist()]
+    classes = sorted(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    return dv, images, captions, np.array([index[n] for n in names]), [template.format(c) for c in classes]
+
+
+def per_pair_hits(bundle, images, captions, labels, prompts) -> dict[str, np.ndarray]:
+    """Per eval pair, float [N]: zero-shot correct, and recall@1/@5 hit (mean of image->text and text->image;
+    pairs with identical captions are interchangeable, as in :func:`tasks.evaluate.retrieval_metrics`)."""
+    from tasks.evaluate import embed_images, embed_texts
+
+    img = embed_images(bundle, images)
+    txt = embed_texts(bundle, captions)
+    groups = np.asarray(captions, dtype=object)
+    correct = groups[:, None] == groups[None, :]
+    sims = img @ txt.T
+    out: dict[str, np.ndarray] = {}
+    for k in (1, 5):
+        hits = []
+        for m, c in ((sims, correct), (sims.T, correct.T)):
+            best_correct = np.where(c, m, -np.inf).max(axis=1, keepdims=True)
+            rank = ((m > best_correct) & ~c).sum(axis=1)
+            hits.append((rank < k).astype(np.float64))
+        out[f"recall_at_{k}"] = (hits[0] + hits[1]) / 2
+    if labels is not None:
+        pred = np.argmax(img @ embed_texts(bundle, prompts).T, axis=1)
+        out["zero_shot_accuracy"] = (pred == labels).astype(np.float64)
+    return out
+
+
+def bootstrap_ci(values: np.ndarray, seed: int = 0, n: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
+    """95 % percentile interval of the mean of ``values`` [N] over ``n`` resamples of its rows."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n, len(values)))
+    means = values[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """mean(a - b) over the same pairs with its paired-bootstrap 95 % interval."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    low, high = bootstrap_ci(diff, seed)
+    return {"difference": float(diff.mean()), "ci_low": low, "ci_high": high}
+
+
+def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) -> dict[str, Any]:
+    """Run every arm with every seed and return ``{"arms": {...}, "comparisons": {...}, "verdict": str, ...}``."""
+    from models.clip import load_clip
+    from tasks.common import load_model
+    from tasks.curate.scoring import scorer_identity
+    from tasks.train.args import PretrainArgs
+    from tasks.train.driver import run_training, steps_plan
+    from tasks.train.pretrain import PretrainRecipe
+    from vlforge import console, tracking
+    from vlforge.datasets import resolve_dataset
+    from vlforge.registry import check_model_uri
+
+    pool = resolve_dataset(settings, args.pool)
+    eval_dv, images, captions, labels, prompts = _eval_data(
+        settings, args.eval, args.label_col, args.prompt_template
+    )
+    check_model_uri(args.scorer, settings)
+    table = pool.read_table("data")
+    with console.stage(f"score {pool.ref} with {args.scorer}"):
+        scores = score_pool(load_model(args.scorer, settings), table)
+    scorer = scorer_identity(args.scorer, settings).as_dict()
+    arms = _arms(args, scores)
+    samples_seen = args.samples_seen or 10 * table.num_rows
+    parent = tracking.start_stage_run(
+        settings, "experiments", name=f"curation {pool.ref}", tags={"vlforge.experiment": "curation",
+                                                                     tracking.TAG_DATASET: pool.name}
+    )  # fmt: skip
+    tracking.log_to_run(
+        settings, parent,
+        params={**args.model_dump(exclude={"arms", "output"}), "pool_version": pool.ref, "eval_version": eval_dv.ref,
+                "samples_seen": samples_seen, "arms": ",".join(a.name for a in arms)},
+    )  # fmt: skip
+    results: dict[str, dict[str, Any]] = {}
+    per_arm_hits: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        for spec in arms:
+            mask = keep_mask(spec, scores)
+            dv = publish_arm(settings, pool, table, spec, mask, scorer)
+            rows = int(mask.sum())
+            steps_per_epoch, _ = steps_plan(rows, args.batch_size, 1, 1, 1)
+            epochs = max(1, round(samples_seen / (steps_per_epoch * args.batch_size)))
+            seed_hits, seed_metrics = [], []
+            for seed in range(args.seeds):
+                with console.stage(f"arm {spec.name} ({spec.describe()}, {rows} rows), seed {seed}"):
+                    train_args = PretrainArgs(
+                        recipe=args.recipe, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                        eval_fraction=0.0, register_model=False,
+                    )  # fmt: skip
+                    result = run_training(
+                        PretrainRecipe(train_args), dv.ref, settings, experiment="experiments",
+                        run_tags={"mlflow.parentRunId": parent, "vlforge.arm": spec.name, "vlforge.seed": str(seed)},
+                    )  # fmt: skip
+                    hits = per_pair_hits(load_clip(result.model_dir), images, captions, labels, prompts)
+                metrics = {k: float(v.mean()) for k, v in hits.items()}
+                tracking.log_to_run(
+                    settings, result.run_id, metrics={f"eval_{k}": v for k, v in metrics.items()}
+                )
+                seed_hits.append(hits)
+                seed_metrics.append(metrics)
+            averaged = {k: np.mean([h[k] for h in seed_hits], axis=0) for k in seed_hits[0]}
+            per_arm_hits[spec.name] = averaged
+            results[spec.name] = _arm_result(
+                spec, dv, rows, epochs, steps_per_epoch, args, averaged, seed_metrics
+            )
+        comparisons = {
+            name: {k: paired_difference(per_arm_hits[name][k], per_arm_hits[UNFILTERED][k]) for k in hits}
+            for name, hits in per_arm_hits.items()
+            if name != UNFILTERED
+        }
+        out = {
+            "pool": pool.ref, "eval": eval_dv.ref, "scorer": scorer, "samples_seen": samples_seen,
+            "eval_pairs": len(captions), "arms": results, "comparisons": comparisons, "mlflow_run_id": parent,
+        }  # fmt: skip
+        out["verdict"] = verdict(out)
+        _report(settings, parent, out)
+    except BaseException:
+        tracking.configure(settings).set_terminated(parent, "FAILED")
+        raise
+    tracking.configure(settings).set_terminated(parent, "FINISHED")
+    if args.output:
+        from vlforge import storage
+
+        storage.write_text_atomic(args.output, json.dumps(out, indent=2))
+    return out
+
+
+def _arm_result(spec, dv, rows, epochs, steps_per_epoch, args, averaged, seed_metrics) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "rule": spec.describe(),
+        "dataset": dv.ref,
+        "rows": rows,
+        "epochs": epochs,
+        "samples_seen": epochs * steps_per_epoch * args.batch_size,
+        "seeds": seed_metrics,
+    }
+    for key, values in averaged.items():
+        low, high = bootstrap_ci(values)
+        res[key] = float(values.mean())
+        res[f"{key}_ci" if key != "zero_shot_accuracy" else "zero_shot_ci"] = [low, high]
+    return res
+
+
+def verdict(out: dict[str, Any]) -> str:
+    """In words: each filtered arm against unfiltered on the primary metric (zero-shot when measured)."""
+    key = "zero_shot_accuracy" if "zero_shot_accuracy" in out["arms"][UNFILTERED] else "recall_at_1"
+    lines = []
+    for name, cmp in out["comparisons"].items():
+        d = cmp[key]
+        ci = f"(95% CI {d['ci_low']:+.3f}..{d['ci_high']:+.3f})"
+        if d["ci_low"] > 0:
+            word = "beats"
+        elif d["ci_high"] < 0:
+            word = "loses to"
+        else:
+            word = "does not differ beyond noise from"
+        lines.append(f"{name} {word} unfiltered by {d['difference']:+.3f} {key} {ci}")
+    return "; ".join(lines)
+
+
+def table_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, arm in out["arms"].items():
+        row = {"arm": name, "rule": arm["rule"], "rows": arm["rows"], "samples_seen": arm["samples_seen"]}
+        if "zero_shot_accuracy" in arm:
+            lo, hi = arm["zero_shot_ci"]
+            row["zero-shot"] = f"{arm['zero_shot_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+        lo, hi = arm["recall_at_1_ci"]
+        row["recall@1"] = f"{arm['recall_at_1']:.3f} [{lo:.3f}, {hi:.3f}]"
+        rows.append(row)
+    return rows
+
+
+def _chart_png(out: dict[str, Any]) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, ci = (
+        ("zero_shot_accuracy", "zero_shot_ci")
+        if "zero_shot_accuracy" in out["arms"][UNFILTERED]
+        else ("recall_at_1", "recall_at_1_ci")
+    )
+    names = list(out["arms"])
+    means = [out["arms"][n][key] for n in names]
+    err = np.array(
+        [[m - out["arms"][n][ci][0], out["arms"][n][ci][1] - m] for n, m in zip(names, means, strict=True)]
+    ).T
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.2))
+    ax.bar(names, means, yerr=err, capsize=6, color=["#999"] + ["#3a7"] * (len(names) - 1))
+    ax.set_ylabel(key.replace("_", " ") + " (95% CI)")
+    ax.set_title(f"{out['pool']}: {out['samples_seen']} samples seen per arm", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _report(settings: Settings, run_id: str, out: dict[str, Any]) -> None:
+    """Per-arm metrics, the table (JSON, Markdown) and the chart on the parent run; a Prefect artifact."""
+    from vlforge import tracking
+    from vlforge.artifacts import markdown_table, publish
+
+    metrics = {}
+    for name, arm in out["arms"].items():
+        for key in ("zero_shot_accuracy", "recall_at_1", "recall_at_5"):
+            if key in arm:
+                metrics[f"{name}.{key}"] = arm[key]
+    tracking.log_to_run(settings, run_id, metrics=metrics)
+    rows = table_rows(out)
+    md = publish(
+        "curation-experiment",
+        f"Curation experiment on {out['pool']}",
+        [f"**{out['verdict']}**", "", f"Eval: `{out['eval']}` ({out['eval_pairs']} pairs); scorer "
+         f"`{out['scorer']['uri']}`; {out['samples_seen']} samples seen per arm."],
+        {"Arms": rows},
+    )  # fmt: skip
+    client = tracking.configure(settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {
+            "results.json": json.dumps(out, indent=2).encode(),
+            "results.md": (md + "\n\n" + markdown_table(rows)).encode(),
+            "arms.png": _chart_png(out),
+        }
+        for name, data in files.items():
+            path = os.path.join(tmp, name)
+            with open(path, "wb") as fh:
+                fh.write(data)
+            client.log_artifact(run_id, path)
