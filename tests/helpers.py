@@ -12,6 +12,7 @@ from PIL import Image
 from vlforge import storage
 from vlforge.datasets import DatasetVersion, VersionWriter
 from vlforge.demo.synth import SynthPair, make_pairs
+from vlforge.hfformat import image_struct, with_hf_features
 from vlforge.settings import Settings
 
 
@@ -20,17 +21,24 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 
 def publish_synthetic_dataset(
-    settings: Settings, name: str = "synth", n: int = 64, mismatch_fraction: float = 0.0, seed: int = 0
+    settings: Settings,
+    name: str = "synth",
+    n: int = 64,
+    mismatch_fraction: float = 0.0,
+    seed: int = 0,
+    legacy_images: bool = False,
 ) -> tuple[DatasetVersion, list[SynthPair]]:
-    """Publish a dataset version in DESIGN's data contract from synthetic pairs."""
+    """Publish a dataset version in DESIGN's data contract from synthetic pairs (``legacy_images``: ``image`` as
+    plain binary, as versions were published before the ``datasets.Image`` layout)."""
     pairs = make_pairs(n, mismatch_fraction, seed=seed)
     sizes = [image_size(p.image) for p in pairs]
+    images = pa.array([p.image for p in pairs], pa.binary())
     table = pa.table(
         {
             "key": [p.key for p in pairs],
             "url": [f"http://127.0.0.1/img/{p.key}.jpg" for p in pairs],
             "caption": [p.caption for p in pairs],
-            "image": [p.image for p in pairs],
+            "image": images if legacy_images else image_struct(images),
             "width": [s[0] for s in sizes],
             "height": [s[1] for s in sizes],
             "sha256": [hashlib.sha256(p.image).hexdigest() for p in pairs],
@@ -41,7 +49,7 @@ def publish_synthetic_dataset(
         }
     )
     writer = VersionWriter(settings, name)
-    writer.write_table("data", table)
+    writer.write_table("data", table if legacy_images else with_hf_features(table))
     dv = writer.publish({"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}})
     return dv, pairs
 
