@@ -10,6 +10,7 @@ import os
 
 import datasets
 import mlflow
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -200,12 +201,11 @@ def test_curated_version_loads_in_datasets_has_a_card_and_exports(settings, ray_
     printed = runner.invoke(app, ["datasets", dv.ref, "--card"])
     assert printed.exit_code == 0 and printed.output == card
 
-    # the training reader takes the new layout: Ray Data hands the image column over as dicts
-    import ray.data
-
+    # the training reader takes the new layout: Ray Data hands a struct column over as dicts
     from tasks.train.data import TRAIN_COLUMNS, preprocess_batch
 
-    batch = ray.data.read_parquet(files, columns=TRAIN_COLUMNS).take_batch(6, batch_format="numpy")
+    rows = pq.read_table(files[0], columns=TRAIN_COLUMNS).slice(0, 6).to_pylist()
+    batch = {c: np.array([r[c] for r in rows], dtype=object) for c in TRAIN_COLUMNS}
     assert preprocess_batch(batch, model_uri=scorer, eval_fraction=0.0)["pixel_values"].shape[0] == 6
 
     # export on Ray (one task per part), recorded on the version's MLflow run
