@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 
 import datasets
 import mlflow
@@ -23,6 +24,7 @@ from models.clip import build_clip
 from tasks.curate import curate
 from tasks.export import ExportError, export_dataset
 from tests.helpers import image_size, write_raw_batch
+from tests.integration.test_ingest_s3 import s3_endpoint  # noqa: F401 (a fixture)
 from vlforge import raw, storage
 from vlforge.datasets import VersionWriter, resolve_dataset
 from vlforge.demo.synth import make_pairs
@@ -221,3 +223,17 @@ def test_curated_version_loads_in_datasets_has_a_card_and_exports(settings, ray_
     arts = mlflow.MlflowClient().list_artifacts(res.mlflow_run_id, "exports")
     assert len(arts) == 1 and arts[0].path.startswith("exports/webdataset-")
     assert resolve_dataset(settings, dv.ref).manifest["content_hash"] == dv.manifest["content_hash"]
+
+
+@pytest.mark.integration  # moto's S3 server on loopback
+@pytest.mark.usefixtures("s3_endpoint")
+def test_webdataset_export_to_s3(settings, two_parts):
+    dv, pairs = two_parts
+    dest = "s3://vlforge-test/export-19/wds"
+    res = export_dataset(dv.ref, settings, to=dest, shard_size=16, track=False)
+    assert [f["name"] for f in res.files] == ["two-00000.tar", "two-00001.tar"] and res.rows == 24
+    assert storage.list_names(dest) == ["manifest.json", "two-00000.tar", "two-00001.tar"]
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(f"{dest}/two-00001.tar"))) as tar:
+        captions = [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+    assert captions == [p.caption for p in pairs[10:]]
+    assert export_dataset(dv.ref, settings, to=dest, shard_size=16, track=False).skipped
