@@ -164,7 +164,12 @@ def render_card(dv: DatasetVersion) -> str:
     if m.get("licenses"):
         body += ["## Licences", "", *_table(("licence", "pairs"), sorted(m["licenses"].items())), ""]
     schema = (m.get("schema") or {}).get("data") or {}
-    body += ["## Columns", "", *_table(("column", "type"), [(f"`{k}`", v) for k, v in schema.items()]), ""]
+    body += [
+        "## Columns",
+        "",
+        *_table(("column", "type"), [(f"`{k}`", f"`{v}`") for k, v in schema.items()]),
+        "",
+    ]
     body += _how_to_load(dv)
     head = yaml.safe_dump(front_matter(dv), sort_keys=False, allow_unicode=True)
     return f"---\n{head}---\n\n" + "\n".join(body) + "\n"
