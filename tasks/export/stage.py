@@ -10,7 +10,7 @@
 3. for ``hf``, writes ``dataset_info.json`` and ``state.json``;
 4. writes ``manifest.json`` last (files, rows, the source version and its content hash, the export's own hash);
 5. records the export on the version's MLflow run (tag ``vlforge.export.<format>``, artifact
-   ``exports/<format>-<time>.json``).
+   ``exports/<format>-<content hash>.json``).
 """
 
 from __future__ import annotations
@@ -257,9 +257,9 @@ def _record_lineage(result: ExportResult, dv: DatasetVersion, settings: Settings
     try:
         client = tracking.configure(settings)
         client.set_tag(run_id, f"vlforge.export.{result.format}", tracking.redact(result.uri))
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        # named by the export's content: recording the same export again (a re-run) replaces it
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, f"{result.format}-{stamp}.json")
+            path = os.path.join(tmp, f"{result.format}-{result.manifest['content_hash'][:12]}.json")
             with open(path, "w") as fh:
                 json.dump({**result.manifest, "uri": tracking.redact(result.uri)}, fh, indent=2)
             client.log_artifact(run_id, path, artifact_path="exports")

@@ -163,11 +163,12 @@ def _add_columns(shard_uri: str, first_row: int, licences: list[str]) -> None:
     storage.write_bytes_atomic(shard_uri, buf.getvalue())
 
 
-@pytest.mark.slow  # one Ray scoring pass with a tiny CLIP
+@pytest.mark.slow  # curate's passes and an export as Ray tasks (no scoring: the card's scorer line is checked
+# in test_curate_registry, which scores anyway)
 def test_curated_version_loads_in_datasets_has_a_card_and_exports(settings, ray_local, tmp_path):
     pairs = make_pairs(20, 0.0, seed=17)
     pairs[5] = pairs[4]  # an exact duplicate: one rejected row
-    scorer = build_clip("clip-tiny", [p.caption for p in pairs]).save(str(tmp_path / "scorer"))
+    model = build_clip("clip-tiny", [p.caption for p in pairs]).save(str(tmp_path / "clip"))
     url_list = "s3://lists/web-2026-11.parquet"
     uri = write_raw_batch(settings, "web", "b1", pairs, shard_size=10)
     storage.write_json_atomic(
@@ -175,7 +176,7 @@ def test_curated_version_loads_in_datasets_has_a_card_and_exports(settings, ray_
     )
     for i, shard in enumerate(raw.shard_files(uri)):
         _add_columns(shard, 10 * i, ["cc-by-4.0"] * 10)
-    res = curate("web", "ds", settings, scorer=scorer, min_score=-1.0, progress=False)
+    res = curate("web", "ds", settings, progress=False)
     dv = res.dataset_version
     assert res.counts["kept"] == 19 and res.counts["duplicate"] == 1
 
@@ -191,13 +192,13 @@ def test_curated_version_loads_in_datasets_has_a_card_and_exports(settings, ray_
     for row in ds:
         assert row["image"].size == image_size(by_url[row["url"]].image) == (row["width"], row["height"])
 
-    # the card: Hub front matter, counts, scorer, lineage, licences; printed by `vlforge datasets --card`
+    # the card: Hub front matter, counts, lineage, licences; printed by `vlforge datasets --card`
     card = storage.read_text(storage.join(dv.uri, "README.md"))
     head = yaml.safe_load(card.split("---\n")[1])
     assert head["license"] == "cc-by-4.0" and head["size_categories"] == ["n<1K"]
     assert head["configs"][0]["data_files"][0]["path"] == "data/*.parquet"
     assert {"name": "image", "dtype": "image"} in head["dataset_info"]["features"]
-    assert scorer in card and url_list in card and "r-ingest" in card and "| duplicate | 1 |" in card
+    assert url_list in card and "r-ingest" in card and "| duplicate | 1 |" in card and "No scorer" in card
     assert "| cc-by-4.0 | 19 |" in card
     assert dv.manifest["described_by"] == ["README.md"]
     printed = runner.invoke(app, ["datasets", dv.ref, "--card"])
@@ -208,7 +209,7 @@ def test_curated_version_loads_in_datasets_has_a_card_and_exports(settings, ray_
 
     rows = pq.read_table(files[0], columns=TRAIN_COLUMNS).slice(0, 6).to_pylist()
     batch = {c: np.array([r[c] for r in rows], dtype=object) for c in TRAIN_COLUMNS}
-    assert preprocess_batch(batch, model_uri=scorer, eval_fraction=0.0)["pixel_values"].shape[0] == 6
+    assert preprocess_batch(batch, model_uri=model, eval_fraction=0.0)["pixel_values"].shape[0] == 6
 
     # export on Ray (one task per part), recorded on the version's MLflow run
     dest = str(tmp_path / "wds")
@@ -221,7 +222,7 @@ def test_curated_version_loads_in_datasets_has_a_card_and_exports(settings, ray_
     run = mlflow.get_run(res.mlflow_run_id)
     assert run.data.tags["vlforge.export.webdataset"] == dest
     arts = mlflow.MlflowClient().list_artifacts(res.mlflow_run_id, "exports")
-    assert len(arts) == 1 and arts[0].path.startswith("exports/webdataset-")
+    assert [a.path for a in arts] == [f"exports/webdataset-{manifest['content_hash'][:12]}.json"]
     assert resolve_dataset(settings, dv.ref).manifest["content_hash"] == dv.manifest["content_hash"]
 
 
