@@ -21,15 +21,10 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 
 def publish_synthetic_dataset(
-    settings: Settings,
-    name: str = "synth",
-    n: int = 64,
-    mismatch_fraction: float = 0.0,
-    seed: int = 0,
-    legacy_images: bool = False,
+    settings: Settings, name: str = "synth", n: int = 64, mismatch_fraction: float = 0.0, seed: int = 0
 ) -> tuple[DatasetVersion, list[SynthPair]]:
-    """Publish a dataset version in DESIGN's data contract from synthetic pairs (``legacy_images``: ``image`` as
-    plain binary, as versions were published before the ``datasets.Image`` layout)."""
+    """Publish a dataset version in DESIGN's data contract from synthetic pairs (``image`` in ``datasets``'
+    Image layout, as curate publishes it)."""
     pairs = make_pairs(n, mismatch_fraction, seed=seed)
     sizes = [image_size(p.image) for p in pairs]
     images = pa.array([p.image for p in pairs], pa.binary())
@@ -38,7 +33,7 @@ def publish_synthetic_dataset(
             "key": [p.key for p in pairs],
             "url": [f"http://127.0.0.1/img/{p.key}.jpg" for p in pairs],
             "caption": [p.caption for p in pairs],
-            "image": images if legacy_images else image_struct(images),
+            "image": image_struct(images),
             "width": [s[0] for s in sizes],
             "height": [s[1] for s in sizes],
             "sha256": [hashlib.sha256(p.image).hexdigest() for p in pairs],
@@ -49,7 +44,7 @@ def publish_synthetic_dataset(
         }
     )
     writer = VersionWriter(settings, name)
-    writer.write_table("data", table if legacy_images else with_hf_features(table))
+    writer.write_table("data", with_hf_features(table))
     dv = writer.publish({"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}})
     return dv, pairs
 

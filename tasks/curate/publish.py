@@ -1,7 +1,8 @@
 """The write pass: one Ray task per raw shard applies every decision and writes that shard's parts.
 
-``data/part-NNNNN.parquet`` (kept rows; ``image`` in ``datasets``' Image layout, see ``vlforge.hfformat``), ``embeddings/{img_emb,text_emb}/*_NNNNN.npy`` and
-``embeddings/metadata/metadata_NNNNN.parquet`` (clip-retrieval's layout, row-aligned with ``data``), and
+``data/part-NNNNN.parquet`` (kept rows; ``image`` in ``datasets``' Image layout, see ``vlforge.hfformat``),
+``embeddings/{img_emb,text_emb}/*_NNNNN.npy`` and ``embeddings/metadata/metadata_NNNNN.parquet``
+(clip-retrieval's layout, row-aligned with ``data``), and
 ``rejected/part-NNNNN.parquet`` (dropped rows, no image bytes, with ``reason``, ``reason_value`` and
 ``reason_detail``), where NNNNN is the shard's place in the pool. Each part is written atomically and the
 shard's ``_parts/NNNNN.json`` (counts, digests, schema) last, so a resumed run skips finished shards. The
@@ -248,8 +249,8 @@ def write_shard(
         schema,
         np.histogram(scores[ok & dec.keep], HIST_EDGES)[0].tolist(),
         np.histogram(scores[ok & ~dec.keep], HIST_EDGES)[0].tolist(),
+        licenses=licenses,
     )
-    result.licenses = licenses
     result.node = _node_id()
     storage.write_bytes_atomic(done_uri(version_uri, shard.index), json.dumps(result.to_json()).encode())
     if shard.index < EXAMPLE_SHARDS:

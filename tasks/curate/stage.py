@@ -9,8 +9,9 @@
    sha256 shuffle, clustered near dedup);
 4. writes ``data/``, ``rejected/`` and ``embeddings/`` parts from Ray tasks (``tasks.curate.publish``) into the
    version's folder and publishes the manifest last, inside one MLflow run in ``vlforge-datasets`` that logs the
-   version as its output, with its dataset card (``README.md``, ``tasks.curate.card``). A run killed mid-publish leaves no visible version; the next run of the same inputs
-   resumes that folder (finished shards are kept) and removes other abandoned ones (``vlforge gc`` too).
+   version as its output, and its dataset card (``README.md``, ``tasks.curate.card``) just before the manifest.
+   A run killed mid-publish leaves no visible version; the next run of the same inputs resumes that folder
+   (finished shards are kept) and removes other abandoned ones (``vlforge gc`` too).
 
 When the newest version was built from the same raw batches, scorer and filters, nothing is published
 (``skipped=True``) unless ``force``.
