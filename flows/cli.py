@@ -40,7 +40,7 @@ out = _Terminal(stderr=False)
 _verbose = False
 # Commands that run libraries (Ray, MLflow, Prefect, img2dataset): their output goes to a log file. `serve` is
 # a server: its output (Prefect's runner, the flow runs) is what an operator reads, and stays on the console.
-LOGGED_COMMANDS = ("ingest", "curate", "pretrain", "finetune", "demo", "experiment_curation")
+LOGGED_COMMANDS = ("ingest", "curate", "pretrain", "finetune", "demo", "export", "experiment_curation")
 
 
 def _quiet_environment() -> None:
@@ -374,12 +374,25 @@ def serve(
 @app.command()
 @user_errors
 def datasets(
-    name: Annotated[str | None, typer.Argument(help="Show the versions of this dataset.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Show the versions of this dataset (NAME, or NAME@VERSION with --card)."),
+    ] = None,
+    card: Annotated[
+        bool, typer.Option("--card", help="Print the version's dataset card (README.md).")
+    ] = False,
 ) -> None:
-    """List datasets, or the complete versions of one."""
+    """List datasets, or the complete versions of one, or print a version's dataset card."""
     from vlforge.datasets import list_datasets, list_versions, resolve_dataset
 
     s = _settings()
+    if card:
+        if name is None:
+            raise VlforgeError("--card needs a dataset: vlforge datasets NAME[@VERSION] --card")
+        from tasks.curate.card import read_card
+
+        sys.stdout.write(read_card(resolve_dataset(s, name)))
+        return
     if name is None:
         for n in list_datasets(s):
             out.print(f"{n}  (latest {resolve_dataset(s, n).version})")
@@ -387,6 +400,37 @@ def datasets(
     for v in list_versions(s, name):
         m = resolve_dataset(s, f"{name}@{v}").manifest
         out.print(f"{name}@{v}  {json.dumps(m.get('counts', {}))}")
+
+
+@app.command()
+@user_errors
+def export(
+    dataset: Annotated[str, typer.Argument(help="NAME (its newest version) or NAME@VERSION.")],
+    to: Annotated[str, typer.Option("--to", help="Destination folder: a local path or s3://bucket/prefix.")],
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="webdataset (tar shards) or hf (a datasets.load_from_disk folder)."),
+    ] = "webdataset",
+    shard_size: Annotated[int, typer.Option(help="Rows per WebDataset shard.")] = 10_000,
+    prefix: Annotated[
+        str | None, typer.Option(help="Shard name prefix (default: the dataset's name).")
+    ] = None,
+) -> None:
+    """Export a dataset version as WebDataset shards or a Hugging Face datasets folder (resumable)."""
+    from tasks.export import export_dataset
+    from vlforge.storage import join
+
+    with ui.stage(f"export {dataset} as {fmt} to {to}"):
+        r = export_dataset(dataset, _settings(), format=fmt, to=to, shard_size=shard_size, prefix=prefix)
+    state = (
+        "already exported"
+        if r.skipped
+        else f"{len(r.files)} files" + (f", {r.resumed} kept from an unfinished run" if r.resumed else "")
+    )
+    out.print(f"{r.dataset_version} -> {r.uri} ({r.format}, {r.rows} rows, {state})")
+    if r.format == "webdataset":
+        out.print(f"  shards: {join(r.uri, r.manifest['pattern'])}", highlight=False)
+    out.print(f"  MLflow run: {r.mlflow_run_id or r.lineage_error or 'none (the version has no run)'}")
 
 
 @app.command()

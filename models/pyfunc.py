@@ -56,7 +56,10 @@ def input_example() -> pd.DataFrame:
 
 
 def image_bytes(value) -> bytes:
-    """Encoded image bytes from raw bytes or a base64 string (or base64 held in bytes)."""
+    """Encoded image bytes from raw bytes or a base64 string (or base64 held in bytes), or a published
+    version's ``{"bytes": ..., "path": ...}`` image value (``datasets``' Image layout)."""
+    if isinstance(value, dict) and "bytes" in value:
+        value = value["bytes"]
     if isinstance(value, bytearray | memoryview):
         value = bytes(value)
     if isinstance(value, bytes) and _looks_like_image(value):

@@ -12,6 +12,7 @@ from PIL import Image
 from vlforge import storage
 from vlforge.datasets import DatasetVersion, VersionWriter
 from vlforge.demo.synth import SynthPair, make_pairs
+from vlforge.hfformat import image_struct, with_hf_features
 from vlforge.settings import Settings
 
 
@@ -28,16 +29,18 @@ def publish_synthetic_dataset(
     labels: bool = False,
     prefix: str = "img",
 ) -> tuple[DatasetVersion, list[SynthPair]]:
-    """Publish a dataset version in DESIGN's data contract from synthetic pairs (``labels``: with a ``label``
-    column naming each image's true class, "red circle", as a labelled eval set has)."""
+    """Publish a dataset version in DESIGN's data contract from synthetic pairs (``image`` in ``datasets``'
+    Image layout, as curate publishes it; ``labels``: with a ``label`` column naming each image's true class,
+    "red circle", as a labelled eval set has)."""
     pairs = make_pairs(n, mismatch_fraction, seed=seed, prefix=prefix)
     sizes = [image_size(p.image) for p in pairs]
+    images = pa.array([p.image for p in pairs], pa.binary())
     table = pa.table(
         {
             "key": [p.key for p in pairs],
             "url": [f"http://127.0.0.1/img/{p.key}.jpg" for p in pairs],
             "caption": [p.caption for p in pairs],
-            "image": [p.image for p in pairs],
+            "image": image_struct(images),
             "width": [s[0] for s in sizes],
             "height": [s[1] for s in sizes],
             "sha256": [hashlib.sha256(p.image).hexdigest() for p in pairs],
@@ -49,7 +52,7 @@ def publish_synthetic_dataset(
         }
     )
     writer = VersionWriter(settings, name)
-    writer.write_table("data", table)
+    writer.write_table("data", with_hf_features(table))
     dv = writer.publish({"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}})
     return dv, pairs
 

@@ -13,6 +13,7 @@ import hashlib
 import io
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 
 from vlforge import storage
 from vlforge.errors import DatasetNotFoundError
+from vlforge.hfformat import with_encoded_images
 from vlforge.settings import Settings
 
 MANIFEST = "manifest.json"
@@ -60,7 +62,11 @@ class DatasetVersion:
     def part_files(self, part: str = "data") -> list[str]:
         return storage.glob(storage.join(self.uri, part, "*.parquet"))
 
-    def read_table(self, part: str = "data", columns: list[str] | None = None) -> pa.Table:
+    def read_table(
+        self, part: str = "data", columns: list[str] | None = None, stored_layout: bool = False
+    ) -> pa.Table:
+        """The part's rows; ``image`` as plain encoded bytes whichever layout the version was published in
+        (``stored_layout=True``: as stored, the ``datasets.Image`` struct in newer versions)."""
         files = self.part_files(part)
         if not files:
             return pa.table({}) if columns is None else pa.table({c: [] for c in columns})
@@ -68,7 +74,8 @@ class DatasetVersion:
         for f in files:
             fs, path = storage.filesystem(f)
             with fs.open(path, "rb") as fh:
-                tables.append(pq.read_table(fh, columns=columns))
+                t = pq.read_table(fh, columns=columns)
+            tables.append(t if stored_layout else with_encoded_images(t))
         return pa.concat_tables(tables, promote_options="default")
 
 
@@ -188,8 +195,14 @@ class VersionWriter:
             h.update(relpath.encode() + bytes.fromhex(digest))
         return h.hexdigest()
 
-    def publish(self, manifest: dict[str, Any]) -> DatasetVersion:
-        """Write ``manifest.json`` (last) and move ``LATEST`` forward if this version is the newest."""
+    def publish(
+        self, manifest: dict[str, Any], describe: Callable[[DatasetVersion], dict[str, str]] | None = None
+    ) -> DatasetVersion:
+        """Write ``manifest.json`` (last) and move ``LATEST`` forward if this version is the newest.
+
+        ``describe``: given the version as it will be published, the text files that describe it (the dataset
+        card ``README.md``); written before the manifest and not part of the content hash, which covers the
+        data alone."""
         full = {
             "name": self.name,
             "version": self.version,
@@ -199,6 +212,11 @@ class VersionWriter:
             "content_hash": self.content_hash(),
             **manifest,
         }
+        if describe is not None:
+            files = describe(DatasetVersion(self.name, self.version, self.uri, full))
+            full["described_by"] = sorted(files)
+            for relpath, text in files.items():
+                storage.write_text_atomic(storage.join(self.uri, relpath), text)
         storage.write_json_atomic(storage.join(self.uri, MANIFEST), full)
         storage.remove(storage.join(self.uri, STAGING))
         self.published = True

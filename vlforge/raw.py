@@ -39,3 +39,19 @@ def list_raw_batches(settings: Settings, source: str) -> list[str]:
 def shard_files(uri: str) -> list[str]:
     """The parquet shards of one batch, sorted (``NNNNN.parquet``)."""
     return storage.glob(storage.join(uri, "*.parquet"))
+
+
+def batch_lineage(settings: Settings, source: str, batch_id: str) -> dict:
+    """Where a batch came from, as a dataset manifest records it: ``batch``, ``uri``, and the ``url_list`` and
+    ``ingest_run_id`` from the summary ingest writes into ``_SUCCESS`` (absent from a batch without one)."""
+    uri = batch_uri(settings, source, batch_id)
+    try:
+        summary = storage.read_json(storage.join(uri, SUCCESS))
+    except (ValueError, OSError):  # an empty marker (a batch written by hand, or by an older ingest)
+        summary = {}
+    out = {"batch": batch_id, "uri": uri}
+    if isinstance(summary, dict) and summary.get("url_list"):
+        out["url_list"] = summary["url_list"]
+    if isinstance(summary, dict) and summary.get("mlflow_run_id"):
+        out["ingest_run_id"] = summary["mlflow_run_id"]
+    return out

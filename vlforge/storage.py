@@ -6,9 +6,12 @@ target and renamed into place; an S3 object appears whole on PUT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -102,6 +105,29 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_file(uri: str) -> Iterator[str]:
+    """A local path to write ``uri``'s content into (a large file is streamed, never held in memory); on a clean
+    exit it becomes ``uri`` at once (a rename beside the target, or one upload to S3), on an error it is
+    deleted and ``uri`` is left as it was."""
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        fd, tmp = tempfile.mkstemp(prefix="vlforge-upload-")
+        os.close(fd)
+    else:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        yield tmp
+        if is_remote(uri):
+            fs.put_file(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_text_atomic(uri: str, text: str) -> None:

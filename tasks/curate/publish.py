@@ -1,7 +1,8 @@
 """The write pass: one Ray task per raw shard applies every decision and writes that shard's parts.
 
-``data/part-NNNNN.parquet`` (kept rows with image bytes), ``embeddings/{img_emb,text_emb}/*_NNNNN.npy`` and
-``embeddings/metadata/metadata_NNNNN.parquet`` (clip-retrieval's layout, row-aligned with ``data``), and
+``data/part-NNNNN.parquet`` (kept rows; ``image`` in ``datasets``' Image layout, see ``vlforge.hfformat``),
+``embeddings/{img_emb,text_emb}/*_NNNNN.npy`` and ``embeddings/metadata/metadata_NNNNN.parquet``
+(clip-retrieval's layout, row-aligned with ``data``), and
 ``rejected/part-NNNNN.parquet`` (dropped rows, no image bytes, with ``reason``, ``reason_value`` and
 ``reason_detail``), where NNNNN is the shard's place in the pool. Each part is written atomically and the
 shard's ``_parts/NNNNN.json`` (counts, digests, schema) last, so a resumed run skips finished shards. The
@@ -32,7 +33,9 @@ from tasks.curate.filters import (
     top_fraction_detail,
 )
 from tasks.curate.shards import RAW_COLUMNS, ShardRef, read_embeddings, read_parquet, read_shard, schema_dict
+from tasks.ingest.accounting import ROW_COL
 from vlforge import storage
+from vlforge.hfformat import image_struct, with_hf_features
 
 DATA_COLUMNS = [
     "key",
@@ -47,6 +50,10 @@ DATA_COLUMNS = [
     "raw_batch",
 ]
 REJECTED_EXTRA = ["status", "error_message", "decode_ok"]
+# Ingest's bookkeeping (the row's place in its URL list): kept in rejected/ to trace a drop back to its list
+# line, never in data/.
+NOT_PUBLISHED = {ROW_COL}
+LICENCE_COLUMNS = ("license", "licence")
 HIST_EDGES = np.linspace(-1.0, 1.0, 201)  # CLIP cosines; the report plots the populated range
 EXAMPLE_SHARDS = 4  # only the first shards send example images to the driver
 EXAMPLES_PER_SIDE = 4
@@ -62,6 +69,7 @@ class WriteResult:
     hist_kept: list[int]
     hist_rejected: list[int]
     node: str = ""  # the Ray node that wrote the parts
+    licenses: dict[str, int] = field(default_factory=dict)  # kept rows per value of the licence column
     examples: list[dict] = field(default_factory=list)  # {image, caption, verdict, score, kept}
 
     def to_json(self) -> dict:
@@ -187,17 +195,21 @@ def write_shard(
     kept, rejected = np.flatnonzero(dec.keep), np.flatnonzero(~dec.keep)
     files: dict[str, bytes] = {}
     schema: dict[str, dict[str, str]] = {}
+    licenses: dict[str, int] = {}
     tag = f"{shard.index:05d}"
     if len(kept):
         meta = table.take(pa.array(kept))
         cols = _with_common(meta, shard, source, scores[kept])
-        cols["image"] = read_parquet(shard.uri, ["jpg"]).column("jpg").take(pa.array(kept)).cast(pa.binary())
+        jpg = read_parquet(shard.uri, ["jpg"]).column("jpg").take(pa.array(kept))
+        cols["image"] = image_struct(jpg)  # datasets' Image layout: load_dataset decodes it
         data = pa.table(_ordered(cols, DATA_COLUMNS))
         conformed = _conform(meta, extras)
         for f in conformed.schema:
-            data = data.append_column(f.name, conformed.column(f.name))
-        files[f"data/part-{tag}.parquet"] = _parquet(data)
+            if f.name not in NOT_PUBLISHED:
+                data = data.append_column(f.name, conformed.column(f.name))
+        files[f"data/part-{tag}.parquet"] = _parquet(with_hf_features(data))
         schema["data"] = schema_dict(data)
+        licenses = licence_counts(data)
         if rows.cache_rows is not None:
             for which in ("img_emb", "text_emb"):
                 emb = read_embeddings(shard, rows.cache_rows, kept, which)
@@ -237,12 +249,28 @@ def write_shard(
         schema,
         np.histogram(scores[ok & dec.keep], HIST_EDGES)[0].tolist(),
         np.histogram(scores[ok & ~dec.keep], HIST_EDGES)[0].tolist(),
+        licenses=licenses,
     )
     result.node = _node_id()
     storage.write_bytes_atomic(done_uri(version_uri, shard.index), json.dumps(result.to_json()).encode())
     if shard.index < EXAMPLE_SHARDS:
         result.examples = _examples(shard, table, scores, dec)
     return result
+
+
+def licence_column(names: list[str]) -> str | None:
+    """The source's licence column (``license``/``licence``, any case), if it carries one."""
+    return next((n for n in names if n.lower() in LICENCE_COLUMNS), None)
+
+
+def licence_counts(data: pa.Table) -> dict[str, int]:
+    """Kept rows per licence value ({} when the source has no licence column; nulls count as "unknown")."""
+    col = licence_column(data.column_names)
+    if col is None:
+        return {}
+    values = data.column(col).cast(pa.string()).fill_null("unknown")
+    counts = values.value_counts()
+    return {v.as_py(): c.as_py() for v, c in zip(counts.field("values"), counts.field("counts"), strict=True)}
 
 
 def _node_id() -> str:

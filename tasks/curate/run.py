@@ -47,6 +47,9 @@ class CurationOutput:
     hist_kept: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES) - 1, np.int64))
     hist_rejected: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_EDGES) - 1, np.int64))
     examples: list[dict] = field(default_factory=list)
+    licenses: dict[str, int] = field(
+        default_factory=dict
+    )  # kept rows per licence value, when the source has one
 
 
 def _raise_clear(exc: Exception, what: str) -> None:
@@ -275,6 +278,8 @@ def _merge(results: list[WriteResult], writer: VersionWriter) -> CurationOutput:
             counts[k] = counts.get(k, 0) + int(v)
         for relpath, digest in r.digests.items():
             writer.add_part(relpath.split("/", 1)[0], relpath, digest)
+        for value, n in r.licenses.items():
+            out.licenses[value] = out.licenses.get(value, 0) + int(n)
         for part, sch in r.schema.items():
             out.schema.setdefault(part, sch)
         out.hist_kept += np.asarray(r.hist_kept, np.int64)

@@ -9,8 +9,9 @@
    sha256 shuffle, clustered near dedup);
 4. writes ``data/``, ``rejected/`` and ``embeddings/`` parts from Ray tasks (``tasks.curate.publish``) into the
    version's folder and publishes the manifest last, inside one MLflow run in ``vlforge-datasets`` that logs the
-   version as its output. A run killed mid-publish leaves no visible version; the next run of the same inputs
-   resumes that folder (finished shards are kept) and removes other abandoned ones (``vlforge gc`` too).
+   version as its output, and its dataset card (``README.md``, ``tasks.curate.card``) just before the manifest.
+   A run killed mid-publish leaves no visible version; the next run of the same inputs resumes that folder
+   (finished shards are kept) and removes other abandoned ones (``vlforge gc`` too).
 
 When the newest version was built from the same raw batches, scorer and filters, nothing is published
 (``skipped=True``) unless ``force``.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from prefect import task
 
 from tasks.common import retry_unless_user_error
+from tasks.curate.card import card_files
 from tasks.curate.filters import FilterConfig, FilterConfigError, check_score_rule
 from tasks.curate.publish import DONE_DIR
 from tasks.curate.report import log_version_details, prefect_artifacts, start_version_run
@@ -146,13 +148,15 @@ def curate(
         "counts": out.counts,
         "filters": config.model_dump(),
         "scorer": info.as_dict() if info else None,
-        "raw_batches": [{"batch": b, "uri": raw.batch_uri(settings, source, b)} for b in batches],
+        "raw_batches": [raw.batch_lineage(settings, source, b) for b in batches],
         "schema": out.schema,
         "embeddings": {"dim": dim, "dtype": "float16"} if info else None,
         "selection": out.selection,
         "compute": {"shards": len(refs), "nodes": out.nodes, "seconds": out.timings},
         "inputs_fingerprint": fingerprint,
     }
+    if out.licenses:
+        manifest["licenses"] = out.licenses
     params = {
         "source": source,
         "dataset": dataset,
@@ -166,10 +170,10 @@ def curate(
     if track:
         with start_version_run(settings, dataset, source) as run:
             run_id = run.info.run_id
-            dv = writer.publish({**manifest, "mlflow_run_id": run_id})
+            dv = writer.publish({**manifest, "mlflow_run_id": run_id}, describe=card_files)
             log_version_details(dv, params, out)
     else:
-        dv = writer.publish(manifest)
+        dv = writer.publish(manifest, describe=card_files)
     storage.remove(storage.join(dv.uri, DONE_DIR))
     from vlforge.tracking import run_url
 

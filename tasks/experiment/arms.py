@@ -99,10 +99,9 @@ def keep_mask(spec: ArmSpec, scores: np.ndarray) -> np.ndarray:
 
 def image_bytes(column: pa.ChunkedArray | pa.Array) -> list[bytes]:
     """Encoded images of an ``image`` column: plain binary, or the Hugging Face ``Image`` struct (bytes, path)."""
-    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if pa.types.is_struct(col.type):
-        col = col.field("bytes")
-    return col.to_pylist()
+    from vlforge.hfformat import encoded_images
+
+    return encoded_images(column).to_pylist()
 
 
 def score_pool(bundle, table: pa.Table, batch_size: int = 64) -> np.ndarray:

@@ -175,7 +175,7 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
         settings, args.eval, args.label_col, args.prompt_template
     )
     check_model_uri(args.scorer, settings)
-    table = pool.read_table("data")
+    table = pool.read_table("data", stored_layout=True)  # the arms keep the pool's layout
     with console.stage(f"score {pool.ref} with {args.scorer}"):
         scores = score_pool(load_model(args.scorer, settings), table)
     scorer = scorer_identity(args.scorer, settings).as_dict()

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from vlforge import storage
 from vlforge.datasets import DatasetVersion
+from vlforge.hfformat import encoded_image
 
 TRAIN_COLUMNS = ["key", "caption", "image"]
 
@@ -75,7 +76,7 @@ def preprocess_batch(
     """Drop held-out rows, decode + normalise images, tokenise captions."""
     bundle = _preprocessor(model_uri)
     keep = ~eval_mask(list(batch["key"]), eval_fraction)
-    images = [bytes(b) for b, k in zip(batch["image"], keep, strict=True) if k]
+    images = [encoded_image(b) for b, k in zip(batch["image"], keep, strict=True) if k]
     captions = [str(c) for c, k in zip(batch["caption"], keep, strict=True) if k]
     size = bundle.image_size
     if not images:

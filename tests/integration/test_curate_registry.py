@@ -7,6 +7,7 @@ import pytest
 
 from models.clip import build_clip
 from tasks.curate import curate
+from tasks.curate.card import read_card
 from tests.helpers import write_raw_batch
 from vlforge import tracking
 from vlforge.demo.synth import make_pairs
@@ -41,3 +42,5 @@ def test_curate_with_a_registry_uri_scorer(settings, ray_local, tmp_path):
     )
     assert res.scored_rows == 16 and res.counts["kept"] == 16
     assert mlflow.get_run(res.mlflow_run_id).data.params["scorer_version"] == "1"
+    card = read_card(res.dataset_version)  # the card names the scorer's registered version
+    assert "CLIP scorer `models:/vlforge-clip/1` (registered model vlforge-clip, version 1)" in card

@@ -14,7 +14,7 @@ runner = CliRunner()
 def test_help_lists_every_stage():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ("ingest", "curate", "pretrain", "finetune", "demo", "serve", "datasets"):
+    for cmd in ("ingest", "curate", "pretrain", "finetune", "demo", "serve", "datasets", "export"):
         assert cmd in result.output
 
 

@@ -80,10 +80,13 @@ def test_input_without_known_columns_is_rejected(saved):
         model.predict(pd.DataFrame({"caption": ["a red circle"]}))
 
 
-def test_image_bytes_accepts_raw_base64_and_data_uri():
+def test_image_bytes_accepts_raw_base64_data_uri_and_published_rows():
     raw = PAIRS[0].image
     b64 = base64.b64encode(raw)
     assert image_bytes(raw) == raw
+    assert (
+        image_bytes({"bytes": raw, "path": None}) == raw
+    )  # a row of a published version, as pandas gives it
     assert image_bytes(bytearray(raw)) == raw
     assert image_bytes(b64.decode()) == raw
     assert image_bytes(b64) == raw
