@@ -26,6 +26,14 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "grey": (128, 128, 128),
     "black": (15, 15, 15),
 }
+# A domain the plain pairs never show: the same classes on dark, tinted backgrounds with sensor-like noise (the
+# demo's fine-tuning domain).
+NOISY_BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "navy": (20, 25, 60),
+    "dark green": (15, 45, 25),
+    "maroon": (60, 15, 20),
+}
+NOISE_SIGMA = 40.0
 TEMPLATES = (
     "a {colour} {shape}",
     "a photo of a {colour} {shape}",
@@ -45,7 +53,7 @@ class SynthPair:
 
 
 def draw_shape(colour: str, shape: str, background: str, size: int, rng: random.Random) -> Image.Image:
-    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    img = Image.new("RGB", (size, size), {**BACKGROUNDS, **NOISY_BACKGROUNDS}[background])
     draw = ImageDraw.Draw(img)
     extent = rng.uniform(0.45, 0.8) * size
     cx = rng.uniform(extent / 2, size - extent / 2)
@@ -65,6 +73,13 @@ def draw_shape(colour: str, shape: str, background: str, size: int, rng: random.
     return img
 
 
+def _add_noise(img: Image.Image, rng: random.Random) -> Image.Image:
+    import numpy as np
+
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, NOISE_SIGMA, (img.height, img.width, 3))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8))
+
+
 def encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
@@ -81,8 +96,13 @@ def make_pairs(
     seed: int = 0,
     size: int = 64,
     prefix: str = "img",
+    domain: str = "plain",
 ) -> list[SynthPair]:
-    """``n`` pairs; exactly ``round(n * mismatch_fraction)`` of them get a mismatched caption."""
+    """``n`` pairs; exactly ``round(n * mismatch_fraction)`` of them get a mismatched caption. ``domain="noisy"``
+    draws them on dark tinted backgrounds with pixel noise (a domain the plain pairs never show)."""
+    if domain not in ("plain", "noisy"):
+        raise ValueError(f"domain must be 'plain' or 'noisy', got {domain!r}")
+    backgrounds = list(BACKGROUNDS if domain == "plain" else NOISY_BACKGROUNDS)
     if not 0.0 <= mismatch_fraction <= 1.0:
         raise ValueError(f"mismatch_fraction must be in [0, 1], got {mismatch_fraction}")
     rng = random.Random(seed)
@@ -91,8 +111,10 @@ def make_pairs(
     pairs = []
     for i in range(n):
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        background = rng.choice(list(BACKGROUNDS))
+        background = rng.choice(backgrounds)
         img = draw_shape(colour, shape, background, size, rng)
+        if domain == "noisy":
+            img = _add_noise(img, rng)
         if i in bad:
             cap_colour = rng.choice([c for c in COLOURS if c != colour])
             cap_shape = rng.choice([s for s in SHAPES if s != shape])
