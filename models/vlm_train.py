@@ -175,6 +175,14 @@ def prepare_stage2(bundle: VlmBundle, lora: LoraSettings | dict | None = None):
         ) from exc
 
 
+def resume_stage2(bundle: VlmBundle, adapter_dir: str, trainable: bool = True):
+    """A ``PeftModel`` with a saved stage-2 adapter (LoRA and projector copy) on top of ``bundle.model``:
+    resuming from a checkpoint, or evaluating the adapter without merging."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(bundle.model, adapter_dir, is_trainable=trainable)
+
+
 def lora_module_names(peft_model) -> list[str]:
     """Paths of the modules that carry LoRA weights."""
     return [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0]

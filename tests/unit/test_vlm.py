@@ -21,6 +21,7 @@ from models.vlm_train import (
     prepare_stage1,
     prepare_stage2,
     projector,
+    resume_stage2,
     save_stage2,
 )
 from vlforge.demo.synth import INSTRUCTIONS, make_instructions, make_pairs
@@ -210,6 +211,7 @@ def test_mlp_vlm_loads_with_plain_transformers_classes(vlm, tmp_path):
 
 def test_stage2_merge_equals_the_adapter_model_and_keeps_the_adapter(vlm, tmp_path):
     batch = build_batch(vlm, rows(2))
+    save_vlm(vlm, str(tmp_path / "base"))
     peft_model = prepare_stage2(vlm, {"r": 4})
     with torch.no_grad():  # make the update non-zero so merging has something to fold
         for n, p in peft_model.named_parameters():
@@ -226,6 +228,9 @@ def test_stage2_merge_equals_the_adapter_model_and_keeps_the_adapter(vlm, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(**batch).logits, tuned, atol=1e-4, rtol=1e-4)
     assert merged.model is not None
+    resumed = resume_stage2(load_vlm(str(tmp_path / "base")), str(tmp_path / "adapter"), trainable=False)
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(**batch).logits, tuned, atol=1e-5, rtol=1e-5)
 
 
 def test_pretrained_language_model_path_copies_its_weights(clip, tmp_path):
