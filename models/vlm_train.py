@@ -48,10 +48,15 @@ def caption_examples(images: Sequence, captions: Sequence[str], prompt: str) -> 
     return [Example(i, prompt, c) for i, c in zip(images, captions, strict=True)]
 
 
-def _pil(image) -> Image.Image:
+def _pil(image, row: int = 0) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    return Image.open(io.BytesIO(bytes(image))).convert("RGB")
+    try:
+        return Image.open(io.BytesIO(bytes(image))).convert("RGB")
+    except Exception as exc:
+        raise VlforgeError(
+            f"row {row}: the image is not a decodable encoded image ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def encode_prompts(bundle: VlmBundle, images: Sequence, prompts: Sequence[str], padding_side: str = "left"):
@@ -60,7 +65,7 @@ def encode_prompts(bundle: VlmBundle, images: Sequence, prompts: Sequence[str], 
     texts = [bundle.prompt_text(p) for p in prompts]
     return bundle.processor(
         text=texts,
-        images=[_pil(i) for i in images],
+        images=[_pil(image, row) for row, image in enumerate(images)],
         padding="longest",
         padding_side=padding_side,
         return_tensors="pt",

@@ -312,6 +312,24 @@ def test_pyfunc_rejects_input_without_images(saved_pyfunc):
         pyfunc_model.predict(pd.DataFrame({"prompt": ["What shape is it?"]}))
 
 
+def test_an_undecodable_image_is_an_error_naming_its_row(vlm):
+    bad = [*rows(2), Example(b"not an image", "What shape is it?", "circle")]
+    with pytest.raises(VlforgeError, match="row 2: the image is not a decodable"):
+        build_batch(vlm, bad)
+
+
+def test_evaluate_vlm_reports_each_metric_with_interval_and_blank_baseline(vlm):
+    from models.vlm_eval import evaluate_vlm
+
+    captions = [(p.image, (p.colour, p.shape)) for p in PAIRS[:2]]
+    metrics = evaluate_vlm(vlm, instructions=rows(2), captions=captions, max_new_tokens=2)
+    for name in ("instruction_accuracy", "caption_accuracy"):
+        for prefix in ("", "blank_"):
+            m = prefix + name
+            assert 0.0 <= metrics[f"{m}_low"] <= metrics[m] <= metrics[f"{m}_high"] <= 1.0
+            assert metrics[f"{m}_n"] == 2
+
+
 def test_exact_match_and_caption_words():
     assert exact_match("Pink.", "pink") and not exact_match("pink square", "pink")
     assert names_all("A photo of a red circle", ("red", "circle"))
