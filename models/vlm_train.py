@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
+import os
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -198,14 +200,21 @@ def library_versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in ("transformers", "peft", "torch")}
 
 
+VERSIONS_FILE = "vlforge_versions.json"
+
+
 def save_stage2(peft_model, bundle: VlmBundle, merged_dir: str, adapter_dir: str) -> VlmBundle:
     """Save the LoRA adapter (with the projector copy), then merge it into the base weights and save the merged
-    model with the processor: a plain LLaVA folder. Returns the merged bundle (the peft wrapper is spent)."""
+    model with the processor: a plain LLaVA folder. Both folders record the transformers, peft and torch
+    versions in ``vlforge_versions.json``. Returns the merged bundle (the peft wrapper is spent)."""
     peft_model.save_pretrained(adapter_dir)
     bundle.processor.save_pretrained(adapter_dir)
     merged = peft_model.merge_and_unload()
     out = VlmBundle(merged, bundle.processor)
     save_vlm(out, merged_dir)
+    for folder in (adapter_dir, merged_dir):
+        with open(os.path.join(folder, VERSIONS_FILE), "w") as fh:
+            json.dump(library_versions(), fh, indent=2)
     return out
 
 

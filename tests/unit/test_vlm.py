@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+from importlib import metadata
 
 import pytest
 import torch
@@ -223,6 +224,10 @@ def test_stage2_merge_equals_the_adapter_model_and_keeps_the_adapter(vlm, tmp_pa
     merged = save_stage2(peft_model, vlm, str(tmp_path / "merged"), str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    for folder in ("adapter", "merged"):
+        versions = json.loads((tmp_path / folder / "vlforge_versions.json").read_text())
+        assert versions["peft"] == metadata.version("peft")
+        assert versions["transformers"] == metadata.version("transformers")
     loaded = load_vlm(str(tmp_path / "merged"))
     assert not any("lora_" in n for n, _ in loaded.model.named_parameters())
     with torch.no_grad():
