@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -218,9 +218,9 @@ def build_vlm(
     from-scratch tokenizer is trained on (captions, prompts, responses). ``adapter`` overrides the recipe's."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    recipe = load_vlm_recipe(recipe, adapter=adapter) if isinstance(recipe, str) else recipe
-    if adapter is not None and adapter != recipe.adapter:
-        recipe = VlmRecipe(**{**recipe.__dict__, "adapter": adapter})
+    recipe = load_vlm_recipe(recipe) if isinstance(recipe, str) else recipe
+    if adapter is not None:
+        recipe = replace(recipe, adapter=adapter)
     clip = _vision_bundle(vision if vision is not None else recipe.vision_model, settings)
     spec = recipe.language_model
     if "hub_id" in spec:
