@@ -1,1 +1,1 @@
-"""torch/transformers/peft code only: CLIP recipes, tokenizers, LoRA. Imports only ``vlforge`` and ML libraries."""
+"""torch/transformers/peft code only: CLIP and VLM (LLaVA) recipes, tokenizers, LoRA. Imports only ``vlforge`` and ML libraries."""

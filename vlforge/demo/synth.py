@@ -128,3 +128,14 @@ def make_pairs(
 def class_prompts() -> list[str]:
     """Zero-shot prompts, one per (colour, shape) class, in a fixed order."""
     return [f"a photo of a {c} {s}" for c in COLOURS for s in SHAPES]
+
+
+# Instructions about a pair's image and the answer each has: (question, SynthPair attribute).
+INSTRUCTIONS = (("What colour is the shape?", "colour"), ("What shape is it?", "shape"))
+
+
+def make_instructions(
+    pairs: list[SynthPair], questions: tuple[tuple[str, str], ...] = INSTRUCTIONS
+) -> list[tuple[bytes, str, str]]:
+    """(image, prompt, response) rows: every question about every pair, answered from the pair's truth."""
+    return [(p.image, q, getattr(p, attr)) for p in pairs for q, attr in questions]

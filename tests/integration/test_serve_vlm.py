@@ -1,0 +1,74 @@
+"""``mlflow models serve --env-manager local`` on a saved VLM pyfunc answers a REST request (base64 image,
+prompt, ``max_new_tokens`` param) with the same greedy text as the model in-process."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.test_serve_model import free_port, post_json, wait_for_ping
+from vlforge.demo.synth import make_pairs
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_models_serve_answers_with_generated_text(tmp_path):
+    import mlflow.pyfunc
+
+    import models.vlm
+    import vlforge.settings
+    from models.clip import build_clip
+    from models.vlm import build_vlm, save_vlm
+    from models.vlm_eval import generate
+    from models.vlm_pyfunc import VlmPyfunc, input_example, model_signature
+
+    pairs = make_pairs(4, seed=31, size=32)
+    clip = build_clip("clip-tiny", [p.caption for p in pairs])
+    vlm = build_vlm("vlm-tiny", clip, [p.caption for p in pairs])
+    mlflow.pyfunc.save_model(
+        str(tmp_path / "pyfunc"),
+        python_model=VlmPyfunc(),
+        artifacts={"model": save_vlm(vlm, str(tmp_path / "vlm"))},
+        signature=model_signature(),
+        input_example=input_example(),
+        code_paths=[os.path.dirname(models.vlm.__file__), os.path.dirname(vlforge.settings.__file__)],
+        pip_requirements=["mlflow"],
+    )
+    prompts = ["What colour is the shape?", "Describe the image."]
+    expected = generate(vlm, [p.image for p in pairs[:2]], prompts, 3)
+
+    port = free_port()
+    bindir = os.path.dirname(sys.executable)  # the server execs `uvicorn` from PATH
+    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("PYTHONPATH", None)  # the model's own code_paths must be enough
+    cmd = [os.path.join(bindir, "mlflow"), "models", "serve", "-m", str(tmp_path / "pyfunc")]
+    cmd += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
+    log_path = str(tmp_path / "serve.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_ping(proc, base + "/ping", log_path)
+        rows = [[base64.b64encode(p.image).decode(), q] for p, q in zip(pairs[:2], prompts, strict=True)]
+        answer = post_json(
+            base + "/invocations",
+            {
+                "dataframe_split": {"columns": ["image", "prompt"], "data": rows},
+                "params": {"max_new_tokens": 3},
+            },
+        )["predictions"]
+        assert [row["text"] for row in answer] == expected
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the uvicorn it started, nothing else
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
