@@ -61,6 +61,22 @@ class Evaluation:
         None  # what zero-shot used; another model is evaluated the same way
     )
 
+    @classmethod
+    def of(
+        cls,
+        eval_data: str,
+        per_pair: dict[str, np.ndarray],
+        class_prompts: Sequence[str] | None = None,
+        resamples: int = BOOTSTRAP_RESAMPLES,
+        seed: int = BOOTSTRAP_SEED,
+    ) -> Evaluation:
+        """The evaluation whose per-pair scores are ``per_pair`` (intervals bootstrapped from them)."""
+        n = {len(v) for v in per_pair.values()}
+        if len(n) != 1:
+            raise ValueError(f"per-pair scores must all cover the same pairs, got lengths {sorted(n)}")
+        prompts = tuple(class_prompts) if class_prompts else None
+        return cls(eval_data, n.pop(), per_pair, intervals(per_pair, resamples, seed), prompts)
+
     @property
     def primary_metric(self) -> str:
         """The metric promotion decides on: zero-shot accuracy when the data has labels, else mean recall."""
@@ -266,8 +282,7 @@ def evaluate(
     labels = class_labels_for(captions, class_prompts) if class_prompts else None
     if labels is not None:
         per_pair[ZEROSHOT] = zeroshot_hits(image_emb, embed_texts(bundle, class_prompts, batch_size), labels)
-    prompts = tuple(class_prompts) if class_prompts else None
-    return Evaluation(eval_data, table.num_rows, per_pair, intervals(per_pair, resamples, seed), prompts)
+    return Evaluation.of(eval_data, per_pair, class_prompts, resamples, seed)
 
 
 def mlflow_metric_names(metrics: dict[str, float], prefix: str = "eval_") -> dict[str, float]:

@@ -161,9 +161,16 @@ def _model_use(uri: str, settings: Settings, path: tuple[str, ...]) -> ModelUse:
     if uri in path or len(path) >= MAX_DEPTH:
         return use
     path = (*path, uri)
-    use.scored = [walk_forward(ref, settings, path) for ref in datasets_scored_by(uri, settings)]
+    use.scored = [_forward_or_stop(ref, settings, path) for ref in datasets_scored_by(uri, settings)]
     use.derived = [_model_use(u, settings, path) for u in models_derived_from(uri, settings)]
     return use
+
+
+def _forward_or_stop(ref: str, settings: Settings, path: tuple[str, ...]) -> DatasetUse:
+    try:
+        return walk_forward(ref, settings, path)
+    except DatasetNotFoundError:  # removed from storage since
+        return DatasetUse(ref, stopped="no longer in storage")
 
 
 def _experiment_ids(client, stages: tuple[str, ...]) -> list[str]:
