@@ -213,9 +213,9 @@ def promote(
         except VlforgeError as exc:
             missing.append(f"champion: {exc}")
     if fine_tune and base_model:
-        base = _pinned(base_model, settings)
-        general_ref = general_eval or _heldout_data(base, settings)
         try:
+            base = _pinned(base_model, settings)
+            general_ref = general_eval or _heldout_data(base, settings)
             domain = compare(VS_BASE_DOMAIN, evaluation, evaluator(base, evaluation.eval_data), base)
             if general_ref is None:
                 raise VlforgeError(f"{base} records no held-out data; give a general eval set")
