@@ -454,7 +454,7 @@ def lineage(
         out.print_json(json.dumps(node.to_dict()))
         return
     for line in node.lines():
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, soft_wrap=True)  # a path or URI stays whole on one line
 
 
 @app.command()
