@@ -288,3 +288,23 @@ def evaluate(
 def mlflow_metric_names(metrics: dict[str, float], prefix: str = "eval_") -> dict[str, float]:
     """The metrics under names MLflow accepts (it rejects ``@``): ``i2t_recall@1`` -> ``eval_i2t_recall_at_1``."""
     return {prefix + re.sub(r"[^/\w.\- ]", "_", k.replace("@", "_at_")): float(v) for k, v in metrics.items()}
+
+
+def evaluate_sets(
+    bundle: ClipBundle, eval_refs: Sequence[str], settings, class_prompts: list[str] | None = None
+) -> tuple[list[Evaluation], dict[str, float]]:
+    """Evaluate on each named eval set (``tasks.train.data.read_eval_data``; sets of fewer than two pairs are
+    skipped) and return the evaluations with their metrics named for MLflow: ``eval_<metric>`` for a held-out
+    split, ``eval_<dataset>_<metric>`` for a whole dataset version."""
+    from tasks.train.data import HELDOUT, read_eval_data
+
+    evaluations, logged = [], {}
+    for ref in eval_refs:
+        table = read_eval_data(ref, settings)
+        if table.num_rows < 2:
+            continue
+        evaluation = evaluate(bundle, table, ref, class_prompts=class_prompts)
+        prefix = "eval_" if HELDOUT in ref else "eval_" + ref.split("@")[0] + "_"
+        logged.update(mlflow_metric_names(evaluation.metrics(), prefix=prefix))
+        evaluations.append(evaluation)
+    return evaluations, logged

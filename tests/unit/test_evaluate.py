@@ -209,3 +209,19 @@ def test_evaluate_names_missing_columns():
     bundle = build_clip("clip-tiny", ["a red circle"])
     with pytest.raises(ValueError, match="caption"):
         evaluate(bundle, pa.table({"image": [b"x"]}), "x")
+
+
+def test_evaluate_sets_names_metrics_per_set_and_skips_tiny_sets(settings):
+    from models.clip import build_clip
+    from tasks.evaluate import evaluate_sets
+    from tasks.train.data import heldout_ref
+    from tests.helpers import publish_synthetic_dataset
+
+    dv, pairs = publish_synthetic_dataset(settings, "evalsets", n=20, seed=6)
+    bundle = build_clip("clip-tiny", [p.caption for p in pairs], seed=0)
+    refs = [heldout_ref(dv, 0.5), dv.ref, heldout_ref(dv, 1e-9)]  # the last holds out nothing
+    evaluations, logged = evaluate_sets(bundle, refs, settings)
+    assert [e.eval_data for e in evaluations] == refs[:2]
+    assert evaluations[1].num_pairs == 20 and 0 < evaluations[0].num_pairs < 20
+    assert logged["eval_num_pairs"] == evaluations[0].num_pairs
+    assert logged["eval_evalsets_mean_recall_ci_low"] <= logged["eval_evalsets_mean_recall"]
