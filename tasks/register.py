@@ -145,7 +145,12 @@ def register_model(
         artifacts = {MODEL_ARTIFACT: _stage(model_dir, staging, MODEL_ARTIFACT)}
         if adapter_dir is not None:
             artifacts[ADAPTER_ARTIFACT] = _stage(adapter_dir, staging, ADAPTER_ARTIFACT)
-        info = _log_into_run(client, run_id, name=name, artifacts=artifacts)
+        links = _ModelLinks(
+            metrics=mlflow_metric_names(evaluation.metrics()),
+            eval_dataset=_eval_dataset(evaluation.eval_data, settings),
+            base_model_id=_logged_model_id(base_model, settings),
+        )
+        info = _log_into_run(client, run_id, name=name, artifacts=artifacts, links=links)
     version = str(info.registered_model_version)
     metrics = mlflow_metric_names(evaluation.metrics(), prefix="")
     tags = {
@@ -180,14 +185,59 @@ def register_model(
     )
 
 
-def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str]):
-    """``mlflow.pyfunc.log_model`` inside run ``run_id``, leaving the run's status as it was."""
+@dataclass(frozen=True)
+class _ModelLinks:
+    """MLflow 3's model-centric links, so its UI shows the graph: the eval metrics on the logged model, against
+    the eval data as an MLflow dataset, and the base model as an input of the training run."""
+
+    metrics: dict[str, float]
+    eval_dataset: object | None  # mlflow.data Dataset
+    base_model_id: str | None
+
+
+def _eval_dataset(eval_data: str, settings: Settings):
+    """The eval data as a metadata-only MLflow dataset (its source: the dataset version's URI), or None."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from tasks.train.data import HELDOUT
+    from vlforge.datasets import resolve_dataset
+    from vlforge.errors import VlforgeError
+    from vlforge.tracking import _dataset_source
+
+    try:
+        dv = resolve_dataset(settings, eval_data.partition(HELDOUT)[0])
+    except VlforgeError:
+        return None
+    uri = dv.uri if "://" in dv.uri else "file://" + dv.uri
+    return MetaDataset(_dataset_source(uri), name=eval_data[:500])
+
+
+def _logged_model_id(uri: str | None, settings: Settings) -> str | None:
+    """The MLflow logged-model id of a registered version (``models:/...``), or None."""
+    from vlforge.registry import registered_version
+
+    if not uri:
+        return None
+    try:
+        mv = registered_version(uri, settings)
+    except ModelNotFoundError:
+        return None
+    if mv is None:
+        return None
+    # MLflow 3 registers a logged model from its source models:/m-<id> (the version's model_id stays unset).
+    source = str(mv.source or "")
+    return mv.model_id or (source[len("models:/") :] if source.startswith("models:/m-") else None)
+
+
+def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str], links: _ModelLinks):
+    """``mlflow.pyfunc.log_model`` inside run ``run_id`` with its links, leaving the run's status as it was."""
     import mlflow
+    from mlflow.entities import LoggedModelInput
 
     from models.pyfunc import ClipPyfunc, input_example, model_signature
 
     def log_model():
-        return mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name="model",
             python_model=ClipPyfunc(),
             artifacts=artifacts,
@@ -198,6 +248,10 @@ def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str]):
             registered_model_name=name,
             await_registration_for=60,
         )
+        mlflow.log_metrics(links.metrics, model_id=info.model_id, dataset=links.eval_dataset)
+        if links.base_model_id:
+            mlflow.log_input(model=LoggedModelInput(links.base_model_id))
+        return info
 
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:

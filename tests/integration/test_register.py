@@ -128,6 +128,12 @@ def test_first_version_becomes_champion_with_tags_and_run_left_running(
     assert mv.tags[TAG_DATASET] == "synth"
     assert mv.tags[TAG_DATASET_VERSION] == "20250101T000000-abc"
     assert client.get_run(run_id).info.status == "RUNNING"  # the driver, not registration, ends its run
+    # MLflow 3's model-centric view: the eval metrics on the logged model, against the eval data set
+    [output] = client.get_run(run_id).outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["eval_mean_recall_ci_high"].value == pytest.approx(recall.high)
+    assert linked["eval_mean_recall"].dataset_name == "domain"
 
 
 def test_a_tie_with_the_champion_becomes_challenger(shared_settings, model_dir, model_name):
@@ -204,6 +210,12 @@ def test_finetune_is_compared_with_its_base_on_the_domain_and_the_base_heldout_d
     better = register_finetune(settings, model_dir, base.uri, perfect_evaluation())
     assert better.alias == CHAMPION and "beats its base" in better.decision.reason
     mv = configure(settings).get_model_version(LORA_MODEL, better.version)
+    base_run = configure(settings).get_model_version(model_name, base.version).run_id
+    [base_output] = configure(settings).get_run(base_run).outputs.model_outputs
+    run_inputs = configure(settings).get_run(mv.run_id).inputs.model_inputs
+    assert base_output.model_id in [
+        m.model_id for m in run_inputs
+    ]  # the base, an input of the fine-tune's run
     assert float(mv.tags["vlforge.vs_base_domain_zeroshot_accuracy_diff_ci_low"]) > 0
     assert mv.tags["vlforge.vs_base_general.eval_data"] == "general"
     assert "vlforge.vs_base_general_zeroshot_accuracy_diff_ci_high" in mv.tags
