@@ -264,5 +264,5 @@ def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str], 
     return info
 
 
-# NO_CACHE: registering twice must create two versions; a callable input cannot be hashed anyway.
+# NO_CACHE: registering twice must create two versions (and a model bundle is not worth hashing).
 register_task = task(name="register", cache_policy=NO_CACHE)(register_model)

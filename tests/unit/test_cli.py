@@ -14,7 +14,8 @@ runner = CliRunner()
 def test_help_lists_every_stage():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ("ingest", "curate", "pretrain", "finetune", "demo", "serve", "datasets"):
+    commands = ("ingest", "curate", "pretrain", "finetune", "demo", "serve", "datasets", "lineage", "promote")
+    for cmd in commands:
         assert cmd in result.output
 
 
