@@ -21,7 +21,7 @@ from vlforge.demo.server import write_url_list
 from vlforge.demo.synth import make_pairs
 from vlforge.lineage import walk_back, walk_forward
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 FAST = dict(processes=1, threads=4, timeout=2.0, retries=1, allow_private_networks=True)
 
@@ -41,6 +41,7 @@ def train_and_register(settings, dv, model_dir, name=tracking.PRETRAINED_MODEL, 
     return reg.uri
 
 
+@pytest.mark.slow  # two ingests, two curations on Ray, three registrations
 def test_lineage_shows_url_lists_and_the_scorer_with_its_own_chain(
     settings, image_server, ray_local, tmp_path
 ):
@@ -91,3 +92,28 @@ def test_lineage_shows_url_lists_and_the_scorer_with_its_own_chain(
     assert json.loads(as_json.output) == back.to_dict()
     fwd = CliRunner().invoke(app, ["lineage", seed.ref, "--json"], env=env)
     assert json.loads(fwd.output) == forward.to_dict()
+
+
+def test_a_cycle_in_the_records_stops_the_walk(settings):
+    """A scorer whose own training data names itself as the scorer (records edited by hand): both walks end."""
+    import mlflow
+
+    from vlforge.datasets import VersionWriter
+
+    writer = VersionWriter(settings, "loop")
+    dv = writer.publish({"counts": {"kept": 0}, "scorer": {"uri": "x", "name": "looped", "version": "1"}})
+    client = tracking.configure(settings)
+    run = client.create_run(tracking.ensure_experiment(settings, "pretrain"), tags=tracking.dataset_tags(dv))
+    client.create_registered_model("looped")
+    client.create_model_version("looped", "file:///nowhere", run_id=run.info.run_id)
+    with mlflow.start_run(
+        experiment_id=tracking.ensure_experiment(settings, "datasets")
+    ):  # as curate logs it
+        mlflow.set_tags(tracking.dataset_tags(dv))
+        mlflow.log_params({"scorer_name": "looped", "scorer_version": "1"})
+
+    back = walk_back("models:/looped/1", settings)
+    assert back.scorer.model == "models:/looped/1" and back.scorer.stopped.startswith("cycle")
+    forward = walk_forward(dv.ref, settings)
+    [model] = forward.models
+    assert model.scored[0].dataset == dv.ref and model.scored[0].stopped.startswith("cycle")
