@@ -304,7 +304,9 @@ def _print_train(result) -> None:
     reg = result.registered
     out.print(f"MLflow run: {result.run_id}")
     if reg:
-        out.print(f"registered {reg.uri} as {reg.alias}")
+        out.print(f"registered {reg.uri} as {reg.alias}: {reg.decision.reason}", highlight=False)
+        for line in reg.decision.lines()[1:]:  # each comparison with its 95% interval
+            out.print(line, highlight=False)
     for k, v in sorted((result.metrics or {}).items()):
         out.print(f"  {k}: {v:.4f}")
 
@@ -439,23 +441,38 @@ def lineage(
     target: Annotated[
         str, typer.Argument(help="models:/NAME@ALIAS (walk back) or a dataset NAME[@VERSION] (forward).")
     ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the lineage as JSON.")] = False,
 ) -> None:
-    """Walk back from a registered model to its URL lists, or forward from a dataset version to its models."""
-    from vlforge.lineage import models_trained_on, walk_back
+    """Back from a registered model to its URL lists and the scorer models that curated its data (and their
+    own chains), or forward from a dataset version to its models, the datasets they scored, and on."""
+    from vlforge.lineage import walk_back, walk_forward
 
     s = _settings()
-    if target.startswith("models:/"):
-        node, indent = walk_back(target, s), ""
-        while node is not None:
-            out.print(f"{indent}{node.model} (run {node.run_id}) trained on {node.dataset or '?'}")
-            for b in node.raw_batches:
-                out.print(f"{indent}  raw batch {b}")
-            for u in node.url_lists:
-                out.print(f"{indent}  url list {u}")
-            node, indent = node.base, indent + "  "
+    node = walk_back(target, s) if target.startswith("models:/") else walk_forward(target, s)
+    if as_json:
+        out.print_json(json.dumps(node.to_dict()))
         return
-    for uri in models_trained_on(target, s):
-        out.print(uri)
+    for line in node.lines():
+        out.print(line, highlight=False, soft_wrap=True)  # a path or URI stays whole on one line
+
+
+@app.command()
+@user_errors
+def promote(
+    model_uri: Annotated[str, typer.Argument(help="The registered version, models:/NAME/N.")],
+    alias: Annotated[str, typer.Option(help="Alias to give it.")] = "champion",
+    reason: Annotated[str | None, typer.Option(help="Why (recorded in the version's tags).")] = None,
+) -> None:
+    """Give a registered version an alias by hand, overriding the promotion rule; who and why are recorded."""
+    from tasks.promotion import override
+    from vlforge.registry import registered_version
+
+    s = _settings()
+    decision = override(model_uri, alias, s, reason=reason)
+    mv = registered_version(model_uri, s)
+    out.print(f"models:/{mv.name}/{mv.version} is now {alias}", highlight=False)
+    for line in decision.lines():
+        out.print(f"  {line}", highlight=False)
 
 
 @app.command()

@@ -6,42 +6,40 @@ pyfunc wrapper :class:`models.pyfunc.ClipPyfunc` with its signature, and our ``m
 packages as code, so ``mlflow models serve --env-manager local`` and ``mlflow.pyfunc.load_model`` work from
 any process.
 
-Promotion rule: the first version of a model becomes ``champion``. A later version becomes ``champion`` only
-if its ``mean_recall`` beats the champion's on the same eval data (the champion is re-evaluated on the new
-version's eval data when it was evaluated on other data and an ``evaluate_champion`` callable is given);
-otherwise it becomes ``challenger``.
+The promotion rule (``tasks.promotion``): a new version becomes ``champion`` only when it beats the current
+champion on the same eval pairs beyond noise (paired bootstrap), and a fine-tune only when it also beats its base
+on its domain without forgetting general data; otherwise ``challenger``. The reason and the figures are tags.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.evaluate import mlflow_metric_names
+from tasks.evaluate import Evaluation, mlflow_metric_names
+from tasks.promotion import (
+    CHALLENGER,
+    CHAMPION,
+    DEFAULT_GENERAL_MARGIN,
+    TAG_EVAL_DATA,
+    TAG_HELDOUT_DATA,
+    Decision,
+    promote,
+)
 from vlforge import storage
 from vlforge.errors import ModelNotFoundError
 from vlforge.registry import MODEL_ARTIFACT
 from vlforge.settings import Settings
 from vlforge.tracking import TAG_BASE_MODEL, TAG_DATASET, TAG_DATASET_VERSION, TAG_FLOW_RUN, configure
 
-log = logging.getLogger(__name__)
-
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 ADAPTER_ARTIFACT = "adapter"
-TAG_EVAL_DATA = "vlforge.eval_data"
 TAG_EVAL_PREFIX = "vlforge.eval."
-TAG_MEAN_RECALL = TAG_EVAL_PREFIX + "mean_recall"
-TAG_DECISION = "vlforge.promotion"
-PRIMARY_METRIC = "mean_recall"
 # What the pyfunc needs at serving time; versions pinned to this environment's.
 _REQUIREMENTS = (
     "mlflow",
@@ -57,6 +55,9 @@ _REQUIREMENTS = (
 )
 
 
+__all__ = ["CHALLENGER", "CHAMPION", "RegisteredModel", "register_model", "register_task"]
+
+
 @dataclass
 class RegisteredModel:
     name: str
@@ -64,101 +65,7 @@ class RegisteredModel:
     uri: str  # models:/NAME/VERSION
     alias: str  # champion or challenger
     promoted: bool  # True when this version became champion
-
-
-@dataclass(frozen=True)
-class Decision:
-    alias: str
-    reason: str
-    champion_recall: float | None = None
-
-
-def decide(
-    new_recall: float,
-    champion_recall: float | None,
-    *,
-    has_champion: bool = True,
-) -> Decision:
-    """The promotion rule on numbers alone: beat the champion strictly (on the same eval data) to replace it."""
-    if not has_champion:
-        return Decision(CHAMPION, "first version: no champion yet")
-    if champion_recall is None:
-        return Decision(CHALLENGER, "champion has no comparable mean_recall on this eval data")
-    if new_recall > champion_recall:
-        return Decision(
-            CHAMPION, f"mean_recall {new_recall:.4f} beats champion's {champion_recall:.4f}", champion_recall
-        )
-    return Decision(
-        CHALLENGER,
-        f"mean_recall {new_recall:.4f} does not beat champion's {champion_recall:.4f}",
-        champion_recall,
-    )
-
-
-def promote(
-    client,
-    name: str,
-    version: str,
-    *,
-    mean_recall: float,
-    eval_data: str,
-    settings: Settings,
-    evaluate_champion: Callable | None = None,
-) -> Decision:
-    """Apply the promotion rule to ``name``/``version`` in the registry and set its alias.
-
-    The champion's recall comes from its version tags when it was evaluated on ``eval_data``; otherwise the
-    champion is loaded and evaluated with ``evaluate_champion(bundle) -> metrics`` (without it, the new version
-    cannot be compared fairly and becomes challenger).
-    """
-    champion = _alias_version(client, name, CHAMPION)
-    if champion is None or str(champion.version) == str(version):
-        decision = decide(mean_recall, None, has_champion=False)
-    else:
-        champion_recall = _champion_recall(
-            client, champion, eval_data=eval_data, settings=settings, evaluate_champion=evaluate_champion
-        )
-        decision = decide(mean_recall, champion_recall)
-    client.set_registered_model_alias(name, decision.alias, str(version))
-    client.set_model_version_tag(name, str(version), TAG_DECISION, decision.reason[:500])
-    if decision.champion_recall is not None:
-        client.set_model_version_tag(
-            name, str(version), "vlforge.champion_mean_recall", str(decision.champion_recall)
-        )
-    log.info("%s version %s -> %s (%s)", name, version, decision.alias, decision.reason)
-    return decision
-
-
-def _alias_version(client, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def _champion_recall(client, champion, *, eval_data, settings, evaluate_champion) -> float | None:
-    tags = champion.tags or {}
-    if tags.get(TAG_EVAL_DATA) == eval_data and TAG_MEAN_RECALL in tags:
-        return float(tags[TAG_MEAN_RECALL])
-    if evaluate_champion is None:
-        return None
-    from tasks.common import load_model
-
-    uri = f"models:/{champion.name}/{champion.version}"
-    log.info(
-        "champion %s was evaluated on %r, not %r: re-evaluating it", uri, tags.get(TAG_EVAL_DATA), eval_data
-    )
-    recall = float(evaluate_champion(load_model(uri, settings))[PRIMARY_METRIC])
-    client.set_model_version_tag(
-        champion.name, champion.version, "vlforge.reeval." + _tag_safe(eval_data), str(recall)
-    )
-    return recall
-
-
-def _tag_safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-/ " else "_" for c in text)[:200]
+    decision: Decision  # why, with the comparisons' figures
 
 
 def pip_requirements() -> list[str]:
@@ -207,21 +114,25 @@ def register_model(
     *,
     name: str,
     run_id: str,
-    eval_metrics: dict[str, float],
-    eval_data: str,
+    evaluation: Evaluation,
     settings: Settings,
     base_model: str | None = None,
     adapter_dir: str | None = None,
-    evaluate_champion: Callable | None = None,
+    heldout_data: str | None = None,
+    bundle=None,
+    fine_tune: bool | None = None,
+    general_eval: str | None = None,
+    general_margin: float = DEFAULT_GENERAL_MARGIN,
 ) -> RegisteredModel:
     """Log ``model_dir`` (a ``save_pretrained`` folder; merged weights for LoRA) as a pyfunc model into the
     existing run ``run_id``, register it under ``name``, tag the version and apply the promotion rule.
 
-    ``eval_metrics`` must hold ``mean_recall`` measured on ``eval_data`` (a dataset ref or split id);
-    ``evaluate_champion(bundle) -> metrics`` re-evaluates the champion when it was measured on other data.
+    ``evaluation``: the new model on the eval data that decides (``evaluation.eval_data`` names it, so the
+    champion and the base are evaluated on the same pairs). ``heldout_data``: the name of its training data's
+    held-out split (a later fine-tune's default general set). ``fine_tune`` (default: an adapter is given)
+    compares it with ``base_model`` on the domain and on ``general_eval`` (default: the base's held-out data),
+    allowing a loss of ``general_margin``; ``bundle`` is the loaded new model, else it is loaded again.
     """
-    if PRIMARY_METRIC not in eval_metrics:
-        raise ValueError(f"eval_metrics must contain {PRIMARY_METRIC!r}; got {sorted(eval_metrics)}")
     for folder, what in ((model_dir, "model"), (adapter_dir, "adapter")):
         if folder is not None and not (
             os.path.isdir(folder) or (storage.is_remote(folder) and storage.exists(folder))
@@ -234,13 +145,20 @@ def register_model(
         artifacts = {MODEL_ARTIFACT: _stage(model_dir, staging, MODEL_ARTIFACT)}
         if adapter_dir is not None:
             artifacts[ADAPTER_ARTIFACT] = _stage(adapter_dir, staging, ADAPTER_ARTIFACT)
-        info = _log_into_run(client, run_id, name=name, artifacts=artifacts)
+        links = _ModelLinks(
+            metrics=mlflow_metric_names(evaluation.metrics()),
+            eval_dataset=_eval_dataset(evaluation.eval_data, settings),
+            base_model_id=_logged_model_id(base_model, settings),
+        )
+        info = _log_into_run(client, run_id, name=name, artifacts=artifacts, links=links)
     version = str(info.registered_model_version)
+    metrics = mlflow_metric_names(evaluation.metrics(), prefix="")
     tags = {
-        TAG_EVAL_DATA: eval_data,
+        TAG_EVAL_DATA: evaluation.eval_data,
+        TAG_HELDOUT_DATA: heldout_data or "",
         TAG_BASE_MODEL: base_model or "",
         **_run_tags(client, run_id),
-        **{TAG_EVAL_PREFIX + k: str(v) for k, v in mlflow_metric_names(eval_metrics, prefix="").items()},
+        **{TAG_EVAL_PREFIX + k: f"{v:.6g}" for k, v in metrics.items()},
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -248,10 +166,14 @@ def register_model(
         client,
         name,
         version,
-        mean_recall=float(eval_metrics[PRIMARY_METRIC]),
-        eval_data=eval_data,
+        evaluation,
         settings=settings,
-        evaluate_champion=evaluate_champion,
+        run_id=run_id,
+        bundle=bundle,
+        base_model=base_model,
+        fine_tune=adapter_dir is not None if fine_tune is None else fine_tune,
+        general_eval=general_eval,
+        general_margin=general_margin,
     )
     return RegisteredModel(
         name=name,
@@ -259,17 +181,63 @@ def register_model(
         uri=f"models:/{name}/{version}",
         alias=decision.alias,
         promoted=decision.alias == CHAMPION,
+        decision=decision,
     )
 
 
-def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str]):
-    """``mlflow.pyfunc.log_model`` inside run ``run_id``, leaving the run's status as it was."""
+@dataclass(frozen=True)
+class _ModelLinks:
+    """MLflow 3's model-centric links, so its UI shows the graph: the eval metrics on the logged model, against
+    the eval data as an MLflow dataset, and the base model as an input of the training run."""
+
+    metrics: dict[str, float]
+    eval_dataset: object | None  # mlflow.data Dataset
+    base_model_id: str | None
+
+
+def _eval_dataset(eval_data: str, settings: Settings):
+    """The eval data as a metadata-only MLflow dataset (its source: the dataset version's URI), or None."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from tasks.train.data import HELDOUT
+    from vlforge.datasets import resolve_dataset
+    from vlforge.errors import VlforgeError
+    from vlforge.tracking import _dataset_source
+
+    try:
+        dv = resolve_dataset(settings, eval_data.partition(HELDOUT)[0])
+    except VlforgeError:
+        return None
+    uri = dv.uri if "://" in dv.uri else "file://" + dv.uri
+    return MetaDataset(_dataset_source(uri), name=eval_data[:500])
+
+
+def _logged_model_id(uri: str | None, settings: Settings) -> str | None:
+    """The MLflow logged-model id of a registered version (``models:/...``), or None."""
+    from vlforge.registry import registered_version
+
+    if not uri:
+        return None
+    try:
+        mv = registered_version(uri, settings)
+    except ModelNotFoundError:
+        return None
+    if mv is None:
+        return None
+    # MLflow 3 registers a logged model from its source models:/m-<id> (the version's model_id stays unset).
+    source = str(mv.source or "")
+    return mv.model_id or (source[len("models:/") :] if source.startswith("models:/m-") else None)
+
+
+def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str], links: _ModelLinks):
+    """``mlflow.pyfunc.log_model`` inside run ``run_id`` with its links, leaving the run's status as it was."""
     import mlflow
+    from mlflow.entities import LoggedModelInput
 
     from models.pyfunc import ClipPyfunc, input_example, model_signature
 
     def log_model():
-        return mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name="model",
             python_model=ClipPyfunc(),
             artifacts=artifacts,
@@ -280,6 +248,10 @@ def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str]):
             registered_model_name=name,
             await_registration_for=60,
         )
+        mlflow.log_metrics(links.metrics, model_id=info.model_id, dataset=links.eval_dataset)
+        if links.base_model_id:
+            mlflow.log_input(model=LoggedModelInput(links.base_model_id))
+        return info
 
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
@@ -292,5 +264,5 @@ def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str]):
     return info
 
 
-# NO_CACHE: registering twice must create two versions; a callable input cannot be hashed anyway.
+# NO_CACHE: registering twice must create two versions (and a model bundle is not worth hashing).
 register_task = task(name="register", cache_policy=NO_CACHE)(register_model)

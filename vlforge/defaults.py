@@ -26,5 +26,10 @@ MAX_IMAGE_AREA = 50_000_000
 DISALLOWED_HEADER_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 DISTRIBUTOR = "multiprocessing"
 
+# Evaluation and promotion: a held-out split of at least this many pairs (fewer cannot tell two models apart);
+# how much a fine-tune may lose on a general eval set against its base and still be promoted.
+MIN_EVAL_PAIRS = 200
+GENERAL_MARGIN = 0.05
+
 # Curation: DataComp's best CLIP-score filter keeps the top 30 % of a pool.
 TOP_FRACTION = 0.3

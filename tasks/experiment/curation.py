@@ -41,8 +41,6 @@ from vlforge.settings import Settings
 
 log = logging.getLogger("vlforge.experiment")
 
-BOOTSTRAP_SAMPLES = 2000
-
 
 class CurationExperimentArgs(BaseModel):
     """Settings of ``vlforge experiment curation`` (and the Prefect flow's form)."""
@@ -142,20 +140,20 @@ def per_pair_hits(bundle, images, captions, labels, prompts) -> dict[str, np.nda
     return out
 
 
-def bootstrap_ci(values: np.ndarray, seed: int = 0, n: int = BOOTSTRAP_SAMPLES) -> tuple[float, float]:
-    """95 % percentile interval of the mean of ``values`` [N] over ``n`` resamples of its rows."""
-    values = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n, len(values)))
-    means = values[idx].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+def bootstrap_ci(values: np.ndarray) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean of ``values`` [N] (``tasks.evaluate.interval``)."""
+    from tasks.evaluate import interval
+
+    iv = interval(values)
+    return iv.low, iv.high
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, float]:
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """mean(a - b) over the same pairs with its paired-bootstrap 95 % interval."""
-    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    low, high = bootstrap_ci(diff, seed)
-    return {"difference": float(diff.mean()), "ci_low": low, "ci_high": high}
+    from tasks.evaluate import paired_difference as paired
+
+    iv = paired(a, b)
+    return {"difference": iv.value, "ci_low": iv.low, "ci_high": iv.high}
 
 
 def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) -> dict[str, Any]:
@@ -204,7 +202,7 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
                 with console.stage(f"arm {spec.name} ({spec.describe()}, {rows} rows), seed {seed}"):
                     train_args = PretrainArgs(
                         recipe=args.recipe, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
-                        eval_fraction=0.0, register_model=False,
+                        eval_fraction=0.0, min_eval_pairs=0, register_model=False,
                     )  # fmt: skip
                     result = run_training(
                         PretrainRecipe(train_args), dv.ref, settings, experiment="experiments",

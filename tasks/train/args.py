@@ -50,6 +50,11 @@ class TrainArgs(BaseModel):
         50, gt=0, description="Optimizer steps between checkpoints (and every epoch end)."
     )
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of the dataset held out for evaluation.")
+    min_eval_pairs: int = Field(
+        defaults.MIN_EVAL_PAIRS,
+        ge=0,
+        description="Hold out at least this many pairs (at most half the data): fewer cannot tell models apart.",
+    )
     eval_dataset: str | None = Field(
         None, description="Extra evaluation dataset (NAME or NAME@VERSION); when given it decides promotion."
     )
@@ -109,6 +114,16 @@ class FinetuneArgs(TrainArgs):
 
     base: str = Field(defaults.DEFAULT_MODEL_URI, description="Model to adapt (MLflow URI, folder, HF id).")
     lora: LoraArgs = Field(default_factory=LoraArgs, description="LoRA adapters.")
+    general_eval: str | None = Field(
+        None,
+        description="General eval set the fine-tune may not lose on (NAME or NAME@VERSION); empty = the base's "
+        "own held-out data.",
+    )
+    general_margin: float = Field(
+        defaults.GENERAL_MARGIN,
+        ge=0,
+        description="How much the fine-tune may lose on the general set and still be promoted.",
+    )
     epochs: Epochs = 5
     lr: LearningRate = 2e-3
     weight_decay: WeightDecay = 0.0

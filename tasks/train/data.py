@@ -2,7 +2,11 @@
 
 The train loop only sees tensors: ``pixel_values`` [B, 3, S, S] float32, ``input_ids`` and
 ``attention_mask`` [B, L] int64. The held-out split is a deterministic hash of ``key``, so every process
-(driver, Ray Data tasks, a resumed run) agrees on it without coordination.
+(driver, Ray Data tasks, a resumed run) agrees on it without coordination: a pair is held out when its key's
+hash, read as a number in [0, 1), is below the split's threshold. :func:`heldout_fraction` chooses that
+threshold once per dataset version so that the split is large enough to measure (at least
+``min_eval_pairs`` pairs, or the configured fraction, whichever is larger); :func:`heldout_ref` names the split
+(``NAME@VERSION#heldoutF``) and :func:`read_eval_data` reads any such name back.
 """
 
 from __future__ import annotations
@@ -16,23 +20,79 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from vlforge import storage
+from vlforge import defaults, storage
 from vlforge.datasets import DatasetVersion
 from vlforge.hfformat import encoded_image
 
 TRAIN_COLUMNS = ["key", "caption", "image"]
+DEFAULT_MIN_EVAL_PAIRS = (
+    defaults.MIN_EVAL_PAIRS
+)  # a recall or accuracy on fewer pairs cannot tell models apart
+MAX_EVAL_SHARE = 0.5  # the minimum never holds out more than half of a small dataset: the rest trains
+HELDOUT = "#heldout"
+
+
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:4], "big")
 
 
 def is_eval_key(key: str, eval_fraction: float) -> bool:
     """True when ``key`` belongs to the held-out split (stable across processes and runs)."""
     if eval_fraction <= 0:
         return False
-    h = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:4], "big")
-    return h / 2**32 < eval_fraction
+    return _key_hash(key) / 2**32 < eval_fraction
 
 
 def eval_mask(keys: Sequence[str], eval_fraction: float) -> np.ndarray:
     return np.fromiter((is_eval_key(str(k), eval_fraction) for k in keys), dtype=bool, count=len(keys))
+
+
+def heldout_fraction(
+    keys: Sequence[str], eval_fraction: float, min_eval_pairs: int = DEFAULT_MIN_EVAL_PAIRS
+) -> float:
+    """The split threshold for these keys: ``eval_fraction``, raised when that holds out fewer than
+    ``min(min_eval_pairs, MAX_EVAL_SHARE * len(keys))`` pairs to the least value that holds out that many.
+
+    Deterministic for a set of keys (a dataset version), and exact: the raised threshold is the k-th smallest
+    key hash plus one, over 2**32, which a float64 holds exactly. Pass the result wherever a split's
+    ``eval_fraction`` goes (``read_split``, ``train_dataset``, ``count_train_rows``)."""
+    if eval_fraction <= 0 and min_eval_pairs <= 0:
+        return 0.0
+    hashes = np.sort(np.fromiter((_key_hash(str(k)) for k in keys), dtype=np.int64, count=len(keys)))
+    want = min(int(min_eval_pairs), int(MAX_EVAL_SHARE * len(hashes)))
+    if want <= 0 or int((hashes / 2**32 < eval_fraction).sum()) >= want:
+        return float(max(eval_fraction, 0.0))
+    return float(hashes[want - 1] + 1) / 2**32
+
+
+def dataset_heldout_fraction(
+    dv: DatasetVersion, eval_fraction: float, min_eval_pairs: int = DEFAULT_MIN_EVAL_PAIRS
+) -> float:
+    """:func:`heldout_fraction` of a dataset version's keys."""
+    keys = dv.read_table("data", columns=["key"]).column("key").to_pylist()
+    return heldout_fraction(keys, eval_fraction, min_eval_pairs)
+
+
+def heldout_ref(dv: DatasetVersion, fraction: float) -> str:
+    """The name of a dataset version's held-out split at ``fraction`` (``NAME@VERSION#heldoutF``, F exact)."""
+    return f"{dv.ref}{HELDOUT}{fraction!r}"
+
+
+def read_eval_data(ref: str, settings) -> pa.Table:
+    """The pairs (columns image, caption) an eval-data name stands for: ``NAME@VERSION#heldoutF`` is that
+    version's held-out split at F (see :func:`heldout_ref`), ``NAME[@VERSION]`` the whole version."""
+    from vlforge.datasets import resolve_dataset
+    from vlforge.errors import VlforgeError
+
+    dataset, _, fraction = ref.partition(HELDOUT)
+    dv = resolve_dataset(settings, dataset)
+    if not fraction:
+        return dv.read_table("data", columns=["image", "caption"])
+    try:
+        threshold = float(fraction)
+    except ValueError:
+        raise VlforgeError(f"eval data {ref!r}: {fraction!r} after {HELDOUT!r} is not a fraction") from None
+    return read_split(dv, threshold, "eval").select(["image", "caption"])
 
 
 def read_split(dv: DatasetVersion, eval_fraction: float, split: str) -> pa.Table:

@@ -263,95 +263,49 @@ def finished_result(settings: Settings, tr: TrainingRun, model_name: str) -> Tra
     return TrainResult(tr.run_id, uri, None, dict(run.data.metrics), model_dir, resumed=True)
 
 
-def class_labels_for(captions: list[str], class_prompts: list[str]) -> list[int] | None:
-    """Each caption's index into ``class_prompts``: the prompt whose class phrase the caption contains.
-
-    The class phrase is what follows the prompts' common prefix ("a photo of a red circle" -> "red circle").
-    ``None`` when some caption names no class (zero-shot accuracy is then not defined for this data).
-    """
-    prefix = os.path.commonprefix([p.lower() for p in class_prompts])
-    prefix = prefix[: prefix.rfind(" ") + 1] if " " in prefix else prefix
-    phrases = [p.lower()[len(prefix) :].strip() for p in class_prompts]
-    labels = []
-    for caption in captions:
-        text = f" {caption.lower()} "
-        match = [i for i, ph in enumerate(phrases) if ph and f" {ph} " in text]
-        if not match:
-            return None
-        labels.append(max(match, key=lambda i: len(phrases[i])))
-    return labels
-
-
 def evaluate_and_register(
     settings: Settings,
     tr: TrainingRun,
+    recipe: Recipe,
     bundle,
     model_dir: str,
     *,
-    eval_sets: list[tuple[str, Any]],
-    class_prompts: list[str] | None,
-    register: bool,
-    model_name: str,
-    base_model: str | None = None,
+    eval_refs: list[str],
+    heldout: str,
     adapter_dir: str | None = None,
 ) -> tuple[dict[str, float], Any]:
-    """Evaluate on each ``(eval_data id, table)``, log the metrics, register; the last set decides promotion."""
-    from tasks.evaluate import evaluate_model, mlflow_metric_names
+    """Evaluate on each eval set (the held-out split, then ``--eval-dataset``), log the metrics with their 95%
+    intervals, register; the last set decides promotion (tasks.promotion: against the champion on the same
+    pairs, and a fine-tune against its base on the domain and the general set)."""
+    from tasks.evaluate import evaluate_sets
 
-    logged: dict[str, float] = {}
-    deciding: tuple[str, dict, Any] | None = None
-    for eval_id, table in eval_sets:
-        if table.num_rows < 2:
-            continue
-        captions = [str(c) for c in table.column("caption").to_pylist()]
-        labels = class_labels_for(captions, class_prompts) if class_prompts else None
-        kw = {"class_prompts": class_prompts, "class_labels": labels} if labels else {}
-        metrics = evaluate_model(bundle, table, **kw)
-        prefix = "eval_" if "#heldout" in eval_id else "eval_" + eval_id.split("@")[0] + "_"
-        logged.update(mlflow_metric_names(metrics, prefix=prefix))
-        deciding = (eval_id, metrics, kw)
-    finish = dict(logged)
+    args = recipe.args
+    evaluations, logged = evaluate_sets(bundle, eval_refs, settings, args.class_prompts)
     registered = None
-    if register:
+    if args.register_model:
         from tasks.register import register_model
 
-        if deciding is None:
+        if not evaluations:
             from vlforge.errors import VlforgeError
 
             raise VlforgeError(
                 "no evaluation data to decide promotion: the held-out split is empty; raise eval_fraction "
                 "or pass eval_dataset"
             )
-        eval_id, metrics, kw = deciding
-        table = dict(eval_sets)[eval_id]
         registered = register_model(
             model_dir,
-            name=model_name,
+            name=recipe.model_name,
             run_id=tr.run_id,
-            eval_metrics=metrics,
-            eval_data=eval_id,
+            evaluation=evaluations[-1],
             settings=settings,
-            base_model=base_model,
+            base_model=recipe.base_model,
             adapter_dir=adapter_dir,
-            evaluate_champion=lambda champion: evaluate_model(champion, table, **kw),
+            heldout_data=heldout,
+            bundle=bundle,
+            **recipe.promotion(),
         )
-    finish_run(settings, tr.run_id, finish)
+    finish_run(settings, tr.run_id, logged)
     return logged, registered
-
-
-def eval_sets_for(dv: DatasetVersion, eval_fraction: float, eval_dv: DatasetVersion | None) -> list:
-    """The held-out split of ``dv`` and, when given, all of ``eval_dv`` (which then decides promotion)."""
-    from tasks.train.data import read_split
-
-    sets = [
-        (
-            f"{dv.ref}#heldout{eval_fraction:g}",
-            read_split(dv, eval_fraction, "eval").select(["image", "caption"]),
-        )
-    ]
-    if eval_dv is not None:
-        sets.append((eval_dv.ref, eval_dv.read_table("data", columns=["image", "caption"])))
-    return sets
 
 
 class Recipe:
@@ -374,20 +328,24 @@ class Recipe:
     def tags(self) -> dict[str, str]:
         return {}
 
-    def initial_model(self, dv: DatasetVersion, settings: Settings):
-        """The bundle training starts from (saved once to the run folder, read by every worker)."""
+    def initial_model(self, dv: DatasetVersion, settings: Settings, heldout: float):
+        """The bundle training starts from (saved once to the run folder, read by every worker); ``heldout``
+        is the split threshold of the held-out pairs (``tasks.train.data.dataset_heldout_fraction``)."""
         raise NotImplementedError
 
     def worker_hooks(self):
         """The worker side (:class:`tasks.train.loop.ClipModelHooks` or alike), pickled into the loop config."""
         raise NotImplementedError
 
-    def train_dataset(self, dv: DatasetVersion, init_uri: str):
+    def train_dataset(self, dv: DatasetVersion, init_uri: str, heldout: float):
         """The training split as a Ray Dataset of model-ready batches (CLIP: pixels and caption tokens)."""
         from tasks.train.data import train_dataset
 
-        args = self.args
-        return train_dataset(dv, init_uri, eval_fraction=args.eval_fraction, augment=True, seed=args.seed)
+        return train_dataset(dv, init_uri, eval_fraction=heldout, augment=True, seed=self.args.seed)
+
+    def promotion(self) -> dict[str, Any]:
+        """Keyword arguments of the promotion rule beyond the defaults (a fine-tune's general set and margin)."""
+        return {}
 
     def final_model(self, ckpt_dir: str, tr: TrainingRun, model_dir: str) -> tuple[Any, str | None]:
         """Write the model to register into ``model_dir`` from the last checkpoint; ``(bundle, adapter_dir)``."""
@@ -407,7 +365,7 @@ def run_training(
     no-op. The run goes to the stage's MLflow experiment, or to ``experiment`` with ``run_tags`` (a curation
     experiment's child runs). ``fail_once`` is a test hook (``{"rank", "step", "marker"}``: that rank exits hard
     once at that step)."""
-    from tasks.train.data import count_train_rows
+    from tasks.train.data import count_train_rows, dataset_heldout_fraction, heldout_ref
     from vlforge.datasets import resolve_dataset
     from vlforge.raycluster import init_ray
     from vlforge.tracking import TAG_BASE_MODEL
@@ -420,7 +378,8 @@ def run_training(
     init_ray(settings)
     name = args.name or default_name(recipe.stage, dv)
     gpu = resolve_use_gpu(args.use_gpu)
-    n_train = count_train_rows(dv, args.eval_fraction)
+    heldout = dataset_heldout_fraction(dv, args.eval_fraction, args.min_eval_pairs)
+    n_train = count_train_rows(dv, heldout)
     steps_per_epoch, total = steps_plan(
         n_train, args.batch_size, args.num_workers, args.grad_accum, args.epochs
     )
@@ -430,6 +389,7 @@ def run_training(
         **recipe.params(),
         "eval_dataset": eval_dv.ref if eval_dv else None,
         "use_gpu": gpu,
+        "heldout_fraction": heldout,
         "train_rows": n_train,
         "total_steps": total,
     }
@@ -443,7 +403,7 @@ def run_training(
         return finished_result(settings, tr, recipe.model_name)
     try:
         if not tr.info.get("initialised"):
-            save_init_model(recipe.initial_model(dv, settings), tr)
+            save_init_model(recipe.initial_model(dv, settings, heldout), tr)
         cfg = LoopConfig(
             run_id=tr.run_id, tracking_uri=settings.tracking_uri, init_uri=tr.init_uri,
             model=recipe.worker_hooks(), total_steps=total, steps_per_epoch=steps_per_epoch,
@@ -452,17 +412,16 @@ def run_training(
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
             torch_threads=torch_threads(args.num_workers), params=params, dataset=dv, fail_once=fail_once,
         )  # fmt: skip
-        ds = recipe.train_dataset(dv, tr.init_uri)
+        ds = recipe.train_dataset(dv, tr.init_uri, heldout)
         result = fit(
             settings, tr, cfg, ds, num_workers=args.num_workers, use_gpu=gpu, max_failures=args.max_failures
         )
         model_dir = output_dir(settings, tr)
         bundle, adapter_dir = recipe.final_model(checkpoint_dir(result, tr), tr, model_dir)
+        held = heldout_ref(dv, heldout)
         metrics, registered = evaluate_and_register(
-            settings, tr, bundle, model_dir,
-            eval_sets=eval_sets_for(dv, args.eval_fraction, eval_dv), class_prompts=args.class_prompts,
-            register=args.register_model, model_name=recipe.model_name, base_model=recipe.base_model,
-            adapter_dir=adapter_dir,
+            settings, tr, recipe, bundle, model_dir, adapter_dir=adapter_dir, heldout=held,
+            eval_refs=[held] + ([eval_dv.ref] if eval_dv else []),
         )  # fmt: skip
     except BaseException as exc:
         finish_run(settings, tr.run_id, {}, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")

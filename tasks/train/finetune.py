@@ -41,13 +41,22 @@ class FinetuneRecipe(Recipe):
     def params(self) -> dict[str, Any]:
         return {"base_version": self.base_model}
 
-    def initial_model(self, dv, settings: Settings):
+    def initial_model(self, dv, settings: Settings, heldout: float):
         from models.lora import check_targets
         from tasks.common import load_model
 
         bundle = load_model(self.base_model, settings)
         check_targets(bundle.model, self.args.lora.targets)
         return bundle
+
+    def promotion(self) -> dict[str, Any]:
+        """Against its base: it must win on the domain and may lose at most ``general_margin`` on the general
+        set (``general_eval``, by default the base's own held-out data)."""
+        return {
+            "fine_tune": True,
+            "general_eval": self.args.general_eval,
+            "general_margin": self.args.general_margin,
+        }
 
     def worker_hooks(self):
         from tasks.train.loop import ClipModelHooks

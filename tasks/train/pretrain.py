@@ -40,7 +40,7 @@ class PretrainRecipe(Recipe):
 
         return {} if self.args.init else {TAG_RECIPE: self.args.recipe}
 
-    def initial_model(self, dv, settings: Settings):
+    def initial_model(self, dv, settings: Settings, heldout: float):
         """From a model URI (``init``), or from scratch: the recipe with a tokenizer fitted on the train captions."""
         args = self.args
         if args.init:
@@ -50,7 +50,7 @@ class PretrainRecipe(Recipe):
         from models.clip import build_clip
         from tasks.train.data import read_split
 
-        captions = [str(c) for c in read_split(dv, args.eval_fraction, "train").column("caption").to_pylist()]
+        captions = [str(c) for c in read_split(dv, heldout, "train").column("caption").to_pylist()]
         return build_clip(args.recipe, captions, seed=args.seed)
 
     def worker_hooks(self):

@@ -17,6 +17,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+from tasks.evaluate import Evaluation
 from tasks.register import register_model
 from vlforge.demo.synth import make_pairs
 from vlforge.tracking import PRETRAINED_MODEL, configure, ensure_experiment
@@ -72,8 +73,7 @@ def champion(settings, tmp_path):
         model_dir,
         name=PRETRAINED_MODEL,
         run_id=run_id,
-        eval_metrics={"mean_recall": 0.1},
-        eval_data="synth@holdout",
+        evaluation=Evaluation.of("synth@holdout", {"mean_recall": np.full(8, 0.1)}),
         settings=settings,
     )
     assert reg.alias == "champion"

@@ -14,7 +14,10 @@ runner = CliRunner()
 def test_help_lists_every_stage():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ("ingest", "curate", "pretrain", "finetune", "demo", "serve", "datasets", "export"):
+    commands = (
+        "ingest", "curate", "pretrain", "finetune", "demo", "serve", "datasets", "export", "lineage", "promote",
+    )  # fmt: skip
+    for cmd in commands:
         assert cmd in result.output
 
 

@@ -8,10 +8,19 @@ import torch
 
 from models.clip import build_clip
 from models.lora import LoraArgs, apply_lora, check_targets, merge_lora, trainable_parameters
-from tasks.train.data import eval_mask, is_eval_key, preprocess_batch
-from tasks.train.driver import class_labels_for, steps_plan
+from tasks.train.data import (
+    dataset_heldout_fraction,
+    eval_mask,
+    heldout_fraction,
+    heldout_ref,
+    is_eval_key,
+    preprocess_batch,
+    read_eval_data,
+    read_split,
+)
+from tasks.train.driver import steps_plan
 from tasks.train.loop import cosine_with_warmup
-from vlforge.demo.synth import class_prompts, make_pairs
+from vlforge.demo.synth import make_pairs
 from vlforge.errors import VlforgeError
 
 
@@ -22,6 +31,34 @@ def test_heldout_split_is_deterministic_and_near_the_fraction():
     assert 0.07 < mask.mean() < 0.13
     assert not eval_mask(keys, 0.0).any()
     assert is_eval_key(keys[int(np.argmax(mask))], 0.1)
+
+
+def test_heldout_fraction_holds_out_at_least_the_minimum_and_stays_deterministic():
+    many = [f"img{i:06d}" for i in range(5000)]
+    assert heldout_fraction(many, 0.1) == 0.1  # ~500 held out: the fraction is larger than 200
+    few = many[:600]
+    f = heldout_fraction(few, 0.1)
+    assert f > 0.1 and eval_mask(few, f).sum() == 200 and heldout_fraction(few, 0.1) == f
+    assert all(is_eval_key(k, f) for k in np.array(few)[eval_mask(few, f)])
+    assert eval_mask(many[:100], heldout_fraction(many[:100], 0.1)).sum() == 50  # at most half trains
+    assert eval_mask(few, heldout_fraction(few, 0.1, min_eval_pairs=20)).sum() == eval_mask(few, 0.1).sum()
+    assert heldout_fraction(few, 0.0, min_eval_pairs=0) == 0.0
+
+
+def test_heldout_ref_reads_back_the_same_pairs(settings):
+    from tests.helpers import publish_synthetic_dataset
+
+    dv, _ = publish_synthetic_dataset(settings, "split", n=120, seed=4)
+    f = dataset_heldout_fraction(dv, 0.1, min_eval_pairs=30)
+    ref = heldout_ref(dv, f)
+    assert ref.startswith(f"{dv.ref}#heldout")
+    table = read_eval_data(ref, settings)
+    expected = read_split(dv, f, "eval")
+    assert table.num_rows == 30 and table.column_names == ["image", "caption"]
+    assert table.column("caption").to_pylist() == expected.column("caption").to_pylist()
+    assert read_eval_data(dv.ref, settings).num_rows == 120
+    with pytest.raises(VlforgeError, match="not a fraction"):
+        read_eval_data(f"{dv.ref}#heldoutx", settings)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
@@ -43,13 +80,6 @@ def test_steps_plan_counts_equal_shards_and_rejects_too_little_data():
     assert steps_plan(300, 16, 1, 2, 1) == (9, 9)
     with pytest.raises(VlforgeError, match="too few"):
         steps_plan(20, 32, 1, 1, 1)
-
-
-def test_class_labels_follow_the_caption_class_phrase():
-    prompts = class_prompts()
-    labels = class_labels_for(["a red circle", "picture of a blue cross on a grey background"], prompts)
-    assert [prompts[i] for i in labels] == ["a photo of a red circle", "a photo of a blue cross"]
-    assert class_labels_for(["a dog"], prompts) is None
 
 
 def test_preprocess_batch_drops_heldout_rows_and_yields_tensors(tmp_path):

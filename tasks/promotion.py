@@ -1,0 +1,316 @@
+"""Promotion by evidence: which registered version serves as ``champion``, decided on paired comparisons.
+
+A new version becomes ``champion`` only when it beats the current champion on the same eval pairs by a
+paired-bootstrap margin whose 95% interval lies above zero (on the primary metric: zero-shot accuracy when the
+data has labels, else mean recall); otherwise it becomes ``challenger``. A fine-tune is also compared with
+**its base**: it must beat the base on its domain eval set (interval above zero) and may not lose more than
+``general_margin`` (point estimate of the paired difference) on a general eval set, by default the base's own
+held-out data. The first version of a registered model has nothing to be compared with: it becomes champion
+(a fine-tune only when it passes the gate against its base), and its tags say so.
+
+Every figure goes into the version's tags, the training run's metrics and the returned :class:`Decision`, which
+the CLI prints. :func:`override` is a person's decision (``vlforge promote``), recorded with who and why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import logging
+from dataclasses import asdict, dataclass, field
+
+from tasks.evaluate import MEAN_RECALL, Evaluation, Interval, mlflow_metric_names, paired_difference
+from vlforge import defaults
+from vlforge.errors import ModelNotFoundError, VlforgeError
+from vlforge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+DEFAULT_GENERAL_MARGIN = defaults.GENERAL_MARGIN
+TAG_EVAL_DATA = "vlforge.eval_data"  # the pairs the version was decided on
+TAG_HELDOUT_DATA = "vlforge.heldout_data"  # its training data's held-out split: a fine-tune's general set
+TAG_DECISION = "vlforge.promotion"  # the reason, in words
+TAG_DECIDED_ALIAS = "vlforge.promotion.alias"
+TAG_PROMOTED_BY = "vlforge.promotion.by"  # a person's override: who, and when
+TAG_PROMOTED_AT = "vlforge.promotion.at"
+VS_CHAMPION, VS_BASE_DOMAIN, VS_BASE_GENERAL = "vs_champion", "vs_base_domain", "vs_base_general"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The new version against another model on the same eval pairs, paired bootstrap on ``metric``."""
+
+    kind: str  # vs_champion, vs_base_domain or vs_base_general
+    other: str  # models:/NAME/N it was compared with
+    eval_data: str
+    num_pairs: int
+    metric: str
+    new: Interval
+    old: Interval
+    difference: Interval  # new - old, paired
+
+    @property
+    def beats(self) -> bool:
+        return self.difference.low > 0
+
+    def describe(self) -> str:
+        return (
+            f"{self.metric} {self.new} against {self.old} of {self.other} on {self.num_pairs} pairs of "
+            f"{self.eval_data}: difference {self.difference}"
+        )
+
+    def figures(self) -> dict[str, float]:
+        """Figures named for MLflow metrics and tags: ``<kind>_<metric>_diff``, its interval, both values."""
+        base = f"{self.kind}_{self.metric}"
+        figures = {
+            f"{base}_diff": self.difference.value,
+            f"{base}_diff_ci_low": self.difference.low,
+            f"{base}_diff_ci_high": self.difference.high,
+            f"{base}_new": self.new.value,
+            f"{base}_other": self.old.value,
+            f"{base}_other_ci_low": self.old.low,
+            f"{base}_other_ci_high": self.old.high,
+        }
+        return mlflow_metric_names(figures, prefix="")
+
+
+def compare(kind: str, new: Evaluation, old: Evaluation, other: str) -> Comparison:
+    """Paired comparison of two evaluations of the same pairs on the new one's primary metric (mean recall
+    when the other model was evaluated without labels)."""
+    if new.eval_data != old.eval_data or new.num_pairs != old.num_pairs:
+        raise ValueError(
+            f"cannot pair evaluations of different data: {new.eval_data!r} ({new.num_pairs} pairs) and "
+            f"{old.eval_data!r} ({old.num_pairs} pairs)"
+        )
+    metric = new.primary_metric if new.primary_metric in old.per_pair else MEAN_RECALL
+    diff = paired_difference(new.per_pair[metric], old.per_pair[metric])
+    return Comparison(
+        kind, other, new.eval_data, new.num_pairs, metric, new.intervals[metric], old.intervals[metric], diff
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    alias: str
+    reason: str
+    comparisons: tuple[Comparison, ...] = ()
+    promoted_by: str | None = None  # set when a person decided (vlforge promote)
+
+    def comparison(self, kind: str) -> Comparison | None:
+        return next((c for c in self.comparisons if c.kind == kind), None)
+
+    def lines(self) -> list[str]:
+        """The decision for people: alias and reason, then each comparison with its interval."""
+        who = f" by {self.promoted_by}" if self.promoted_by else ""
+        out = [f"{self.alias}{who}: {self.reason}"]
+        out += [f"  {c.kind.replace('_', ' ')}: {c.describe()}" for c in self.comparisons]
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide(
+    vs_champion: Comparison | None,
+    *,
+    has_champion: bool,
+    fine_tune: bool = False,
+    vs_base_domain: Comparison | None = None,
+    vs_base_general: Comparison | None = None,
+    general_margin: float = DEFAULT_GENERAL_MARGIN,
+    missing: str = "",
+) -> Decision:
+    """The promotion rule on comparisons alone (see the module docstring). ``missing`` says why a comparison
+    the rule needs could not be made; such a version stays challenger."""
+    done = tuple(c for c in (vs_champion, vs_base_domain, vs_base_general) if c is not None)
+
+    def challenger(reason: str) -> Decision:
+        return Decision(CHALLENGER, reason, done)
+
+    if fine_tune:
+        if vs_base_domain is None or vs_base_general is None:
+            return challenger(f"not compared with its base ({missing or 'no base model recorded'})")
+        if not vs_base_domain.beats:
+            return challenger(
+                f"does not beat its base on the domain beyond noise ({vs_base_domain.metric} difference "
+                f"{vs_base_domain.difference}; the 95% interval must lie above 0)"
+            )
+        if vs_base_general.difference.value < -general_margin:
+            return challenger(
+                f"forgets general data: {vs_base_general.metric} {vs_base_general.difference.value:+.4f} "
+                f"against its base, more than the margin {general_margin:g} (interval "
+                f"[{vs_base_general.difference.low:.4f}, {vs_base_general.difference.high:.4f}])"
+            )
+    if not has_champion:
+        gate = "; beats its base on the domain and keeps general data within the margin" if fine_tune else ""
+        return Decision(
+            CHAMPION, f"first version: no champion to compare with, so not shown better than one{gate}", done
+        )
+    if vs_champion is None:
+        return challenger(f"not compared with the champion ({missing or 'no comparable evaluation'})")
+    if not vs_champion.beats:
+        return challenger(
+            f"does not beat champion {vs_champion.other} beyond noise ({vs_champion.metric} difference "
+            f"{vs_champion.difference}; the 95% interval must lie above 0)"
+        )
+    return Decision(
+        CHAMPION,
+        f"beats champion {vs_champion.other}: {vs_champion.metric} difference {vs_champion.difference}",
+        done,
+    )
+
+
+@dataclass
+class _Evaluator:
+    """Evaluates other models on eval-data names, reading each set of pairs once."""
+
+    settings: Settings
+    class_prompts: list[str] | None
+    tables: dict = field(default_factory=dict)
+
+    def __call__(self, model, eval_data: str) -> Evaluation:
+        from tasks.common import load_model
+        from tasks.evaluate import evaluate
+        from tasks.train.data import read_eval_data
+
+        if eval_data not in self.tables:
+            self.tables[eval_data] = read_eval_data(eval_data, self.settings)
+        bundle = load_model(model, self.settings) if isinstance(model, str) else model
+        return evaluate(bundle, self.tables[eval_data], eval_data, class_prompts=self.class_prompts)
+
+
+def promote(
+    client,
+    name: str,
+    version: str,
+    evaluation: Evaluation,
+    *,
+    settings: Settings,
+    run_id: str | None = None,
+    bundle=None,
+    base_model: str | None = None,
+    fine_tune: bool = False,
+    general_eval: str | None = None,
+    general_margin: float = DEFAULT_GENERAL_MARGIN,
+) -> Decision:
+    """Decide ``name``/``version`` (just registered, evaluated as ``evaluation``), set its alias, record why.
+
+    The champion (and, for a fine-tune, ``base_model``) is loaded and evaluated on ``evaluation.eval_data``
+    here, so both sides of each comparison see the same pairs. A fine-tune's general set is ``general_eval``
+    or the base's held-out data (its version's tag); ``bundle`` is the new model (loaded from the registry
+    when not given) for that set. Figures go to the version's tags and, with ``run_id``, the run's metrics.
+    """
+    evaluator = _Evaluator(settings, list(evaluation.class_prompts or ()) or None)
+    champion = _alias_version(client, name, CHAMPION)
+    has_champion = champion is not None and str(champion.version) != str(version)
+    vs_champion = domain = general = None
+    missing = []
+    if has_champion:
+        uri = f"models:/{name}/{champion.version}"
+        try:
+            vs_champion = compare(VS_CHAMPION, evaluation, evaluator(uri, evaluation.eval_data), uri)
+        except VlforgeError as exc:
+            missing.append(f"champion: {exc}")
+    if fine_tune and base_model:
+        try:
+            base = _pinned(base_model, settings)
+            general_ref = general_eval or _heldout_data(base, settings)
+            domain = compare(VS_BASE_DOMAIN, evaluation, evaluator(base, evaluation.eval_data), base)
+            if general_ref is None:
+                raise VlforgeError(f"{base} records no held-out data; give a general eval set")
+            new_model = bundle if bundle is not None else f"models:/{name}/{version}"
+            general = compare(
+                VS_BASE_GENERAL, evaluator(new_model, general_ref), evaluator(base, general_ref), base
+            )
+        except VlforgeError as exc:
+            missing.append(f"base: {exc}")
+    decision = decide(
+        vs_champion,
+        has_champion=has_champion,
+        fine_tune=fine_tune,
+        vs_base_domain=domain,
+        vs_base_general=general,
+        general_margin=general_margin,
+        missing="; ".join(missing),
+    )
+    record(client, name, version, decision, run_id=run_id)
+    return decision
+
+
+def record(client, name: str, version: str, decision: Decision, *, run_id: str | None = None) -> None:
+    """Set the alias; the reason and every comparison's figures as version tags (and run metrics)."""
+    client.set_registered_model_alias(name, decision.alias, str(version))
+    tags = {TAG_DECISION: decision.reason[:4000], TAG_DECIDED_ALIAS: decision.alias}
+    for c in decision.comparisons:
+        tags[f"vlforge.{c.kind}.model"] = c.other
+        tags[f"vlforge.{c.kind}.eval_data"] = c.eval_data
+        tags.update({f"vlforge.{k}": f"{v:.6g}" for k, v in c.figures().items()})
+        if run_id is not None:
+            for k, v in c.figures().items():
+                client.log_metric(run_id, k, v)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    log.info("%s version %s -> %s (%s)", name, version, decision.alias, decision.reason)
+
+
+def override(
+    uri: str, alias: str, settings: Settings, *, reason: str | None = None, user: str | None = None
+) -> Decision:
+    """A person's decision: give the registered version ``uri`` the ``alias`` (``vlforge promote``), recorded
+    in its tags with who, when and why."""
+    from vlforge.registry import registered_version
+    from vlforge.tracking import configure
+
+    mv = registered_version(uri, settings)
+    if mv is None:
+        raise ModelNotFoundError(f"promote needs a registered model URI (models:/NAME/N), got {uri!r}")
+    client = configure(settings)
+    previous = _alias_version(client, mv.name, alias)
+    user = user or _current_user()
+    text = f"set by hand: {reason or 'no reason given'}"
+    if previous is not None and str(previous.version) != str(mv.version):
+        text += f" (replaces version {previous.version})"
+    client.set_registered_model_alias(mv.name, alias, str(mv.version))
+    if alias == CHAMPION and CHALLENGER in (mv.aliases or []):
+        client.delete_registered_model_alias(mv.name, CHALLENGER)
+    now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    tags = {TAG_DECISION: text[:4000], TAG_DECIDED_ALIAS: alias, TAG_PROMOTED_BY: user, TAG_PROMOTED_AT: now}
+    for key, value in tags.items():
+        client.set_model_version_tag(mv.name, str(mv.version), key, value)
+    log.info("%s version %s -> %s by %s (%s)", mv.name, mv.version, alias, user, text)
+    return Decision(alias, text, promoted_by=user)
+
+
+def _current_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name (some containers)
+        return "unknown"
+
+
+def _alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _pinned(uri: str, settings: Settings) -> str:
+    """``models:/NAME@ALIAS`` as the version it names now; other URIs unchanged."""
+    from vlforge.registry import registered_version
+
+    mv = registered_version(uri, settings)
+    return f"models:/{mv.name}/{mv.version}" if mv is not None else uri
+
+
+def _heldout_data(uri: str, settings: Settings) -> str | None:
+    """The eval-data name of a registered model's held-out split (else the data it was decided on)."""
+    from vlforge.registry import registered_version
+
+    mv = registered_version(uri, settings)
+    tags = (mv.tags or {}) if mv is not None else {}
+    return tags.get(TAG_HELDOUT_DATA) or tags.get(TAG_EVAL_DATA)
