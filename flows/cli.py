@@ -342,10 +342,14 @@ def demo(
     out.print(f"dataset version: {summary['dataset_version']} (seed set: {summary['seed_dataset']})")
     out.print(f"mismatched pairs removed by the CLIP filter: {summary['mismatched_removed']:.1%}")
     out.print(f"matched pairs kept: {summary['matched_kept']:.1%}")
+    out.print(f"eval set: {summary['eval_dataset']}; fine-tuning domain: {summary['domain_dataset']}")
+    for what, decision in summary["decisions"].items():
+        alias = summary["aliases"][what] or "not registered"
+        out.print(f"[bold]{what}[/] {summary['models'][what]} -> {alias}", highlight=False)
+        for line in decision:
+            out.print(f"  {line.strip()}", highlight=False)
     for stage, run_id in summary["runs"].items():
         out.print(f"MLflow run ({stage}): {run_id}")
-    for what, uri in summary["models"].items():
-        out.print(f"model ({what}): {uri}")
     out.print(f"MLflow UI: mlflow ui --backend-store-uri {redact(s.tracking_uri)}")
 
 

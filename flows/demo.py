@@ -1,9 +1,14 @@
 """The end-to-end demo on the embedded defaults: synthetic data served on 127.0.0.1, local storage, MLflow on
 SQLite, local Ray, Prefect's ephemeral API.
 
-The curate step needs a CLIP that already knows the data, so the demo bootstraps one: it pretrains the tiny
-model on a small clean seed set and registers it (``vlforge-clip@champion``), then scores the noisy pool with
-that registry URI. The filter then does something real offline, and the registry is consumed by the pipeline.
+The curate step needs a CLIP that already knows the data, so the demo bootstraps one: it pretrains the default
+recipe on a small clean seed set and registers it (``vlforge-clip``, the first version: champion), then scores the
+noisy pool with that registry URI and pretrains on the curated pool from it. Every CLIP of that line is judged on
+one labelled eval set (``demo-eval``); the curated model becomes champion only if it beats the bootstrap model
+there beyond noise. The LoRA fine-tune adapts the champion to a domain it has never seen (the same classes on dark,
+noisy backgrounds: ``demo-domain``) and is promoted only if it beats its base on that domain and keeps the general
+eval set within the margin. The summary prints each model's figures with 95% intervals and the registry's
+decisions with their reasons, whichever way they went.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from vlforge import defaults, tracking
 from vlforge.artifacts import publish
 from vlforge.datasets import resolve_dataset
 from vlforge.demo.server import ImageServer, write_url_list
-from vlforge.demo.synth import make_pairs
+from vlforge.demo.synth import class_prompts, make_pairs
 from vlforge.settings import get_settings
 
 DEMO_PORT = int(os.environ.get("VLFORGE_DEMO_PORT", "8730"))
@@ -36,6 +41,11 @@ class DemoSummary:
     matched_kept: float  # share of matched pairs it kept
     runs: dict[str, str] = field(default_factory=dict)  # stage -> MLflow run id
     models: dict[str, str] = field(default_factory=dict)  # what -> registered model URI
+    eval_dataset: str = ""  # the labelled set every CLIP of the line is judged on
+    domain_dataset: str = ""  # the fine-tune's domain
+    aliases: dict[str, str | None] = field(default_factory=dict)  # what -> alias the registry gave it
+    decisions: dict[str, list[str]] = field(default_factory=dict)  # what -> the decision and its comparisons
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # what -> eval metrics with intervals
 
 
 def _start_server() -> ImageServer:
@@ -67,74 +77,83 @@ def demo(
     pool_size: int = 600,
     mismatch_fraction: float = 0.3,
     top_fraction: float = 0.6,
+    eval_size: int = 240,
+    domain_size: int = 400,
     seed_epochs: int = 8,
-    epochs: int = 3,
+    epochs: int = 4,
     finetune_epochs: int = 3,
 ) -> dict:
-    """Bootstrap a scorer on a clean seed set, curate a noisy pool with it, pretrain and LoRA fine-tune."""
+    """Bootstrap a scorer on a clean seed set, curate a noisy pool with it, pretrain on the curated pool, LoRA
+    fine-tune to a new domain; every model judged with intervals, promoted only on evidence."""
     settings = get_settings()
     lists_dir = os.path.join(
         settings.storage_uri if not settings.storage_is_remote else ".vlforge-demo", "demo"
     )
     os.makedirs(lists_dir, exist_ok=True)
-    seed_pairs = make_pairs(seed_size, 0.0, seed=1, prefix="seed")
-    pool_pairs = make_pairs(pool_size, mismatch_fraction, seed=2, prefix="pool")
+    sets = {
+        "seed": make_pairs(seed_size, 0.0, seed=1, prefix="seed"),
+        "pool": make_pairs(pool_size, mismatch_fraction, seed=2, prefix="pool"),
+        "eval": make_pairs(eval_size, 0.0, seed=3, prefix="eval"),
+        "domain": make_pairs(domain_size, 0.0, seed=4, prefix="domain", domain="noisy"),
+    }
+    prompts = class_prompts()
     srv = _start_server()
+    refs: dict[str, dict] = {}
     try:
-        seed_list = write_url_list(f"{lists_dir}/seed.csv", seed_pairs, srv.add_pairs(seed_pairs))
-        pool_list = write_url_list(f"{lists_dir}/pool.csv", pool_pairs, srv.add_pairs(pool_pairs))
+        lists = {k: write_url_list(f"{lists_dir}/{k}.csv", v, srv.add_pairs(v)) for k, v in sets.items()}
         common = dict(allow_private_networks=True, shard_size=max(100, pool_size // 2))
-        seed_ref = refresh_dataset(
-            RefreshParams(
-                source="demo-seed",
-                location=seed_list,
-                dataset="demo-seed",
-                scorer=None,
-                top_fraction=None,
-                **common,
-            )
-        )
+        for what in ("seed", "eval", "domain"):
+            refs[what] = refresh_dataset(
+                RefreshParams(source=f"demo-{what}", location=lists[what], dataset=f"demo-{what}", scorer=None,
+                              top_fraction=None, **common)
+            )  # fmt: skip
+        judged = dict(eval_dataset="demo-eval", class_prompts=prompts, min_eval_pairs=0)
         boot = train(
-            TrainParams(dataset="demo-seed", pretraining=PretrainArgs(epochs=seed_epochs), finetune=False)
-        )
-        pool_ref = refresh_dataset(
-            RefreshParams(
-                source="demo-pool",
-                location=pool_list,
-                dataset="demo",
-                scorer=defaults.DEFAULT_MODEL_URI,
-                top_fraction=top_fraction,
-                **common,
+            TrainParams(
+                dataset="demo-seed", pretraining=PretrainArgs(epochs=seed_epochs, **judged), finetune=False
             )
         )
+        refs["pool"] = refresh_dataset(
+            RefreshParams(source="demo-pool", location=lists["pool"], dataset="demo",
+                          scorer=defaults.DEFAULT_MODEL_URI, top_fraction=top_fraction, **common)
+        )  # fmt: skip
     finally:
         srv.stop()
     trained = train(
         TrainParams(
             dataset="demo",
-            pretraining=PretrainArgs(init=defaults.DEFAULT_MODEL_URI, epochs=epochs),
-            finetuning=FinetuneArgs(epochs=finetune_epochs),
+            pretraining=PretrainArgs(init=defaults.DEFAULT_MODEL_URI, epochs=epochs, **judged),
+            finetune_dataset="demo-domain",
+            finetuning=FinetuneArgs(epochs=finetune_epochs, class_prompts=prompts, general_eval="demo-eval"),
         )
     )
     removed, kept = filter_quality("demo")
+    stages = {
+        "bootstrap": boot["pretrain"],
+        "pretrained": trained["pretrain"],
+        "fine-tuned": trained["finetune"],
+    }
     summary = DemoSummary(
-        seed_dataset=seed_ref["dataset_version"],
-        dataset_version=pool_ref["dataset_version"],
+        seed_dataset=refs["seed"]["dataset_version"],
+        dataset_version=refs["pool"]["dataset_version"],
         mismatched_removed=removed,
         matched_kept=kept,
         runs={
             "bootstrap pretrain": boot["pretrain"]["run_id"],
-            "curate": pool_ref.get("mlflow_run_id") or "",
+            "curate": refs["pool"].get("mlflow_run_id") or "",
             "pretrain": trained["pretrain"]["run_id"],
             "finetune": trained["finetune"]["run_id"],
         },
         models={
-            "bootstrap": boot["pretrain"]["model_uri"],
-            "pretrained": trained["pretrain"]["model_uri"],
+            **{what: st["model_uri"] for what, st in stages.items()},
             "pretrained champion": f"models:/{tracking.PRETRAINED_MODEL}@champion",
-            "fine-tuned": trained["finetune"]["model_uri"],
             "fine-tuned champion": f"models:/{tracking.LORA_MODEL}@champion",
         },
+        eval_dataset=refs["eval"]["dataset_version"],
+        domain_dataset=refs["domain"]["dataset_version"],
+        aliases={what: st["alias"] for what, st in stages.items()},
+        decisions={what: st["decision"] for what, st in stages.items()},
+        metrics={what: _judged_metrics(st["metrics"]) for what, st in stages.items()},
     )
     publish(
         "demo",
@@ -142,6 +161,8 @@ def demo(
         [
             f"Dataset version: `{summary.dataset_version}` (seed: `{summary.seed_dataset}`)",
             f"Mismatched pairs removed by the CLIP filter: {removed:.1%}; matched pairs kept: {kept:.1%}",
+            *[f"- {what}: `{summary.models[what]}` -> {summary.aliases[what]}" for what in stages],
+            *[f"  - {line.strip()}" for what in stages for line in summary.decisions[what]],
         ],
         {
             "MLflow runs": [{"stage": k, "run_id": v} for k, v in summary.runs.items()],
@@ -149,3 +170,9 @@ def demo(
         },
     )
     return asdict(summary)
+
+
+def _judged_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The figures a person reads first: zero-shot accuracy and recall@1 on each eval set, with intervals."""
+    keep = ("zeroshot_accuracy", "i2t_recall_at_1", "mean_recall")
+    return {k: v for k, v in metrics.items() if any(k.endswith(x) or f"{x}_ci_" in k for x in keep)}

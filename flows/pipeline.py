@@ -146,8 +146,12 @@ def train(params: TrainParams) -> dict:
     publish(
         "train",
         f"Training on {params.dataset}",
-        [f"- {r['stage']}: `{r['model_uri']}` ({r['alias'] or 'not registered'})" for r in rows],
-        {"Models": [{k: v for k, v in r.items() if k != "metrics"} for r in rows], "Metrics": metric_rows},
+        [f"- {r['stage']}: `{r['model_uri']}` ({r['alias'] or 'not registered'})" for r in rows]
+        + [f"  - {line.strip()}" for r in rows for line in r["decision"]],
+        {
+            "Models": [{k: v for k, v in r.items() if k not in ("metrics", "decision")} for r in rows],
+            "Metrics": metric_rows,
+        },
         links,
     )
     return out
@@ -159,6 +163,7 @@ def _train_summary(result) -> dict:
         "run_id": result.run_id,
         "model_uri": reg.uri if reg else result.model_uri,
         "alias": reg.alias if reg else None,
+        "decision": reg.decision.lines() if reg and reg.decision else [],
         "metrics": {k: round(float(v), 4) for k, v in (result.metrics or {}).items()},
     }
 

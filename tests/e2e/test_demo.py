@@ -14,38 +14,55 @@ from vlforge.demo.synth import make_pairs
 pytestmark = pytest.mark.slow
 
 
-def test_demo_filters_mismatches_and_registers_a_lora_champion(settings, ray_local, tmp_path):
+def test_demo_filters_mismatches_and_promotes_only_on_evidence(settings, ray_local, tmp_path):
     import mlflow
 
     from flows.demo import demo
     from vlforge import tracking
 
-    summary = demo(seed_size=200, pool_size=200, mismatch_fraction=0.3, top_fraction=0.6)
+    summary = demo(seed_size=200, pool_size=240, eval_size=160, domain_size=240, mismatch_fraction=0.3,
+                   top_fraction=0.6)  # fmt: skip
 
     # Most deliberately mismatched pairs are removed, most matched pairs kept.
     assert summary["mismatched_removed"] > 0.6, summary
     assert summary["matched_kept"] > 0.6, summary
-    assert summary["models"]["fine-tuned champion"] == "models:/vlforge-clip-lora@champion"
 
-    # MLflow shows the curated dataset version as an input of the training runs.
+    # Every registered model was judged with intervals, and the registry's alias follows its decision.
+    assert summary["aliases"]["bootstrap"] == "champion"  # the first version
+    for what in ("pretrained", "fine-tuned"):
+        decision = summary["decisions"][what]
+        assert decision[0].startswith(summary["aliases"][what]), decision
+        assert any("[" in line and "difference" in line for line in decision[1:]), decision
+    assert "vs champion" in " ".join(summary["decisions"]["pretrained"])
+    fine = " ".join(summary["decisions"]["fine-tuned"])
+    assert "vs base domain" in fine and "vs base general" in fine and "demo-eval" in fine
+    assert any(k.endswith("zeroshot_accuracy_ci_low") for k in summary["metrics"]["pretrained"])
+
+    # MLflow shows the curated dataset version as an input of the pretraining, the domain of the fine-tune.
     tracking.configure(settings)
-    for stage in ("pretrain", "finetune"):
+    for stage, version in (("pretrain", summary["dataset_version"]), ("finetune", summary["domain_dataset"])):
         run = mlflow.get_run(summary["runs"][stage])
         names = [d.dataset.name for d in run.inputs.dataset_inputs]
-        assert summary["dataset_version"] in names, (stage, names)
-        assert run.data.tags[tracking.TAG_DATASET_VERSION] == summary["dataset_version"].split("@", 1)[1]
+        assert version in names, (stage, names)
+        assert run.data.tags[tracking.TAG_DATASET_VERSION] == version.split("@", 1)[1]
 
-    # Lineage: back from the LoRA champion to the URL list that fed it, forward from the dataset to its models.
+    # Lineage, the flywheel: the fine-tune back to its domain list, its base, the curated pool, the pool's URL
+    # list and the scorer that curated it, with the scorer's own chain back to the seed list.
     from vlforge.lineage import models_trained_on, walk_back
 
-    back = walk_back("models:/vlforge-clip-lora@champion", settings)
-    assert back.dataset == summary["dataset_version"]
-    assert any(u.endswith("pool.csv") for u in back.url_lists), back
-    assert back.base is not None and back.base.model.startswith("models:/vlforge-clip/")
+    back = walk_back(summary["models"]["fine-tuned"], settings)
+    assert back.dataset == summary["domain_dataset"]
+    assert any(u.endswith("domain.csv") for u in back.url_lists), back
+    base = back.base
+    assert base is not None and base.model.startswith("models:/vlforge-clip/")
+    pretrained = walk_back(summary["models"]["pretrained"], settings)
+    assert pretrained.dataset == summary["dataset_version"]
+    assert any(u.endswith("pool.csv") for u in pretrained.url_lists), pretrained
+    assert pretrained.scorer is not None and any(u.endswith("seed.csv") for u in pretrained.scorer.url_lists)
     forward = models_trained_on(summary["dataset_version"], settings)
-    assert back.model in forward and any(u.startswith("models:/vlforge-clip/") for u in forward), forward
+    assert pretrained.model in forward, forward
 
-    # In a new process, the registered LoRA model loads from the registry and ranks matched above mismatched.
+    # In a new process, the pretrained champion loads from the registry and ranks matched above mismatched.
     pairs = make_pairs(24, 0.5, seed=77)
     probe = tmp_path / "probe.json"
     probe.write_text(
@@ -54,7 +71,7 @@ def test_demo_filters_mismatches_and_registers_a_lora_champion(settings, ray_loc
     code = f"""
 import json, mlflow, pandas as pd
 rows = json.load(open({str(probe)!r}))
-model = mlflow.pyfunc.load_model("models:/vlforge-clip-lora@champion")
+model = mlflow.pyfunc.load_model("models:/vlforge-clip@champion")
 out = model.predict(pd.DataFrame({{"image": [bytes.fromhex(r["image"]) for r in rows], "text": [r["text"] for r in rows]}}))
 good = [s for s, r in zip(out["score"], rows) if r["matched"]]
 bad = [s for s, r in zip(out["score"], rows) if not r["matched"]]

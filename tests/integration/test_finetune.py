@@ -21,7 +21,8 @@ CHECK = textwrap.dedent(
     from tasks.common import load_model
     from vlforge.demo.synth import make_pairs
     from vlforge.settings import get_settings
-    bundle = load_model("models:/vlforge-clip-lora@champion", get_settings())
+    import sys
+    bundle = load_model(sys.argv[1], get_settings())
     good = make_pairs(48, 0.0, seed=11)
     bad = make_pairs(48, 1.0, seed=11)  # same images, captions naming another colour and shape
     s_good = bundle.score([p.image for p in good], [p.caption for p in good])
@@ -31,13 +32,20 @@ CHECK = textwrap.dedent(
 )
 
 
-def test_finetune_lora_on_the_champion_registers_a_merged_lora_champion(settings, ray_local):
+def test_finetune_lora_on_the_champion_registers_a_merged_lora_decided_against_its_base(settings, ray_local):
     dv, _ = publish_synthetic_dataset(settings, "seed", n=192, seed=5)
     base = pretrain("seed", settings, epochs=6, batch_size=32)
     assert base.registered.alias == "champion"
 
     result = finetune("seed", settings, epochs=2, batch_size=32, lora_r=4)
-    assert result.registered.name == "vlforge-clip-lora" and result.registered.alias == "champion"
+    reg = result.registered
+    assert reg.name == "vlforge-clip-lora"
+    # Promotion by evidence: compared with its base on the domain (here its base's own data) and on the base's
+    # held-out data; champion only when it wins on the domain and loses at most the margin on the general set.
+    domain, general = reg.decision.comparison("vs_base_domain"), reg.decision.comparison("vs_base_general")
+    assert domain is not None and general is not None and domain.other == base.model_uri
+    passes = domain.beats and general.difference.value >= -0.05
+    assert reg.alias == ("champion" if passes else "challenger"), reg.decision.lines()
     run = configure(settings).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[TAG_BASE_MODEL] == base.model_uri  # the alias pinned to the version it named
@@ -45,7 +53,7 @@ def test_finetune_lora_on_the_champion_registers_a_merged_lora_champion(settings
     assert not any(f.startswith("adapter") for f in os.listdir(result.model_dir))  # merged, plain CLIP
 
     out = subprocess.run(
-        [sys.executable, "-c", CHECK], capture_output=True, text=True, check=True, cwd=os.getcwd()
+        [sys.executable, "-c", CHECK, reg.uri], capture_output=True, text=True, check=True, cwd=os.getcwd()
     ).stdout
     good, bad = map(float, out.split("SCORES", 1)[1].split())
     assert good > bad + 0.1
