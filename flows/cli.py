@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from models.recipes import DEFAULT_RECIPE
 from vlforge import console as ui
 from vlforge.errors import VlforgeError
 
@@ -253,8 +254,8 @@ def curate(
 def pretrain(
     dataset: Annotated[str, typer.Option(help="NAME or NAME@VERSION.")],
     recipe: Annotated[
-        str, typer.Option(help="Recipe in models/configs (clip-tiny, clip-vit-b-32).")
-    ] = "clip-tiny",
+        str, typer.Option(help="Recipe in models/configs (clip-small-64, clip-tiny, clip-vit-b-32).")
+    ] = DEFAULT_RECIPE,
     init: Annotated[str | None, typer.Option(help="Start from this model URI instead of scratch.")] = None,
     epochs: int = 10,
     batch_size: int = 32,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from models.recipes import DEFAULT_RECIPE
 from tasks.curate.filters import FilterConfig
 from vlforge.netguard import parse_network
 
@@ -74,7 +75,7 @@ class TrainParams(BaseModel):
     dataset: str = Field(..., description="Dataset to train on: NAME (newest version) or NAME@VERSION.")
     epochs: int = Field(10, gt=0, description="Pretraining epochs.")
     recipe: str = Field(
-        "clip-tiny", description="Model recipe for training from scratch (models/configs/*.json)."
+        DEFAULT_RECIPE, description="Model recipe for training from scratch (models/configs/*.json)."
     )
     init: str | None = Field(
         None, description="Start from this model (MLflow URI, folder, HF id) instead of scratch."

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# The recipe a training from scratch gets when none is named (the CLI, the flows, the demo); see BENCHMARKS.md
+# "Recipes" for why: clip-tiny (32 px) learns colours but hardly shapes.
+DEFAULT_RECIPE = "clip-small-64"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,12 @@ def publish_synthetic_dataset(
 ) -> tuple[DatasetVersion, list[SynthPair]]:
     """Publish a dataset version in DESIGN's data contract from synthetic pairs."""
     pairs = make_pairs(n, mismatch_fraction, seed=seed)
+    return publish_pairs(settings, name, pairs), pairs
+
+
+def publish_pairs(settings: Settings, name: str, pairs) -> DatasetVersion:
+    """Publish pairs (anything with ``key``, ``image``, ``caption`` and ``matched``) as a dataset version."""
+    n = len(pairs)
     sizes = [image_size(p.image) for p in pairs]
     table = pa.table(
         {
@@ -42,8 +48,7 @@ def publish_synthetic_dataset(
     )
     writer = VersionWriter(settings, name)
     writer.write_table("data", table)
-    dv = writer.publish({"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}})
-    return dv, pairs
+    return writer.publish({"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}})
 
 
 def write_raw_batch(
