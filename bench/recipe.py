@@ -74,7 +74,17 @@ def train_inprocess(recipe, pairs, args) -> tuple[object, float]:
 
     t0 = time.perf_counter()
     bundle = train_in_process(
-        recipe, pairs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup
+        recipe,
+        pairs,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        on_epoch=lambda e, loss: print(
+            f"  {recipe.name} epoch {e + 1}: loss {loss:.3f}, {time.perf_counter() - t0:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        ),
     )
     return bundle, (time.perf_counter() - t0) / args.epochs
 

@@ -254,7 +254,7 @@ def curate(
 def pretrain(
     dataset: Annotated[str, typer.Option(help="NAME or NAME@VERSION.")],
     recipe: Annotated[
-        str, typer.Option(help="Recipe in models/configs (clip-small-64, clip-tiny, clip-vit-b-32).")
+        str, typer.Option(help="Recipe in models/configs (clip-tiny, clip-small-64, clip-vit-b-32).")
     ] = DEFAULT_RECIPE,
     init: Annotated[str | None, typer.Option(help="Start from this model URI instead of scratch.")] = None,
     epochs: int = 10,

@@ -145,10 +145,12 @@ def train_in_process(
     weight_decay: float = 0.1,
     warmup_steps: int = 10,
     seed: int = 0,
+    on_epoch=None,
 ):
     """A CLIP of ``recipe`` trained on ``pairs`` with what ``tasks.train.loop`` does on one worker: the same
     model (``build_clip``), loss (``global_clip_loss``), AdamW, cosine-with-warmup schedule, temperature clamp,
-    per-epoch shuffle and random flips (``augment_batch``), without Ray. Returns the bundle."""
+    per-epoch shuffle and random flips (``augment_batch``), without Ray; ``on_epoch(epoch, last loss)`` after
+    each epoch. Returns the bundle."""
     import torch
 
     from models.clip import build_clip, global_clip_loss
@@ -177,5 +179,7 @@ def train_in_process(
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100.0))
+        if on_epoch is not None:
+            on_epoch(epoch, float(loss.detach()))
     model.eval()
     return bundle
