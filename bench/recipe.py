@@ -36,8 +36,6 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "tiny-64px": ("clip-tiny", {"image_size": 64}),
     "tiny-w128-l4": ("clip-tiny", {"vision": (128, 4), "text": (128, 4)}),
     "clip-small-64": ("clip-small-64", {}),
-    "small-64-text128": ("clip-small-64", {"text": (128, 4)}),
-    "small-64-p16": ("clip-small-64", {"patch_size": 16}),
 }
 
 
