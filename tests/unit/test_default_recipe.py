@@ -15,18 +15,20 @@ from tests.shapes30 import make_shape_pairs, train_in_process, zeroshot
 
 pytestmark = pytest.mark.slow
 
-# A model that knows every colour and no shape picks the right one of a colour's 5 shapes 1 time in 5.
-COLOUR_ONLY_CEILING = 1 / 5
-# Issue #14 asks for 0.5; no recipe measured reaches it yet (clip-tiny 0.355 at these settings): what is asserted
-# is that the default learns shapes at all, with a margin over the colour-only ceiling.
-MIN_ZEROSHOT = 0.3
+# Issue #14's target. A model that knows every colour and no shape gets 1 in 5 (a colour's 5 shapes).
+TARGET_ZEROSHOT = 0.5
 
 
-def test_default_recipe_learns_shapes_beyond_colour_on_a_held_out_task():
+# Strict: the day the default recipe reaches the target this XPASS fails, and the marker must go.
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #14 target not reached: clip-tiny measures 0.26-0.36 here (BENCHMARKS.md 'Recipes')",
+)
+def test_default_recipe_learns_shapes_on_a_held_out_task():
     import torch
 
     torch.set_num_threads(1)  # a shared 2-core machine: 2 OpenMP threads spin against other work
     bundle = train_in_process(DEFAULT_RECIPE, make_shape_pairs(800, seed=0), epochs=15)
     test = make_shape_pairs(600, seed=1000, prefix="test")
     accuracy = zeroshot(bundle, test)
-    assert accuracy >= MIN_ZEROSHOT > COLOUR_ONLY_CEILING, accuracy
+    assert accuracy >= TARGET_ZEROSHOT, accuracy
