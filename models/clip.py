@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.imageproc import resize_center_crop
-from models.recipes import ClipRecipe, clip_config, load_recipe
+from models.recipes import DEFAULT_RECIPE, ClipRecipe, clip_config, load_recipe
 from models.tokenizer import train_tokenizer
 from vlforge.errors import ModelNotFoundError
 
@@ -147,7 +147,9 @@ def fold_quick_gelu(model: torch.nn.Module) -> int:
     return folded
 
 
-def build_clip(recipe: str | ClipRecipe = "clip-tiny", captions: Sequence[str] | None = None, seed: int = 0):
+def build_clip(
+    recipe: str | ClipRecipe = DEFAULT_RECIPE, captions: Sequence[str] | None = None, seed: int = 0
+):
     """A randomly initialised CLIP from a recipe. A ``train`` tokenizer is fitted on ``captions`` offline."""
     from transformers import CLIPModel
 

@@ -33,6 +33,13 @@ def publish_synthetic_dataset(
     Image layout, as curate publishes it; ``labels``: with a ``label`` column naming each image's true class,
     "red circle", as a labelled eval set has)."""
     pairs = make_pairs(n, mismatch_fraction, seed=seed, prefix=prefix)
+    return publish_pairs(settings, name, pairs, labels=labels), pairs
+
+
+def publish_pairs(settings: Settings, name: str, pairs, labels: bool = False) -> DatasetVersion:
+    """Publish pairs (anything with ``key``, ``image``, ``caption`` and ``matched``; ``colour`` and ``shape`` with
+    ``labels``) as a dataset version."""
+    n = len(pairs)
     sizes = [image_size(p.image) for p in pairs]
     images = pa.array([p.image for p in pairs], pa.binary())
     table = pa.table(
@@ -53,8 +60,7 @@ def publish_synthetic_dataset(
     )
     writer = VersionWriter(settings, name)
     writer.write_table("data", with_hf_features(table))
-    dv = writer.publish({"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}})
-    return dv, pairs
+    return writer.publish({"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}})
 
 
 def write_raw_batch(

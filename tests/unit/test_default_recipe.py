@@ -1,0 +1,34 @@
+"""The default recipe learns shape as well as colour from a small clean set it was never tuned on (issue #14).
+
+Trained from scratch on ``tests/shapes30.py`` (30 colour x shape classes, none of them the demo's) with the
+training loop's model, loss, optimizer, schedule, augmentation and default batch size and learning rate,
+in-process; zero-shot accuracy over the 30 class prompts on images generated separately. ``bench/recipe.py``
+compares the candidate recipes (and the scorer's top-60 % cut) on the same task; BENCHMARKS.md "Recipes".
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from models.recipes import DEFAULT_RECIPE
+from tests.shapes30 import make_shape_pairs, train_in_process, zeroshot
+
+pytestmark = pytest.mark.slow
+
+# Issue #14's target. A model that knows every colour and no shape gets 1 in 5 (a colour's 5 shapes).
+TARGET_ZEROSHOT = 0.5
+
+
+# Strict: the day the default recipe reaches the target this XPASS fails, and the marker must go.
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue #14 target not reached: clip-tiny measures 0.26-0.36 here (BENCHMARKS.md 'Recipes')",
+)
+def test_default_recipe_learns_shapes_on_a_held_out_task():
+    import torch
+
+    torch.set_num_threads(1)  # a shared 2-core machine: 2 OpenMP threads spin against other work
+    bundle = train_in_process(DEFAULT_RECIPE, make_shape_pairs(800, seed=0), epochs=15)
+    test = make_shape_pairs(600, seed=1000, prefix="test")
+    accuracy = zeroshot(bundle, test)
+    assert accuracy >= TARGET_ZEROSHOT, accuracy
