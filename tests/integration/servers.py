@@ -7,6 +7,7 @@ subprocesses of ``vlforge serve``). Output goes to a log file whose tail is show
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -117,3 +118,29 @@ def background(
         yield server
     finally:
         server.stop(grace)
+
+
+MLFLOW_SERVE_STARTUP_S = 240
+
+
+@contextlib.contextmanager
+def mlflow_models_serve(model_uri: str, tmp: Path, env: dict[str, str]) -> Iterator[str]:
+    """``mlflow models serve`` of ``model_uri`` on 127.0.0.1 in the current environment (``--env-manager local``);
+    yields the base URL once ``/ping`` answers. The server execs ``uvicorn`` from PATH, so this venv's bin comes
+    first on it."""
+    port = free_port()
+    env = {**env, "PATH": str(BIN) + os.pathsep + env.get("PATH", "")}
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    cmd += ["-p", str(port), "-h", "127.0.0.1"]
+    with background("mlflow models serve", cmd, env, tmp / "serve.log", cwd=tmp, grace=20) as server:
+        base = f"http://127.0.0.1:{port}"
+        server.wait_http(base + "/ping", MLFLOW_SERVE_STARTUP_S)
+        yield base
+
+
+def post_json(url: str, payload: dict) -> dict:
+    response = httpx.post(
+        url, content=json.dumps(payload), headers={"Content-Type": "application/json"}, timeout=60
+    )
+    response.raise_for_status()
+    return response.json()

@@ -4,61 +4,18 @@ real image (base64) and caption: embeddings and a score."""
 from __future__ import annotations
 
 import base64
-import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 
 from tasks.evaluate import Evaluation
 from tasks.register import register_model
+from tests.integration.servers import mlflow_models_serve, post_json
 from vlforge.demo.synth import make_pairs
 from vlforge.tracking import PRETRAINED_MODEL, configure, ensure_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-STARTUP_TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post_json(url: str, payload: dict) -> dict:
-    req = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
-
-
-def wait_for_ping(proc: subprocess.Popen, url: str, log_path: str) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{tail(log_path)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"no /ping answer in {STARTUP_TIMEOUT_S}s:\n{tail(log_path)}")
-
-
-def tail(path: str, chars: int = 3000) -> str:
-    with open(path) as f:
-        return f.read()[-chars:]
 
 
 @pytest.fixture
@@ -82,23 +39,8 @@ def champion(settings, tmp_path):
 
 def test_models_serve_answers_with_embeddings_and_score(settings, champion, tmp_path):
     pairs = champion
-    port = free_port()
-    bindir = os.path.dirname(sys.executable)  # the server execs `uvicorn` from PATH
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": settings.tracking_uri,
-        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-    }
-    cmd = [os.path.join(bindir, "mlflow"), "models", "serve", "-m", f"models:/{PRETRAINED_MODEL}@champion"]
-    cmd += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
-    log_path = str(tmp_path / "serve.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_ping(proc, base + "/ping", log_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri}
+    with mlflow_models_serve(f"models:/{PRETRAINED_MODEL}@champion", tmp_path, env) as base:
         both = post_json(
             base + "/invocations",
             {
@@ -121,10 +63,3 @@ def test_models_serve_answers_with_embeddings_and_score(settings, champion, tmp_
         )["predictions"]
         assert set(texts_only[0]) == {"text_embedding"}
         assert texts_only[0]["text_embedding"] == pytest.approx(both[0]["text_embedding"], abs=1e-5)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the uvicorn it started, nothing else
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

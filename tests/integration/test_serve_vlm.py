@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
 
-from tests.integration.test_serve_model import free_port, post_json, wait_for_ping
+from tests.integration.servers import mlflow_models_serve, post_json
 from vlforge.demo.synth import make_pairs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,20 +39,9 @@ def test_models_serve_answers_with_generated_text(tmp_path):
     prompts = ["What colour is the shape?", "Describe the image."]
     expected = generate(vlm, [p.image for p in pairs[:2]], prompts, 3)
 
-    port = free_port()
-    bindir = os.path.dirname(sys.executable)  # the server execs `uvicorn` from PATH
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # the model's own code_paths must be enough
-    cmd = [os.path.join(bindir, "mlflow"), "models", "serve", "-m", str(tmp_path / "pyfunc")]
-    cmd += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
-    log_path = str(tmp_path / "serve.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_ping(proc, base + "/ping", log_path)
+    with mlflow_models_serve(str(tmp_path / "pyfunc"), tmp_path, env) as base:
         rows = [[base64.b64encode(p.image).decode(), q] for p, q in zip(pairs[:2], prompts, strict=True)]
         answer = post_json(
             base + "/invocations",
@@ -65,10 +51,3 @@ def test_models_serve_answers_with_generated_text(tmp_path):
             },
         )["predictions"]
         assert [row["text"] for row in answer] == expected
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the uvicorn it started, nothing else
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
