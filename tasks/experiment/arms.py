@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from vlforge.datasets import DatasetVersion, VersionWriter, list_versions, resolve_dataset
 from vlforge.errors import VlforgeError
+from vlforge.hfformat import encoded_images
 from vlforge.settings import Settings
 
 UNFILTERED, THRESHOLD, TOP_FRACTION = "unfiltered", "threshold", "top_fraction"
@@ -97,18 +98,11 @@ def keep_mask(spec: ArmSpec, scores: np.ndarray) -> np.ndarray:
     return np.ones(n, dtype=bool)
 
 
-def image_bytes(column: pa.ChunkedArray | pa.Array) -> list[bytes]:
-    """Encoded images of an ``image`` column: plain binary, or the Hugging Face ``Image`` struct (bytes, path)."""
-    from vlforge.hfformat import encoded_images
-
-    return encoded_images(column).to_pylist()
-
-
 def score_pool(bundle, table: pa.Table, batch_size: int = 64) -> np.ndarray:
     """CLIP score (image-caption cosine) of every row, float32 [N]."""
     from tasks.evaluate import embed_images, embed_texts
 
-    images = image_bytes(table.column("image"))
+    images = encoded_images(table.column("image")).to_pylist()  # the pool is read in its stored layout
     captions = [str(c) for c in table.column("caption").to_pylist()]
     img = embed_images(bundle, images, batch_size)
     txt = embed_texts(bundle, captions, batch_size)

@@ -28,7 +28,6 @@ from tasks.experiment.arms import (
     TOP_FRACTION,
     UNFILTERED,
     ArmSpec,
-    image_bytes,
     keep_mask,
     otsu_threshold,
     parse_arm,
@@ -105,7 +104,7 @@ def _eval_data(settings: Settings, ref: str, label_col: str, template: str):
     missing = {"image", "caption"} - set(table.column_names)
     if missing:
         raise VlforgeError(f"eval dataset {dv.ref} lacks column(s) {sorted(missing)}")
-    images = image_bytes(table.column("image"))
+    images = table.column("image").to_pylist()  # read_table hands images over as encoded bytes
     captions = [str(c) for c in table.column("caption").to_pylist()]
     if label_col not in table.column_names:
         log.warning("eval dataset %s has no %r column: zero-shot accuracy is not measured", dv.ref, label_col)
@@ -118,25 +117,14 @@ def _eval_data(settings: Settings, ref: str, label_col: str, template: str):
 
 def per_pair_hits(bundle, images, captions, labels, prompts) -> dict[str, np.ndarray]:
     """Per eval pair, float [N]: zero-shot correct, and recall@1/@5 hit (mean of image->text and text->image;
-    pairs with identical captions are interchangeable, as in :func:`tasks.evaluate.retrieval_metrics`)."""
-    from tasks.evaluate import embed_images, embed_texts
+    pairs with identical captions are interchangeable), from :func:`tasks.evaluate.retrieval_hits`."""
+    from tasks.evaluate import embed_images, embed_texts, retrieval_hits, zeroshot_hits
 
     img = embed_images(bundle, images)
-    txt = embed_texts(bundle, captions)
-    groups = np.asarray(captions, dtype=object)
-    correct = groups[:, None] == groups[None, :]
-    sims = img @ txt.T
-    out: dict[str, np.ndarray] = {}
-    for k in (1, 5):
-        hits = []
-        for m, c in ((sims, correct), (sims.T, correct.T)):
-            best_correct = np.where(c, m, -np.inf).max(axis=1, keepdims=True)
-            rank = ((m > best_correct) & ~c).sum(axis=1)
-            hits.append((rank < k).astype(np.float64))
-        out[f"recall_at_{k}"] = (hits[0] + hits[1]) / 2
+    hits = retrieval_hits(img, embed_texts(bundle, captions), ks=(1, 5), groups=captions)
+    out = {f"recall_at_{k}": (hits[f"i2t_recall@{k}"] + hits[f"t2i_recall@{k}"]) / 2 for k in (1, 5)}
     if labels is not None:
-        pred = np.argmax(img @ embed_texts(bundle, prompts).T, axis=1)
-        out["zero_shot_accuracy"] = (pred == labels).astype(np.float64)
+        out["zero_shot_accuracy"] = zeroshot_hits(img, embed_texts(bundle, prompts), labels)
     return out
 
 
