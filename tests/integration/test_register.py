@@ -221,6 +221,37 @@ def test_finetune_is_compared_with_its_base_on_the_domain_and_the_base_heldout_d
     assert "vlforge.vs_base_general_zeroshot_accuracy_diff_ci_high" in mv.tags
 
 
+@pytest.mark.slow
+def test_finetune_that_wins_the_domain_but_forgets_general_data_stays_challenger(
+    shared_settings, model_dir, model_name, tmp_path
+):
+    """The gate end to end on real models: a base trained on the general kind of data, and a fine-tune that
+    brings a clear domain win but has forgotten everything general (random weights). Its general figure is
+    measured here, on the base's held-out data, not given to the rule."""
+    from tests.shapes30 import train_in_process
+
+    settings = shared_settings
+    trained = train_in_process("clip-tiny", make_pairs(256, seed=21, prefix="gen"), epochs=6)
+    base_dir = trained.save(str(tmp_path / "base"))
+    base = register(
+        settings, base_dir, real_evaluation(settings, base_dir), model_name, heldout_data="general"
+    )
+    forgot = register_finetune(settings, model_dir, base.uri, perfect_evaluation())
+    assert forgot.alias == CHALLENGER and "forgets general data" in forgot.decision.reason, forgot.decision
+    general = forgot.decision.comparison("vs_base_general")
+    assert general.eval_data == "general" and general.other == base.uri
+
+    def general_accuracy(folder: str) -> float:
+        return real_evaluation(settings, folder, "general").intervals["zeroshot_accuracy"].value
+
+    lost = general_accuracy(model_dir) - general_accuracy(base_dir)
+    assert lost < -0.05  # the two models really differ on the general set by more than the margin
+    assert general.difference.value == pytest.approx(lost)  # and the rule measured that very loss
+    mv = configure(settings).get_model_version(LORA_MODEL, forgot.version)
+    assert "forgets general data" in mv.tags[TAG_DECISION]
+    assert float(mv.tags["vlforge.vs_base_general_zeroshot_accuracy_diff"]) == pytest.approx(lost, abs=1e-5)
+
+
 def test_lora_version_keeps_merged_model_and_adapter_artifacts(shared_settings, model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
