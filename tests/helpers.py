@@ -36,9 +36,11 @@ def publish_synthetic_dataset(
     return publish_pairs(settings, name, pairs, labels=labels), pairs
 
 
-def publish_pairs(settings: Settings, name: str, pairs, labels: bool = False) -> DatasetVersion:
+def publish_pairs(
+    settings: Settings, name: str, pairs, labels: bool = False, files: int = 1
+) -> DatasetVersion:
     """Publish pairs (anything with ``key``, ``image``, ``caption`` and ``matched``; ``colour`` and ``shape`` with
-    ``labels``) as a dataset version."""
+    ``labels``) as a dataset version of ``files`` data files."""
     n = len(pairs)
     sizes = [image_size(p.image) for p in pairs]
     images = pa.array([p.image for p in pairs], pa.binary())
@@ -59,7 +61,9 @@ def publish_pairs(settings: Settings, name: str, pairs, labels: bool = False) ->
         }
     )
     writer = VersionWriter(settings, name)
-    writer.write_table("data", with_hf_features(table))
+    per_file = -(-n // files)
+    for i in range(files):
+        writer.write_table("data", with_hf_features(table.slice(i * per_file, per_file)), index=i)
     return writer.publish({"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}})
 
 

@@ -30,6 +30,9 @@ DISTRIBUTOR = "multiprocessing"
 # Evaluation and promotion: a held-out split of at least this many pairs (fewer cannot tell two models apart);
 # how much a fine-tune may lose on a general eval set against its base and still be promoted.
 MIN_EVAL_PAIRS = 200
+MAX_EVAL_PAIRS = (
+    5000  # and at most this many (MSCOCO's 5k test split): a web-scale fraction would be millions
+)
 GENERAL_MARGIN = 0.05
 
 # Curation: DataComp's best CLIP-score filter keeps the top 30 % of a pool.

@@ -55,6 +55,11 @@ class TrainArgs(BaseModel):
         ge=0,
         description="Hold out at least this many pairs (at most half the data): fewer cannot tell models apart.",
     )
+    max_eval_pairs: int = Field(
+        defaults.MAX_EVAL_PAIRS,
+        ge=0,
+        description="Hold out at most this many pairs (0: no cap); the rest of a large dataset trains.",
+    )
     eval_dataset: str | None = Field(
         None, description="Extra evaluation dataset (NAME or NAME@VERSION); when given it decides promotion."
     )

@@ -16,9 +16,11 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vlforge import defaults, storage
 from vlforge.datasets import DatasetVersion
@@ -28,7 +30,10 @@ TRAIN_COLUMNS = ["key", "caption", "image"]
 DEFAULT_MIN_EVAL_PAIRS = (
     defaults.MIN_EVAL_PAIRS
 )  # a recall or accuracy on fewer pairs cannot tell models apart
+DEFAULT_MAX_EVAL_PAIRS = defaults.MAX_EVAL_PAIRS  # a web-scale fraction would hold out millions
 MAX_EVAL_SHARE = 0.5  # the minimum never holds out more than half of a small dataset: the rest trains
+TOKENIZER_SAMPLE = 1_000_000  # captions a new tokenizer is fitted on, at most
+LOCAL_FILES = 8  # a version with more data files computes its split file by file on Ray
 HELDOUT = "#heldout"
 
 
@@ -48,29 +53,105 @@ def eval_mask(keys: Sequence[str], eval_fraction: float) -> np.ndarray:
 
 
 def heldout_fraction(
-    keys: Sequence[str], eval_fraction: float, min_eval_pairs: int = DEFAULT_MIN_EVAL_PAIRS
+    keys: Sequence[str],
+    eval_fraction: float,
+    min_eval_pairs: int = DEFAULT_MIN_EVAL_PAIRS,
+    max_eval_pairs: int = DEFAULT_MAX_EVAL_PAIRS,
 ) -> float:
     """The split threshold for these keys: ``eval_fraction``, raised when that holds out fewer than
-    ``min(min_eval_pairs, MAX_EVAL_SHARE * len(keys))`` pairs to the least value that holds out that many.
+    ``min(min_eval_pairs, MAX_EVAL_SHARE * len(keys))`` pairs to the least value that holds out that many, and
+    lowered when it holds out more than ``max_eval_pairs`` (0: no cap) to the value that holds out that many.
 
-    Deterministic for a set of keys (a dataset version), and exact: the raised threshold is the k-th smallest
+    Deterministic for a set of keys (a dataset version), and exact: a moved threshold is the k-th smallest
     key hash plus one, over 2**32, which a float64 holds exactly. Pass the result wherever a split's
     ``eval_fraction`` goes (``read_split``, ``train_dataset``, ``count_train_rows``)."""
-    if eval_fraction <= 0 and min_eval_pairs <= 0:
-        return 0.0
-    hashes = np.sort(np.fromiter((_key_hash(str(k)) for k in keys), dtype=np.int64, count=len(keys)))
-    want = min(int(min_eval_pairs), int(MAX_EVAL_SHARE * len(hashes)))
-    if want <= 0 or int((hashes / 2**32 < eval_fraction).sum()) >= want:
-        return float(max(eval_fraction, 0.0))
-    return float(hashes[want - 1] + 1) / 2**32
+    return _threshold(_hash_stats(keys, eval_fraction, _keep(min_eval_pairs, max_eval_pairs)),
+                      eval_fraction, min_eval_pairs, max_eval_pairs)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _SplitStats:
+    """What choosing a split threshold needs of a set of keys: their number, how many hash below the configured
+    fraction, and the smallest ``k`` hashes (sorted). Stats of parts merge into the stats of the whole."""
+
+    rows: int
+    below: int
+    smallest: np.ndarray  # int64, sorted, at most k
+
+    @staticmethod
+    def merge(parts: Sequence[_SplitStats], k: int) -> _SplitStats:
+        smallest = np.sort(np.concatenate([p.smallest for p in parts] or [np.zeros(0, np.int64)]))[:k]
+        return _SplitStats(sum(p.rows for p in parts), sum(p.below for p in parts), smallest)
+
+
+def _keep(min_eval_pairs: int, max_eval_pairs: int) -> int:
+    return max(int(min_eval_pairs), int(max_eval_pairs or 0))
+
+
+def _hashes(keys: Sequence[str]) -> np.ndarray:
+    return np.fromiter((_key_hash(str(k)) for k in keys), dtype=np.int64, count=len(keys))
+
+
+def _hash_stats(keys: Sequence[str], eval_fraction: float, k: int) -> _SplitStats:
+    hashes = _hashes(keys)
+    below = int((hashes / 2**32 < eval_fraction).sum()) if eval_fraction > 0 else 0
+    smallest = np.partition(hashes, k - 1)[:k] if 0 < k < len(hashes) else hashes
+    return _SplitStats(len(hashes), below, np.sort(smallest))
+
+
+def _threshold(stats: _SplitStats, eval_fraction: float, min_eval_pairs: int, max_eval_pairs: int) -> float:
+    fraction = float(max(eval_fraction, 0.0))
+    want = min(int(min_eval_pairs), int(MAX_EVAL_SHARE * stats.rows))
+    if want > 0 and stats.below < want:
+        return float(stats.smallest[want - 1] + 1) / 2**32
+    cap = max(int(max_eval_pairs or 0), want)  # never below the minimum
+    if max_eval_pairs and stats.below > cap:
+        return float(stats.smallest[cap - 1] + 1) / 2**32
+    return fraction
+
+
+def _read_file(path: str, columns: list[str]) -> pa.Table:
+    fs, local = storage.filesystem(path)
+    with fs.open(local, "rb") as fh:
+        return pq.read_table(fh, columns=columns)
+
+
+def _file_keys(path: str) -> list:
+    return _read_file(path, ["key"]).column("key").to_pylist()
+
+
+def _file_stats(path: str, eval_fraction: float, k: int) -> _SplitStats:
+    return _hash_stats(_file_keys(path), eval_fraction, k)
+
+
+def _file_train_rows(path: str, threshold: float) -> int:
+    hashes = _hashes(_file_keys(path))
+    return int((hashes / 2**32 >= threshold).sum()) if threshold > 0 else len(hashes)
+
+
+def _per_file(dv: DatasetVersion, fn, *args) -> list:
+    """``fn(file, *args)`` for each data file of the version: one Ray task per file when the version has more
+    than ``LOCAL_FILES`` (the key column is read and hashed where the task runs; the driver gets a few numbers
+    per file, never the keys), in this process otherwise."""
+    files = dv.part_files("data")
+    if len(files) <= LOCAL_FILES:
+        return [fn(f, *args) for f in files]
+    import ray
+
+    remote = ray.remote(num_cpus=1)(fn)
+    return ray.get([remote.remote(f, *args) for f in files])
 
 
 def dataset_heldout_fraction(
-    dv: DatasetVersion, eval_fraction: float, min_eval_pairs: int = DEFAULT_MIN_EVAL_PAIRS
+    dv: DatasetVersion,
+    eval_fraction: float,
+    min_eval_pairs: int = DEFAULT_MIN_EVAL_PAIRS,
+    max_eval_pairs: int = DEFAULT_MAX_EVAL_PAIRS,
 ) -> float:
-    """:func:`heldout_fraction` of a dataset version's keys."""
-    keys = dv.read_table("data", columns=["key"]).column("key").to_pylist()
-    return heldout_fraction(keys, eval_fraction, min_eval_pairs)
+    """:func:`heldout_fraction` of a dataset version's keys, computed file by file (see :func:`_per_file`)."""
+    k = _keep(min_eval_pairs, max_eval_pairs)
+    stats = _SplitStats.merge(_per_file(dv, _file_stats, eval_fraction, k), k)
+    return _threshold(stats, eval_fraction, min_eval_pairs, max_eval_pairs)
 
 
 def heldout_ref(dv: DatasetVersion, fraction: float) -> str:
@@ -93,6 +174,19 @@ def read_eval_data(ref: str, settings) -> pa.Table:
     except ValueError:
         raise VlforgeError(f"eval data {ref!r}: {fraction!r} after {HELDOUT!r} is not a fraction") from None
     return read_split(dv, threshold, "eval").select(["image", "caption"])
+
+
+def train_captions(dv: DatasetVersion, eval_fraction: float, limit: int = TOKENIZER_SAMPLE) -> list[str]:
+    """The first ``limit`` captions of the train split, read file by file (key and caption columns only): what
+    a new tokenizer is fitted on. A sample, as for any BPE: a web-scale version has hundreds of millions."""
+    out: list[str] = []
+    for f in dv.part_files("data"):
+        table = _read_file(f, ["key", "caption"])
+        keep = ~eval_mask(table.column("key").to_pylist(), eval_fraction)
+        out += [str(c) for c, k in zip(table.column("caption").to_pylist(), keep, strict=True) if k]
+        if len(out) >= limit:
+            return out[:limit]
+    return out
 
 
 def read_split(dv: DatasetVersion, eval_fraction: float, split: str) -> pa.Table:
@@ -206,5 +300,5 @@ def augment_batch(batch: dict[str, np.ndarray], *, seed: int = 0, flip: bool = T
 
 
 def count_train_rows(dv: DatasetVersion, eval_fraction: float) -> int:
-    keys = dv.read_table("data", columns=["key"]).column("key").to_pylist()
-    return int((~eval_mask(keys, eval_fraction)).sum())
+    """Rows of the version outside the held-out split at ``eval_fraction``, counted file by file."""
+    return sum(_per_file(dv, _file_train_rows, eval_fraction))

@@ -378,7 +378,7 @@ def run_training(
     init_ray(settings)
     name = args.name or default_name(recipe.stage, dv)
     gpu = resolve_use_gpu(args.use_gpu)
-    heldout = dataset_heldout_fraction(dv, args.eval_fraction, args.min_eval_pairs)
+    heldout = dataset_heldout_fraction(dv, args.eval_fraction, args.min_eval_pairs, args.max_eval_pairs)
     n_train = count_train_rows(dv, heldout)
     steps_per_epoch, total = steps_plan(
         n_train, args.batch_size, args.num_workers, args.grad_accum, args.epochs

@@ -48,10 +48,9 @@ class PretrainRecipe(Recipe):
 
             return load_model(args.init, settings)
         from models.clip import build_clip
-        from tasks.train.data import read_split
+        from tasks.train.data import train_captions
 
-        captions = [str(c) for c in read_split(dv, heldout, "train").column("caption").to_pylist()]
-        return build_clip(args.recipe, captions, seed=args.seed)
+        return build_clip(args.recipe, train_captions(dv, heldout), seed=args.seed)
 
     def worker_hooks(self):
         from tasks.train.loop import ClipModelHooks

@@ -45,6 +45,41 @@ def test_heldout_fraction_holds_out_at_least_the_minimum_and_stays_deterministic
     assert heldout_fraction(few, 0.0, min_eval_pairs=0) == 0.0
 
 
+def test_heldout_fraction_caps_a_large_split_at_the_maximum():
+    keys = [f"img{i:06d}" for i in range(20000)]
+    f = heldout_fraction(keys, 0.5, max_eval_pairs=1000)  # ~10,000 held out by the fraction: capped
+    assert f < 0.5 and eval_mask(keys, f).sum() == 1000
+    assert heldout_fraction(keys, 0.5, max_eval_pairs=0) == 0.5  # 0: no cap
+    assert heldout_fraction(keys, 0.02, max_eval_pairs=1000) == 0.02  # ~400 held out: between the bounds
+    # the minimum wins over a smaller maximum
+    assert eval_mask(keys, heldout_fraction(keys, 0.5, min_eval_pairs=300, max_eval_pairs=100)).sum() == 300
+
+
+@pytest.mark.parametrize("on_ray", [False, True], ids=["in-process", "ray-tasks"])
+def test_dataset_split_file_by_file_equals_the_split_of_all_keys(settings, monkeypatch, request, on_ray):
+    """A version of several data files: the threshold and the train count computed per file (on Ray tasks
+    above LOCAL_FILES files) equal those of all its keys at once, for the minimum, the fraction and the cap."""
+    import tasks.train.data as data
+    from tasks.train.data import count_train_rows, train_captions
+    from tests.helpers import publish_pairs
+
+    if on_ray:
+        request.getfixturevalue("ray_local")
+        monkeypatch.setattr(data, "LOCAL_FILES", 1)
+    pairs = make_pairs(900, seed=6)
+    dv = publish_pairs(settings, "files", pairs, files=3)
+    assert len(dv.part_files("data")) == 3
+    keys = [p.key for p in pairs]
+    for fraction, low, high in ((0.05, 200, 5000), (0.3, 0, 5000), (0.6, 0, 100)):
+        f = dataset_heldout_fraction(dv, fraction, low, high)
+        assert f == heldout_fraction(keys, fraction, low, high)
+        assert (
+            count_train_rows(dv, f) == int((~eval_mask(keys, f)).sum()) == read_split(dv, f, "train").num_rows
+        )
+    train = read_split(dv, 0.3, "train").column("caption").to_pylist()
+    assert train_captions(dv, 0.3) == train and train_captions(dv, 0.3, limit=10) == train[:10]
+
+
 def test_heldout_ref_reads_back_the_same_pairs(settings):
     from tests.helpers import publish_synthetic_dataset
 
