@@ -32,6 +32,7 @@ DEFAULT_MIN_EVAL_PAIRS = (
 )  # a recall or accuracy on fewer pairs cannot tell models apart
 DEFAULT_MAX_EVAL_PAIRS = defaults.MAX_EVAL_PAIRS  # a web-scale fraction would hold out millions
 MAX_EVAL_SHARE = 0.5  # the minimum never holds out more than half of a small dataset: the rest trains
+MATERIALIZE_BYTES = 4 * 2**30  # training tensors kept in Ray's object store across epochs, at most
 TOKENIZER_SAMPLE = 1_000_000  # captions a new tokenizer is fitted on, at most
 LOCAL_FILES = 8  # a version with more data files computes its split file by file on Ray
 HELDOUT = "#heldout"
@@ -249,6 +250,17 @@ def preprocess_batch(
     }
 
 
+def _tensor_bytes(dv: DatasetVersion, model_uri: str) -> int:
+    """The size of a version's preprocessed training tensors (rows from the parquet footers only)."""
+    rows = 0
+    for f in dv.part_files("data"):
+        fs, local = storage.filesystem(f)
+        with fs.open(local, "rb") as fh:
+            rows += pq.ParquetFile(fh).metadata.num_rows
+    bundle = _preprocessor(model_uri)
+    return rows * (3 * bundle.image_size**2 * 4 + 2 * bundle.max_length * 8)
+
+
 def train_dataset(
     dv: DatasetVersion, model_uri: str, *, eval_fraction: float, augment: bool = True, seed: int = 0
 ):
@@ -270,8 +282,10 @@ def train_dataset(
         fn_kwargs={"model_uri": model_uri, "eval_fraction": eval_fraction},
     )
     # Decoding and tokenising once (not every epoch) matters on small machines; the random augmentation
-    # below runs again on every epoch's pass over the materialised tensors.
-    ds = ds.materialize()
+    # below runs again on every epoch's pass over the materialised tensors. A version whose tensors would not
+    # fit the budget (a web-scale one: 600 KB a row at 224 px) streams instead, decoded again every epoch.
+    if _tensor_bytes(dv, model_uri) <= MATERIALIZE_BYTES:
+        ds = ds.materialize()
     # Per-epoch shuffling here rather than iter_torch_batches' local shuffle buffer, which re-concatenates
     # tensor columns on the training process for every batch (it made each step ~3x slower on CPU).
     ds = ds.randomize_block_order(seed=None)

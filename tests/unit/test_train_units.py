@@ -212,3 +212,26 @@ def test_global_loss_on_two_gloo_workers_equals_the_loss_of_the_whole_batch(tmp_
     assert not torch.isclose(local_only, full.detach())  # the gathered negatives change the loss
     # One worker, no process group: the plain loss.
     torch.testing.assert_close(global_clip_loss(img, txt, torch.tensor(2.0)), full.detach())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [4 * 2**30, 1], ids=["materialised", "streamed"])
+def test_train_dataset_yields_every_train_row_materialised_or_streamed(
+    settings, tmp_path, monkeypatch, request, budget
+):
+    """Within the budget the decoded tensors are kept across epochs; above it (a web-scale version) the same
+    rows stream, decoded again each epoch."""
+    import tasks.train.data as data
+    from tasks.train.data import count_train_rows, train_dataset
+    from tests.helpers import publish_pairs
+
+    request.getfixturevalue("ray_local")
+    monkeypatch.setattr(data, "MATERIALIZE_BYTES", budget)
+    pairs = make_pairs(60, seed=8)
+    dv = publish_pairs(settings, "stream", pairs, files=2)
+    model = build_clip("clip-tiny", [p.caption for p in pairs]).save(str(tmp_path / "init"))
+    ds = train_dataset(dv, model, eval_fraction=0.2, augment=False)
+    assert data._tensor_bytes(dv, model) == 60 * (3 * 32 * 32 * 4 + 2 * 32 * 8)
+    for _ in range(2):  # two epochs
+        rows = sum(len(b["input_ids"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
+        assert rows == count_train_rows(dv, 0.2)
