@@ -1,0 +1,134 @@
+"""Does the optimisation, not the recipe, hold the default CLIP back on the held-out 30-class task?
+
+One candidate per run, trained in-process from scratch on ``tests/shapes30.py`` (800 clean pairs) as
+``bench/recipe.py --via inprocess`` does, with one optimisation change at a time, then zero-shot accuracy over the
+30 class prompts on 600 images of another seed, and on 400 of the training images (train accuracy: equal to
+test accuracy means the model underfits, not that it fails to generalise). Prints one line per run; BENCHMARKS.md
+"Recipes" has the table.
+
+    python bench/recipe_optim.py '{"epochs": 45}'
+    python bench/recipe_optim.py '{"no_decay_gains": true}'      # open_clip's rule: no weight decay on
+                                                                    # gains, biases, embeddings, logit_scale
+    python bench/recipe_optim.py '{"multi_positive": true}'      # identical captions in a batch are positives
+    python bench/recipe_optim.py '{"logit_scale": 50}'           # temperature 1/50 at the start
+    python bench/recipe_optim.py '{"vision": {"num_hidden_layers": 4}}'   # a deeper vision tower
+    keys: recipe, epochs, bs, lr, wd, warmup, seed, betas, eps, image_size, patch_size, vision, text
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def recipe_of(opts: dict):
+    from models.recipes import CONFIG_DIR, load_recipe
+
+    name = opts.get("recipe", "clip-tiny")
+    raw = json.loads((CONFIG_DIR / f"{name}.json").read_text())
+    changed = False
+    for key in ("image_size", "patch_size"):
+        if key in opts:
+            raw[key], changed = opts[key], True
+    for tower in ("vision", "text"):
+        if tower in opts:
+            raw[tower].update(opts[tower])
+            changed = True
+    if not changed:
+        return load_recipe(name)
+    raw["name"] = f"{name}-variant"
+    path = os.path.join(tempfile.mkdtemp(), "variant.json")
+    with open(path, "w") as fh:
+        json.dump(raw, fh)
+    return load_recipe(path)
+
+
+def multi_positive_loss(image, text, logit_scale, input_ids):
+    """InfoNCE whose targets spread over every row with the same caption tokens (a duplicate is no negative)."""
+    import torch
+    import torch.nn.functional as F
+
+    group = torch.unique(input_ids, dim=0, return_inverse=True)[1]
+    same = (group[:, None] == group[None, :]).float()
+    targets = same / same.sum(1, keepdim=True)
+    logits = logit_scale.exp().clamp(max=100.0) * image @ text.t()
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def main() -> None:
+    import torch
+
+    from models.clip import build_clip, global_clip_loss
+    from tasks.train.data import augment_batch
+    from tasks.train.loop import cosine_with_warmup
+    from tests.shapes30 import make_shape_pairs, zeroshot
+
+    opts = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    torch.set_num_threads(int(opts.get("threads", 1)))
+    bs, lr, epochs, seed = (
+        opts.get("bs", 32),
+        opts.get("lr", 3e-3),
+        opts.get("epochs", 15),
+        opts.get("seed", 0),
+    )
+    pairs = make_shape_pairs(800, seed=seed)
+    t0 = time.perf_counter()
+    bundle = build_clip(recipe_of(opts), [p.caption for p in pairs], seed=seed)
+    model = bundle.model.train()
+    if "logit_scale" in opts:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(opts["logit_scale"]))
+    data = {
+        "pixel_values": bundle.preprocess_images([p.image for p in pairs]).numpy(),
+        **{k: v.numpy() for k, v in bundle.tokenize([p.caption for p in pairs], fixed_length=True).items()},
+    }
+    wd = opts.get("wd", 0.1)
+    if opts.get("no_decay_gains"):
+        decays = {n: p.ndim >= 2 and "embedding" not in n for n, p in model.named_parameters()}
+        groups = [
+            {"params": [p for n, p in model.named_parameters() if decays[n]], "weight_decay": wd},
+            {"params": [p for n, p in model.named_parameters() if not decays[n]], "weight_decay": 0.0},
+        ]
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": wd}]
+    betas = tuple(opts.get("betas", (0.9, 0.999)))
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=opts.get("eps", 1e-8))
+    steps_per_epoch = len(pairs) // bs
+    scheduler = cosine_with_warmup(optimizer, opts.get("warmup", 10), steps_per_epoch * epochs)
+    torch.manual_seed(seed)
+    for epoch in range(epochs):
+        batch = augment_batch({k: v.copy() for k, v in data.items()}, seed=seed + epoch)
+        for i in range(steps_per_epoch):
+            part = {k: torch.from_numpy(v[i * bs : (i + 1) * bs]) for k, v in batch.items()}
+            out = model(**part)
+            if opts.get("multi_positive"):
+                loss = multi_positive_loss(
+                    out.image_embeds, out.text_embeds, model.logit_scale, part["input_ids"]
+                )
+            else:
+                loss = global_clip_loss(out.image_embeds, out.text_embeds, model.logit_scale)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100.0))
+    seconds = time.perf_counter() - t0
+    model.eval()
+    test = zeroshot(bundle, make_shape_pairs(600, seed=1000, prefix="test"))
+    train = zeroshot(bundle, pairs[:400])
+    print(
+        f"{json.dumps(opts)}: zero-shot {test:.3f}, train {train:.3f}, last loss {loss.item():.3f}, "
+        f"logit scale {model.logit_scale.exp().item():.1f}, {seconds / epochs:.1f} s/epoch",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
