@@ -224,19 +224,10 @@ def vlm_train_dataset(
     seed: int = 0,
 ):
     """A Ray Dataset of VLM training tensors (the train split), built once and reshuffled every epoch."""
-    import ray.data
-
-    from tasks.train.data import augment_batch
+    from tasks.train.data import augment_batch, read_parquet_dataset
 
     columns = ["key", "image", *([prompt_col, response_col] if prompt_col else ["caption"])]
-    files = dv.part_files("data")
-    kwargs = {}
-    if storage.is_remote(dv.uri):
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        kwargs["filesystem"] = PyFileSystem(FSSpecHandler(storage.filesystem(dv.uri)[0]))
-        files = [storage.filesystem(f)[1] for f in files]
-    ds = ray.data.read_parquet(files, columns=columns, **kwargs)
+    ds = read_parquet_dataset(dv, columns)
     ds = ds.map_batches(
         preprocess_vlm_batch,
         batch_format="numpy",
@@ -299,14 +290,9 @@ class VlmModelHooks:
         return {}
 
     def save(self, bundle, module, folder: str) -> None:
-        from models.vlm import save_vlm
+        from tasks.train.loop import save_model_or_adapter
 
-        inner = getattr(module, "module", module)  # DDP
-        if self.lora is not None:
-            inner.save_pretrained(os.path.join(folder, "adapter"))
-        else:
-            bundle.model = inner
-            save_vlm(bundle, os.path.join(folder, "model"))
+        save_model_or_adapter(bundle, module, folder, adapter=self.lora is not None)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
