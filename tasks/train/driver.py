@@ -389,6 +389,9 @@ def run_training(
     eval_dv = resolve_dataset(settings, args.eval_dataset) if args.eval_dataset else None
     recipe.check_dataset(dv)
     recipe.check(settings)
+    args = (
+        recipe.args
+    )  # check may settle what the recipe's defaults mean (a VLM recipe's stage learning rate)
     init_ray(settings)
     name = args.name or default_name(recipe.stage, dv)
     gpu = resolve_use_gpu(args.use_gpu)

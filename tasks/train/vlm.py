@@ -652,6 +652,7 @@ class VlmFinetuneRecipe(Recipe):
             "base_version": self.base_model,
             "vlm_recipe": self.vlm.name,
             "max_length": self.vlm.max_length,
+            "lora_target_regex": self.lora_settings()["target_regex"],
         }
 
     def tags(self) -> dict[str, str]:
@@ -660,10 +661,14 @@ class VlmFinetuneRecipe(Recipe):
         return {TAG_RECIPE: self.vlm.name}
 
     def lora_settings(self) -> dict:
+        """``models.vlm_train.LoraSettings`` fields: rank, alpha, dropout as settled in :meth:`check`, the
+        recipe's target regex (default: the language model's projections)."""
+        from models.vlm_train import LM_LORA_REGEX
+
         lora = self.args.lora
         return {
             "r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
-            "target_regex": self.vlm.stage2.get("lora", {}).get("target_regex"),
+            "target_regex": self.vlm.stage2.get("lora", {}).get("target_regex") or LM_LORA_REGEX,
         }  # fmt: skip
 
     def initial_model(self, dv, settings: Settings, heldout: float):

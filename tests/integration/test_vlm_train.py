@@ -74,6 +74,7 @@ def test_both_vlm_stages_train_register_and_answer_from_the_registry(settings, r
         reg.decision.lines()
     )
     run2 = client.get_run(s2.run_id)
+    assert run2.data.params["lr"] == "0.003"  # lr left at its default: the recipe's stage-2 learning rate
     assert run2.data.tags[TAG_BASE_MODEL] == s1.model_uri
     assert _training_inputs(run2) == [dv.ref]
     assert {r.info.run_id for r in _runs(client, "pretrain")} == {s1.run_id}
