@@ -174,3 +174,23 @@ def test_worker_hooks_train_the_stage_with_gradient_checkpointing(init_dir, tmp_
     assert any(("lora_A" in n if stage == 2 else "language_model" in n) for n in changed)
     hooks.save(bundle, module, str(tmp_path))
     assert (tmp_path / ("model" if stage == 1 else "adapter")).is_dir()
+
+
+def test_an_eval_sets_name_says_whether_its_rows_are_read_as_instructions_or_captions(settings):
+    from tasks.train.data import dataset_heldout_fraction, heldout_ref
+    from tasks.train.vlm import INSTRUCTIONS as MARK
+    from tasks.train.vlm import VlmEvaluator
+
+    dv = publish_instructions(settings, "ask", PAIRS, INSTRUCTIONS[:1])
+    captions_only, _ = publish_synthetic_dataset(settings, "plain", n=4)
+    evaluator = VlmEvaluator(settings, "Describe the image.")
+    held = heldout_ref(dv, dataset_heldout_fraction(dv, 0.1, 4))
+    assert evaluator.instruction_set(held) == held + MARK
+    assert evaluator.instruction_set(captions_only.ref) == captions_only.ref  # no prompt column: captions
+    as_instructions, as_captions = evaluator.table(held + MARK), evaluator.table(held)
+    assert as_instructions.num_rows == as_captions.num_rows == 4  # the same held-out rows
+    assert {"prompt", "response", "label"} <= set(as_instructions.column_names)
+    assert "prompt" not in as_captions.column_names
+    other = VlmEvaluator(settings, "Describe the image.", prompt_col="question")
+    with pytest.raises(VlforgeError, match="no column 'question'"):
+        other.table(held + MARK)
