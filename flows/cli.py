@@ -229,14 +229,18 @@ DATASET_HELP = "Dataset to train on: NAME (newest version) or NAME@VERSION."
 @user_errors
 @model_options(PretrainArgs)
 def pretrain(dataset: Annotated[str, typer.Option(help=DATASET_HELP)], **options) -> None:
-    """Contrastive (CLIP) pretraining with Ray Train; logs to MLflow and registers vlforge-clip."""
+    """Contrastive (CLIP) pretraining with Ray Train; logs to MLflow and registers vlforge-clip. A VLM recipe
+    (--recipe vlm-tiny) trains the VLM's adapter on image-caption pairs instead and registers vlforge-vlm."""
+    from tasks.train.driver import run_training
+    from tasks.train.vlm import pretrain_recipe
+
     settings = _settings()
     args = collect(PretrainArgs, options)
+    recipe = pretrain_recipe(args)  # an unknown recipe or a misplaced VLM setting fails here
     _check_inputs(settings, dataset, args.eval_dataset, args.init)
-    from tasks.train.pretrain import pretrain as run
-
-    with ui.stage(f"pretrain on {dataset}"):
-        result = run(dataset, settings, args)
+    recipe.check(settings)  # --vision-model resolves now, before Ray starts
+    with ui.stage(f"pretrain {args.recipe if not args.init else args.init} on {dataset}"):
+        result = run_training(recipe, dataset, settings)
     _print_train(result)
 
 
@@ -244,14 +248,18 @@ def pretrain(dataset: Annotated[str, typer.Option(help=DATASET_HELP)], **options
 @user_errors
 @model_options(FinetuneArgs)
 def finetune(dataset: Annotated[str, typer.Option(help=DATASET_HELP)], **options) -> None:
-    """LoRA (peft) fine-tuning of a registered model; registers vlforge-clip-lora."""
+    """LoRA (peft) fine-tuning of a registered model; registers vlforge-clip-lora. --recipe vlm instruction-tunes
+    a VLM (LoRA on its language model) on rows with a prompt and a response; registers vlforge-vlm-lora."""
+    from tasks.train.driver import run_training
+    from tasks.train.vlm import finetune_recipe
+
     settings = _settings()
     args = collect(FinetuneArgs, options)
-    _check_inputs(settings, dataset, args.eval_dataset, args.base)
-    from tasks.train.finetune import finetune as run
-
-    with ui.stage(f"fine-tune {args.base} on {dataset}"):
-        result = run(dataset, settings, args)
+    recipe = finetune_recipe(args)  # an unknown recipe fails here
+    _check_inputs(settings, dataset, args.eval_dataset, recipe.base_model)
+    recipe.check(settings)  # --base resolves (and is a model of the right kind) before Ray starts
+    with ui.stage(f"fine-tune {recipe.base_model} on {dataset}"):
+        result = run_training(recipe, dataset, settings)
     _print_train(result)
 
 

@@ -82,8 +82,17 @@ _FLAT_TRAIN_KEYS = {
 }
 
 
+def _vlm_pretraining() -> PretrainArgs:
+    return PretrainArgs(recipe="vlm-tiny")
+
+
+def _vlm_finetuning() -> FinetuneArgs:
+    return FinetuneArgs(recipe=defaults.VLM_FINETUNE_RECIPE)
+
+
 class TrainParams(BaseModel):
-    """Pretrain CLIP contrastively on a dataset version, then fine-tune it with LoRA."""
+    """Pretrain CLIP contrastively on a dataset version, then fine-tune it with LoRA; optionally train a VLM
+    on the new CLIP's vision tower (stage 1 on the captions, stage 2 on instructions)."""
 
     dataset: str = Field(..., description="Dataset to train on: NAME (newest version) or NAME@VERSION.")
     pretrain: bool = Field(True, description="Run the pretraining step.")
@@ -93,6 +102,25 @@ class TrainParams(BaseModel):
         None, description="Dataset for the LoRA fine-tune; empty = same dataset."
     )
     finetuning: FinetuneArgs = Field(default_factory=FinetuneArgs, description="LoRA fine-tuning settings.")
+    vlm_pretrain: bool = Field(
+        False, description="Then train a VLM's adapter on the captions (stage 1; registers vlforge-vlm)."
+    )
+    vlm_pretraining: PretrainArgs = Field(
+        default_factory=_vlm_pretraining,
+        description="VLM stage-1 settings (a VLM recipe, its vision model and adapter).",
+    )
+    vlm_finetune: bool = Field(
+        False,
+        description="Then instruction-tune the VLM with LoRA (stage 2; registers vlforge-vlm-lora); the dataset "
+        "needs prompt and response columns.",
+    )
+    vlm_finetune_dataset: str | None = Field(
+        None, description="Dataset of instructions for VLM stage 2; empty = same dataset."
+    )
+    vlm_finetuning: FinetuneArgs = Field(
+        default_factory=_vlm_finetuning,
+        description="VLM stage-2 settings (recipe vlm, prompt and response columns).",
+    )
 
     @model_validator(mode="before")
     @classmethod

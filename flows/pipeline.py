@@ -124,24 +124,30 @@ def refresh_dataset(params: RefreshParams) -> dict:
 
 @flow(name="train", log_prints=True)
 def train(params: TrainParams) -> dict:
-    """Pretrain CLIP on a dataset version (registers vlforge-clip), then LoRA fine-tune (vlforge-clip-lora)."""
+    """Pretrain CLIP on a dataset version (registers vlforge-clip), then LoRA fine-tune (vlforge-clip-lora);
+    with ``vlm_pretrain``/``vlm_finetune``, then the VLM's stage 1 (vlforge-vlm) and stage 2 (vlforge-vlm-lora)."""
     settings = get_settings()
     out: dict = {"dataset": params.dataset}
     rows, links = [], {}
-    if params.pretrain:
-        with console.stage(f"pretrain on {params.dataset}"):
-            pre = pretrain_task(params.dataset, settings, params.pretraining)
-        out["pretrain"] = _train_summary(pre)
-        rows.append({"stage": "pretrain", **out["pretrain"]})
-        links["MLflow pretrain run"] = tracking.run_url(settings, pre.run_id)
-    if params.finetune:
-        ft_args = params.finetuning
-        dataset = params.finetune_dataset or params.dataset
-        with console.stage(f"fine-tune {ft_args.base} on {dataset}"):
-            ft = finetune_task(dataset, settings, ft_args)
-        out["finetune"] = _train_summary(ft)
-        rows.append({"stage": "finetune", **out["finetune"]})
-        links["MLflow fine-tune run"] = tracking.run_url(settings, ft.run_id)
+    steps = [  # (stage, label, enabled, task, dataset, settings)
+        ("pretrain", "pretrain", params.pretrain, pretrain_task, None, params.pretraining),
+        ("finetune", "fine-tune", params.finetune, finetune_task, params.finetune_dataset, params.finetuning),
+        ("vlm_pretrain", "VLM pretrain", params.vlm_pretrain, pretrain_task, None, params.vlm_pretraining),
+        (
+            "vlm_finetune", "VLM fine-tune", params.vlm_finetune, finetune_task, params.vlm_finetune_dataset,
+            params.vlm_finetuning,
+        ),
+    ]  # fmt: skip
+    for stage, label, enabled, run, dataset, args in steps:
+        if not enabled:
+            continue
+        dataset = dataset or params.dataset
+        what = f"{label} {args.base}" if stage == "finetune" else label
+        with console.stage(f"{what} on {dataset}"):
+            result = run(dataset, settings, args)
+        out[stage] = _train_summary(result)
+        rows.append({"stage": stage, **out[stage]})
+        links[f"MLflow {label} run"] = tracking.run_url(settings, result.run_id)
     metric_rows = [{"stage": r["stage"], **r.get("metrics", {})} for r in rows]
     publish(
         "train",

@@ -60,6 +60,7 @@ class Evaluation:
     class_prompts: tuple[str, ...] | None = (
         None  # what zero-shot used; another model is evaluated the same way
     )
+    primary: str | None = None  # the metric promotion decides on, when not CLIP's (a VLM's accuracy)
 
     @classmethod
     def of(
@@ -69,17 +70,22 @@ class Evaluation:
         class_prompts: Sequence[str] | None = None,
         resamples: int = BOOTSTRAP_RESAMPLES,
         seed: int = BOOTSTRAP_SEED,
+        primary: str | None = None,
     ) -> Evaluation:
-        """The evaluation whose per-pair scores are ``per_pair`` (intervals bootstrapped from them)."""
+        """The evaluation whose per-pair scores are ``per_pair`` (intervals bootstrapped from them);
+        ``primary`` names the metric promotion decides on (default: CLIP's, see :attr:`primary_metric`)."""
         n = {len(v) for v in per_pair.values()}
         if len(n) != 1:
             raise ValueError(f"per-pair scores must all cover the same pairs, got lengths {sorted(n)}")
         prompts = tuple(class_prompts) if class_prompts else None
-        return cls(eval_data, n.pop(), per_pair, intervals(per_pair, resamples, seed), prompts)
+        return cls(eval_data, n.pop(), per_pair, intervals(per_pair, resamples, seed), prompts, primary)
 
     @property
     def primary_metric(self) -> str:
-        """The metric promotion decides on: zero-shot accuracy when the data has labels, else mean recall."""
+        """The metric promotion decides on: ``primary`` when set, else zero-shot accuracy when the data has
+        labels, else mean recall."""
+        if self.primary is not None:
+            return self.primary
         return ZEROSHOT if ZEROSHOT in self.per_pair else MEAN_RECALL
 
     def metrics(self) -> dict[str, float]:

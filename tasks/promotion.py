@@ -194,6 +194,7 @@ def promote(
     fine_tune: bool = False,
     general_eval: str | None = None,
     general_margin: float = DEFAULT_GENERAL_MARGIN,
+    evaluator=None,
 ) -> Decision:
     """Decide ``name``/``version`` (just registered, evaluated as ``evaluation``), set its alias, record why.
 
@@ -201,8 +202,11 @@ def promote(
     here, so both sides of each comparison see the same pairs. A fine-tune's general set is ``general_eval``
     or the base's held-out data (its version's tag); ``bundle`` is the new model (loaded from the registry
     when not given) for that set. Figures go to the version's tags and, with ``run_id``, the run's metrics.
+    ``evaluator(model, eval_data) -> Evaluation`` evaluates another model (a URI or a loaded one) on an
+    eval-data name; default: a CLIP's evaluation (``tasks.evaluate.evaluate``).
     """
-    evaluator = _Evaluator(settings, list(evaluation.class_prompts or ()) or None)
+    if evaluator is None:
+        evaluator = _Evaluator(settings, list(evaluation.class_prompts or ()) or None)
     champion = _alias_version(client, name, CHAMPION)
     has_champion = champion is not None and str(champion.version) != str(version)
     vs_champion = domain = general = None

@@ -1,8 +1,9 @@
-"""Log a trained CLIP as an MLflow pyfunc model into its training run, register it, and apply the promotion rule.
+"""Log a trained model (a CLIP, or a VLM with ``pyfunc="vlm"``) as an MLflow pyfunc model into its training run, register it, and apply the promotion rule.
 
 The logged model holds the ``save_pretrained`` folder at ``artifacts/model`` (what
 :func:`vlforge.registry.resolve_model_dir` loads), the optional LoRA adapter at ``artifacts/adapter``, the
-pyfunc wrapper :class:`models.pyfunc.ClipPyfunc` with its signature, and our ``models`` and ``vlforge``
+pyfunc wrapper (:class:`models.pyfunc.ClipPyfunc`, or :class:`models.vlm_pyfunc.VlmPyfunc` for a VLM) with its
+signature, and our ``models`` and ``vlforge``
 packages as code, so ``mlflow models serve --env-manager local`` and ``mlflow.pyfunc.load_model`` work from
 any process.
 
@@ -53,6 +54,12 @@ _REQUIREMENTS = (
     "pydantic-settings",
     "fsspec",
 )
+# The pyfunc wrappers by kind: (module, class, extra requirements). Each module has model_signature() and
+# input_example().
+PYFUNCS = {
+    "clip": ("models.pyfunc", "ClipPyfunc", ()),
+    "vlm": ("models.vlm_pyfunc", "VlmPyfunc", ("peft",)),
+}
 
 
 __all__ = ["CHALLENGER", "CHAMPION", "RegisteredModel", "register_model", "register_task"]
@@ -68,9 +75,9 @@ class RegisteredModel:
     decision: Decision  # why, with the comparisons' figures
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(extra: tuple[str, ...] = ()) -> list[str]:
     reqs = []
-    for dist in _REQUIREMENTS:
+    for dist in (*_REQUIREMENTS, *extra):
         try:
             reqs.append(f"{dist}=={metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -123,6 +130,9 @@ def register_model(
     fine_tune: bool | None = None,
     general_eval: str | None = None,
     general_margin: float = DEFAULT_GENERAL_MARGIN,
+    pyfunc: str = "clip",
+    evaluator=None,
+    tags: dict[str, str] | None = None,
 ) -> RegisteredModel:
     """Log ``model_dir`` (a ``save_pretrained`` folder; merged weights for LoRA) as a pyfunc model into the
     existing run ``run_id``, register it under ``name``, tag the version and apply the promotion rule.
@@ -132,7 +142,11 @@ def register_model(
     held-out split (a later fine-tune's default general set). ``fine_tune`` (default: an adapter is given)
     compares it with ``base_model`` on the domain and on ``general_eval`` (default: the base's held-out data),
     allowing a loss of ``general_margin``; ``bundle`` is the loaded new model, else it is loaded again.
+    ``pyfunc``: the wrapper (:data:`PYFUNCS`); ``evaluator``: how the champion and the base are evaluated
+    (``tasks.promotion.promote``; default a CLIP's); ``tags``: more version tags (a VLM's library versions).
     """
+    if pyfunc not in PYFUNCS:
+        raise ValueError(f"unknown pyfunc kind {pyfunc!r}; use one of {sorted(PYFUNCS)}")
     for folder, what in ((model_dir, "model"), (adapter_dir, "adapter")):
         if folder is not None and not (
             os.path.isdir(folder) or (storage.is_remote(folder) and storage.exists(folder))
@@ -150,7 +164,7 @@ def register_model(
             eval_dataset=_eval_dataset(evaluation.eval_data, settings),
             base_model_id=_logged_model_id(base_model, settings),
         )
-        info = _log_into_run(client, run_id, name=name, artifacts=artifacts, links=links)
+        info = _log_into_run(client, run_id, name=name, artifacts=artifacts, links=links, pyfunc=pyfunc)
     version = str(info.registered_model_version)
     metrics = mlflow_metric_names(evaluation.metrics(), prefix="")
     tags = {
@@ -159,6 +173,7 @@ def register_model(
         TAG_BASE_MODEL: base_model or "",
         **_run_tags(client, run_id),
         **{TAG_EVAL_PREFIX + k: f"{v:.6g}" for k, v in metrics.items()},
+        **(tags or {}),
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -174,6 +189,7 @@ def register_model(
         fine_tune=adapter_dir is not None if fine_tune is None else fine_tune,
         general_eval=general_eval,
         general_margin=general_margin,
+        evaluator=evaluator,
     )
     return RegisteredModel(
         name=name,
@@ -229,22 +245,27 @@ def _logged_model_id(uri: str | None, settings: Settings) -> str | None:
     return mv.model_id or (source[len("models:/") :] if source.startswith("models:/m-") else None)
 
 
-def _log_into_run(client, run_id: str, *, name: str, artifacts: dict[str, str], links: _ModelLinks):
+def _log_into_run(
+    client, run_id: str, *, name: str, artifacts: dict[str, str], links: _ModelLinks, pyfunc: str = "clip"
+):
     """``mlflow.pyfunc.log_model`` inside run ``run_id`` with its links, leaving the run's status as it was."""
+    import importlib
+
     import mlflow
     from mlflow.entities import LoggedModelInput
 
-    from models.pyfunc import ClipPyfunc, input_example, model_signature
+    module_name, class_name, extra = PYFUNCS[pyfunc]
+    module = importlib.import_module(module_name)
 
     def log_model():
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=ClipPyfunc(),
+            python_model=getattr(module, class_name)(),
             artifacts=artifacts,
-            signature=model_signature(),
-            input_example=input_example(),
+            signature=module.model_signature(),
+            input_example=module.input_example(),
             code_paths=_code_paths(),
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(extra),
             registered_model_name=name,
             await_registration_for=60,
         )

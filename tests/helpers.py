@@ -147,3 +147,32 @@ class RayProcessWatcher:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def publish_instructions(
+    settings: Settings, name: str, pairs, questions: tuple[tuple[str, str], ...], label: bool = True
+) -> DatasetVersion:
+    """Publish one row per (pair, question) with the columns a VLM fine-tune reads: ``prompt`` and
+    ``response`` (``vlforge.demo.synth.make_instructions``) beside ``key``, ``image``, ``caption`` and, with
+    ``label``, the pair's class ("red circle"); as carried from a URL list's extra columns."""
+    from vlforge.demo.synth import make_instructions
+
+    rows = make_instructions(pairs, questions)
+    per_pair = len(questions)
+    owners = [pairs[i // per_pair] for i in range(len(rows))]
+    table = pa.table(
+        {
+            "key": [f"{p.key}-q{i % per_pair}" for i, p in enumerate(owners)],
+            "url": [f"http://127.0.0.1/img/{p.key}.jpg" for p in owners],
+            "caption": [p.caption for p in owners],
+            "image": image_struct(pa.array([r[0] for r in rows], pa.binary())),
+            **({"label": [f"{p.colour} {p.shape}" for p in owners]} if label else {}),
+            "prompt": [r[1] for r in rows],
+            "response": [r[2] for r in rows],
+        }
+    )
+    writer = VersionWriter(settings, name)
+    writer.write_table("data", with_hf_features(table))
+    return writer.publish(
+        {"counts": {"kept": len(rows), "rejected": 0}, "source": "synthetic", "filters": {}}
+    )

@@ -13,6 +13,10 @@ DEFAULT_MODEL_URI = "models:/vlforge-clip@champion"
 # The model recipe (models/configs/*.json) of a training from scratch. clip-small-64 (64 px) was measured against
 # it on a held-out 30-class task and did not learn more at these training defaults (BENCHMARKS.md, Recipes).
 DEFAULT_RECIPE = "clip-tiny"
+# The VLM a VLM fine-tune (`vlforge finetune --recipe vlm`) starts from, and the fine-tune recipe that names
+# "the VLM recipe the base was trained with".
+DEFAULT_VLM_URI = "models:/vlforge-vlm@champion"
+VLM_FINETUNE_RECIPE = "vlm"
 # The refresh deployment's schedule: 03:00 every day.
 REFRESH_CRON = "0 3 * * *"
 

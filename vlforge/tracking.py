@@ -22,6 +22,8 @@ EXPERIMENTS = {
 }
 PRETRAINED_MODEL = "vlforge-clip"
 LORA_MODEL = "vlforge-clip-lora"
+VLM_MODEL = "vlforge-vlm"
+VLM_LORA_MODEL = "vlforge-vlm-lora"
 
 # Tags every stage writes (one naming scheme: ``vlforge.<what>``); lineage reads them back.
 TAG_STAGE = "vlforge.stage"  # ingest, curate, pretrain, finetune
@@ -33,6 +35,7 @@ TAG_DATASET = "vlforge.dataset"
 TAG_DATASET_VERSION = "vlforge.dataset_version"
 TAG_BASE_MODEL = "vlforge.base_model"
 TAG_RECIPE = "vlforge.recipe"
+TAG_VISION_MODEL = "vlforge.vision_model"  # a VLM's vision tower: the CLIP it was taken from (pinned)
 TAG_TRAIN_NAME = "vlforge.train_name"
 TAG_FLOW_RUN = "prefect.flow_run_id"
 # Metric names: ``count.<reason>`` for rows per outcome (ingest and curate alike).

@@ -2,7 +2,7 @@
 
 Modules: ``args`` (the typed settings), ``data`` (dataset versions as Ray Data, eval split), ``loop`` (the
 per-worker loop and the recipes' worker hooks), ``driver`` (the one driver: resume, Ray Train, MLflow, evaluation,
-registration), ``pretrain`` and ``finetune`` (the recipes). See docs/training.md.
+registration), ``pretrain`` and ``finetune`` (the CLIP recipes), ``vlm`` (the VLM's two stages). See docs/training.md.
 The entry points are imported lazily: a Ray Train worker imports ``loop`` without Prefect."""
 
 from __future__ import annotations

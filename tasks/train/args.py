@@ -112,12 +112,29 @@ class PretrainArgs(TrainArgs):
     init: str | None = Field(
         None, description="Start from this model (MLflow URI, folder, HF id) instead of the recipe."
     )
+    vision_model: str | None = Field(
+        None,
+        description="VLM recipes (vlm-*): the CLIP whose vision tower the VLM uses (MLflow URI, folder, HF id); "
+        "empty = the recipe's (models:/vlforge-clip@champion).",
+    )
+    adapter: str | None = Field(
+        None, description="VLM recipes: the adapter, mlp or resampler; empty = the recipe's."
+    )
 
 
 class FinetuneArgs(TrainArgs):
-    """LoRA fine-tuning of a registered model."""
+    """LoRA fine-tuning of a registered model: a CLIP (``recipe="lora"``) or a VLM (``recipe="vlm"``)."""
 
-    base: str = Field(defaults.DEFAULT_MODEL_URI, description="Model to adapt (MLflow URI, folder, HF id).")
+    recipe: str = Field(
+        "lora",
+        description="lora: LoRA on a CLIP; vlm: instruction tuning of a VLM (LoRA on its language model) with "
+        "the VLM recipe its base was trained with, or name that recipe (vlm-tiny, ...).",
+    )
+    base: str = Field(
+        defaults.DEFAULT_MODEL_URI,
+        description="Model to adapt (MLflow URI, folder, HF id); a VLM recipe given the CLIP default starts "
+        "from models:/vlforge-vlm@champion.",
+    )
     lora: LoraArgs = Field(default_factory=LoraArgs, description="LoRA adapters.")
     general_eval: str | None = Field(
         None,
@@ -129,6 +146,8 @@ class FinetuneArgs(TrainArgs):
         ge=0,
         description="How much the fine-tune may lose on the general set and still be promoted.",
     )
+    prompt_col: str = Field("prompt", description="VLM recipes: the column holding each row's instruction.")
+    response_col: str = Field("response", description="VLM recipes: the column holding each row's answer.")
     epochs: Epochs = 5
     lr: LearningRate = 2e-3
     weight_decay: WeightDecay = 0.0

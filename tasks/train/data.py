@@ -265,16 +265,7 @@ def train_dataset(
     dv: DatasetVersion, model_uri: str, *, eval_fraction: float, augment: bool = True, seed: int = 0
 ):
     """A Ray Dataset of preprocessed training tensors read from the dataset version's parquet parts."""
-    import ray.data
-
-    files = dv.part_files("data")
-    kwargs = {}
-    if storage.is_remote(dv.uri):
-        from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-        kwargs["filesystem"] = PyFileSystem(FSSpecHandler(storage.filesystem(dv.uri)[0]))
-        files = [storage.filesystem(f)[1] for f in files]
-    ds = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, **kwargs)
+    ds = read_parquet_dataset(dv, TRAIN_COLUMNS)
     ds = ds.map_batches(
         preprocess_batch,
         batch_format="numpy",
@@ -297,6 +288,20 @@ def train_dataset(
     # context belongs to the dataset (and its materialised parent), not to the driver: its DataContext keeps bars.
     ds.context.enable_progress_bars = False
     return ds
+
+
+def read_parquet_dataset(dv: DatasetVersion, columns: list[str]):
+    """A Ray Dataset of ``columns`` of the dataset version's parquet parts (local or remote storage)."""
+    import ray.data
+
+    files = dv.part_files("data")
+    kwargs = {}
+    if storage.is_remote(dv.uri):
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        kwargs["filesystem"] = PyFileSystem(FSSpecHandler(storage.filesystem(dv.uri)[0]))
+        files = [storage.filesystem(f)[1] for f in files]
+    return ray.data.read_parquet(files, columns=columns, **kwargs)
 
 
 def augment_batch(batch: dict[str, np.ndarray], *, seed: int = 0, flip: bool = True) -> dict[str, np.ndarray]:

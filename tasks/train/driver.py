@@ -277,10 +277,8 @@ def evaluate_and_register(
     """Evaluate on each eval set (the held-out split, then ``--eval-dataset``), log the metrics with their 95%
     intervals, register; the last set decides promotion (tasks.promotion: against the champion on the same
     pairs, and a fine-tune against its base on the domain and the general set)."""
-    from tasks.evaluate import evaluate_sets
-
     args = recipe.args
-    evaluations, logged = evaluate_sets(bundle, eval_refs, settings, args.class_prompts)
+    evaluations, logged = recipe.evaluate(bundle, eval_refs, settings)
     registered = None
     if args.register_model:
         from tasks.register import register_model
@@ -303,6 +301,7 @@ def evaluate_and_register(
             heldout_data=heldout,
             bundle=bundle,
             **recipe.promotion(),
+            **recipe.registration(settings),
         )
     finish_run(settings, tr.run_id, logged)
     return logged, registered
@@ -320,6 +319,9 @@ class Recipe:
 
     def check(self, settings: Settings) -> None:
         """Resolve the recipe's own inputs (model URIs) before Ray starts: a wrong one fails in a second."""
+
+    def check_dataset(self, dv: DatasetVersion) -> None:
+        """Check the dataset has what the recipe reads (columns beyond key, image, caption) before Ray starts."""
 
     def params(self) -> dict[str, Any]:
         """Recipe settings beyond ``args`` that a resume must not change (e.g. the pinned base version)."""
@@ -346,6 +348,17 @@ class Recipe:
     def promotion(self) -> dict[str, Any]:
         """Keyword arguments of the promotion rule beyond the defaults (a fine-tune's general set and margin)."""
         return {}
+
+    def registration(self, settings: Settings) -> dict[str, Any]:
+        """More keyword arguments of ``tasks.register.register_model`` (a VLM's pyfunc, evaluator and tags)."""
+        return {}
+
+    def evaluate(self, bundle, eval_refs: list[str], settings: Settings) -> tuple[list, dict[str, float]]:
+        """The final model on each eval set: ``(evaluations, metrics named for MLflow)``; the last evaluation
+        decides promotion. CLIP: retrieval recall and zero-shot accuracy (``tasks.evaluate.evaluate_sets``)."""
+        from tasks.evaluate import evaluate_sets
+
+        return evaluate_sets(bundle, eval_refs, settings, self.args.class_prompts)
 
     def final_model(self, ckpt_dir: str, tr: TrainingRun, model_dir: str) -> tuple[Any, str | None]:
         """Write the model to register into ``model_dir`` from the last checkpoint; ``(bundle, adapter_dir)``."""
@@ -374,7 +387,11 @@ def run_training(
     # Every address resolved before Ray starts: a wrong one fails in a second, not after Ray's start-up.
     dv = resolve_dataset(settings, dataset)
     eval_dv = resolve_dataset(settings, args.eval_dataset) if args.eval_dataset else None
+    recipe.check_dataset(dv)
     recipe.check(settings)
+    args = (
+        recipe.args
+    )  # check may settle what the recipe's defaults mean (a VLM recipe's stage learning rate)
     init_ray(settings)
     name = args.name or default_name(recipe.stage, dv)
     gpu = resolve_use_gpu(args.use_gpu)

@@ -85,11 +85,13 @@ def finetune(
     **options: Any,
 ) -> TrainResult:
     """LoRA-fine-tune ``args.base`` (a model URI) on ``dataset`` and register the merged model as
-    ``vlforge-clip-lora``. Settings are :class:`FinetuneArgs` (``args``, and/or its fields as keywords;
+    ``vlforge-clip-lora``; ``recipe="vlm"`` instruction-tunes a VLM instead and registers ``vlforge-vlm-lora``
+    (``tasks.train.vlm``). Settings are :class:`FinetuneArgs` (``args``, and/or its fields as keywords;
     ``lora_r=4`` sets ``lora.r``)."""
-    return run_training(
-        FinetuneRecipe(FinetuneArgs.build(args, **options)), dataset, settings, fail_once=fail_once
-    )
+    from tasks.train.vlm import finetune_recipe
+
+    recipe = finetune_recipe(FinetuneArgs.build(args, **options))
+    return run_training(recipe, dataset, settings, fail_once=fail_once)
 
 
 finetune_task = task(name="finetune", retries=0)(finetune)

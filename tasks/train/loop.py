@@ -1,7 +1,7 @@
 """The Ray Train loop shared by every recipe (runs on every worker).
 
 The driver hands each worker one typed :class:`LoopConfig`; its ``model`` is the recipe's worker side
-(:class:`ClipModelHooks` for CLIP and its LoRA fine-tune): how to build the trainable module, the loss of a
+(:class:`ClipModelHooks` for CLIP and its LoRA fine-tune, ``tasks.train.vlm.VlmModelHooks`` for the VLM stages): how to build the trainable module, the loss of a
 batch (CLIP: the symmetric InfoNCE over the global batch, embeddings all-gathered across workers, with the
 learnable temperature), what to do after a step, and what a checkpoint holds. The loop itself is recipe-free:
 AdamW with a cosine schedule and linear warmup, gradient accumulation, bf16 autocast on GPU, optional gradient
@@ -48,7 +48,7 @@ class LoopConfig:
     run_id: str
     tracking_uri: str
     init_uri: str  # the initial model's folder (local or remote), written by the driver
-    model: ClipModelHooks  # the recipe's worker side: build, loss, save
+    model: ClipModelHooks  # the recipe's worker side: build, loss, after_step, save (or VlmModelHooks)
     total_steps: int
     steps_per_epoch: int
     batch_size: int
@@ -107,12 +107,17 @@ class ClipModelHooks:
         return {"temperature": float(1.0 / clip.logit_scale.detach().exp())}
 
     def save(self, bundle, module, folder: str) -> None:
-        inner = getattr(module, "module", module)  # DDP
-        if self.lora is not None:
-            inner.save_pretrained(os.path.join(folder, "adapter"))
-        else:
-            bundle.model = inner
-            bundle.save(os.path.join(folder, "model"))
+        save_model_or_adapter(bundle, module, folder, adapter=self.lora is not None)
+
+
+def save_model_or_adapter(bundle, module, folder: str, adapter: bool) -> None:
+    """A checkpoint's recipe files: the peft ``adapter/`` (a LoRA recipe) or the whole bundle's ``model/``."""
+    inner = getattr(module, "module", module)  # DDP
+    if adapter:
+        inner.save_pretrained(os.path.join(folder, "adapter"))
+    else:
+        bundle.model = inner
+        bundle.save(os.path.join(folder, "model"))
 
 
 def _clip_model(module):

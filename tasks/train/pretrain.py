@@ -72,12 +72,14 @@ def pretrain(
     fail_once: dict | None = None,
     **options: Any,
 ) -> TrainResult:
-    """Pretrain a CLIP on ``dataset`` (``name[@version]``) and register it as ``vlforge-clip``.
+    """Pretrain a CLIP on ``dataset`` (``name[@version]``) and register it as ``vlforge-clip``; a VLM recipe
+    (``recipe="vlm-tiny"``) runs the VLM's stage 1 instead and registers ``vlforge-vlm`` (``tasks.train.vlm``).
 
     Settings are :class:`PretrainArgs` (``args``, and/or its fields as keywords: ``epochs=3``)."""
-    return run_training(
-        PretrainRecipe(PretrainArgs.build(args, **options)), dataset, settings, fail_once=fail_once
-    )
+    from tasks.train.vlm import pretrain_recipe
+
+    recipe = pretrain_recipe(PretrainArgs.build(args, **options))
+    return run_training(recipe, dataset, settings, fail_once=fail_once)
 
 
 pretrain_task = task(name="pretrain", retries=0)(pretrain)
