@@ -111,14 +111,15 @@ def _threshold(stats: _SplitStats, eval_fraction: float, min_eval_pairs: int, ma
     return fraction
 
 
-def _read_file(path: str, columns: list[str]) -> pa.Table:
+def read_data_file(path: str, columns: list[str]) -> pa.Table:
+    """One data file's ``columns`` (local or remote)."""
     fs, local = storage.filesystem(path)
     with fs.open(local, "rb") as fh:
         return pq.read_table(fh, columns=columns)
 
 
 def _file_keys(path: str) -> list:
-    return _read_file(path, ["key"]).column("key").to_pylist()
+    return read_data_file(path, ["key"]).column("key").to_pylist()
 
 
 def _file_stats(path: str, eval_fraction: float, k: int) -> _SplitStats:
@@ -177,14 +178,21 @@ def read_eval_data(ref: str, settings) -> pa.Table:
     return read_split(dv, threshold, "eval").select(["image", "caption"])
 
 
-def train_captions(dv: DatasetVersion, eval_fraction: float, limit: int = TOKENIZER_SAMPLE) -> list[str]:
-    """The first ``limit`` captions of the train split, read file by file (key and caption columns only): what
-    a new tokenizer is fitted on. A sample, as for any BPE: a web-scale version has hundreds of millions."""
+def train_captions(
+    dv: DatasetVersion,
+    eval_fraction: float,
+    limit: int = TOKENIZER_SAMPLE,
+    columns: Sequence[str] = ("caption",),
+) -> list[str]:
+    """The first ``limit`` non-empty texts of the train split's ``columns`` (row by row), read file by file
+    without the images: what a new tokenizer is fitted on. A sample, as for any BPE: a web-scale version has
+    hundreds of millions of captions."""
     out: list[str] = []
     for f in dv.part_files("data"):
-        table = _read_file(f, ["key", "caption"])
+        table = read_data_file(f, ["key", *columns])
         keep = ~eval_mask(table.column("key").to_pylist(), eval_fraction)
-        out += [str(c) for c, k in zip(table.column("caption").to_pylist(), keep, strict=True) if k]
+        texts = zip(*(table.column(c).to_pylist() for c in columns), strict=True)
+        out += [str(v) for row, k in zip(texts, keep, strict=True) if k for v in row if v]
         if len(out) >= limit:
             return out[:limit]
     return out
@@ -250,15 +258,26 @@ def preprocess_batch(
     }
 
 
-def _tensor_bytes(dv: DatasetVersion, model_uri: str) -> int:
-    """The size of a version's preprocessed training tensors (rows from the parquet footers only)."""
+def version_rows(dv: DatasetVersion) -> int:
+    """A version's data rows, from the parquet footers only."""
     rows = 0
     for f in dv.part_files("data"):
         fs, local = storage.filesystem(f)
         with fs.open(local, "rb") as fh:
             rows += pq.ParquetFile(fh).metadata.num_rows
+    return rows
+
+
+def materialize_within_budget(ds, dv: DatasetVersion, row_bytes: int):
+    """``ds`` materialised when a version of ``row_bytes`` a row fits :data:`MATERIALIZE_BYTES`, else ``ds`` as a
+    stream (decoded again every epoch): a web-scale version's pixels do not fit any object store."""
+    return ds.materialize() if version_rows(dv) * row_bytes <= MATERIALIZE_BYTES else ds
+
+
+def clip_row_bytes(model_uri: str) -> int:
+    """The size of one CLIP training row's tensors (pixels, token ids and mask)."""
     bundle = _preprocessor(model_uri)
-    return rows * (3 * bundle.image_size**2 * 4 + 2 * bundle.max_length * 8)
+    return 3 * bundle.image_size**2 * 4 + 2 * bundle.max_length * 8
 
 
 def train_dataset(
@@ -275,8 +294,7 @@ def train_dataset(
     # Decoding and tokenising once (not every epoch) matters on small machines; the random augmentation
     # below runs again on every epoch's pass over the materialised tensors. A version whose tensors would not
     # fit the budget (a web-scale one: 600 KB a row at 224 px) streams instead, decoded again every epoch.
-    if _tensor_bytes(dv, model_uri) <= MATERIALIZE_BYTES:
-        ds = ds.materialize()
+    ds = materialize_within_budget(ds, dv, clip_row_bytes(model_uri))
     # Per-epoch shuffling here rather than iter_torch_batches' local shuffle buffer, which re-concatenates
     # tensor columns on the training process for every batch (it made each step ~3x slower on CPU).
     ds = ds.randomize_block_order(seed=None)

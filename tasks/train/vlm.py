@@ -110,14 +110,17 @@ def check_text_columns(dv: DatasetVersion, columns: dict[str, str]) -> None:
                 f"dataset {dv.ref} has no column {column!r} ({option}); its columns: {', '.join(present)}. "
                 "Carry it from the URL list (ingest keeps extra columns) or name another column"
             )
-    table = dv.read_table("data", columns=["key", *columns])
+    from tasks.train.data import read_data_file
+
+    empties: dict[str, list] = {column: [] for column in columns}
+    for f in dv.part_files("data"):  # file by file: the driver never holds a whole version's columns
+        table = read_data_file(f, ["key", *columns])
+        keys = table.column("key").to_pylist()
+        for column in columns:
+            values = table.column(column).to_pylist()
+            empties[column] += [k for k, v in zip(keys, values, strict=True) if not str(v or "").strip()]
     for column, option in columns.items():
-        values = table.column(column).to_pylist()
-        empty = [
-            k
-            for k, v in zip(table.column("key").to_pylist(), values, strict=True)
-            if not str(v or "").strip()
-        ]
+        empty = empties[column]
         if empty:
             raise VlforgeError(
                 f"dataset {dv.ref}: {len(empty)} row(s) have no text in column {column!r} ({option}), e.g. "
@@ -212,6 +215,12 @@ def preprocess_vlm_batch(
     return out
 
 
+def vlm_row_bytes(model_uri: str, max_length: int) -> int:
+    """The size of one VLM training row's tensors (pixels; token ids, mask and labels)."""
+    size = int(load_vlm_processor(model_uri).model.config.vision_config.image_size)
+    return 3 * size * size * 4 + 3 * max_length * 8
+
+
 def vlm_train_dataset(
     dv: DatasetVersion,
     model_uri: str,
@@ -224,7 +233,7 @@ def vlm_train_dataset(
     seed: int = 0,
 ):
     """A Ray Dataset of VLM training tensors (the train split), built once and reshuffled every epoch."""
-    from tasks.train.data import augment_batch, read_parquet_dataset
+    from tasks.train.data import augment_batch, materialize_within_budget, read_parquet_dataset
 
     columns = ["key", "image", *([prompt_col, response_col] if prompt_col else ["caption"])]
     ds = read_parquet_dataset(dv, columns)
@@ -241,7 +250,8 @@ def vlm_train_dataset(
             "response_col": response_col,
         },
     )
-    ds = ds.materialize()  # tokenised and resized once, not every epoch
+    # tokenised and resized once, not every epoch, when it fits the budget (tasks.train.data)
+    ds = materialize_within_budget(ds, dv, vlm_row_bytes(model_uri, max_length))
     ds = ds.randomize_block_order(seed=None)
     ds = ds.map_batches(
         augment_batch, batch_format="numpy", batch_size=256, fn_kwargs={"seed": seed, "flip": False}
@@ -537,13 +547,10 @@ class VlmPretrainRecipe(Recipe):
         """The recipe's VLM: the CLIP's vision tower, a new adapter, the language model (a from-scratch one gets
         a tokenizer trained on the train split's text)."""
         from models.vlm import build_vlm
-        from tasks.train.data import eval_mask
+        from tasks.train.data import train_captions
 
         text_columns = [c for c in ("caption", "prompt", "response") if c in dataset_columns(dv)]
-        table = dv.read_table("data", columns=["key", *text_columns])
-        train = table.filter(pa.array(~eval_mask(table.column("key").to_pylist(), heldout)))
-        corpus = [str(v) for c in text_columns for v in train.column(c).to_pylist() if v]
-        corpus.append(self.vlm.caption_prompt)
+        corpus = train_captions(dv, heldout, columns=text_columns) + [self.vlm.caption_prompt]
         return build_vlm(self.vlm, self.vision_model, corpus, settings=settings, seed=self.args.seed)
 
     def train_dataset(self, dv, init_uri: str, heldout: float):

@@ -231,7 +231,7 @@ def test_train_dataset_yields_every_train_row_materialised_or_streamed(
     dv = publish_pairs(settings, "stream", pairs, files=2)
     model = build_clip("clip-tiny", [p.caption for p in pairs]).save(str(tmp_path / "init"))
     ds = train_dataset(dv, model, eval_fraction=0.2, augment=False)
-    assert data._tensor_bytes(dv, model) == 60 * (3 * 32 * 32 * 4 + 2 * 32 * 8)
+    assert data.version_rows(dv) == 60 and data.clip_row_bytes(model) == 3 * 32 * 32 * 4 + 2 * 32 * 8
     for _ in range(2):  # two epochs
         rows = sum(len(b["input_ids"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
         assert rows == count_train_rows(dv, 0.2)
