@@ -308,6 +308,15 @@ def _check_inputs(settings, dataset: str, eval_dataset: str | None, model: str |
         _check_model_uri(model, settings)
 
 
+def _figures(metrics: dict[str, float]) -> list[str]:
+    """``name value [low, high]`` for each metric logged with its 95% interval."""
+    return [
+        f"{k} {v:.3f} [{metrics[k + '_ci_low']:.3f}, {metrics[k + '_ci_high']:.3f}]"
+        for k, v in sorted(metrics.items())
+        if k + "_ci_low" in metrics and k + "_ci_high" in metrics
+    ]
+
+
 def _print_train(result) -> None:
     reg = result.registered
     out.print(f"MLflow run: {result.run_id}")
@@ -328,6 +337,9 @@ def demo(
         float, typer.Option(help="Share of deliberately mismatched captions.")
     ] = 0.3,
     top_fraction: Annotated[float, typer.Option(help="Share of the pool the CLIP filter keeps.")] = 0.6,
+    vlm: Annotated[
+        bool, typer.Option("--vlm/--no-vlm", help="Then train the VLM on the champion CLIP (stages 1 and 2).")
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Run the whole pipeline on synthetic data served on 127.0.0.1 (embedded defaults, no services)."""
@@ -342,6 +354,7 @@ def demo(
         pool_size=pool_size,
         mismatch_fraction=mismatch_fraction,
         top_fraction=top_fraction,
+        vlm=vlm,
     )
     if as_json:
         out.print_json(json.dumps(summary))
@@ -356,6 +369,9 @@ def demo(
         out.print(f"[bold]{what}[/] {summary['models'][what]} -> {alias}", highlight=False)
         for line in decision:
             out.print(f"  {line.strip()}", highlight=False)
+        if what.startswith("VLM"):  # its figures and the same model on a blank image: is the image used?
+            for line in _figures(summary["metrics"][what]):
+                out.print(f"  {line}", highlight=False)
     for stage, run_id in summary["runs"].items():
         out.print(f"MLflow run ({stage}): {run_id}")
     out.print(f"MLflow UI: mlflow ui --backend-store-uri {redact(s.tracking_uri)}")

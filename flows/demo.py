@@ -7,8 +7,12 @@ noisy pool with that registry URI and pretrains on the curated pool from it. Eve
 one labelled eval set (``demo-eval``); the curated model becomes champion only if it beats the bootstrap model
 there beyond noise. The LoRA fine-tune adapts the champion to a domain it has never seen (the same classes on dark,
 noisy backgrounds: ``demo-domain``) and is promoted only if it beats its base on that domain and keeps the general
-eval set within the margin. The summary prints each model's figures with 95% intervals and the registry's
-decisions with their reasons, whichever way they went.
+eval set within the margin. With ``vlm`` (the default), the VLM leg follows: a LLaVA-style ``vlm-tiny`` on the
+champion CLIP's vision tower, stage 1 on the curated pool's captions (``vlforge-vlm``), stage 2 instruction-tuned
+with LoRA on "What colour is the shape?" rows ingested from their own URL list (``demo-instruct``,
+``vlforge-vlm-lora``), promoted only if it beats its stage-1 base on held-out instructions; each with its
+blank-image baseline. The summary prints each model's figures with 95% intervals and the registry's decisions
+with their reasons, whichever way they went.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from vlforge import defaults, tracking
 from vlforge.artifacts import publish
 from vlforge.datasets import resolve_dataset
 from vlforge.demo.server import ImageServer, write_url_list
-from vlforge.demo.synth import class_prompts, make_pairs
+from vlforge.demo.synth import INSTRUCTIONS, class_prompts, make_pairs
 from vlforge.settings import get_settings
 
 DEMO_PORT = int(os.environ.get("VLFORGE_DEMO_PORT", "8730"))
@@ -43,6 +47,7 @@ class DemoSummary:
     models: dict[str, str] = field(default_factory=dict)  # what -> registered model URI
     eval_dataset: str = ""  # the labelled set every CLIP of the line is judged on
     domain_dataset: str = ""  # the fine-tune's domain
+    instruct_dataset: str = ""  # the VLM's instruction set (stage 2)
     aliases: dict[str, str | None] = field(default_factory=dict)  # what -> alias the registry gave it
     decisions: dict[str, list[str]] = field(default_factory=dict)  # what -> the decision and its comparisons
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # what -> eval metrics with intervals
@@ -82,6 +87,10 @@ def demo(
     seed_epochs: int = 8,
     epochs: int = 4,
     finetune_epochs: int = 3,
+    vlm: bool = True,
+    instruct_size: int = 300,
+    vlm_epochs: int = 8,
+    vlm_finetune_epochs: int = 4,
 ) -> dict:
     """Bootstrap a scorer on a clean seed set, curate a noisy pool with it, pretrain on the curated pool, LoRA
     fine-tune to a new domain; every model judged with intervals, promoted only on evidence."""
@@ -95,14 +104,20 @@ def demo(
         "pool": make_pairs(pool_size, mismatch_fraction, seed=2, prefix="pool"),
         "eval": make_pairs(eval_size, 0.0, seed=3, prefix="eval"),
         "domain": make_pairs(domain_size, 0.0, seed=4, prefix="domain", domain="noisy"),
+        **({"instruct": make_pairs(instruct_size, 0.0, seed=5, prefix="instruct")} if vlm else {}),
     }
     prompts = class_prompts()
     srv = _start_server()
     refs: dict[str, dict] = {}
     try:
-        lists = {k: write_url_list(f"{lists_dir}/{k}.csv", v, srv.add_pairs(v)) for k, v in sets.items()}
+        lists = {
+            k: write_url_list(
+                f"{lists_dir}/{k}.csv", v, srv.add_pairs(v), INSTRUCTIONS[0] if k == "instruct" else None
+            )
+            for k, v in sets.items()
+        }
         common = dict(allow_private_networks=True, shard_size=max(100, pool_size // 2))
-        for what in ("seed", "eval", "domain"):
+        for what in [k for k in sets if k != "pool"]:
             refs[what] = refresh_dataset(
                 RefreshParams(source=f"demo-{what}", location=lists[what], dataset=f"demo-{what}", scorer=None,
                               top_fraction=None, **common)
@@ -127,23 +142,39 @@ def demo(
             finetuning=FinetuneArgs(epochs=finetune_epochs, class_prompts=prompts, general_eval="demo-eval"),
         )
     )
-    removed, kept = filter_quality("demo")
     stages = {
         "bootstrap": boot["pretrain"],
         "pretrained": trained["pretrain"],
         "fine-tuned": trained["finetune"],
     }
+    runs = {
+        "bootstrap pretrain": boot["pretrain"]["run_id"],
+        "curate": refs["pool"].get("mlflow_run_id") or "",
+        "pretrain": trained["pretrain"]["run_id"],
+        "finetune": trained["finetune"]["run_id"],
+    }
+    if vlm:
+        # Stage 1 on the curated pool's captions with the champion CLIP as the vision tower (the flywheel: the
+        # CLIP that curated the data sees for the VLM), stage 2 on the instruction set.
+        vlms = train(
+            TrainParams(
+                dataset="demo", pretrain=False, finetune=False,
+                vlm_pretrain=True,
+                vlm_pretraining=PretrainArgs(recipe="vlm-tiny", vision_model=defaults.DEFAULT_MODEL_URI,
+                                             epochs=vlm_epochs, lr=2e-3, min_eval_pairs=0),
+                vlm_finetune=True, vlm_finetune_dataset="demo-instruct",
+                vlm_finetuning=FinetuneArgs(recipe="vlm", epochs=vlm_finetune_epochs, min_eval_pairs=0),
+            )
+        )  # fmt: skip
+        stages |= {"VLM": vlms["vlm_pretrain"], "VLM instruction-tuned": vlms["vlm_finetune"]}
+        runs |= {"VLM stage 1": vlms["vlm_pretrain"]["run_id"], "VLM stage 2": vlms["vlm_finetune"]["run_id"]}
+    removed, kept = filter_quality("demo")
     summary = DemoSummary(
         seed_dataset=refs["seed"]["dataset_version"],
         dataset_version=refs["pool"]["dataset_version"],
         mismatched_removed=removed,
         matched_kept=kept,
-        runs={
-            "bootstrap pretrain": boot["pretrain"]["run_id"],
-            "curate": refs["pool"].get("mlflow_run_id") or "",
-            "pretrain": trained["pretrain"]["run_id"],
-            "finetune": trained["finetune"]["run_id"],
-        },
+        runs=runs,
         models={
             **{what: st["model_uri"] for what, st in stages.items()},
             "pretrained champion": f"models:/{tracking.PRETRAINED_MODEL}@champion",
@@ -151,6 +182,7 @@ def demo(
         },
         eval_dataset=refs["eval"]["dataset_version"],
         domain_dataset=refs["domain"]["dataset_version"],
+        instruct_dataset=refs["instruct"]["dataset_version"] if vlm else "",
         aliases={what: st["alias"] for what, st in stages.items()},
         decisions={what: st["decision"] for what, st in stages.items()},
         metrics={what: _judged_metrics(st["metrics"]) for what, st in stages.items()},
@@ -173,6 +205,7 @@ def demo(
 
 
 def _judged_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The figures a person reads first: zero-shot accuracy and recall@1 on each eval set, with intervals."""
-    keep = ("zeroshot_accuracy", "i2t_recall_at_1", "mean_recall")
+    """The figures a person reads first, with intervals: zero-shot accuracy and recall@1 on each eval set for a
+    CLIP; caption and instruction accuracy, and the same on a blank image, for a VLM."""
+    keep = ("zeroshot_accuracy", "i2t_recall_at_1", "mean_recall", "caption_accuracy", "instruction_accuracy")
     return {k: v for k, v in metrics.items() if any(k.endswith(x) or f"{x}_ci_" in k for x in keep)}

@@ -115,12 +115,18 @@ class ImageServer:
         self.stop()
 
 
-def write_url_list(path: str, pairs: Iterable[SynthPair], urls: Iterable[str]) -> str:
+def write_url_list(
+    path: str, pairs: Iterable[SynthPair], urls: Iterable[str], question: tuple[str, str] | None = None
+) -> str:
     """Write a CSV URL list (url, caption, plus the known truth as extra columns: the image's class is
-    ``label``, "red circle", what a labelled eval set carries) and return its path."""
+    ``label``, "red circle", what a labelled eval set carries) and return its path. With ``question``
+    (an instruction and the pair attribute that answers it, from ``synth.INSTRUCTIONS``), every row also gets
+    ``prompt`` and ``response`` columns: an instruction set for a VLM's stage 2."""
+    header = ["url", "caption", "truth_matched", "truth_colour", "truth_shape", "label"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["url", "caption", "truth_matched", "truth_colour", "truth_shape", "label"])
+        w.writerow(header + (["prompt", "response"] if question else []))
         for p, u in zip(pairs, urls, strict=True):
-            w.writerow([u, p.caption, int(p.matched), p.colour, p.shape, f"{p.colour} {p.shape}"])
+            row = [u, p.caption, int(p.matched), p.colour, p.shape, f"{p.colour} {p.shape}"]
+            w.writerow(row + ([question[0], getattr(p, question[1])] if question else []))
     return path
