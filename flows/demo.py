@@ -156,16 +156,7 @@ def demo(
     if vlm:
         # Stage 1 on the curated pool's captions with the champion CLIP as the vision tower (the flywheel: the
         # CLIP that curated the data sees for the VLM), stage 2 on the instruction set.
-        vlms = train(
-            TrainParams(
-                dataset="demo", pretrain=False, finetune=False,
-                vlm_pretrain=True,
-                vlm_pretraining=PretrainArgs(recipe="vlm-tiny", vision_model=defaults.DEFAULT_MODEL_URI,
-                                             epochs=vlm_epochs, lr=2e-3, min_eval_pairs=0),
-                vlm_finetune=True, vlm_finetune_dataset="demo-instruct",
-                vlm_finetuning=FinetuneArgs(recipe="vlm", epochs=vlm_finetune_epochs, min_eval_pairs=0),
-            )
-        )  # fmt: skip
+        vlms = train(vlm_train_params(vlm_epochs, vlm_finetune_epochs))
         stages |= {"VLM": vlms["vlm_pretrain"], "VLM instruction-tuned": vlms["vlm_finetune"]}
         runs |= {"VLM stage 1": vlms["vlm_pretrain"]["run_id"], "VLM stage 2": vlms["vlm_finetune"]["run_id"]}
     removed, kept = filter_quality("demo")
@@ -202,6 +193,19 @@ def demo(
         },
     )
     return asdict(summary)
+
+
+def vlm_train_params(epochs: int, finetune_epochs: int) -> TrainParams:
+    """The demo's VLM leg as the train flow's typed form: only the two VLM steps, stage 1 on the curated pool
+    with the champion CLIP's vision tower, stage 2 on ``demo-instruct``'s prompt and response columns."""
+    return TrainParams(
+        dataset="demo", pretrain=False, finetune=False,
+        vlm_pretrain=True,
+        vlm_pretraining=PretrainArgs(recipe="vlm-tiny", vision_model=defaults.DEFAULT_MODEL_URI, epochs=epochs,
+                                     lr=2e-3, min_eval_pairs=0),
+        vlm_finetune=True, vlm_finetune_dataset="demo-instruct",
+        vlm_finetuning=FinetuneArgs(recipe="vlm", epochs=finetune_epochs, min_eval_pairs=0),
+    )  # fmt: skip
 
 
 def _judged_metrics(metrics: dict[str, float]) -> dict[str, float]:
