@@ -146,7 +146,7 @@ def test_missing_scorer_and_source_fail_clearly(settings, tmp_path):
 
 
 @pytest.mark.slow  # two fresh Python processes importing the stack
-def test_two_concurrent_curations_publish_two_complete_versions(settings):
+def test_two_concurrent_curations_publish_two_complete_versions(settings, ray_local):
     write_raw_batch(settings, "web", "b1", make_pairs(30, 0.0, seed=5))
     # The MLflow SQLite schema is created once up front: two processes racing to create it trips alembic.
     tracking.ensure_experiment(settings, "datasets")
@@ -158,7 +158,9 @@ def test_two_concurrent_curations_publish_two_complete_versions(settings):
         print(r.dataset_version.version)
         """
     )
-    env = {**os.environ, "VLFORGE_STORAGE": settings.storage_uri}
+    # Both on the session's Ray (as two flow runs on one cluster), not each starting a local Ray of its own.
+    ray_address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "VLFORGE_STORAGE": settings.storage_uri, "VLFORGE_RAY_ADDRESS": ray_address}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
