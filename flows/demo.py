@@ -88,9 +88,9 @@ def demo(
     epochs: int = 4,
     finetune_epochs: int = 3,
     vlm: bool = True,
-    instruct_size: int = 300,
-    vlm_epochs: int = 8,
-    vlm_finetune_epochs: int = 4,
+    instruct_size: int = 500,
+    vlm_epochs: int = 10,
+    vlm_finetune_epochs: int = 6,
 ) -> dict:
     """Bootstrap a scorer on a clean seed set, curate a noisy pool with it, pretrain on the curated pool, LoRA
     fine-tune to a new domain; every model judged with intervals, promoted only on evidence."""
@@ -202,9 +202,10 @@ def vlm_train_params(epochs: int, finetune_epochs: int) -> TrainParams:
         dataset="demo", pretrain=False, finetune=False,
         vlm_pretrain=True,
         vlm_pretraining=PretrainArgs(recipe="vlm-tiny", vision_model=defaults.DEFAULT_MODEL_URI, epochs=epochs,
-                                     lr=2e-3, min_eval_pairs=0),
+                                     lr=2e-3, warmup_steps=2, min_eval_pairs=0),
         vlm_finetune=True, vlm_finetune_dataset="demo-instruct",
-        vlm_finetuning=FinetuneArgs(recipe="vlm", epochs=finetune_epochs, min_eval_pairs=0),
+        # 100 held-out instructions: an accuracy whose interval can tell the image from a blank one
+        vlm_finetuning=FinetuneArgs(recipe="vlm", epochs=finetune_epochs, warmup_steps=2, min_eval_pairs=100),
     )  # fmt: skip
 
 
