@@ -144,16 +144,40 @@ def _per_file(dv: DatasetVersion, fn, *args) -> list:
     return ray.get([remote.remote(f, *args) for f in files])
 
 
+def dataset_split(
+    dv: DatasetVersion,
+    eval_fraction: float,
+    min_eval_pairs: int = DEFAULT_MIN_EVAL_PAIRS,
+    max_eval_pairs: int = DEFAULT_MAX_EVAL_PAIRS,
+) -> tuple[float, int]:
+    """``(threshold, train rows)`` of a dataset version: :func:`heldout_fraction` of its keys and the rows outside
+    that split, from one pass over the key column, file by file (see :func:`_per_file`). A second pass
+    (:func:`count_train_rows`) only when hashes tie at the edge of those kept."""
+    k = _keep(min_eval_pairs, max_eval_pairs) + 1  # one more than a moved threshold needs: see _train_rows
+    stats = _SplitStats.merge(_per_file(dv, _file_stats, eval_fraction, k), k)
+    threshold = _threshold(stats, eval_fraction, min_eval_pairs, max_eval_pairs)
+    rows = _train_rows(stats, eval_fraction, threshold)
+    return threshold, rows if rows is not None else count_train_rows(dv, threshold)
+
+
 def dataset_heldout_fraction(
     dv: DatasetVersion,
     eval_fraction: float,
     min_eval_pairs: int = DEFAULT_MIN_EVAL_PAIRS,
     max_eval_pairs: int = DEFAULT_MAX_EVAL_PAIRS,
 ) -> float:
-    """:func:`heldout_fraction` of a dataset version's keys, computed file by file (see :func:`_per_file`)."""
-    k = _keep(min_eval_pairs, max_eval_pairs)
-    stats = _SplitStats.merge(_per_file(dv, _file_stats, eval_fraction, k), k)
-    return _threshold(stats, eval_fraction, min_eval_pairs, max_eval_pairs)
+    """:func:`heldout_fraction` of a dataset version's keys (the threshold of :func:`dataset_split`)."""
+    return dataset_split(dv, eval_fraction, min_eval_pairs, max_eval_pairs)[0]
+
+
+def _train_rows(stats: _SplitStats, eval_fraction: float, threshold: float) -> int | None:
+    """The rows whose key hashes at or above ``threshold``, from the stats alone; None when they cannot tell."""
+    if threshold == float(max(eval_fraction, 0.0)):
+        return stats.rows - stats.below
+    cut = threshold * 2**32  # a moved threshold: a kept hash plus one, an exact integer
+    if len(stats.smallest) == stats.rows or stats.smallest[-1] >= cut:  # every hash below the cut was kept
+        return stats.rows - int((stats.smallest < cut).sum())
+    return None
 
 
 def heldout_ref(dv: DatasetVersion, fraction: float) -> str:

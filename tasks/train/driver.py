@@ -332,7 +332,7 @@ class Recipe:
 
     def initial_model(self, dv: DatasetVersion, settings: Settings, heldout: float):
         """The bundle training starts from (saved once to the run folder, read by every worker); ``heldout``
-        is the split threshold of the held-out pairs (``tasks.train.data.dataset_heldout_fraction``)."""
+        is the split threshold of the held-out pairs (``tasks.train.data.dataset_split``)."""
         raise NotImplementedError
 
     def worker_hooks(self):
@@ -378,7 +378,7 @@ def run_training(
     no-op. The run goes to the stage's MLflow experiment, or to ``experiment`` with ``run_tags`` (a curation
     experiment's child runs). ``fail_once`` is a test hook (``{"rank", "step", "marker"}``: that rank exits hard
     once at that step)."""
-    from tasks.train.data import count_train_rows, dataset_heldout_fraction, heldout_ref
+    from tasks.train.data import dataset_split, heldout_ref
     from vlforge.datasets import resolve_dataset
     from vlforge.raycluster import init_ray
     from vlforge.tracking import TAG_BASE_MODEL
@@ -395,8 +395,7 @@ def run_training(
     init_ray(settings)
     name = args.name or default_name(recipe.stage, dv)
     gpu = resolve_use_gpu(args.use_gpu)
-    heldout = dataset_heldout_fraction(dv, args.eval_fraction, args.min_eval_pairs, args.max_eval_pairs)
-    n_train = count_train_rows(dv, heldout)
+    heldout, n_train = dataset_split(dv, args.eval_fraction, args.min_eval_pairs, args.max_eval_pairs)
     steps_per_epoch, total = steps_plan(
         n_train, args.batch_size, args.num_workers, args.grad_accum, args.epochs
     )

@@ -60,7 +60,7 @@ def test_dataset_split_file_by_file_equals_the_split_of_all_keys(settings, monke
     """A version of several data files: the threshold and the train count computed per file (on Ray tasks
     above LOCAL_FILES files) equal those of all its keys at once, for the minimum, the fraction and the cap."""
     import tasks.train.data as data
-    from tasks.train.data import count_train_rows, train_captions
+    from tasks.train.data import count_train_rows, dataset_split, train_captions
     from tests.helpers import publish_pairs
 
     if on_ray:
@@ -71,8 +71,13 @@ def test_dataset_split_file_by_file_equals_the_split_of_all_keys(settings, monke
     assert len(dv.part_files("data")) == 3
     keys = [p.key for p in pairs]
     for fraction, low, high in ((0.05, 200, 5000), (0.3, 0, 5000), (0.6, 0, 100)):
-        f = dataset_heldout_fraction(dv, fraction, low, high)
-        assert f == heldout_fraction(keys, fraction, low, high)
+        f, train_rows = dataset_split(dv, fraction, low, high)
+        assert (
+            f
+            == heldout_fraction(keys, fraction, low, high)
+            == dataset_heldout_fraction(dv, fraction, low, high)
+        )
+        assert train_rows == int((~eval_mask(keys, f)).sum())  # from the one pass
         assert (
             count_train_rows(dv, f) == int((~eval_mask(keys, f)).sum()) == read_split(dv, f, "train").num_rows
         )
