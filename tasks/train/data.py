@@ -307,23 +307,37 @@ def clip_row_bytes(model_uri: str) -> int:
 def train_dataset(
     dv: DatasetVersion, model_uri: str, *, eval_fraction: float, augment: bool = True, seed: int = 0
 ):
-    """A Ray Dataset of preprocessed training tensors read from the dataset version's parquet parts."""
-    ds = read_parquet_dataset(dv, TRAIN_COLUMNS)
-    ds = ds.map_batches(
-        preprocess_batch,
-        batch_format="numpy",
-        batch_size=64,
-        fn_kwargs={"model_uri": model_uri, "eval_fraction": eval_fraction},
-    )
+    """A Ray Dataset of preprocessed CLIP training tensors read from the dataset version's parquet parts."""
+    return tensor_dataset(
+        dv, TRAIN_COLUMNS, preprocess_batch, {"model_uri": model_uri, "eval_fraction": eval_fraction},
+        clip_row_bytes(model_uri), seed=seed, flip=augment,
+    )  # fmt: skip
+
+
+def tensor_dataset(
+    dv: DatasetVersion,
+    columns: list[str],
+    preprocess,
+    fn_kwargs: dict,
+    row_bytes: int,
+    *,
+    seed: int,
+    flip: bool,
+):
+    """The training tensors of any recipe: ``columns`` of the version through ``preprocess`` (a Ray Data batch
+    function dropping held-out rows, ``fn_kwargs`` its settings; ``row_bytes`` the size of a row it makes), then
+    a new order and random flips every epoch."""
+    ds = read_parquet_dataset(dv, columns)
+    ds = ds.map_batches(preprocess, batch_format="numpy", batch_size=64, fn_kwargs=fn_kwargs)
     # Decoding and tokenising once (not every epoch) matters on small machines; the random augmentation
     # below runs again on every epoch's pass over the materialised tensors. A version whose tensors would not
     # fit the budget (a web-scale one: 600 KB a row at 224 px) streams instead, decoded again every epoch.
-    ds = materialize_within_budget(ds, dv, clip_row_bytes(model_uri))
+    ds = materialize_within_budget(ds, dv, row_bytes)
     # Per-epoch shuffling here rather than iter_torch_batches' local shuffle buffer, which re-concatenates
     # tensor columns on the training process for every batch (it made each step ~3x slower on CPU).
     ds = ds.randomize_block_order(seed=None)
     ds = ds.map_batches(
-        augment_batch, batch_format="numpy", batch_size=256, fn_kwargs={"seed": seed, "flip": augment}
+        augment_batch, batch_format="numpy", batch_size=256, fn_kwargs={"seed": seed, "flip": flip}
     )
     # No Ray Data progress bars for the per-epoch passes: the training reports its own progress, and a worker
     # redrawing bars every epoch only fills the log (the decode pass above has shown its bar already). This

@@ -233,31 +233,19 @@ def vlm_train_dataset(
     seed: int = 0,
 ):
     """A Ray Dataset of VLM training tensors (the train split), built once and reshuffled every epoch."""
-    from tasks.train.data import augment_batch, materialize_within_budget, read_parquet_dataset
+    from tasks.train.data import tensor_dataset
 
     columns = ["key", "image", *([prompt_col, response_col] if prompt_col else ["caption"])]
-    ds = read_parquet_dataset(dv, columns)
-    ds = ds.map_batches(
-        preprocess_vlm_batch,
-        batch_format="numpy",
-        batch_size=64,
-        fn_kwargs={
-            "model_uri": model_uri,
-            "eval_fraction": eval_fraction,
-            "caption_prompt": caption_prompt,
-            "max_length": max_length,
-            "prompt_col": prompt_col,
-            "response_col": response_col,
-        },
-    )
-    # tokenised and resized once, not every epoch, when it fits the budget (tasks.train.data)
-    ds = materialize_within_budget(ds, dv, vlm_row_bytes(model_uri, max_length))
-    ds = ds.randomize_block_order(seed=None)
-    ds = ds.map_batches(
-        augment_batch, batch_format="numpy", batch_size=256, fn_kwargs={"seed": seed, "flip": False}
-    )
-    ds.context.enable_progress_bars = False
-    return ds
+    settings = {
+        "model_uri": model_uri,
+        "eval_fraction": eval_fraction,
+        "caption_prompt": caption_prompt,
+        "max_length": max_length,
+        "prompt_col": prompt_col,
+        "response_col": response_col,
+    }
+    row_bytes = vlm_row_bytes(model_uri, max_length)
+    return tensor_dataset(dv, columns, preprocess_vlm_batch, settings, row_bytes, seed=seed, flip=False)
 
 
 # ---------------------------------------------------------------------------------------------- worker side
