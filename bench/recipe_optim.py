@@ -18,7 +18,6 @@ test accuracy means the model underfits, not that it fails to generalise). Print
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -64,68 +63,33 @@ def multi_positive_loss(image, text, logit_scale, input_ids):
 def main() -> None:
     import torch
 
-    from models.clip import build_clip, global_clip_loss
-    from tasks.train.data import augment_batch
-    from tasks.train.loop import cosine_with_warmup
-    from tests.shapes30 import make_shape_pairs, zeroshot
+    from tests.shapes30 import make_shape_pairs, train_in_process, zeroshot
 
     opts = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     torch.set_num_threads(int(opts.get("threads", 1)))
-    bs, lr, epochs, seed = (
-        opts.get("bs", 32),
-        opts.get("lr", 3e-3),
-        opts.get("epochs", 15),
-        opts.get("seed", 0),
-    )
+    epochs, seed = opts.get("epochs", 15), opts.get("seed", 0)
     pairs = make_shape_pairs(800, seed=seed)
+    last: dict[str, float] = {}
     t0 = time.perf_counter()
-    bundle = build_clip(recipe_of(opts), [p.caption for p in pairs], seed=seed)
-    model = bundle.model.train()
-    if "logit_scale" in opts:
-        with torch.no_grad():
-            model.logit_scale.fill_(math.log(opts["logit_scale"]))
-    data = {
-        "pixel_values": bundle.preprocess_images([p.image for p in pairs]).numpy(),
-        **{k: v.numpy() for k, v in bundle.tokenize([p.caption for p in pairs], fixed_length=True).items()},
-    }
-    wd = opts.get("wd", 0.1)
-    if opts.get("no_decay_gains"):
-        decays = {n: p.ndim >= 2 and "embedding" not in n for n, p in model.named_parameters()}
-        groups = [
-            {"params": [p for n, p in model.named_parameters() if decays[n]], "weight_decay": wd},
-            {"params": [p for n, p in model.named_parameters() if not decays[n]], "weight_decay": 0.0},
-        ]
-    else:
-        groups = [{"params": list(model.parameters()), "weight_decay": wd}]
-    betas = tuple(opts.get("betas", (0.9, 0.999)))
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=opts.get("eps", 1e-8))
-    steps_per_epoch = len(pairs) // bs
-    scheduler = cosine_with_warmup(optimizer, opts.get("warmup", 10), steps_per_epoch * epochs)
-    torch.manual_seed(seed)
-    for epoch in range(epochs):
-        batch = augment_batch({k: v.copy() for k, v in data.items()}, seed=seed + epoch)
-        for i in range(steps_per_epoch):
-            part = {k: torch.from_numpy(v[i * bs : (i + 1) * bs]) for k, v in batch.items()}
-            out = model(**part)
-            if opts.get("multi_positive"):
-                loss = multi_positive_loss(
-                    out.image_embeds, out.text_embeds, model.logit_scale, part["input_ids"]
-                )
-            else:
-                loss = global_clip_loss(out.image_embeds, out.text_embeds, model.logit_scale)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100.0))
+    bundle = train_in_process(
+        recipe_of(opts), pairs, epochs=epochs, batch_size=opts.get("bs", 32), lr=opts.get("lr", 3e-3),
+        weight_decay=opts.get("wd", 0.1), warmup_steps=opts.get("warmup", 10), seed=seed,
+        on_epoch=lambda epoch, loss: last.update(loss=loss),
+        betas=tuple(opts.get("betas", (0.9, 0.999))), eps=opts.get("eps", 1e-8),
+        decays=(lambda n, p: p.ndim >= 2 and "embedding" not in n) if opts.get("no_decay_gains") else None,
+        logit_scale=opts.get("logit_scale"),
+        loss_fn=(
+            (lambda out, model, batch: multi_positive_loss(
+                out.image_embeds, out.text_embeds, model.logit_scale, batch["input_ids"]))
+            if opts.get("multi_positive") else None
+        ),
+    )  # fmt: skip
     seconds = time.perf_counter() - t0
-    model.eval()
     test = zeroshot(bundle, make_shape_pairs(600, seed=1000, prefix="test"))
     train = zeroshot(bundle, pairs[:400])
     print(
-        f"{json.dumps(opts)}: zero-shot {test:.3f}, train {train:.3f}, last loss {loss.item():.3f}, "
-        f"logit scale {model.logit_scale.exp().item():.1f}, {seconds / epochs:.1f} s/epoch",
+        f"{json.dumps(opts)}: zero-shot {test:.3f}, train {train:.3f}, last loss {last['loss']:.3f}, "
+        f"logit scale {bundle.model.logit_scale.exp().item():.1f}, {seconds / epochs:.1f} s/epoch",
         flush=True,
     )
 

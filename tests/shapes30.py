@@ -146,11 +146,20 @@ def train_in_process(
     warmup_steps: int = 10,
     seed: int = 0,
     on_epoch=None,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    decays=None,
+    logit_scale: float | None = None,
+    loss_fn=None,
 ):
     """A CLIP of ``recipe`` trained on ``pairs`` with what ``tasks.train.loop`` does on one worker: the same
     model (``build_clip``), loss (``global_clip_loss``), AdamW, cosine-with-warmup schedule, temperature clamp,
     per-epoch shuffle and random flips (``augment_batch``), without Ray; ``on_epoch(epoch, last loss)`` after
-    each epoch. Returns the bundle."""
+    each epoch. Returns the bundle.
+
+    What ``bench/recipe_optim.py`` varies, the loop's own by default: AdamW's ``betas`` and ``eps``;
+    ``decays(name, parameter)`` saying which parameters get weight decay (None: all); the temperature at the start
+    (``logit_scale``, e.g. 50 for 1/50); ``loss_fn(outputs, model, batch)`` instead of ``global_clip_loss``."""
     import torch
 
     from models.clip import build_clip, global_clip_loss
@@ -163,7 +172,17 @@ def train_in_process(
         **{k: v.numpy() for k, v in bundle.tokenize([p.caption for p in pairs], fixed_length=True).items()},
     }
     model = bundle.model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(logit_scale))
+    named = list(model.named_parameters())
+    groups = [{"params": [p for _, p in named], "weight_decay": weight_decay}]
+    if decays is not None:
+        groups = [
+            {"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0},
+        ]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     steps_per_epoch = len(pairs) // batch_size
     scheduler = cosine_with_warmup(optimizer, warmup_steps, steps_per_epoch * epochs)
     torch.manual_seed(seed)
@@ -172,7 +191,10 @@ def train_in_process(
         for i in range(steps_per_epoch):
             part = {k: torch.from_numpy(v[i * batch_size : (i + 1) * batch_size]) for k, v in batch.items()}
             out = model(**part)
-            loss = global_clip_loss(out.image_embeds, out.text_embeds, model.logit_scale)
+            if loss_fn is None:
+                loss = global_clip_loss(out.image_embeds, out.text_embeds, model.logit_scale)
+            else:
+                loss = loss_fn(out, model, part)
             loss.backward()
             optimizer.step()
             scheduler.step()
