@@ -63,8 +63,16 @@ def _polygon(cx: float, cy: float, radii: list[float], turn: float) -> list[tupl
     ]
 
 
-def draw(colour: str, shape: str, background: str, size: int, rng: random.Random) -> Image.Image:
-    img = Image.new("RGB", (size, size), BACKGROUNDS[background])
+def draw(
+    colour: str,
+    shape: str,
+    background: str,
+    size: int,
+    rng: random.Random,
+    backgrounds: dict[str, tuple[int, int, int]] = BACKGROUNDS,
+    noise: float = 12.0,
+) -> Image.Image:
+    img = Image.new("RGB", (size, size), backgrounds[background])
     d = ImageDraw.Draw(img)
     r = rng.uniform(0.17, 0.36) * size  # outer radius: the shape spans 34-72 % of the image
     cx, cy = rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1)
@@ -81,9 +89,9 @@ def draw(colour: str, shape: str, background: str, size: int, rng: random.Random
     else:  # crescent: a disc with an offset disc of the background cut out of it
         d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
         ox, oy = cx + 0.5 * r * math.cos(turn), cy + 0.5 * r * math.sin(turn)
-        d.ellipse((ox - 0.85 * r, oy - 0.85 * r, ox + 0.85 * r, oy + 0.85 * r), fill=BACKGROUNDS[background])
+        d.ellipse((ox - 0.85 * r, oy - 0.85 * r, ox + 0.85 * r, oy + 0.85 * r), fill=backgrounds[background])
     pixels = np.asarray(img, dtype=np.int16)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 12, pixels.shape)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, noise, pixels.shape)
     return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
 
 
@@ -97,9 +105,15 @@ def _wrong_class(label: int, rng: random.Random) -> int:
 
 
 def make_shape_pairs(
-    n: int, seed: int, wrong_fraction: float = 0.0, prefix: str = "shape"
+    n: int,
+    seed: int,
+    wrong_fraction: float = 0.0,
+    prefix: str = "shape",
+    backgrounds: dict[str, tuple[int, int, int]] = BACKGROUNDS,
+    noise: float = 12.0,
 ) -> list[ShapePair]:
-    """``n`` pairs, balanced over the 30 classes; exactly ``round(n * wrong_fraction)`` get a wrong caption."""
+    """``n`` pairs, balanced over the 30 classes; exactly ``round(n * wrong_fraction)`` get a wrong caption.
+    ``backgrounds`` (name: RGB) and the pixel ``noise`` (std) make another domain of the same classes."""
     rng = random.Random(seed)
     wrong = set(rng.sample(range(n), round(n * wrong_fraction)))
     labels = [i % len(CLASSES) for i in range(n)]
@@ -107,8 +121,8 @@ def make_shape_pairs(
     pairs = []
     for i, label in enumerate(labels):
         colour, shape = CLASSES[label]
-        background = rng.choice(list(BACKGROUNDS))
-        img = draw(colour, shape, background, rng.choice((72, 80, 96, 112)), rng)
+        background = rng.choice(list(backgrounds))
+        img = draw(colour, shape, background, rng.choice((72, 80, 96, 112)), rng, backgrounds, noise)
         said = _wrong_class(label, rng) if i in wrong else label
         caption = rng.choice(TEMPLATES).format(
             colour=CLASSES[said][0], shape=CLASSES[said][1], background=background
@@ -151,6 +165,8 @@ def train_in_process(
     decays=None,
     logit_scale: float | None = None,
     loss_fn=None,
+    bundle=None,
+    adapt=None,
 ):
     """A CLIP of ``recipe`` trained on ``pairs`` with what ``tasks.train.loop`` does on one worker: the same
     model (``build_clip``), loss (``global_clip_loss``), AdamW, cosine-with-warmup schedule, temperature clamp,
@@ -159,23 +175,30 @@ def train_in_process(
 
     What ``bench/recipe_optim.py`` varies, the loop's own by default: AdamW's ``betas`` and ``eps``;
     ``decays(name, parameter)`` saying which parameters get weight decay (None: all); the temperature at the start
-    (``logit_scale``, e.g. 50 for 1/50); ``loss_fn(outputs, model, batch)`` instead of ``global_clip_loss``."""
+    (``logit_scale``, e.g. 50 for 1/50); ``loss_fn(outputs, model, batch)`` instead of ``global_clip_loss``.
+
+    What ``bench/lora.py`` needs to fine-tune: an existing ``bundle`` to train instead of a new one (its tokenizer
+    kept), and ``adapt(model)`` returning the module to train (e.g. ``apply_lora``), which then becomes
+    ``bundle.model``; only parameters that require a gradient are optimised."""
     import torch
 
     from models.clip import build_clip, global_clip_loss
     from tasks.train.data import augment_batch
     from tasks.train.loop import cosine_with_warmup
 
-    bundle = build_clip(recipe, [p.caption for p in pairs], seed=seed)
+    if bundle is None:
+        bundle = build_clip(recipe, [p.caption for p in pairs], seed=seed)
     data = {
         "pixel_values": bundle.preprocess_images([p.image for p in pairs]).numpy(),
         **{k: v.numpy() for k, v in bundle.tokenize([p.caption for p in pairs], fixed_length=True).items()},
     }
     model = bundle.model.train()
+    if adapt is not None:
+        model = bundle.model = adapt(model)
     if logit_scale is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(logit_scale))
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in named], "weight_decay": weight_decay}]
     if decays is not None:
         groups = [

@@ -1,0 +1,168 @@
+"""Which LoRA defaults gain on a new domain without forgetting the general one? (issue #14)
+
+A base CLIP (the default recipe) is trained in-process on ``tests/shapes30.py`` (800 clean pairs of 30 colour x
+shape classes on light backgrounds, 15 epochs). The domain it never saw: the same 30 classes on dark, noisy
+backgrounds (black, dark brown, dark green; pixel noise 30 instead of 12). Each setting copies the base, puts
+LoRA adapters on it (``models.lora.apply_lora``), fine-tunes it on the domain's training pairs with what
+``tasks.train.loop`` does (``tests.shapes30.train_in_process``: ``global_clip_loss``, AdamW over the trainable
+parameters, cosine with warmup, flips), merges (``models.lora.merge_lora``) and measures zero-shot accuracy over
+the 30 class prompts on a domain test set and on the general test set, each against the base, with the paired
+bootstrap 95% interval of the difference that promotion uses (``tasks.evaluate.paired_difference`` on per-image
+hits). No Ray, no MLflow.
+
+The baseline is ``FinetuneArgs()`` and ``LoraArgs()`` as they are; every other row changes one thing. The rule
+(promotion's fine-tune gate): the best setting gains most on the domain while losing at most
+``defaults.GENERAL_MARGIN`` on the general set (point estimate). Settings are run with seed 0; the baseline and
+the best candidate again with the other ``--seeds``. Prints one markdown row per run; BENCHMARKS.md
+"LoRA defaults" has the table.
+
+    python bench/lora.py                          # the grid (about 10 minutes on one busy core)
+    python bench/lora.py --only baseline,r=4 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DOMAIN_BACKGROUNDS = {"black": (12, 12, 14), "dark brown": (58, 38, 24), "dark green": (20, 48, 30)}
+DOMAIN_NOISE = 30.0
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+# name -> changes to FinetuneArgs (epochs, lr) or LoraArgs (r, alpha, targets, train_projections)
+SETTINGS: dict[str, dict] = {
+    "baseline": {},
+    "r=2": {"r": 2},
+    "r=4": {"r": 4},
+    "r=16": {"r": 16},
+    "epochs=2": {"epochs": 2},
+    "epochs=10": {"epochs": 10},
+    "lr=5e-4": {"lr": 5e-4},
+    "targets=attention+mlp": {"targets": ALL_TARGETS},
+    "train_projections=False": {"train_projections": False},
+    "attention+mlp; epochs=10": {"targets": ALL_TARGETS, "epochs": 10},
+    "attention+mlp; r=4": {"targets": ALL_TARGETS, "r": 4},
+}
+
+
+def fine_tune(base, pairs, change: dict, seed: int):
+    """The base fine-tuned with LoRA on ``pairs`` as ``vlforge finetune`` would with ``change`` applied to its
+    defaults, merged: (bundle, trainable parameter count)."""
+    import torch
+
+    from models.lora import LoraArgs, apply_lora, merge_lora, trainable_parameters
+    from tasks.train.args import FinetuneArgs
+    from tests.shapes30 import train_in_process
+
+    train_keys = set(FinetuneArgs.model_fields) - {"lora"}
+    args = FinetuneArgs(**{k: v for k, v in change.items() if k in train_keys})
+    spec = LoraArgs(**{**args.lora.model_dump(), **{k: v for k, v in change.items() if k not in train_keys}})
+    torch.manual_seed(seed)  # the adapters' initialisation
+    trainable = {}
+
+    def adapt(model):
+        peft_model = apply_lora(model, spec)
+        trainable["n"] = trainable_parameters(peft_model)[0]
+        return peft_model
+
+    bundle = train_in_process(
+        None, pairs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=seed,
+        bundle=copy.deepcopy(base), adapt=adapt,
+    )  # fmt: skip
+    bundle.model = merge_lora(bundle.model).eval()
+    return bundle, trainable["n"]
+
+
+def hits(bundle, pairs):
+    """Per-image zero-shot hits (0/1) over the 30 class prompts."""
+    from tasks.evaluate import embed_images, embed_texts, zeroshot_hits
+    from tests.shapes30 import CLASS_PROMPTS
+
+    images = embed_images(bundle, [p.image for p in pairs])
+    return zeroshot_hits(images, embed_texts(bundle, CLASS_PROMPTS), [p.label for p in pairs])
+
+
+def main() -> None:
+    import torch
+
+    from models.recipes import DEFAULT_RECIPE
+    from tasks.evaluate import paired_difference
+    from tests.shapes30 import make_shape_pairs, train_in_process
+    from vlforge.defaults import GENERAL_MARGIN
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default=",".join(SETTINGS), help="settings to run, comma-separated")
+    parser.add_argument(
+        "--seeds", default="0,1", help="the first for every setting; the rest for two of them"
+    )
+    parser.add_argument("--every-seed", action="store_true", help="every setting with every seed")
+    parser.add_argument("--domain-train", type=int, default=400)
+    parser.add_argument("--base-epochs", type=int, default=15)
+    parser.add_argument("--base-seed", type=int, default=0, help="the base CLIP's initialisation and order")
+    parser.add_argument("--threads", type=int, default=1)
+    opts = parser.parse_args()
+    torch.set_num_threads(opts.threads)
+    seeds = [int(s) for s in opts.seeds.split(",")]
+    names = opts.only.split(",")
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+
+    t0 = time.perf_counter()
+    base = train_in_process(
+        DEFAULT_RECIPE, make_shape_pairs(800, seed=0), epochs=opts.base_epochs, seed=opts.base_seed
+    )
+    print(
+        f"base {DEFAULT_RECIPE} (seed {opts.base_seed}): 800 pairs, {opts.base_epochs} epochs, {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
+    domain = dict(backgrounds=DOMAIN_BACKGROUNDS, noise=DOMAIN_NOISE)
+    domain_train = make_shape_pairs(opts.domain_train, seed=3000, prefix="dtrain", **domain)
+    domain_test = make_shape_pairs(450, seed=3001, prefix="dtest", **domain)
+    general_test = make_shape_pairs(600, seed=1000, prefix="test")
+    base_domain, base_general = hits(base, domain_test), hits(base, general_test)
+    print(
+        f"domain: {len(domain_train)} training pairs, {len(domain_test)} test images; general: "
+        f"{len(general_test)} test images; margin {GENERAL_MARGIN}\n\n"
+        "| setting | seed | trainable | domain zero-shot (base -> tuned) | delta [95% CI] | "
+        "general zero-shot (base -> tuned) | delta [95% CI] | s |\n| --- | --- | --- | --- | --- | --- | --- | --- |",
+        flush=True,
+    )
+
+    def run(name: str, seed: int) -> tuple[float, float]:
+        start = time.perf_counter()
+        tuned, trainable = fine_tune(base, domain_train, SETTINGS[name], seed)
+        seconds = time.perf_counter() - start
+        d = paired_difference(hits(tuned, domain_test), base_domain)
+        g = paired_difference(hits(tuned, general_test), base_general)
+        print(
+            f"| {name} | {seed} | {trainable} | {base_domain.mean():.3f} -> {base_domain.mean() + d.value:.3f} | "
+            f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] | {base_general.mean():.3f} -> "
+            f"{base_general.mean() + g.value:.3f} | {g.value:+.3f} [{g.low:+.3f}, {g.high:+.3f}] | {seconds:.0f} |",
+            flush=True,
+        )
+        return d.value, g.value
+
+    results = {name: run(name, seeds[0]) for name in names}
+    allowed = {n: r for n, r in results.items() if r[1] >= -GENERAL_MARGIN}
+    best = max(allowed, key=lambda n: allowed[n][0]) if allowed else None
+    print(
+        f"\nseed {seeds[0]}: best within the margin: {best}"
+        + (f" (domain {allowed[best][0]:+.3f}, general {allowed[best][1]:+.3f})" if best else ""),
+        flush=True,
+    )
+    again = names if opts.every_seed else [n for n in dict.fromkeys(["baseline", best]) if n in results]
+    for seed in seeds[1:]:
+        for name in again:
+            run(name, seed)
+    print(f"total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
