@@ -149,6 +149,6 @@ class FinetuneArgs(TrainArgs):
     prompt_col: str = Field("prompt", description="VLM recipes: the column holding each row's instruction.")
     response_col: str = Field("response", description="VLM recipes: the column holding each row's answer.")
     epochs: Epochs = 5
-    lr: LearningRate = 2e-3
+    lr: LearningRate = 5e-4  # gains on a new domain within the general margin: BENCHMARKS.md "LoRA defaults"
     weight_decay: WeightDecay = 0.0
     warmup_steps: WarmupSteps = 5

@@ -67,7 +67,7 @@ def test_prefect_form_shows_the_models_defaults_and_help(group, model):
 
 def test_recipes_set_their_own_defaults_for_shared_settings():
     assert (PretrainArgs().epochs, PretrainArgs().lr) == (TrainArgs().epochs, TrainArgs().lr)
-    assert (FinetuneArgs().epochs, FinetuneArgs().lr, FinetuneArgs().warmup_steps) == (5, 2e-3, 5)
+    assert (FinetuneArgs().epochs, FinetuneArgs().lr, FinetuneArgs().warmup_steps) == (5, 5e-4, 5)
     # The help text of a shared setting is the same in both recipes.
     assert PretrainArgs.model_fields["lr"].description == FinetuneArgs.model_fields["lr"].description
 
