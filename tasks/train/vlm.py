@@ -136,10 +136,12 @@ def load_vlm_processor(model_uri: str):
 
     from transformers import LlavaConfig, LlavaProcessor
 
+    from models.convstem import register_auto_classes
     from models.resampler import CONFIG_KEY, ResamplerProcessor
     from models.vlm import VlmBundle
     from tasks.train.data import local_dir
 
+    register_auto_classes()  # a conv-stem vision config inside the LLaVA config
     path = local_dir(model_uri)
     config = LlavaConfig.from_pretrained(path)
     processor_cls = ResamplerProcessor if getattr(config, CONFIG_KEY, None) else LlavaProcessor
