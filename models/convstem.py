@@ -28,6 +28,7 @@ from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
 VISION_MODEL_TYPE = "vlforge_clip_vision_model"
 MODEL_TYPE = "vlforge_clip"
+CLIP_MODEL_TYPES = ("clip", MODEL_TYPE)  # the ``model_type`` of a saved CLIP folder, either kind
 FIRST_STEM_WIDTH = 32  # default widths: 32, 64, 128, ... (one per stride-2 convolution)
 
 
@@ -127,6 +128,25 @@ class ConvStemEmbeddings(CLIPVisionEmbeddings):
         return embeddings + self.position_embedding(self.position_ids)
 
 
+class _NativeInit:
+    """Initialise like transformers' own models: the stem's convolutions with PyTorch's init, the rest as CLIP does.
+
+    transformers treats classes defined outside the library as possible remote code that writes weights without its
+    guarded init functions, and skips every module without parameters of its own (CLIP's attention and MLP blocks)
+    when initialising them: their projections kept the generic std 0.02 instead of CLIP's ~0.06, and the default
+    recipe then learned nothing (zero-shot at chance). This ``_init_weights`` uses only the guarded functions."""
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        return False
+
+    def _init_weights(self, module):
+        if isinstance(module, StemConv):
+            _init_stem_conv(module)
+        else:
+            super()._init_weights(module)
+
+
 def _init_stem_conv(conv: StemConv) -> None:
     """PyTorch's own ``Conv2d.reset_parameters`` through transformers' guarded init functions, which leave
     weights loaded from a checkpoint alone."""
@@ -137,7 +157,7 @@ def _init_stem_conv(conv: StemConv) -> None:
         init.uniform_(conv.bias, -bound, bound)
 
 
-class VlforgeClipVisionModel(CLIPVisionModel):
+class VlforgeClipVisionModel(_NativeInit, CLIPVisionModel):
     """``CLIPVisionModel`` with :class:`ConvStemEmbeddings`: what LLaVA builds as its vision tower
     (``AutoModel.from_config``) from a :class:`VlforgeClipVisionConfig`."""
 
@@ -151,14 +171,8 @@ class VlforgeClipVisionModel(CLIPVisionModel):
         self.embeddings = ConvStemEmbeddings(config)
         self.post_init()
 
-    def _init_weights(self, module):
-        if isinstance(module, StemConv):
-            _init_stem_conv(module)
-        else:
-            super()._init_weights(module)
 
-
-class VlforgeClipModel(CLIPModel):
+class VlforgeClipModel(_NativeInit, CLIPModel):
     """``CLIPModel`` whose vision tower is a :class:`VlforgeClipVisionModel`; the text tower is CLIP's."""
 
     config_class = VlforgeClipConfig
@@ -168,12 +182,6 @@ class VlforgeClipModel(CLIPModel):
         super().__init__(config)
         self.vision_model = VlforgeClipVisionModel._from_config(config.vision_config)
         self.post_init()
-
-    def _init_weights(self, module):
-        if isinstance(module, StemConv):
-            _init_stem_conv(module)
-        else:
-            super()._init_weights(module)
 
 
 def register_auto_classes() -> None:

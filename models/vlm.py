@@ -58,7 +58,9 @@ class VlmRecipe:
     vision_feature_select_strategy: str = "default"
     max_length: int = 128
     caption_prompt: str = "Describe the image."
-    stage1: dict[str, Any] = field(default_factory=dict)  # learning_rate, train_language_model
+    stage1: dict[str, Any] = field(
+        default_factory=dict
+    )  # learning_rate, batch_size, warmup_steps, train_language_model
     stage2: dict[str, Any] = field(
         default_factory=dict
     )  # learning_rate, lora {r, alpha, dropout, target_regex}

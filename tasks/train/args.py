@@ -21,6 +21,7 @@ Epochs = Annotated[int, Field(gt=0, description="Passes over the training split.
 LearningRate = Annotated[float, Field(gt=0, description="Peak AdamW learning rate (cosine schedule).")]
 WeightDecay = Annotated[float, Field(ge=0, description="AdamW weight decay.")]
 WarmupSteps = Annotated[int, Field(ge=0, description="Linear warmup steps before the cosine decay.")]
+BatchSize = Annotated[int, Field(gt=1, description="Per-worker batch size.")]
 
 
 # Settings that do not change what is trained: a resumed training may take other values.
@@ -33,10 +34,12 @@ class TrainArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: Epochs = 10
-    batch_size: int = Field(32, gt=1, description="Per-worker batch size.")
-    lr: LearningRate = 3e-3
+    # Pretraining's batch, peak rate and warmup: what the default recipe (clip-conv-tiny) needs to learn shapes
+    # from a few hundred pairs (BENCHMARKS.md "Recipes"); smaller batches give more steps per epoch.
+    batch_size: BatchSize = 16
+    lr: LearningRate = 2e-3
     weight_decay: WeightDecay = 0.1
-    warmup_steps: WarmupSteps = 10
+    warmup_steps: WarmupSteps = 40
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
     grad_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (less memory)."
@@ -149,6 +152,7 @@ class FinetuneArgs(TrainArgs):
     prompt_col: str = Field("prompt", description="VLM recipes: the column holding each row's instruction.")
     response_col: str = Field("response", description="VLM recipes: the column holding each row's answer.")
     epochs: Epochs = 5
+    batch_size: BatchSize = 32
     lr: LearningRate = 2e-3
     weight_decay: WeightDecay = 0.0
     warmup_steps: WarmupSteps = 5
