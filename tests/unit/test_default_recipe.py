@@ -1,8 +1,8 @@
 """The default recipe learns shape as well as colour from a small clean set it was never tuned on (issue #14).
 
 Trained from scratch on ``tests/shapes30.py`` (30 colour x shape classes, none of them the demo's) with the
-training loop's model, loss, optimizer, schedule, augmentation and default batch size and learning rate,
-in-process; zero-shot accuracy over the 30 class prompts on images generated separately. ``bench/recipe.py``
+training loop's model, loss, optimizer, schedule, augmentation and pretraining's default batch size, learning
+rate and warmup (``PretrainArgs``), in-process; zero-shot accuracy over the 30 class prompts on images generated separately. ``bench/recipe.py``
 compares the candidate recipes (and the scorer's top-60 % cut) on the same task; BENCHMARKS.md "Recipes".
 """
 
@@ -19,15 +19,18 @@ pytestmark = pytest.mark.slow
 TARGET_ZEROSHOT = 0.5
 
 
-# Strict: the day the default recipe reaches the target this XPASS fails, and the marker must go.
+# Not strict: clip-conv-tiny at the defaults is at the target's edge, and a run is not repeatable (augment_batch
+# draws from os.urandom): 0.58, 0.48 and one more below 0.5 in three runs here on seed 0; 0.51, 0.64, 0.47 on seeds
+# 0, 4, 5 in the lead's runs (clip-tiny: 0.26-0.44). The day it passes reliably, drop the marker.
 @pytest.mark.xfail(
-    strict=True,
-    reason="issue #14 target not reached: clip-tiny measures 0.26-0.36 here (BENCHMARKS.md 'Recipes')",
+    strict=False,
+    reason="issue #14 target at its edge: clip-conv-tiny measures 0.47-0.64 here over runs (clip-tiny 0.26-0.44)",
 )
 def test_default_recipe_learns_shapes_on_a_held_out_task():
     import torch
 
     torch.set_num_threads(1)  # a shared 2-core machine: 2 OpenMP threads spin against other work
+    # Batch size, learning rate, weight decay and warmup: pretraining's defaults (PretrainArgs).
     bundle = train_in_process(DEFAULT_RECIPE, make_shape_pairs(800, seed=0), epochs=15)
     test = make_shape_pairs(600, seed=1000, prefix="test")
     accuracy = zeroshot(bundle, test)
