@@ -7,7 +7,10 @@ that map with ``log2(P)`` 3x3 convolutions of stride 2 (widths ``stem_channels``
 convolution to the hidden size: the same (S / P)^2 token grid, so the CLS token, position embeddings, encoder,
 LLaVA's use of the hidden states and the resampler are unchanged. No norm layers (GroupNorm and BatchNorm
 learned much less on the shapes task); PyTorch's default (Kaiming-uniform) initialisation, which CLIP's own
-``_init_weights`` (normal, std 0.02, for every convolution) would otherwise replace.
+``_init_weights`` (normal, std 0.02, for every convolution) would otherwise replace. With that init the stem's
+output is mostly its biases (one vector for every token; the image-dependent part is ~0.4 of it): CLIP learns
+shapes from it, but a VLM adapter on a random tower reads colour at chance (clip-tiny's: 0.83). Zero biases fix the
+VLM (0.81) and cost CLIP its shapes (0.34 in one run): docs/vlm.md.
 
 The classes save and load with ``save_pretrained`` / ``from_pretrained`` (safetensors). Their model types
 (``vlforge_clip``, ``vlforge_clip_vision_model``) are not transformers' own: call :func:`register_auto_classes`

@@ -17,15 +17,13 @@ pytestmark = pytest.mark.slow
 
 # Issue #14's target. A model that knows every colour and no shape gets 1 in 5 (a colour's 5 shapes).
 TARGET_ZEROSHOT = 0.5
+# What the default must always reach: shapes learned at all, beyond colour's 1 in 5 (a broken model is at chance,
+# 1 in 30). Over runs clip-conv-tiny at the defaults measures 0.35-0.64: 0.58, 0.48, 0.35 and one more below 0.5
+# here on seed 0, 0.51, 0.64, 0.47 on seeds 0, 4, 5 in the lead's; clip-tiny 0.26-0.44. A run is not repeatable
+# (augment_batch draws from os.urandom).
+FLOOR_ZEROSHOT = 0.25
 
 
-# Not strict: clip-conv-tiny at the defaults is at the target's edge, and a run is not repeatable (augment_batch
-# draws from os.urandom): 0.58, 0.48 and one more below 0.5 in three runs here on seed 0; 0.51, 0.64, 0.47 on seeds
-# 0, 4, 5 in the lead's runs (clip-tiny: 0.26-0.44). The day it passes reliably, drop the marker.
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue #14 target at its edge: clip-conv-tiny measures 0.47-0.64 here over runs (clip-tiny 0.26-0.44)",
-)
 def test_default_recipe_learns_shapes_on_a_held_out_task():
     import torch
 
@@ -34,4 +32,8 @@ def test_default_recipe_learns_shapes_on_a_held_out_task():
     bundle = train_in_process(DEFAULT_RECIPE, make_shape_pairs(800, seed=0), epochs=15)
     test = make_shape_pairs(600, seed=1000, prefix="test")
     accuracy = zeroshot(bundle, test)
-    assert accuracy >= TARGET_ZEROSHOT, accuracy
+    assert accuracy >= FLOOR_ZEROSHOT, accuracy
+    if accuracy < TARGET_ZEROSHOT:
+        # The target is at the edge of the default's spread: a run below it is reported, not failed. The day the
+        # default clears it reliably, this becomes an assertion.
+        pytest.xfail(f"zero-shot {accuracy:.3f}: above the floor, below issue #14's target {TARGET_ZEROSHOT}")
