@@ -6,11 +6,11 @@ A plain ViT cuts the image into P x P patches with one strided convolution (kern
 that map with ``log2(P)`` 3x3 convolutions of stride 2 (widths ``stem_channels``, GELU after each) and a 1x1
 convolution to the hidden size: the same (S / P)^2 token grid, so the CLS token, position embeddings, encoder,
 LLaVA's use of the hidden states and the resampler are unchanged. No norm layers (GroupNorm and BatchNorm
-learned much less on the shapes task); PyTorch's default (Kaiming-uniform) initialisation, which CLIP's own
-``_init_weights`` (normal, std 0.02, for every convolution) would otherwise replace. With that init the stem's
-output is mostly its biases (one vector for every token; the image-dependent part is ~0.4 of it): CLIP learns
-shapes from it, but a VLM adapter on a random tower reads colour at chance (clip-tiny's: 0.83). Zero biases fix the
-VLM (0.81) and cost CLIP its shapes (0.34 in one run): docs/vlm.md.
+learned much less on the shapes task); PyTorch's default (Kaiming-uniform) weights, which CLIP's own
+``_init_weights`` (normal, std 0.02, for every convolution) would otherwise replace, and zero biases. With PyTorch's
+uniform biases too the stem's output is mostly its biases (one vector for every token; the image-dependent part
+~0.4 of it) and a VLM adapter reads colour from the tower at chance; zero biases make the image-dependent part
+dominate, as in the patchify, at the same CLIP accuracy within its run-to-run spread (docs/vlm.md).
 
 The classes save and load with ``save_pretrained`` / ``from_pretrained`` (safetensors). Their model types
 (``vlforge_clip``, ``vlforge_clip_vision_model``) are not transformers' own: call :func:`register_auto_classes`
@@ -151,13 +151,11 @@ class _NativeInit:
 
 
 def _init_stem_conv(conv: StemConv) -> None:
-    """PyTorch's own ``Conv2d.reset_parameters`` through transformers' guarded init functions, which leave
-    weights loaded from a checkpoint alone."""
+    """PyTorch's own ``Conv2d`` weight init and zero biases, through transformers' guarded init functions, which
+    leave weights loaded from a checkpoint alone."""
     init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
     if conv.bias is not None:
-        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] // conv.groups
-        bound = 1 / math.sqrt(fan_in)
-        init.uniform_(conv.bias, -bound, bound)
+        init.zeros_(conv.bias)
 
 
 class VlforgeClipVisionModel(_NativeInit, CLIPVisionModel):
