@@ -2,8 +2,8 @@
 
 Trained from scratch on ``tests/shapes30.py`` (30 colour x shape classes, none of them the demo's) with the
 training loop's model, loss, optimizer, schedule, augmentation and pretraining's default batch size, learning
-rate and warmup (``PretrainArgs``), in-process; zero-shot accuracy over the 30 class prompts on images generated separately. ``bench/recipe.py``
-compares the candidate recipes (and the scorer's top-60 % cut) on the same task; BENCHMARKS.md "Recipes".
+rate and warmup (``PretrainArgs``), in-process; zero-shot accuracy over the 30 class prompts on images generated
+separately. ``bench/recipe.py`` compares the candidate recipes (and the scorer's top-60 % cut) on the same task; BENCHMARKS.md "Recipes".
 """
 
 from __future__ import annotations
