@@ -12,7 +12,7 @@ real ``tasks.train.pretrain.pretrain`` on a published dataset version (Ray Train
 held-out split is ``--eval-fraction`` of the published rows, so it publishes enough for ``--pairs`` train rows);
 s/epoch then comes from the loop's per-step MLflow timestamps. Prints a table; writes bench/results/recipe.json.
 
-    python bench/recipe.py [--only clip-tiny,clip-small-64] [--epochs 15] [--pairs 800] [--via pretrain]
+    python bench/recipe.py [--only clip-conv-tiny,clip-tiny] [--epochs 15] [--pairs 800] [--via pretrain]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "r
 # name -> (registered recipe it starts from, overrides): image_size, patch_size, and per tower (vision, text) a
 # width and a number of layers. The registered recipes are measured as they are.
 CANDIDATES: dict[str, tuple[str, dict]] = {
+    "clip-conv-tiny": ("clip-conv-tiny", {}),
     "clip-tiny": ("clip-tiny", {}),
     "tiny-64px": ("clip-tiny", {"image_size": 64}),
     "tiny-w128-l4": ("clip-tiny", {"vision": (128, 4), "text": (128, 4)}),
@@ -118,6 +119,9 @@ def published_pairs(args, settings):
 
 
 def main() -> None:
+    from tasks.train.args import PretrainArgs
+
+    train = PretrainArgs()  # the batch, rate and warmup a pretraining gets by default
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=",".join(CANDIDATES), help="comma-separated candidate names")
     ap.add_argument("--via", choices=("inprocess", "pretrain"), default="inprocess")
@@ -125,9 +129,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--test", type=int, default=600, help="held-out zero-shot images")
     ap.add_argument("--pool", type=int, default=500, help="scorer pool (40 %% wrong captions)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=train.batch_size)
+    ap.add_argument("--lr", type=float, default=train.lr)
+    ap.add_argument("--warmup", type=int, default=train.warmup_steps)
     ap.add_argument("--eval-fraction", type=float, default=0.1, help="--via pretrain: its held-out share")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

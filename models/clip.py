@@ -1,4 +1,5 @@
-"""The CLIP recipe on transformers' ``CLIPModel``: build, load, save, preprocess and embed.
+"""The CLIP recipe on transformers' ``CLIPModel`` (or its conv-stem subclass, :mod:`models.convstem`): build,
+load, save, preprocess and embed.
 
 A :class:`ClipBundle` is the model with its tokenizer and image processor. It is saved with
 ``save_pretrained`` (safetensors) so transformers loads the folder directly; nothing is pickled.
@@ -46,7 +47,7 @@ def _crop_size(processor) -> int:
 
 @dataclass
 class ClipBundle:
-    model: torch.nn.Module  # transformers.CLIPModel
+    model: torch.nn.Module  # transformers.CLIPModel or models.convstem.VlforgeClipModel
     tokenizer: object
     image_processor: object
 
@@ -151,7 +152,7 @@ def build_clip(
     recipe: str | ClipRecipe = DEFAULT_RECIPE, captions: Sequence[str] | None = None, seed: int = 0
 ):
     """A randomly initialised CLIP from a recipe. A ``train`` tokenizer is fitted on ``captions`` offline."""
-    from transformers import CLIPModel
+    from models.convstem import clip_model_class
 
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     tok_cfg = recipe.tokenizer
@@ -167,7 +168,7 @@ def build_clip(
         recipe, vocab_size, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id or 0
     )
     torch.manual_seed(seed)
-    model = CLIPModel(config)
+    model = clip_model_class(config)(config)
     processor = _image_processor(recipe.image_size, recipe.image_mean, recipe.image_std)
     return ClipBundle(model, tokenizer, processor)
 
@@ -179,8 +180,9 @@ def _load_tokenizer(path_or_id: str):
 
 
 def load_clip(path_or_id: str, device: str | torch.device = "cpu") -> ClipBundle:
-    """Load a CLIP from a local ``save_pretrained`` folder or a Hugging Face id (e.g. openai/clip-vit-base-patch32)."""
-    from transformers import CLIPModel
+    """Load a CLIP from a local ``save_pretrained`` folder or a Hugging Face id (e.g. openai/clip-vit-base-patch32);
+    a conv-stem folder (model type ``vlforge_clip``) loads as :class:`models.convstem.VlforgeClipModel`."""
+    from models.convstem import clip_model_class
 
     is_dir = os.path.isdir(path_or_id)
     if not is_dir and (
@@ -188,7 +190,8 @@ def load_clip(path_or_id: str, device: str | torch.device = "cpu") -> ClipBundle
     ):
         raise ModelNotFoundError(f"model folder {path_or_id!r} does not exist")
     try:
-        model = CLIPModel.from_pretrained(path_or_id)
+        config = load_clip_config(path_or_id)
+        model = clip_model_class(config).from_pretrained(path_or_id, config=config)
         tokenizer = _load_tokenizer(path_or_id)
         processor = _load_processor(path_or_id, model)
     except ModelNotFoundError:
@@ -200,6 +203,21 @@ def load_clip(path_or_id: str, device: str | torch.device = "cpu") -> ClipBundle
         ) from exc
     model.to(device).eval()
     return ClipBundle(model, tokenizer, processor)
+
+
+def load_clip_config(path_or_id: str):
+    """The config of a saved CLIP: ``CLIPConfig``, or ``VlforgeClipConfig`` for a conv-stem model."""
+    from transformers import AutoConfig, CLIPConfig
+
+    from models.convstem import register_auto_classes
+
+    register_auto_classes()
+    config = AutoConfig.from_pretrained(path_or_id)
+    if not isinstance(config, CLIPConfig):
+        raise ModelNotFoundError(
+            f"{path_or_id!r} holds a {config.model_type!r} model, not a CLIP (clip or vlforge_clip)"
+        )
+    return config
 
 
 def _load_processor(path_or_id: str, model):

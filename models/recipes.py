@@ -1,4 +1,5 @@
-"""Model recipes: JSON configs in ``models/configs/`` turned into transformers ``CLIPConfig`` objects."""
+"""Model recipes: JSON configs in ``models/configs/`` turned into transformers ``CLIPConfig`` objects (or
+:class:`models.convstem.VlforgeClipConfig` when the recipe's ``vision`` names ``stem_channels``)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from typing import Any
 from vlforge import defaults
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# The recipe a training from scratch gets when none is named (the CLI, the flows, the demo). BENCHMARKS.md
-# "Recipes": at the training defaults (batch 32, lr 3e-3) clip-tiny still learns a held-out colour x shape task
-# better than clip-small-64 does, and 4-9x cheaper; neither reaches issue #14's target yet.
+# The recipe a training from scratch gets when none is named (the CLI, the flows, the demo): clip-tiny. Its
+# conv-stem variant clip-conv-tiny (models/convstem.py) learns more of the shapes the patchify misses, with a wide
+# spread over runs (BENCHMARKS.md "Recipes"; vlforge/defaults.py says why it is not the default).
 DEFAULT_RECIPE = defaults.DEFAULT_RECIPE  # the one default (vlforge/defaults.py)
 
 
@@ -56,13 +57,17 @@ def load_recipe(name_or_path: str) -> ClipRecipe:
 
 
 def clip_config(recipe: ClipRecipe, vocab_size: int, bos_id: int, eos_id: int, pad_id: int):
+    """The recipe's CLIP config: a conv-stem ``VlforgeClipConfig`` when ``vision`` has ``stem_channels``."""
     from transformers import CLIPConfig
 
+    from models.convstem import VlforgeClipConfig
+
+    config_cls = VlforgeClipConfig if recipe.vision.get("stem_channels") else CLIPConfig
     text = dict(
         recipe.text, vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id
     )
     vision = dict(recipe.vision, image_size=recipe.image_size, patch_size=recipe.patch_size)
-    return CLIPConfig(
+    return config_cls(
         text_config=text,
         vision_config=vision,
         projection_dim=recipe.projection_dim,

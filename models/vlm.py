@@ -1,6 +1,8 @@
 """The LLaVA recipe on transformers' ``LlavaForConditionalGeneration``: build, save, load.
 
-A VLM is our CLIP's vision tower (weights copied from a CLIP bundle or any HF CLIP), an adapter (LLaVA-1.5's
+A VLM is our CLIP's vision tower (weights copied from a CLIP bundle or any HF CLIP; a conv-stem CLIP's tower is
+a :class:`models.convstem.VlforgeClipVisionModel`, so loading such a VLM outside vlforge needs
+``models.convstem.register_auto_classes()`` first), an adapter (LLaVA-1.5's
 2-layer GELU MLP, ``mlp2x_gelu``, or the :mod:`models.resampler`), and a causal language model: a tiny
 Llama/Qwen2 built here with a tokenizer trained offline (tests, demo) or a pretrained one from a folder or
 HF id. A :class:`VlmBundle` is the model with its ``LlavaProcessor`` (CLIP image processor, tokenizer with
@@ -56,7 +58,9 @@ class VlmRecipe:
     vision_feature_select_strategy: str = "default"
     max_length: int = 128
     caption_prompt: str = "Describe the image."
-    stage1: dict[str, Any] = field(default_factory=dict)  # learning_rate, train_language_model
+    stage1: dict[str, Any] = field(
+        default_factory=dict
+    )  # learning_rate, batch_size, warmup_steps, train_language_model
     stage2: dict[str, Any] = field(
         default_factory=dict
     )  # learning_rate, lora {r, alpha, dropout, target_regex}
@@ -218,6 +222,9 @@ def build_vlm(
     from-scratch tokenizer is trained on (captions, prompts, responses). ``adapter`` overrides the recipe's."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+    from models.convstem import register_auto_classes
+
+    register_auto_classes()  # a conv-stem CLIP's vision config and tower (LlavaConfig, AutoModel.from_config)
     recipe = load_vlm_recipe(recipe) if isinstance(recipe, str) else recipe
     if adapter is not None:
         recipe = replace(recipe, adapter=adapter)
@@ -281,6 +288,9 @@ def load_vlm(path: str, device: str | torch.device = "cpu") -> VlmBundle:
     """Load a saved VLM folder (either adapter) in eval mode."""
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+    from models.convstem import register_auto_classes
+
+    register_auto_classes()  # a conv-stem vision tower
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise ModelNotFoundError(f"{path!r} is not a saved VLM folder (no config.json)")

@@ -154,10 +154,10 @@ def train_in_process(
     pairs: list[ShapePair],
     *,
     epochs: int,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    weight_decay: float = 0.1,
-    warmup_steps: int = 10,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    warmup_steps: int | None = None,
     seed: int = 0,
     on_epoch=None,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -171,7 +171,8 @@ def train_in_process(
     """A CLIP of ``recipe`` trained on ``pairs`` with what ``tasks.train.loop`` does on one worker: the same
     model (``build_clip``), loss (``global_clip_loss``), AdamW, cosine-with-warmup schedule, temperature clamp,
     per-epoch shuffle and random flips (``augment_batch``), without Ray; ``on_epoch(epoch, last loss)`` after
-    each epoch. Returns the bundle.
+    each epoch. Returns the bundle. ``batch_size``, ``lr``, ``weight_decay`` and ``warmup_steps`` default to
+    pretraining's (``tasks.train.args.PretrainArgs``).
 
     What ``bench/recipe_optim.py`` varies, the loop's own by default: AdamW's ``betas`` and ``eps``;
     ``decays(name, parameter)`` saying which parameters get weight decay (None: all); the temperature at the start
@@ -183,9 +184,15 @@ def train_in_process(
     import torch
 
     from models.clip import build_clip, global_clip_loss
+    from tasks.train.args import PretrainArgs
     from tasks.train.data import augment_batch
     from tasks.train.loop import cosine_with_warmup
 
+    defaults = PretrainArgs()
+    batch_size = defaults.batch_size if batch_size is None else batch_size
+    lr = defaults.lr if lr is None else lr
+    weight_decay = defaults.weight_decay if weight_decay is None else weight_decay
+    warmup_steps = defaults.warmup_steps if warmup_steps is None else warmup_steps
     if bundle is None:
         bundle = build_clip(recipe, [p.caption for p in pairs], seed=seed)
     data = {

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 # The registry alias users consume, and the model the refresh flow scores with and a fine-tune starts from.
 DEFAULT_MODEL_URI = "models:/vlforge-clip@champion"
-# The model recipe (models/configs/*.json) of a training from scratch. clip-small-64 (64 px) was measured against
-# it on a held-out 30-class task and did not learn more at these training defaults (BENCHMARKS.md, Recipes).
+# The model recipe (models/configs/*.json) of a training from scratch. On a held-out 30-class colour x shape task
+# clip-tiny's 8 px patchify learns colours but few shapes; clip-conv-tiny (a convolutional stem, models/convstem.py)
+# learns more shapes on average at batch 16 / lr 2e-3 / warmup 40, but spreads 0.32-0.64 over runs, and as a VLM's
+# vision tower it reads colour worse (docs/vlm.md): not the default yet (BENCHMARKS.md, Recipes; issue #14).
 DEFAULT_RECIPE = "clip-tiny"
 # The VLM a VLM fine-tune (`vlforge finetune --recipe vlm`) starts from, and the fine-tune recipe that names
 # "the VLM recipe the base was trained with".

@@ -21,6 +21,7 @@ Epochs = Annotated[int, Field(gt=0, description="Passes over the training split.
 LearningRate = Annotated[float, Field(gt=0, description="Peak AdamW learning rate (cosine schedule).")]
 WeightDecay = Annotated[float, Field(ge=0, description="AdamW weight decay.")]
 WarmupSteps = Annotated[int, Field(ge=0, description="Linear warmup steps before the cosine decay.")]
+BatchSize = Annotated[int, Field(gt=1, description="Per-worker batch size.")]
 
 
 # Settings that do not change what is trained: a resumed training may take other values.
@@ -33,7 +34,9 @@ class TrainArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: Epochs = 10
-    batch_size: int = Field(32, gt=1, description="Per-worker batch size.")
+    # Pretraining's batch, peak rate and warmup, what the default recipe (clip-tiny) was measured at. The conv-stem
+    # recipe learns more shapes at batch 16, lr 2e-3, 40 warmup steps (BENCHMARKS.md "Recipes"): pass those with it.
+    batch_size: BatchSize = 32
     lr: LearningRate = 3e-3
     weight_decay: WeightDecay = 0.1
     warmup_steps: WarmupSteps = 10
@@ -149,6 +152,7 @@ class FinetuneArgs(TrainArgs):
     prompt_col: str = Field("prompt", description="VLM recipes: the column holding each row's instruction.")
     response_col: str = Field("response", description="VLM recipes: the column holding each row's answer.")
     epochs: Epochs = 5
+    batch_size: BatchSize = 32
     lr: LearningRate = 5e-4  # gains on a new domain within the general margin: BENCHMARKS.md "LoRA defaults"
     weight_decay: WeightDecay = 0.0
     warmup_steps: WarmupSteps = 5

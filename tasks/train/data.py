@@ -248,12 +248,12 @@ def _preprocessor(model_uri: str):
     """A weightless ClipBundle (tokenizer, image processor, config) for preprocessing in Ray Data tasks."""
     from types import SimpleNamespace
 
-    from transformers import AutoTokenizer, CLIPConfig
+    from transformers import AutoTokenizer
 
-    from models.clip import ClipBundle, _load_processor
+    from models.clip import ClipBundle, _load_processor, load_clip_config
 
     path = local_dir(model_uri)
-    holder = SimpleNamespace(config=CLIPConfig.from_pretrained(path))
+    holder = SimpleNamespace(config=load_clip_config(path))
     return ClipBundle(holder, AutoTokenizer.from_pretrained(path), _load_processor(path, holder))
 
 

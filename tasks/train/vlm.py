@@ -136,10 +136,12 @@ def load_vlm_processor(model_uri: str):
 
     from transformers import LlavaConfig, LlavaProcessor
 
+    from models.convstem import register_auto_classes
     from models.resampler import CONFIG_KEY, ResamplerProcessor
     from models.vlm import VlmBundle
     from tasks.train.data import local_dir
 
+    register_auto_classes()  # a conv-stem vision config inside the LLaVA config
     path = local_dir(model_uri)
     config = LlavaConfig.from_pretrained(path)
     processor_cls = ResamplerProcessor if getattr(config, CONFIG_KEY, None) else LlavaProcessor
@@ -491,7 +493,8 @@ def _version_tags(recipe_name: str, vision_model: str | None) -> dict[str, str]:
 class VlmPretrainRecipe(Recipe):
     """LLaVA stage 1: a new VLM from a recipe (``models/configs/vlm``) with the CLIP ``vision_model``'s tower;
     trains the adapter (and a from-scratch language model) on image-caption pairs; registers ``vlforge-vlm``.
-    ``lr`` left at its default means the recipe's stage-1 learning rate."""
+    ``lr``, ``batch_size`` and ``warmup_steps`` left at their defaults mean the recipe's stage-1 values
+    (``stage1.learning_rate``, ``batch_size``, ``warmup_steps``) when it names them."""
 
     stage = "pretrain"
 
@@ -504,8 +507,15 @@ class VlmPretrainRecipe(Recipe):
         if args.adapter is not None and args.adapter not in ADAPTERS:
             raise VlforgeError(f"unknown adapter {args.adapter!r}; use one of {', '.join(ADAPTERS)}")
         self.vlm = load_vlm_recipe(args.recipe, adapter=args.adapter)
+        stage1 = self.vlm.stage1
         args = args.model_copy(
-            update={"lr": _default(args, "lr", float(self.vlm.stage1.get("learning_rate", args.lr)))}
+            update={
+                "lr": _default(args, "lr", float(stage1.get("learning_rate", args.lr))),
+                "batch_size": _default(args, "batch_size", int(stage1.get("batch_size", args.batch_size))),
+                "warmup_steps": _default(
+                    args, "warmup_steps", int(stage1.get("warmup_steps", args.warmup_steps))
+                ),
+            }
         )
         super().__init__(args)
         self.model_name = VLM_MODEL
@@ -513,8 +523,10 @@ class VlmPretrainRecipe(Recipe):
 
     def check(self, settings: Settings) -> None:
         self.vision_model = _pin(self.vision_model, settings)
+        from models.convstem import CLIP_MODEL_TYPES
+
         kind = _model_type(self.vision_model, settings)
-        if kind not in (None, "clip"):
+        if kind is not None and kind not in CLIP_MODEL_TYPES:
             raise VlforgeError(f"--vision-model {self.vision_model!r} holds a {kind!r} model, not a CLIP")
         # The vision tower's CLIP is what the VLM starts from: lineage walks back to it.
         self.base_model = self.vision_model

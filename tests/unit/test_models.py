@@ -15,11 +15,18 @@ from vlforge.errors import ModelNotFoundError
 
 @pytest.mark.parametrize("name", list_recipes())
 def test_every_shipped_config_loads(name):
+    from models.recipes import clip_config
+
     recipe = load_recipe(name)
     raw = json.loads((CONFIG_DIR / f"{name}.json").read_text())
     assert recipe.name == raw["name"] == name
     assert recipe.image_size % recipe.patch_size == 0
     assert recipe.vision["hidden_size"] % recipe.vision["num_attention_heads"] == 0
+    config = clip_config(
+        recipe, 512, 0, 1, 2
+    )  # transformers validates it (a stem's widths per patch size too)
+    assert config.vision_config.patch_size == recipe.patch_size
+    assert getattr(config.vision_config, "stem_channels", None) == recipe.vision.get("stem_channels")
 
 
 def test_vit_b32_config_matches_the_paper_architecture():
@@ -124,3 +131,103 @@ def test_pixels_are_centre_cropped_uint8_then_normalised_per_channel():
     torch.testing.assert_close(
         bundle.preprocess_images([p.image for p in pairs]), expected, atol=1e-5, rtol=1e-5
     )
+
+
+def test_conv_stem_recipe_builds_the_conv_stem_clip_and_plain_recipes_stay_clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    from models.convstem import ConvStem, VlforgeClipConfig, VlforgeClipModel
+
+    conv = build_clip("clip-conv-tiny", ["a red star"])
+    assert type(conv.model) is VlforgeClipModel and type(conv.model.config) is VlforgeClipConfig
+    assert isinstance(conv.model.vision_model.embeddings.patch_embedding, ConvStem)
+    plain = build_clip("clip-tiny", ["a red star"])
+    assert type(plain.model) is CLIPModel and type(plain.model.config) is CLIPConfig
+    # The stem gives the patchify's token grid: 32 px / 8 px = 4 x 4 patches + CLS.
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = conv.model.vision_model(pixel_values=pixels).last_hidden_state
+    assert (
+        tokens.shape == plain.model.vision_model(pixel_values=pixels).last_hidden_state.shape == (2, 17, 64)
+    )
+
+
+def test_conv_stem_clip_initialises_as_clip_with_pytorch_init_for_the_stem():
+    """The encoders get CLIP's own init (transformers skips parameterless blocks of classes it takes for remote
+    code unless told otherwise); the stem keeps PyTorch's Kaiming-uniform weights, not CLIP's std 0.02, and zero
+    biases."""
+    conv = dict(build_clip("clip-conv-tiny", ["a red star"], seed=3).model.named_parameters())
+    plain = dict(build_clip("clip-tiny", ["a red star"], seed=3).model.named_parameters())
+    # Matrices (>= 1024 values: a sample std within a few %); CLIP's attention init is 3x the generic 0.02.
+    shared = [n for n in plain if n in conv and plain[n].numel() >= 1024]
+    assert len(shared) >= 25  # every attention, MLP, embedding and projection matrix
+    for name in shared:
+        assert conv[name].std().item() == pytest.approx(plain[name].std().item(), rel=0.15), name
+    stem = "vision_model.embeddings.patch_embedding."
+    for layer, fan_in in (("convs.0", 3 * 9), ("convs.1", 32 * 9), ("convs.2", 64 * 9), ("proj", 128)):
+        # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 1/sqrt(3 fan_in)
+        weight = conv[f"{stem}{layer}.weight"]
+        assert weight.std().item() == pytest.approx((3 * fan_in) ** -0.5, rel=0.15), layer
+        assert weight.abs().max().item() <= fan_in**-0.5
+        # Zero biases: else the stem's output is mostly its biases, and a VLM cannot read colour from it.
+        assert not conv[f"{stem}{layer}.bias"].any(), layer
+
+
+def test_conv_stem_clip_round_trips_through_save_pretrained_exactly(tmp_path):
+    from models.convstem import VlforgeClipModel
+
+    pairs = make_pairs(8, seed=5)
+    bundle = build_clip("clip-conv-tiny", [p.caption for p in pairs])
+    path = bundle.save(str(tmp_path / "m"))
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["model_type"] == "vlforge_clip"
+    assert saved["vision_config"]["model_type"] == "vlforge_clip_vision_model"
+    assert saved["vision_config"]["stem_channels"] == [32, 64, 128]
+    loaded = load_clip(path)
+    assert type(loaded.model) is VlforgeClipModel
+    pixels = bundle.preprocess_images([p.image for p in pairs])
+    tokens = bundle.tokenize([p.caption for p in pairs])
+    bundle.model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.embed_images(pixels), bundle.embed_images(pixels))
+        assert torch.equal(loaded.embed_texts(**tokens), bundle.embed_texts(**tokens))
+
+
+def test_stem_widths_must_match_the_patch_size():
+    from models.convstem import VlforgeClipVisionConfig
+
+    assert VlforgeClipVisionConfig(patch_size=16).stem_channels == [32, 64, 128, 256]
+    with pytest.raises(Exception, match="stem_channels .* 3 positive widths"):
+        VlforgeClipVisionConfig(patch_size=8, stem_channels=[32, 64])
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        VlforgeClipVisionConfig(patch_size=14)
+
+
+def test_lora_on_a_conv_stem_clip_leaves_the_stem_alone_and_merges_to_the_same_function(tmp_path):
+    from models.convstem import VlforgeClipModel
+    from models.lora import LoraArgs, apply_lora, merge_lora
+
+    pairs = make_pairs(8, seed=6)
+    bundle = build_clip("clip-conv-tiny", [p.caption for p in pairs])
+    peft_model = apply_lora(bundle.model, LoraArgs(r=4, alpha=8))
+    adapted = {n.split(".lora_")[0] for n, _ in peft_model.named_parameters() if ".lora_" in n}
+    assert adapted and not any("patch_embedding" in n for n in adapted)
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "patch_embedding" in n)
+    with torch.no_grad():  # non-zero adapters, so merging has something to fold in
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pixels = bundle.preprocess_images([p.image for p in pairs])
+    tokens = bundle.tokenize([p.caption for p in pairs])
+    peft_model.eval()
+    with torch.no_grad():
+        before = peft_model(pixel_values=pixels, **tokens)
+        merged = merge_lora(peft_model)
+    assert type(merged) is VlforgeClipModel
+    merged.save_pretrained(str(tmp_path / "merged"))
+    bundle.tokenizer.save_pretrained(str(tmp_path / "merged"))
+    bundle.image_processor.save_pretrained(str(tmp_path / "merged"))
+    with torch.no_grad():
+        after = load_clip(str(tmp_path / "merged")).model(pixel_values=pixels, **tokens)
+    torch.testing.assert_close(before.image_embeds, after.image_embeds, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(before.text_embeds, after.text_embeds, atol=1e-5, rtol=1e-4)

@@ -121,3 +121,52 @@ def test_saved_with_an_input_example_that_serves_and_without_mlflow_warnings(sav
     example = Model.load(path).load_input_example(path)
     served = mlflow.pyfunc.load_model(path).predict(example)
     assert set(served.columns) == {"image_embedding", "text_embedding", "score"} and len(served) == 1
+
+
+@pytest.mark.slow
+def test_conv_stem_pyfunc_loads_in_a_fresh_process(tmp_path):
+    """The conv-stem recipe's model type is not transformers' own: a process that never imported vlforge's model code
+    loads the registered pyfunc (through ``load_clip``) and, after ``register_auto_classes``, the plain folder with
+    ``AutoModel``, and both embed as the model that was saved."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import mlflow.pyfunc
+
+    from models.clip import build_clip
+
+    bundle = build_clip("clip-conv-tiny", [p.caption for p in PAIRS], seed=2)
+    model_dir = bundle.save(str(tmp_path / "model"))
+    pyfunc_dir = str(tmp_path / "pyfunc")
+    mlflow.pyfunc.save_model(
+        pyfunc_dir,
+        python_model=ClipPyfunc(),
+        artifacts={"model": model_dir},
+        signature=model_signature(),
+        pip_requirements=["mlflow"],
+    )
+    images_file = tmp_path / "images.json"
+    images_file.write_text(json.dumps([base64.b64encode(p.image).decode() for p in PAIRS]))
+    code = f"""
+import json, sys
+import mlflow.pyfunc, pandas as pd, torch
+assert "models.convstem" not in sys.modules
+images = json.load(open({str(images_file)!r}))
+out = mlflow.pyfunc.load_model({pyfunc_dir!r}).predict(pd.DataFrame({{"image": images}}))
+from transformers import AutoModel
+from models.convstem import register_auto_classes
+register_auto_classes()
+auto = AutoModel.from_pretrained({model_dir!r})
+print(json.dumps({{"pyfunc": out["image_embedding"].tolist(), "auto": type(auto).__name__}}))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["auto"] == "VlforgeClipModel"
+    expected = bundle.embed_images(bundle.preprocess_images([p.image for p in PAIRS])).detach().numpy()
+    np.testing.assert_allclose(np.array(result["pyfunc"]), expected, atol=1e-5)

@@ -394,3 +394,28 @@ def test_two_stages_teach_the_model_to_read_the_colour_from_the_image(clip):
     # The same model on a blank image does no better than guessing one colour: the answer comes from the image.
     assert after["blank_instruction_accuracy"] < after["instruction_accuracy"] - 0.3
     assert after["blank_instruction_accuracy_high"] < after["instruction_accuracy_low"]
+
+
+def test_vlm_on_a_conv_stem_clip_sees_the_clips_hidden_states_and_round_trips(tmp_path):
+    """A conv-stem CLIP (instead of the patchify) as the vision tower: LLaVA builds the stem's tower,
+    gets the CLIP's weights and hidden states (the ones it feeds the language model), saves and loads back."""
+    from models.clip import build_clip
+    from models.convstem import VlforgeClipVisionModel
+
+    clip = build_clip("clip-conv-tiny", [p.caption for p in PAIRS], seed=1)
+    vlm = build_vlm("vlm-tiny", clip, CORPUS)
+    tower = vlm.model.model.vision_tower
+    assert type(tower) is VlforgeClipVisionModel
+    batch = build_batch(vlm, rows(2))
+    assert (batch["input_ids"] == vlm.image_token_id).sum(dim=1).tolist() == [16, 16]
+    with torch.no_grad():
+        ours = tower(pixel_values=batch["pixel_values"], output_hidden_states=True).hidden_states
+        theirs = clip.model.vision_model(
+            pixel_values=batch["pixel_values"], output_hidden_states=True
+        ).hidden_states
+        assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+        loss = vlm.model(**batch).loss
+    loaded = load_vlm(save_vlm(vlm, str(tmp_path / "vlm")))
+    assert type(loaded.model.model.vision_tower) is VlforgeClipVisionModel
+    with torch.no_grad():
+        assert torch.equal(loaded.model(**batch).loss, loss)
