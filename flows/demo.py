@@ -140,8 +140,8 @@ def demo(
             pretraining=PretrainArgs(init=defaults.DEFAULT_MODEL_URI, epochs=epochs, **judged),
             finetune_dataset="demo-domain",
             # lr 2e-3, not the fine-tune default 5e-4 (chosen on held-out data to stay within the general margin,
-            # BENCHMARKS.md "LoRA defaults"): at 5e-4 three epochs barely move the demo's model on its domain
-            # (+0.005 to +0.008, intervals touching 0); at 2e-3 it won its domain (+0.105 [+0.035, +0.175]) and kept
+            # BENCHMARKS.md "LoRA defaults"): at 5e-4 the demo's fine-tune barely moved on its domain (+0.005, one
+            # run at 10 epochs); at 2e-3 one full-size run won its domain (+0.105 [+0.035, +0.175]) and kept
             # demo-eval (+0.029). The gate still judges it on both.
             finetuning=FinetuneArgs(
                 epochs=finetune_epochs, lr=2e-3, class_prompts=prompts, general_eval="demo-eval"
