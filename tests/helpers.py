@@ -176,3 +176,25 @@ def publish_instructions(
     return writer.publish(
         {"counts": {"kept": len(rows), "rejected": 0}, "source": "synthetic", "filters": {}}
     )
+
+
+def lora_with_live_adapters(bundle, pairs):
+    """LoRA (r 4, alpha 8) on ``bundle.model`` with non-zero adapters, so merging has something to fold in.
+    Returns (the peft model in eval mode, the model inputs of ``pairs``, its outputs on them)."""
+    import torch
+
+    from models.lora import LoraArgs, apply_lora
+
+    peft_model = apply_lora(bundle.model, LoraArgs(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    inputs = dict(
+        pixel_values=bundle.preprocess_images([p.image for p in pairs]),
+        **bundle.tokenize([p.caption for p in pairs]),
+    )
+    peft_model.eval()
+    with torch.no_grad():
+        before = peft_model(**inputs)
+    return peft_model, inputs, before

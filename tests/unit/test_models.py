@@ -205,29 +205,22 @@ def test_stem_widths_must_match_the_patch_size():
 
 def test_lora_on_a_conv_stem_clip_leaves_the_stem_alone_and_merges_to_the_same_function(tmp_path):
     from models.convstem import VlforgeClipModel
-    from models.lora import LoraArgs, apply_lora, merge_lora
+    from models.lora import merge_lora
+    from tests.helpers import lora_with_live_adapters
 
     pairs = make_pairs(8, seed=6)
     bundle = build_clip("clip-conv-tiny", [p.caption for p in pairs])
-    peft_model = apply_lora(bundle.model, LoraArgs(r=4, alpha=8))
+    peft_model, inputs, before = lora_with_live_adapters(bundle, pairs)
     adapted = {n.split(".lora_")[0] for n, _ in peft_model.named_parameters() if ".lora_" in n}
     assert adapted and not any("patch_embedding" in n for n in adapted)
     assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "patch_embedding" in n)
-    with torch.no_grad():  # non-zero adapters, so merging has something to fold in
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    pixels = bundle.preprocess_images([p.image for p in pairs])
-    tokens = bundle.tokenize([p.caption for p in pairs])
-    peft_model.eval()
     with torch.no_grad():
-        before = peft_model(pixel_values=pixels, **tokens)
         merged = merge_lora(peft_model)
     assert type(merged) is VlforgeClipModel
     merged.save_pretrained(str(tmp_path / "merged"))
     bundle.tokenizer.save_pretrained(str(tmp_path / "merged"))
     bundle.image_processor.save_pretrained(str(tmp_path / "merged"))
     with torch.no_grad():
-        after = load_clip(str(tmp_path / "merged")).model(pixel_values=pixels, **tokens)
+        after = load_clip(str(tmp_path / "merged")).model(**inputs)
     torch.testing.assert_close(before.image_embeds, after.image_embeds, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(before.text_embeds, after.text_embeds, atol=1e-5, rtol=1e-4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.clip import build_clip
-from models.lora import LoraArgs, apply_lora, check_targets, merge_lora, trainable_parameters
+from models.lora import check_targets, merge_lora, trainable_parameters
 from tasks.train.data import (
     dataset_heldout_fraction,
     eval_mask,
@@ -140,23 +140,17 @@ def test_preprocess_batch_drops_heldout_rows_and_yields_tensors(tmp_path):
 
 
 def test_lora_trains_few_parameters_and_merges_to_the_same_function():
+    from tests.helpers import lora_with_live_adapters
+
     pairs = make_pairs(8, seed=1)
     bundle = build_clip("clip-tiny", [p.caption for p in pairs])
     base_total = sum(p.numel() for p in bundle.model.parameters())
-    peft_model = apply_lora(bundle.model, LoraArgs(r=4, alpha=8))
+    peft_model, inputs, before = lora_with_live_adapters(bundle, pairs)
     trainable, _total = trainable_parameters(peft_model)
     assert 0 < trainable < base_total // 4
-    with torch.no_grad():  # make the adapters non-zero so merging has something to fold in
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    pix = bundle.preprocess_images([p.image for p in pairs])
-    tok = bundle.tokenize([p.caption for p in pairs])
-    peft_model.eval()
     with torch.no_grad():
-        before = peft_model(pixel_values=pix, **tok)
         merged = merge_lora(peft_model)
-        after = merged(pixel_values=pix, **tok)
+        after = merged(**inputs)
     assert type(merged).__name__ == "CLIPModel"
     torch.testing.assert_close(before.image_embeds, after.image_embeds, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(before.text_embeds, after.text_embeds, atol=1e-5, rtol=1e-4)
