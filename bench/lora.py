@@ -87,15 +87,6 @@ def fine_tune(base, pairs, change: dict, seed: int):
     return bundle, trainable["n"]
 
 
-def hits(bundle, pairs):
-    """Per-image zero-shot hits (0/1) over the 30 class prompts."""
-    from tasks.evaluate import embed_images, embed_texts, zeroshot_hits
-    from tests.shapes30 import CLASS_PROMPTS
-
-    images = embed_images(bundle, [p.image for p in pairs])
-    return zeroshot_hits(images, embed_texts(bundle, CLASS_PROMPTS), [p.label for p in pairs])
-
-
 def best_within_margin(results: dict[str, list[tuple[float, float]]], margin: float) -> str | None:
     """The setting with the largest mean domain gain among those that lost at most ``margin`` on the general set
     in every run (promotion's gate judges each fine-tune alone), ``results``: setting -> [(domain delta, general
@@ -109,7 +100,7 @@ def main() -> None:
 
     from models.recipes import DEFAULT_RECIPE
     from tasks.evaluate import paired_difference
-    from tests.shapes30 import make_shape_pairs, train_in_process
+    from tests.shapes30 import make_shape_pairs, train_in_process, zeroshot_hits
     from vlforge.defaults import GENERAL_MARGIN
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -142,7 +133,7 @@ def main() -> None:
     domain_train = make_shape_pairs(opts.domain_train, seed=3000, prefix="dtrain", **domain)
     domain_test = make_shape_pairs(450, seed=3001, prefix="dtest", **domain)
     general_test = make_shape_pairs(600, seed=1000, prefix="test")
-    base_domain, base_general = hits(base, domain_test), hits(base, general_test)
+    base_domain, base_general = zeroshot_hits(base, domain_test), zeroshot_hits(base, general_test)
     print(
         f"domain: {len(domain_train)} training pairs, {len(domain_test)} test images; general: "
         f"{len(general_test)} test images; margin {GENERAL_MARGIN}\n\n"
@@ -155,8 +146,8 @@ def main() -> None:
         start = time.perf_counter()
         tuned, trainable = fine_tune(base, domain_train, SETTINGS[name], seed)
         seconds = time.perf_counter() - start
-        d = paired_difference(hits(tuned, domain_test), base_domain)
-        g = paired_difference(hits(tuned, general_test), base_general)
+        d = paired_difference(zeroshot_hits(tuned, domain_test), base_domain)
+        g = paired_difference(zeroshot_hits(tuned, general_test), base_general)
         print(
             f"| {name} | {seed} | {trainable} | {base_domain.mean():.3f} -> {base_domain.mean() + d.value:.3f} | "
             f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] | {base_general.mean():.3f} -> "

@@ -133,12 +133,17 @@ def make_shape_pairs(
     return pairs
 
 
-def zeroshot(bundle, pairs: list[ShapePair]) -> float:
-    """Zero-shot accuracy over the 30 class prompts."""
-    from tasks.evaluate import embed_images, embed_texts, zeroshot_accuracy
+def zeroshot_hits(bundle, pairs: list[ShapePair]) -> np.ndarray:
+    """Per-image zero-shot hits (1.0 / 0.0) over the 30 class prompts."""
+    from tasks.evaluate import embed_images, embed_texts, zeroshot_hits
 
     images = embed_images(bundle, [p.image for p in pairs])
-    return zeroshot_accuracy(images, embed_texts(bundle, CLASS_PROMPTS), [p.label for p in pairs])
+    return zeroshot_hits(images, embed_texts(bundle, CLASS_PROMPTS), [p.label for p in pairs])
+
+
+def zeroshot(bundle, pairs: list[ShapePair]) -> float:
+    """Zero-shot accuracy over the 30 class prompts."""
+    return float(np.mean(zeroshot_hits(bundle, pairs)))
 
 
 def top_cut(bundle, pool: list[ShapePair], keep: float = 0.6) -> tuple[float, float]:
