@@ -12,7 +12,12 @@ real ``tasks.train.pretrain.pretrain`` on a published dataset version (Ray Train
 held-out split is ``--eval-fraction`` of the published rows, so it publishes enough for ``--pairs`` train rows);
 s/epoch then comes from the loop's per-step MLflow timestamps. Prints a table; writes bench/results/recipe.json.
 
-    python bench/recipe.py [--only clip-conv-tiny,clip-tiny] [--epochs 15] [--pairs 800] [--via pretrain]
+    python bench/recipe.py [--only clip-conv-64,clip-tiny] [--epochs 15] [--pairs 800] [--via pretrain]
+                           [--seeds 0,1,2] [--batch-size 32 --lr 3e-3 --warmup 10]
+
+``--seeds``: one training per seed and candidate (the seed draws the training pairs, the initial model, the data
+order and augmentation; the test images and the pool are the same for every seed), then each candidate's mean and
+range: one run says little, the same recipe spreading by 0.1-0.2 between seeds.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "r
 # name -> (registered recipe it starts from, overrides): image_size, patch_size, and per tower (vision, text) a
 # width and a number of layers. The registered recipes are measured as they are.
 CANDIDATES: dict[str, tuple[str, dict]] = {
+    "clip-conv-64": ("clip-conv-64", {}),
     "clip-conv-tiny": ("clip-conv-tiny", {}),
     "clip-tiny": ("clip-tiny", {}),
     "tiny-64px": ("clip-tiny", {"image_size": 64}),
@@ -79,6 +85,7 @@ def train_inprocess(recipe, pairs, args) -> tuple[object, float]:
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_steps=args.warmup,
+        seed=args.seed,
         on_epoch=lambda e, loss: print(
             f"  {recipe.name} epoch {e + 1}: loss {loss:.3f}, {time.perf_counter() - t0:.0f} s",
             file=sys.stderr,
@@ -133,7 +140,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=train.lr)
     ap.add_argument("--warmup", type=int, default=train.warmup_steps)
     ap.add_argument("--eval-fraction", type=float, default=0.1, help="--via pretrain: its held-out share")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,7 +150,7 @@ def main() -> None:
 
     from tests.shapes30 import make_shape_pairs, top_cut, zeroshot
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, args.threads))
     tmp = tempfile.mkdtemp(prefix="vlforge-bench-recipe-")
     settings = None
     if args.via == "pretrain":
@@ -151,38 +159,47 @@ def main() -> None:
         from vlforge.settings import get_settings
 
         settings = get_settings()
-        train = published_pairs(args, settings)
-    else:
-        train = make_shape_pairs(args.pairs, seed=args.seed)
-    test = make_shape_pairs(args.test, seed=args.seed + 1000, prefix="test")
-    pool = make_shape_pairs(args.pool, seed=args.seed + 2000, wrong_fraction=0.4, prefix="pool")
+    test = make_shape_pairs(args.test, seed=1000, prefix="test")
+    pool = make_shape_pairs(args.pool, seed=2000, wrong_fraction=0.4, prefix="pool")
 
     rows = []
-    header = f"{'recipe':<15} {'px':>4} {'patch':>5} {'params':>8} {'s/epoch':>8} {'zero-shot':>9} {'P@60%':>6} {'R@60%':>6}"
+    header = f"{'recipe':<15} {'seed':>4} {'px':>4} {'patch':>5} {'params':>8} {'s/epoch':>8} {'zero-shot':>9} {'P@60%':>6} {'R@60%':>6}"
     print(header, flush=True)
-    for name in args.only.split(","):
-        recipe = candidate_recipe(name, tmp)
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        args.seed = seed
         if args.via == "pretrain":
-            path = os.path.join(tmp, f"{name}.json")
-            if not os.path.exists(path):
-                from models.recipes import CONFIG_DIR
-
-                path = str(CONFIG_DIR / f"{CANDIDATES[name][0]}.json")
-            bundle, per_epoch = train_pretrain(path, name, args, settings)
+            train = published_pairs(args, settings)
         else:
-            bundle, per_epoch = train_inprocess(recipe, train, args)
-        precision, recall = top_cut(bundle, pool)
-        row = dict(recipe=name, px=recipe.image_size, patch=recipe.patch_size, params=params_of(recipe),
-                   s_per_epoch=round(per_epoch, 2), zeroshot=round(zeroshot(bundle, test), 3),
-                   precision=round(precision, 3), recall=round(recall, 3))  # fmt: skip
-        rows.append(row)
-        print(
-            f"{name:<15} {row['px']:>4} {row['patch']:>5} {row['params'] / 1e6:>7.2f}M {per_epoch:>8.1f} "
-            f"{row['zeroshot']:>9.3f} {precision:>6.3f} {recall:>6.3f}",
-            flush=True,
-        )
+            train = make_shape_pairs(args.pairs, seed=seed)
+        for name in args.only.split(","):
+            recipe = candidate_recipe(name, tmp)
+            if args.via == "pretrain":
+                path = os.path.join(tmp, f"{name}.json")
+                if not os.path.exists(path):
+                    from models.recipes import CONFIG_DIR
+
+                    path = str(CONFIG_DIR / f"{CANDIDATES[name][0]}.json")
+                bundle, per_epoch = train_pretrain(path, f"{name}-{seed}", args, settings)
+            else:
+                bundle, per_epoch = train_inprocess(recipe, train, args)
+            precision, recall = top_cut(bundle, pool)
+            row = dict(recipe=name, seed=seed, px=recipe.image_size, patch=recipe.patch_size,
+                       params=params_of(recipe), s_per_epoch=round(per_epoch, 2),
+                       zeroshot=round(zeroshot(bundle, test), 3), precision=round(precision, 3),
+                       recall=round(recall, 3))  # fmt: skip
+            rows.append(row)
+            print(
+                f"{name:<15} {seed:>4} {row['px']:>4} {row['patch']:>5} {row['params'] / 1e6:>7.2f}M "
+                f"{per_epoch:>8.1f} {row['zeroshot']:>9.3f} {precision:>6.3f} {recall:>6.3f}",
+                flush=True,
+            )
+    for name in args.only.split(","):
+        mine = [r for r in rows if r["recipe"] == name]
+        for key in ("zeroshot", "precision", "s_per_epoch"):
+            vals = [r[key] for r in mine]
+            print(f"{name}: {key} mean {sum(vals) / len(vals):.3f}, min {min(vals):.3f}, max {max(vals):.3f}")
     out = dict(
-        rows=rows, via=args.via, pairs=len(train), epochs=args.epochs, test=args.test, pool=args.pool,
+        rows=rows, via=args.via, pairs=args.pairs, seeds=args.seeds, epochs=args.epochs, test=args.test, pool=args.pool,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, cpus=os.cpu_count(),
         load_avg_1m=round(os.getloadavg()[0], 1), platform=platform.platform(),
     )  # fmt: skip

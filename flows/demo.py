@@ -85,7 +85,7 @@ def demo(
     eval_size: int = 240,
     domain_size: int = 400,
     seed_epochs: int = 8,
-    epochs: int = 4,
+    epochs: int = 12,
     finetune_epochs: int = 3,
     vlm: bool = True,
     instruct_size: int = 500,

@@ -6,11 +6,14 @@ A plain ViT cuts the image into P x P patches with one strided convolution (kern
 that map with ``log2(P)`` 3x3 convolutions of stride 2 (widths ``stem_channels``, GELU after each) and a 1x1
 convolution to the hidden size: the same (S / P)^2 token grid, so the CLS token, position embeddings, encoder,
 LLaVA's use of the hidden states and the resampler are unchanged. No norm layers (GroupNorm and BatchNorm
-learned much less on the shapes task); PyTorch's default (Kaiming-uniform) weights, which CLIP's own
-``_init_weights`` (normal, std 0.02, for every convolution) would otherwise replace, and zero biases. With PyTorch's
-uniform biases too the stem's output is mostly its biases (one vector for every token; the image-dependent part
-~0.4 of it) and a VLM adapter reads colour from the tower at chance; zero biases make the image-dependent part
-dominate, as in the patchify, at the same CLIP accuracy within its run-to-run spread (docs/vlm.md).
+learned much less on the shapes task). The convolutions get He (Kaiming-normal, fan-in, ReLU gain) weights, which
+CLIP's own ``_init_weights`` (normal, std 0.02, for every convolution) would otherwise replace, and zero biases.
+Without a norm the init sets the scale of what reaches the transformer: PyTorch's default for ``Conv2d``
+(Kaiming-uniform with a = sqrt(5), std 1/sqrt(3 fan_in)) shrinks the signal about three-fold per convolution, and
+with the four convolutions of a 16 px stem training more often stayed at colours only (BENCHMARKS.md "A
+convolutional stem"); He weights keep the scale through the GELUs. With PyTorch's uniform
+biases the stem's output was mostly its biases (one vector for every token) and a VLM adapter read colour from the
+tower at chance; zero biases make the image-dependent part dominate, as in the patchify (docs/vlm.md).
 
 The classes save and load with ``save_pretrained`` / ``from_pretrained`` (safetensors). Their model types
 (``vlforge_clip``, ``vlforge_clip_vision_model``) are not transformers' own: call :func:`register_auto_classes`
@@ -132,7 +135,7 @@ class ConvStemEmbeddings(CLIPVisionEmbeddings):
 
 
 class _NativeInit:
-    """Initialise like transformers' own models: the stem's convolutions with PyTorch's init, the rest as CLIP does.
+    """Initialise like transformers' own models: the stem's convolutions with He weights, the rest as CLIP does.
 
     transformers treats classes defined outside the library as possible remote code that writes weights without its
     guarded init functions, and skips every module without parameters of its own (CLIP's attention and MLP blocks)
@@ -151,9 +154,9 @@ class _NativeInit:
 
 
 def _init_stem_conv(conv: StemConv) -> None:
-    """PyTorch's own ``Conv2d`` weight init and zero biases, through transformers' guarded init functions, which
-    leave weights loaded from a checkpoint alone."""
-    init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+    """He weights (Kaiming-normal, fan-in, ReLU gain: the signal keeps its scale through the stem) and zero biases,
+    through transformers' guarded init functions, which leave weights loaded from a checkpoint alone."""
+    init.kaiming_normal_(conv.weight, nonlinearity="relu")
     if conv.bias is not None:
         init.zeros_(conv.bias)
 

@@ -11,9 +11,9 @@ from typing import Any
 from vlforge import defaults
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# The recipe a training from scratch gets when none is named (the CLI, the flows, the demo): clip-tiny. Its
-# conv-stem variant clip-conv-tiny (models/convstem.py) learns more of the shapes the patchify misses, with a wide
-# spread over runs (BENCHMARKS.md "Recipes"; vlforge/defaults.py says why it is not the default).
+# The recipe a training from scratch gets when none is named (the CLI, the flows, the demo): clip-conv-64, a
+# convolutional stem (models/convstem.py) on 64 px images, which learns the shapes clip-tiny's 8 px patchify
+# misses (BENCHMARKS.md "Recipes"; vlforge/defaults.py).
 DEFAULT_RECIPE = defaults.DEFAULT_RECIPE  # the one default (vlforge/defaults.py)
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 # The registry alias users consume, and the model the refresh flow scores with and a fine-tune starts from.
 DEFAULT_MODEL_URI = "models:/vlforge-clip@champion"
-# The model recipe (models/configs/*.json) of a training from scratch. On a held-out 30-class colour x shape task
-# clip-tiny's 8 px patchify learns colours but few shapes; clip-conv-tiny (a convolutional stem, models/convstem.py)
-# learns more shapes on average at batch 16 / lr 2e-3 / warmup 40, but spreads 0.32-0.64 over runs, and as a VLM's
-# vision tower it reads colour worse (docs/vlm.md): not the default yet (BENCHMARKS.md, Recipes; issue #14).
-DEFAULT_RECIPE = "clip-tiny"
+# The model recipe (models/configs/*.json) of a training from scratch: clip-tiny's towers on 64 px images through a
+# convolutional stem (models/convstem.py). On a held-out 30-class colour x shape task clip-tiny's 8 px patchify at
+# 32 px learns colours and few shapes; clip-conv-64 at pretraining's defaults (batch 8, lr 5e-4, 80 warmup steps:
+# tasks/train/args.py) learns shapes too (BENCHMARKS.md "Recipes"; issue #14).
+DEFAULT_RECIPE = "clip-conv-64"
 # The VLM a VLM fine-tune (`vlforge finetune --recipe vlm`) starts from, and the fine-tune recipe that names
 # "the VLM recipe the base was trained with".
 DEFAULT_VLM_URI = "models:/vlforge-vlm@champion"

@@ -34,11 +34,15 @@ from tasks.experiment.arms import (
     publish_arm,
     score_pool,
 )
+from tasks.train.args import PretrainArgs
 from vlforge import defaults
 from vlforge.errors import VlforgeError
 from vlforge.settings import Settings
 
 log = logging.getLogger("vlforge.experiment")
+
+
+_PRETRAIN = PretrainArgs()
 
 
 class CurationExperimentArgs(BaseModel):
@@ -74,8 +78,10 @@ class CurationExperimentArgs(BaseModel):
     recipe: str = Field(
         defaults.DEFAULT_RECIPE, description="Model recipe every arm trains (models/configs)."
     )
-    batch_size: int = Field(32, gt=1, description="Per-worker batch size.")
-    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    # Pretraining's defaults (tasks/train/args.py), what the default recipe was measured at.
+    batch_size: int = Field(_PRETRAIN.batch_size, gt=1, description="Per-worker batch size.")
+    lr: float = Field(_PRETRAIN.lr, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(_PRETRAIN.warmup_steps, ge=0, description="Linear warmup steps.")
     output: str | None = Field(None, description="Also write the results as JSON to this file.")
 
 
@@ -149,7 +155,6 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
     from models.clip import load_clip
     from tasks.common import load_model
     from tasks.curate.scoring import scorer_identity
-    from tasks.train.args import PretrainArgs
     from tasks.train.driver import run_training, steps_plan
     from tasks.train.pretrain import PretrainRecipe
     from vlforge import console, tracking
@@ -189,7 +194,8 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
             for seed in range(args.seeds):
                 with console.stage(f"arm {spec.name} ({spec.describe()}, {rows} rows), seed {seed}"):
                     train_args = PretrainArgs(
-                        recipe=args.recipe, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                        recipe=args.recipe, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+                        warmup_steps=args.warmup_steps, seed=seed,
                         eval_fraction=0.0, min_eval_pairs=0, register_model=False,
                     )  # fmt: skip
                     result = run_training(

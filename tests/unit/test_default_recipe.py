@@ -17,18 +17,21 @@ pytestmark = pytest.mark.slow
 
 # Issue #14's target. A model that knows every colour and no shape gets 1 in 5 (a colour's 5 shapes).
 TARGET_ZEROSHOT = 0.5
+# No run may stay at colours only (at most 0.2): the failure a conv stem at PyTorch's init or a too high rate showed.
+FLOOR_ZEROSHOT = 0.4
+# One training says little: the same recipe and seed spread by ~0.05 between runs (the flips are random), and
+# seeds by more; so three seeds, and the target on their mean (BENCHMARKS.md "Recipes": 0.48-0.61 over 9 runs).
+SEEDS = (0, 1, 2)
 
 
-# Strict: the day the default recipe reaches the target this XPASS fails, and the marker must go.
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue #14 target not reached: clip-tiny measures 0.26-0.36 here (BENCHMARKS.md 'Recipes')",
-)
 def test_default_recipe_learns_shapes_on_a_held_out_task():
     import torch
 
     torch.set_num_threads(1)  # a shared 2-core machine: 2 OpenMP threads spin against other work
-    bundle = train_in_process(DEFAULT_RECIPE, make_shape_pairs(800, seed=0), epochs=15)
     test = make_shape_pairs(600, seed=1000, prefix="test")
-    accuracy = zeroshot(bundle, test)
-    assert accuracy >= TARGET_ZEROSHOT, accuracy
+    accuracy = [
+        zeroshot(train_in_process(DEFAULT_RECIPE, make_shape_pairs(800, seed=s), epochs=15, seed=s), test)
+        for s in SEEDS
+    ]
+    assert min(accuracy) >= FLOOR_ZEROSHOT, accuracy
+    assert sum(accuracy) / len(accuracy) >= TARGET_ZEROSHOT, accuracy

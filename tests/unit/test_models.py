@@ -152,11 +152,11 @@ def test_conv_stem_recipe_builds_the_conv_stem_clip_and_plain_recipes_stay_clip(
     )
 
 
-def test_conv_stem_clip_initialises_as_clip_with_pytorch_init_for_the_stem():
+def test_conv_stem_clip_initialises_as_clip_with_he_init_for_the_stem():
     """The encoders get CLIP's own init (transformers skips parameterless blocks of classes it takes for remote
-    code unless told otherwise); the stem keeps PyTorch's Kaiming-uniform weights, not CLIP's std 0.02, and zero
-    biases."""
-    conv = dict(build_clip("clip-conv-tiny", ["a red star"], seed=3).model.named_parameters())
+    code unless told otherwise); the stem gets He weights (Kaiming-normal, fan-in, ReLU gain), not CLIP's std 0.02,
+    and zero biases."""
+    conv = dict(build_clip("clip-conv-64", ["a red star"], seed=3).model.named_parameters())
     plain = dict(build_clip("clip-tiny", ["a red star"], seed=3).model.named_parameters())
     # Matrices (>= 1024 values: a sample std within a few %); CLIP's attention init is 3x the generic 0.02.
     shared = [n for n in plain if n in conv and plain[n].numel() >= 1024]
@@ -164,11 +164,18 @@ def test_conv_stem_clip_initialises_as_clip_with_pytorch_init_for_the_stem():
     for name in shared:
         assert conv[name].std().item() == pytest.approx(plain[name].std().item(), rel=0.15), name
     stem = "vision_model.embeddings.patch_embedding."
-    for layer, fan_in in (("convs.0", 3 * 9), ("convs.1", 32 * 9), ("convs.2", 64 * 9), ("proj", 128)):
-        # kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 1/sqrt(3 fan_in)
+    fan_ins = (
+        ("convs.0", 3 * 9),
+        ("convs.1", 16 * 9),
+        ("convs.2", 32 * 9),
+        ("convs.3", 64 * 9),
+        ("proj", 128),
+    )
+    for layer, fan_in in fan_ins:
+        # kaiming_normal_(nonlinearity="relu"): N(0, 2 / fan_in); PyTorch's own Conv2d init has std 1/sqrt(3 fan_in)
         weight = conv[f"{stem}{layer}.weight"]
-        assert weight.std().item() == pytest.approx((3 * fan_in) ** -0.5, rel=0.15), layer
-        assert weight.abs().max().item() <= fan_in**-0.5
+        assert weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.15), layer
+        assert abs(weight.mean().item()) < 0.2 * (2 / fan_in) ** 0.5, layer
         # Zero biases: else the stem's output is mostly its biases, and a VLM cannot read colour from it.
         assert not conv[f"{stem}{layer}.bias"].any(), layer
 

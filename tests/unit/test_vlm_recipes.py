@@ -34,7 +34,7 @@ def test_recipe_names_pick_the_vlm_recipes_and_their_stage_settings():
     assert isinstance(stage1, VlmPretrainRecipe) and stage1.model_name == "vlforge-vlm"
     assert stage1.vlm.adapter == "resampler"
     assert stage1.args.lr == 1e-3  # lr left at its default: the recipe's stage-1 learning rate
-    assert pretrain_recipe(PretrainArgs(recipe="vlm-tiny", lr=5e-4)).args.lr == 5e-4
+    assert pretrain_recipe(PretrainArgs(recipe="vlm-tiny", lr=2e-4)).args.lr == 2e-4  # (not the default 5e-4)
     stage2 = finetune_recipe(FinetuneArgs(recipe="vlm"))
     assert isinstance(stage2, VlmFinetuneRecipe) and stage2.model_name == "vlforge-vlm-lora"
     assert stage2.base_model == "models:/vlforge-vlm@champion"  # not the CLIP default
