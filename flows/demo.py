@@ -31,7 +31,7 @@ from vlforge import defaults, tracking
 from vlforge.artifacts import publish
 from vlforge.datasets import resolve_dataset
 from vlforge.demo.server import ImageServer, write_url_list
-from vlforge.demo.synth import INSTRUCTIONS, class_prompts, make_pairs
+from vlforge.demo.synth import DESCRIBE, INSTRUCTIONS, class_prompts, make_pairs
 from vlforge.settings import get_settings
 
 DEMO_PORT = int(os.environ.get("VLFORGE_DEMO_PORT", "8730"))
@@ -112,7 +112,10 @@ def demo(
     try:
         lists = {
             k: write_url_list(
-                f"{lists_dir}/{k}.csv", v, srv.add_pairs(v), INSTRUCTIONS[0] if k == "instruct" else None
+                f"{lists_dir}/{k}.csv",
+                v,
+                srv.add_pairs(v),
+                (INSTRUCTIONS[0], DESCRIBE) if k == "instruct" else (),
             )
             for k, v in sets.items()
         }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -116,17 +116,24 @@ class ImageServer:
 
 
 def write_url_list(
-    path: str, pairs: Iterable[SynthPair], urls: Iterable[str], question: tuple[str, str] | None = None
+    path: str,
+    pairs: Iterable[SynthPair],
+    urls: Iterable[str],
+    questions: Sequence[tuple[str, str]] = (),
 ) -> str:
     """Write a CSV URL list (url, caption, plus the known truth as extra columns: the image's class is
-    ``label``, "red circle", what a labelled eval set carries) and return its path. With ``question``
-    (an instruction and the pair attribute that answers it, from ``synth.INSTRUCTIONS``), every row also gets
-    ``prompt`` and ``response`` columns: an instruction set for a VLM's stage 2."""
+    ``label``, "red circle", what a labelled eval set carries) and return its path. With ``questions``
+    (instructions and the pair attribute that answers each, e.g. ``synth.INSTRUCTIONS[0]`` and
+    ``synth.DESCRIBE``), every row also gets ``prompt`` and ``response`` columns, the questions taking turns
+    row by row: an instruction set for a VLM's stage 2."""
     header = ["url", "caption", "truth_matched", "truth_colour", "truth_shape", "label"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(header + (["prompt", "response"] if question else []))
-        for p, u in zip(pairs, urls, strict=True):
+        w.writerow(header + (["prompt", "response"] if questions else []))
+        for i, (p, u) in enumerate(zip(pairs, urls, strict=True)):
             row = [u, p.caption, int(p.matched), p.colour, p.shape, f"{p.colour} {p.shape}"]
-            w.writerow(row + ([question[0], getattr(p, question[1])] if question else []))
+            if questions:
+                prompt, attribute = questions[i % len(questions)]
+                row += [prompt, getattr(p, attribute)]
+            w.writerow(row)
     return path
