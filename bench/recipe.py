@@ -15,8 +15,8 @@ s/epoch then comes from the loop's per-step MLflow timestamps. Prints a table; w
     python bench/recipe.py [--only clip-conv-64,clip-tiny] [--epochs 15] [--pairs 800] [--via pretrain]
                            [--seeds 0,1,2] [--batch-size 32 --lr 3e-3 --warmup 10]
 
-``--seeds``: one training per seed and candidate (the seed draws the training pairs, the initial model, the data
-order and augmentation; the test images and the pool are the same for every seed), then each candidate's mean and
+``--seeds``: one training per seed and candidate (the seed draws the training pairs and, in-process, the initial
+model and the data order; ``--via pretrain`` keeps the model's seed at pretraining's default, 0; the test images and the pool are the same for every seed), then each candidate's mean and
 range: one run says little, the same recipe spreading by 0.1-0.2 between seeds.
 """
 

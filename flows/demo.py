@@ -85,7 +85,7 @@ def demo(
     eval_size: int = 240,
     domain_size: int = 400,
     seed_epochs: int = 8,
-    epochs: int = 12,
+    epochs: int = 12,  # on the curated pool: at 4 the curated model tied the bootstrap (BENCHMARKS.md "End to end")
     finetune_epochs: int = 3,
     vlm: bool = True,
     instruct_size: int = 500,
@@ -144,8 +144,9 @@ def demo(
             finetune_dataset="demo-domain",
             # lr 2e-3, not the fine-tune default 5e-4 (chosen on held-out data to stay within the general margin,
             # BENCHMARKS.md "LoRA defaults"): at 5e-4 the demo's fine-tune barely moved on its domain (+0.005, one
-            # run at 10 epochs); at 2e-3 two full-size runs won their domain (+0.105 [+0.035, +0.175],
-            # +0.130 [+0.040, +0.210]) and kept demo-eval (+0.029, +0.046). The gate still judges it on both.
+            # run at 10 epochs, clip-tiny base); at 2e-3 four full-size runs won their domain, two on a clip-tiny
+            # base (+0.105, +0.130) and two on the clip-conv-64 default (+0.135 [+0.050, +0.215],
+            # +0.085 [+0.010, +0.160]), within the margin on demo-eval. The gate still judges it on both.
             finetuning=FinetuneArgs(
                 epochs=finetune_epochs, lr=2e-3, class_prompts=prompts, general_eval="demo-eval"
             ),

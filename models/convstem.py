@@ -10,8 +10,8 @@ learned much less on the shapes task). The convolutions get He (Kaiming-normal, 
 CLIP's own ``_init_weights`` (normal, std 0.02, for every convolution) would otherwise replace, and zero biases.
 Without a norm the init sets the scale of what reaches the transformer: PyTorch's default for ``Conv2d``
 (Kaiming-uniform with a = sqrt(5), std 1/sqrt(3 fan_in)) shrinks the signal about three-fold per convolution, and
-with the four convolutions of a 16 px stem training more often stayed at colours only (BENCHMARKS.md "A
-convolutional stem"); He weights keep the scale through the GELUs. With PyTorch's uniform
+with the four convolutions of a 16 px stem training more often stayed at colours only (BENCHMARKS.md "The
+default: clip-conv-64"); He weights keep the scale through the GELUs. With PyTorch's uniform
 biases the stem's output was mostly its biases (one vector for every token) and a VLM adapter read colour from the
 tower at chance; zero biases make the image-dependent part dominate, as in the patchify (docs/vlm.md).
 
