@@ -17,7 +17,7 @@ from tasks.experiment.curation import CurationExperimentArgs
 from tasks.train.args import FinetuneArgs, PretrainArgs
 from vlforge import console as ui
 from vlforge import defaults
-from vlforge.errors import VlforgeError
+from vlforge.errors import VlforgeError, printable
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Curated image-text datasets and CLIP models."
@@ -54,25 +54,72 @@ def _quiet_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _error_line(exc: BaseException | str) -> str:
+    """The message as printable text for the console (rich markup in it shown as it is)."""
+    from rich.markup import escape
+
+    return escape(printable(str(exc)))
+
+
+def _log_failure(command: str, exc: BaseException) -> str | None:
+    """Write the traceback of a command that ran without a session to a log file of its own; its path."""
+    import logging
+    import traceback
+
+    try:
+        from vlforge import command_log
+
+        path, _ = command_log.location(_settings(), command)  # kept local: the store may be what failed
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"vlforge {command}: {' '.join(sys.argv)}\n")
+            fh.write("".join(traceback.format_exception(exc)))
+        return path
+    except Exception:  # no storage to log to (the very thing that failed): the traceback goes nowhere visible
+        logging.getLogger("vlforge").debug("cannot write the failure log", exc_info=True)
+        return None
+
+
+def _run_unlogged(fn, args, kwargs):
+    """A command that prints what it finds (datasets, lineage, promote, gc, serve): no log session, but the
+    same one-line errors; an unexpected failure's traceback goes to a log file."""
+    try:
+        return fn(*args, **kwargs)
+    except VlforgeError as exc:
+        console.print(f"[bold red]error:[/] {_error_line(exc)}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("interrupted", highlight=False)
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        from vlforge.storage import unreachable
+
+        path = _log_failure(fn.__name__, exc)
+        store = unreachable(exc)  # a server the user named that does not answer: their error to fix (2)
+        console.print(
+            f"[bold red]error:[/] {_error_line(store or f'{type(exc).__name__}: {exc}')}", highlight=False
+        )
+        if path:
+            console.print(f"the full traceback is in the log: {path}", highlight=False)
+        raise typer.Exit(2 if store else 1) from None
+
+
 def user_errors(fn):
     """Run a command: library output to its log file (LOGGED_COMMANDS), a VlforgeError as one clear line and
-    exit status 2, any other failure as one line naming the log file that holds the traceback (status 1)."""
+    exit status 2, Ctrl-C as exit status 130, any other failure as one line naming the log file that holds the
+    traceback (status 1)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _quiet_environment()
         if fn.__name__ not in LOGGED_COMMANDS:
-            try:
-                return fn(*args, **kwargs)
-            except VlforgeError as exc:
-                console.print(f"[bold red]error:[/] {exc}", highlight=False)
-                raise typer.Exit(2) from None
+            return _run_unlogged(fn, args, kwargs)
         with ui.session(fn.__name__, _settings(), verbose=_verbose) as log_path:
             try:
                 result = fn(*args, **kwargs)
             except VlforgeError as exc:
                 ui.log.error("%s", exc)
-                console.print(f"[bold red]error:[/] {exc}", highlight=False)
+                console.print(f"[bold red]error:[/] {_error_line(exc)}", highlight=False)
                 console.print(f"log: {log_path}", highlight=False)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
@@ -80,10 +127,16 @@ def user_errors(fn):
                 console.print(f"interrupted; log: {log_path}", highlight=False)
                 raise typer.Exit(130) from None
             except Exception as exc:
+                from vlforge.storage import unreachable
+
                 ui.log.exception("vlforge %s failed", fn.__name__)
-                console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+                store = unreachable(exc)
+                console.print(
+                    f"[bold red]error:[/] {_error_line(store or f'{type(exc).__name__}: {exc}')}",
+                    highlight=False,
+                )
                 console.print(f"the full traceback is in the log: {log_path}", highlight=False)
-                raise typer.Exit(1) from None
+                raise typer.Exit(2 if store else 1) from None
             console.print(f"log: {log_path}", highlight=False, style="dim")
             return result
 
@@ -145,6 +198,9 @@ def ingest(
     max_image_area: Annotated[
         int, typer.Option(help="Refuse larger images (decompression-bomb guard).")
     ] = defaults.MAX_IMAGE_AREA,
+    force: Annotated[
+        bool, typer.Option(help="Ingest a list again although it was ingested (e.g. after a bad setting).")
+    ] = False,
 ) -> None:
     """Download image-text pairs from URL lists with img2dataset (resumable; every row accounted for)."""
     from tasks.ingest import ingest as run
@@ -168,6 +224,7 @@ def ingest(
             image_size=image_size,
             min_image_size=min_image_size,
             max_image_area=max_image_area,
+            force=force,
         )
     for r in results:
         state = (
@@ -190,6 +247,9 @@ def curate(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = 64,
     force: Annotated[bool, typer.Option(help="Publish a new version even if nothing changed.")] = False,
+    allow_empty: Annotated[
+        bool, typer.Option(help="Publish the version even if the filters keep no row (refused otherwise).")
+    ] = False,
     **options,
 ) -> None:
     """Score pairs with CLIP on Ray, filter, dedup and publish a versioned Parquet dataset."""
@@ -211,6 +271,7 @@ def curate(
             filters=filters,
             batch_size=batch_size,
             force=force,
+            allow_empty=allow_empty,
         )
     dv = result.dataset_version
     if result.skipped:
@@ -413,7 +474,7 @@ def datasets(
     ] = False,
 ) -> None:
     """List datasets, or the complete versions of one, or print a version's dataset card."""
-    from vlforge.datasets import list_datasets, list_versions, resolve_dataset
+    from vlforge.datasets import DatasetRef, list_datasets, list_versions, resolve_dataset
 
     s = _settings()
     if card:
@@ -427,9 +488,11 @@ def datasets(
         for n in list_datasets(s):
             out.print(f"{n}  (latest {resolve_dataset(s, n).version})")
         return
-    for v in list_versions(s, name):
-        m = resolve_dataset(s, f"{name}@{v}").manifest
-        out.print(f"{name}@{v}  {json.dumps(m.get('counts', {}))}")
+    dv = resolve_dataset(s, name)  # an unknown dataset or version: the same error as --card gives
+    versions = [dv.version] if DatasetRef.parse(name).version else list_versions(s, dv.name)
+    for v in versions:
+        m = dv.manifest if v == dv.version else resolve_dataset(s, f"{dv.name}@{v}").manifest
+        out.print(f"{dv.name}@{v}  {json.dumps(m.get('counts', {}))}")
 
 
 @app.command()
@@ -512,13 +575,15 @@ def gc(
 
     A version being written by a live process is left alone; the next curate of the same inputs would resume an
     abandoned one instead, so run this to reclaim the space when you will not re-run it."""
-    from vlforge.datasets import remove_abandoned
+    from vlforge.datasets import collect_garbage
 
-    removed = remove_abandoned(_settings(), dataset)
+    removed = collect_garbage(_settings(), dataset)
     for a in removed:
         out.print(f"removed {a.name}@{a.version} ({a.uri})")
     out.print(f"{len(removed)} abandoned version(s) removed")
 
 
 if __name__ == "__main__":
-    sys.exit(app())
+    from flows.main import run_app
+
+    run_app(app)

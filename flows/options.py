@@ -16,7 +16,9 @@ import typing
 from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+from vlforge.errors import VlforgeError
 
 # Flag spellings that read better than the field name.
 FLAG_NAMES = {
@@ -87,5 +89,66 @@ def model_options(model: type[BaseModel], exclude: tuple[str, ...] = ()):
 
 
 def collect(model: type[BaseModel], options: dict[str, Any]) -> BaseModel:
-    """The model from the options :func:`model_options` passed (``lora_r`` -> ``lora.r``)."""
-    return model.build(**options) if hasattr(model, "build") else model(**options)
+    """The model from the options :func:`model_options` passed (``lora_r`` -> ``lora.r``); a value out of its
+    range is one :class:`OptionError` naming the option as the user typed it."""
+    try:
+        return model.build(**options) if hasattr(model, "build") else model(**options)
+    except ValidationError as exc:
+        raise OptionError(describe_validation_error(model, exc)) from None
+
+
+class OptionError(VlforgeError):
+    """An option value out of its range or of the wrong kind."""
+
+
+def flag_name(key: str) -> str:
+    """``top_fraction`` -> ``--top-fraction`` (and the spellings of :data:`FLAG_NAMES`)."""
+    return FLAG_NAMES.get(key, "--" + key.replace("_", "-")).split("/")[0]
+
+
+def _field(model: type[BaseModel], loc: tuple) -> Any:
+    info = None
+    for part in loc:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return info
+        info = fields[part]
+        kind, nested = _option_type(info.annotation)
+        model = kind if nested else None
+    return info
+
+
+def value_range(info: Any) -> str | None:
+    """A field's numeric range from its constraints: ``in (0, 1]``, ``> 0``, ``>= 1``; None without one."""
+    bounds = {}
+    for meta in getattr(info, "metadata", ()):
+        for attr in ("gt", "ge", "lt", "le"):
+            if getattr(meta, attr, None) is not None:
+                bounds[attr] = getattr(meta, attr)
+    low = ("(", bounds["gt"]) if "gt" in bounds else ("[", bounds["ge"]) if "ge" in bounds else None
+    high = (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
+    if low and high:
+        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+    if low:
+        return f"{'>' if low[0] == '(' else '>='} {low[1]:g}"
+    if high:
+        return f"{'<' if high[0] == ')' else '<='} {high[1]:g}"
+    return None
+
+
+def describe_validation_error(model: type[BaseModel], exc: ValidationError) -> str:
+    """One line per wrong option: ``--top-fraction must be in (0, 1] (got 1.5)``."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err.get("loc", ()) if isinstance(p, str))
+        flag = flag_name("_".join(loc)) if loc else model.__name__
+        shown = repr(err.get("input")) if "input" in err else ""
+        limits = value_range(_field(model, loc)) if loc else None
+        if limits and err.get("type", "").startswith(("greater_than", "less_than")):
+            lines.append(f"{flag} must be {limits} (got {shown})")
+        elif err.get("type") == "extra_forbidden":
+            lines.append(f"unknown setting {flag}")
+        else:
+            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            lines.append(f"{flag}: {msg}" + (f" (got {shown})" if shown and len(shown) < 80 else ""))
+    return "; ".join(lines)

@@ -264,9 +264,17 @@ def override(
 ) -> Decision:
     """A person's decision: give the registered version ``uri`` the ``alias`` (``vlforge promote``), recorded
     in its tags with who, when and why."""
+    from vlforge.naming import check_alias
     from vlforge.registry import registered_version
     from vlforge.tracking import configure
 
+    check_alias(alias)
+    if uri.startswith("models:/"):
+        from vlforge.registry import parse_models_uri
+
+        name, version, current = parse_models_uri(uri)
+        if version is None and current is None:
+            raise ModelNotFoundError(f"promote needs the version to promote: models:/{name}/N, got {uri!r}")
     mv = registered_version(uri, settings)
     if mv is None:
         raise ModelNotFoundError(f"promote needs a registered model URI (models:/NAME/N), got {uri!r}")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import os
 import re
 import secrets
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +25,13 @@ import pyarrow.parquet as pq
 from vlforge import storage
 from vlforge.errors import DatasetNotFoundError
 from vlforge.hfformat import with_encoded_images
+from vlforge.naming import InvalidNameError, check_name, is_valid_name
 from vlforge.settings import Settings
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# What new_version_id makes; no other folder under datasets/<name>/ is a version (nor listed, nor collected).
+_VERSION_RE = re.compile(r"^\d{8}T\d{12}Z-[0-9a-f]{4}$")
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,13 @@ class DatasetRef:
 
     @classmethod
     def parse(cls, text: str) -> DatasetRef:
-        name, _, version = text.partition("@")
-        if not _NAME_RE.match(name):
-            raise DatasetNotFoundError(
-                f"invalid dataset name {name!r}: use letters, digits, '.', '_' or '-' (e.g. 'demo' or 'demo@<version>')"
-            )
+        name, at, version = text.partition("@")
+        try:
+            check_name("dataset", name, example="'demo' or 'demo@<version>'")
+            if at:
+                check_name("dataset version", version, example="'demo@20261121T101500123456Z-3f9a'")
+        except InvalidNameError as exc:
+            raise DatasetNotFoundError(str(exc)) from None
         return cls(name=name, version=version or None)
 
     def __str__(self) -> str:
@@ -89,15 +95,24 @@ def new_version_id(now: dt.datetime | None = None) -> str:
     return now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(2)
 
 
+def is_version_id(name: str) -> bool:
+    return bool(_VERSION_RE.match(name))
+
+
 def list_versions(settings: Settings, name: str) -> list[str]:
     """Complete versions (with a manifest) of ``name``, oldest first."""
-    root = storage.join(datasets_root(settings), name)
-    versions = [v for v in storage.list_names(root) if v != LATEST and not v.startswith(".")]
+    root = storage.join(datasets_root(settings), DatasetRef.parse(name).name)
+    versions = [v for v in storage.list_names(root) if is_version_id(v)]
     return [v for v in sorted(versions) if storage.exists(storage.join(root, v, MANIFEST))]
 
 
+def dataset_names(settings: Settings) -> list[str]:
+    """Every folder under ``datasets/`` that is a dataset's by the naming rule (published or not)."""
+    return [n for n in storage.list_names(datasets_root(settings)) if is_valid_name(n)]
+
+
 def list_datasets(settings: Settings) -> list[str]:
-    return [n for n in storage.list_names(datasets_root(settings)) if list_versions(settings, n)]
+    return [n for n in dataset_names(settings) if list_versions(settings, n)]
 
 
 def _latest_version(settings: Settings, name: str) -> str | None:
@@ -110,6 +125,7 @@ def _latest_version(settings: Settings, name: str) -> str | None:
     newest = complete[-1] if complete else None
     if (
         hinted
+        and is_version_id(hinted)
         and storage.exists(storage.join(root, hinted, MANIFEST))
         and (newest is None or hinted >= newest)
     ):
@@ -130,7 +146,7 @@ def resolve_dataset(settings: Settings, ref: str | DatasetRef) -> DatasetVersion
         )
     uri = storage.join(root, version)
     manifest_uri = storage.join(uri, MANIFEST)
-    if not storage.exists(manifest_uri):
+    if not is_version_id(version) or not storage.exists(manifest_uri):
         known = ", ".join(list_versions(settings, ref.name)) or "none"
         raise DatasetNotFoundError(
             f"dataset {ref.name!r} has no complete version {version!r} (complete versions: {known})"
@@ -163,6 +179,17 @@ class VersionWriter:
         self.fingerprint = fingerprint
         self._parts: dict[str, dict[str, str]] = {}  # part -> relpath -> sha256 of its bytes
         self.published = False
+        self._inputs_lock = None  # open_version's lock on these inputs, released at publish or abandon
+
+    def abandon(self) -> None:
+        """Remove the unpublished folder (nothing of it is worth keeping) and release the inputs lock."""
+        storage.remove(self.uri)
+        self._release()
+
+    def _release(self) -> None:
+        if self._inputs_lock is not None:
+            self._inputs_lock.close()  # closing the file releases its flock
+            self._inputs_lock = None
 
     def claim(self) -> None:
         """Mark the folder as being written by this process (for resume and gc)."""
@@ -221,6 +248,7 @@ class VersionWriter:
         storage.remove(storage.join(self.uri, STAGING))
         self.published = True
         self._advance_latest()
+        self._release()
         return DatasetVersion(self.name, self.version, self.uri, full)
 
     def _advance_latest(self) -> None:
@@ -252,9 +280,6 @@ def _version_time(version: str) -> dt.datetime:
 
 
 def staging_owner(fingerprint: str) -> dict[str, Any]:
-    import os
-    import socket
-
     return {
         "fingerprint": fingerprint,
         "host": socket.gethostname(),
@@ -264,9 +289,6 @@ def staging_owner(fingerprint: str) -> dict[str, Any]:
 
 
 def _owner_alive(owner: dict[str, Any], now: dt.datetime) -> bool:
-    import os
-    import socket
-
     if owner.get("host") == socket.gethostname():
         pid = int(owner.get("pid") or 0)
         if pid == os.getpid():
@@ -296,7 +318,7 @@ def abandoned_versions(settings: Settings, name: str) -> list[Abandoned]:
     now = dt.datetime.now(dt.UTC)
     out = []
     for v in storage.list_names(root):
-        if v == LATEST or v.startswith(".") or storage.exists(storage.join(root, v, MANIFEST)):
+        if not is_version_id(v) or storage.exists(storage.join(root, v, MANIFEST)):
             continue
         uri = storage.join(root, v)
         marker = storage.join(uri, STAGING)
@@ -310,8 +332,10 @@ def abandoned_versions(settings: Settings, name: str) -> list[Abandoned]:
 
 
 def remove_abandoned(settings: Settings, name: str | None = None, keep: str | None = None) -> list[Abandoned]:
-    """Delete abandoned version folders (of ``name``, or of every dataset) except version ``keep``."""
-    names = [name] if name else storage.list_names(datasets_root(settings))
+    """Delete abandoned version folders (of ``name``, or of every dataset) except version ``keep``: only
+    folders named like a version id, without a manifest, directly under ``datasets/<name>/``; never a
+    published version, never anything else."""
+    names = [DatasetRef.parse(name).name] if name else dataset_names(settings)
     removed = []
     for n in names:
         for a in abandoned_versions(settings, n):
@@ -321,11 +345,94 @@ def remove_abandoned(settings: Settings, name: str | None = None, keep: str | No
     return removed
 
 
+def collect_garbage(settings: Settings, name: str | None = None) -> list[Abandoned]:
+    """``vlforge gc [NAME]``: :func:`remove_abandoned` for an existing dataset named by the naming rule (a
+    version, a path or an unknown name is refused before anything is looked at), or for every dataset."""
+    if name is not None:
+        ref = DatasetRef.parse(name)
+        if ref.version is not None:
+            raise DatasetNotFoundError(
+                f"gc takes a dataset name, not a version ({name!r}): it removes the abandoned versions of "
+                f"{ref.name!r} and never a published one"
+            )
+        if ref.name not in dataset_names(settings):
+            known = ", ".join(dataset_names(settings)) or "none"
+            raise DatasetNotFoundError(f"unknown dataset {name!r} (datasets: {known})")
+    return remove_abandoned(settings, name)
+
+
+def live_writers(settings: Settings, name: str, fingerprint: str) -> list[str]:
+    """Versions of ``name`` being written now, by a live process, from the inputs ``fingerprint``."""
+    root = storage.join(datasets_root(settings), name)
+    now = dt.datetime.now(dt.UTC)
+    out = []
+    for v in storage.list_names(root):
+        marker = storage.join(root, v, STAGING)
+        if not is_version_id(v) or not storage.exists(marker):
+            continue
+        try:
+            owner = storage.read_json(marker)
+        except (FileNotFoundError, ValueError):  # published (or replaced) while we looked
+            continue
+        mine = owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+        if owner.get("fingerprint") == fingerprint and not mine and _owner_alive(owner, now):
+            out.append(v)
+    return out
+
+
+def wait_for_writers(settings: Settings, name: str, fingerprint: str, poll_s: float = 2.0) -> None:
+    """Wait while another live process writes a version of ``name`` from the same inputs (two curates of the
+    same inputs at once): the caller then finds that version published instead of writing its twin."""
+    import time
+
+    from vlforge import console
+
+    first = True
+    while writers := live_writers(settings, name, fingerprint):
+        if first:
+            console.info(
+                f"another process is writing {name}@{writers[0]} from the same inputs; waiting for it"
+            )
+            first = False
+        time.sleep(poll_s)
+
+
+def _lock_inputs(settings: Settings, name: str, fingerprint: str):
+    """An exclusive lock on making a version of ``name`` from the inputs ``fingerprint`` (an open file holding
+    an flock, released when it is closed or its process dies); waits while another process holds it. Local
+    storage only: an object store has no locks, and there :func:`wait_for_writers` and the caller's check before
+    publishing narrow the race instead (None)."""
+    if settings.storage_is_remote or not fingerprint:
+        return None
+    import fcntl
+
+    from vlforge import console
+
+    import tempfile
+
+    # Beside the storage, not in it (a lock file outlives its holder: removing it would race with a waiter).
+    root = hashlib.sha256(os.path.realpath(settings.storage_uri).encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), "vlforge-locks", root)
+    os.makedirs(folder, exist_ok=True)
+    handle = open(os.path.join(folder, f"version-{name}-{fingerprint[:16]}.lock"), "a")  # noqa: SIM115
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        console.info(f"another process is making a version of {name} from the same inputs; waiting for it")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
 def open_version(settings: Settings, name: str, fingerprint: str) -> tuple[VersionWriter, bool]:
     """A writer for a new version of ``name``: the abandoned folder of the same inputs when there is one
-    (``resumed`` True: its finished parts are reused), else a fresh one. Other abandoned folders are removed."""
+    (``resumed`` True: its finished parts are reused), else a fresh one. Other abandoned folders are removed.
+
+    The writer holds a lock on its inputs until it publishes or is abandoned: a second writer of the same inputs
+    waits here, so the caller should check again whether the version it would make now exists."""
+    lock = _lock_inputs(settings, name, fingerprint)
     same = [a for a in abandoned_versions(settings, name) if fingerprint and a.fingerprint == fingerprint]
     writer = VersionWriter(settings, name, same[-1].version if same else None, fingerprint)
+    writer._inputs_lock = lock
     remove_abandoned(settings, name, keep=writer.version)
     writer.claim()
     return writer, bool(same)

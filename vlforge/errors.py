@@ -23,3 +23,13 @@ class SourceNotFoundError(VlforgeError):
 
 class ServerUnreachableError(VlforgeError):
     """A tracking server, Prefect API, Ray cluster or object store that does not answer."""
+
+
+def printable(text: str, limit: int = 2000) -> str:
+    """``text`` safe to print on a terminal: control characters (a binary file's bytes quoted in a parser's
+    message) shown as escapes, and at most ``limit`` characters."""
+    out = "".join(
+        c if c in "\n\t" or (c >= " " and not "\x7f" <= c <= "\x9f") else c.encode("unicode_escape").decode()
+        for c in text[:limit]
+    )
+    return out + (f"... ({len(text) - limit} more characters)" if len(text) > limit else "")

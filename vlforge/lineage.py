@@ -63,6 +63,11 @@ def walk_back(uri: str, settings: Settings, _path: tuple[str, ...] = ()) -> Mode
     mv = registered_version(uri, settings)
     if mv is None:
         raise ModelNotFoundError(f"lineage needs a registered model URI (models:/NAME@ALIAS), got {uri!r}")
+    if not mv.run_id:
+        raise ModelNotFoundError(
+            f"models:/{mv.name}/{mv.version} was registered without an MLflow run (not by vlforge), so it has "
+            "no recorded lineage"
+        )
     client = tracking.configure(settings)
     tags = client.get_run(mv.run_id).data.tags
     name, version = tags.get(tracking.TAG_DATASET), tags.get(tracking.TAG_DATASET_VERSION)

@@ -39,14 +39,12 @@ def registered_version(uri: str, settings: Settings):
         return None
     from vlforge.tracking import configure
 
+    name, version, alias = parse_models_uri(uri)
     client = configure(settings)
-    spec = uri[len("models:/") :]
     try:
-        if "@" in spec:
-            name, alias = spec.split("@", 1)
+        if alias is not None:
             return client.get_model_version_by_alias(name, alias)
-        name, _, version = spec.partition("/")
-        if version.isdigit():
+        if version is not None:
             return client.get_model_version(name, version)
         versions = client.search_model_versions(f"name='{name}'")
         if not versions:
@@ -64,6 +62,24 @@ def registered_version(uri: str, settings: Settings):
                 "with `vlforge pretrain`"
             )
         ) from None
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/NAME@ALIAS``, ``models:/NAME/N`` or ``models:/NAME`` (its newest version) as
+    ``(name, version, alias)``; anything else is a :class:`ModelNotFoundError` saying what is wrong."""
+    spec = uri[len("models:/") :]
+    name, at, alias = spec.partition("@")
+    name, slash, version = name.partition("/")
+    form = "use models:/NAME@ALIAS, models:/NAME/N or models:/NAME"
+    if not name:
+        raise ModelNotFoundError(f"{uri!r} names no registered model: {form}")
+    if at:
+        if slash or not alias or "/" in alias:
+            raise ModelNotFoundError(f"{uri!r}: give a version or an alias, not both: {form}")
+        return name, None, alias
+    if slash and not version.isdigit():
+        raise ModelNotFoundError(f"{uri!r}: the version must be a number (e.g. models:/{name}/3): {form}")
+    return name, version or None, None
 
 
 def check_model_uri(uri: str, settings: Settings) -> None:

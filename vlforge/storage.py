@@ -147,6 +147,39 @@ def remove(uri: str) -> None:
         pass
 
 
+def unreachable(exc: BaseException) -> str | None:
+    """What is wrong, in words, when ``exc`` is an object store that cannot be reached or refuses our
+    credentials (the usual first-run mistakes); None for any other error."""
+    name = type(exc).__name__
+    endpoint = _storage_options("s3://x").get("client_kwargs", {}).get("endpoint_url") or "AWS S3"
+    if name in (
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+    ):
+        return f"the object store at {endpoint} does not answer ({exc}); check VLFORGE_S3_ENDPOINT_URL"
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return f"no credentials for the object store at {endpoint}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    if name == "ClientError" or (isinstance(exc, PermissionError) and "s3" in str(exc).lower()):
+        return f"the object store at {endpoint} refused the request ({exc}); check the bucket and the credentials"
+    return None
+
+
+def remove_empty_folders(uri: str, levels: int) -> None:
+    """Remove the folder ``uri`` and up to ``levels - 1`` of its parents while they are empty (what a failed
+    first write leaves behind); object stores have no empty folders."""
+    if is_remote(uri):
+        return
+    path = uri.removeprefix("file://")
+    for _ in range(levels):
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty, or gone
+            return
+        path = os.path.dirname(path.rstrip("/"))
+
+
 def put_dir(local_dir: str, uri: str) -> None:
     """Copy a local folder tree to ``uri`` (local or remote)."""
     fs, path = filesystem(uri)

@@ -135,6 +135,20 @@ class FilterConfig(BaseModel):
     @model_validator(mode="after")
     def _one_score_rule(self) -> FilterConfig:
         check_score_rule(self.min_score, self.top_fraction)
+        if self.min_caption_chars > self.max_caption_chars:
+            raise FilterConfigError(
+                f"--min-caption-chars ({self.min_caption_chars}) is above --max-caption-chars "
+                f"({self.max_caption_chars}): every caption would be dropped"
+            )
+        if self.languages:
+            from tasks.curate.language import SUPPORTED_LANGUAGES
+
+            unknown = [code for code in self.languages if code.lower() not in SUPPORTED_LANGUAGES]
+            if unknown:
+                raise FilterConfigError(
+                    f"--language {unknown[0]!r} is not a language code the caption-language detector knows: "
+                    f"use ISO 639-1 codes among {', '.join(SUPPORTED_LANGUAGES)}"
+                )
         return self
 
     @property

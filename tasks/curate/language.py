@@ -152,6 +152,8 @@ _SCRIPTS = [
     ("th", re.compile(r"[\u0e00-\u0e7f]")),
 ]
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
+# The ISO 639-1 codes this detector can answer: a language filter naming any other would drop every caption.
+SUPPORTED_LANGUAGES = tuple(sorted({*_STOPWORDS, *(code for code, _ in _SCRIPTS)}))
 
 
 def detect_language(text: str) -> str:

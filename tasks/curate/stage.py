@@ -35,8 +35,16 @@ from tasks.curate.run import run_curation
 from tasks.curate.scoring import ScorerInfo, list_shards, score_shards, scorer_identity
 from tasks.curate.shards import ShardRef
 from vlforge import defaults, raw, storage
-from vlforge.datasets import DatasetNotFoundError, DatasetVersion, open_version, resolve_dataset
-from vlforge.errors import SourceNotFoundError
+from vlforge.datasets import (
+    DatasetNotFoundError,
+    DatasetRef,
+    DatasetVersion,
+    open_version,
+    resolve_dataset,
+    wait_for_writers,
+)
+from vlforge.errors import SourceNotFoundError, VlforgeError
+from vlforge.naming import check_name
 from vlforge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,12 +110,19 @@ def curate(
     progress: bool | None = None,
     force: bool = False,
     track: bool = True,
+    allow_empty: bool = False,
 ) -> CurateResult:
     """Curate ``source``'s raw batches into a new version of ``dataset`` (see the module docstring).
 
     ``progress``: False turns the console's progress lines off (they show only inside a CLI command).
     ``track``: log the version's MLflow run (on by default).
+    ``allow_empty``: publish a version even when the filters kept no row (refused otherwise: an empty version
+    would become the dataset's latest).
     """
+    check_name("source", source, example="'cc3m'")
+    DatasetRef.parse(dataset)
+    if batch_size < 1:
+        raise FilterConfigError(f"--batch-size must be >= 1 (got {batch_size})")
     config = resolve_filters(filters, min_score, top_fraction)
     if config.needs_scores and not scorer:
         raise FilterConfigError(
@@ -122,10 +137,10 @@ def curate(
         bundle = load_model(scorer, settings)  # fails early, with one clear message, before Ray starts
         info = scorer_identity(scorer, settings)
     fingerprint = _fingerprint(batches, info, config)
-    if not force and (same := _unchanged(settings, dataset, fingerprint)) is not None:
-        log.info("dataset %s is up to date with source %s; nothing to publish", same.ref, source)
-        m = same.manifest
-        return CurateResult(same, dict(m.get("counts", {})), m.get("mlflow_run_id"), skipped=True)
+    if not force:
+        wait_for_writers(settings, dataset, fingerprint)  # a curate of the same inputs running now
+        if (same := _unchanged(settings, dataset, fingerprint)) is not None:
+            return _nothing_new(same, source)
     shards = list_shards(settings, source, batches, info.key if info else UNSCORED)
     scored_rows = 0
     if info is not None:
@@ -139,7 +154,10 @@ def curate(
         ShardRef(i, s.batch, s.uri, s.cache_uri if info else None, info.key if info else None)
         for i, s in enumerate(shards)
     ]
-    writer, resumed = open_version(settings, dataset, fingerprint)
+    writer, resumed = open_version(settings, dataset, fingerprint)  # waits for a curate of the same inputs
+    if not force and (same := _unchanged(settings, dataset, fingerprint)) is not None:
+        writer.abandon()  # that curate published what this one would make
+        return _nothing_new(same, source)
     if resumed:
         log.info("resuming the unfinished version %s of %s", writer.version, dataset)
     out = run_curation(refs, source, config, writer, settings, progress=progress)
@@ -166,6 +184,16 @@ def curate(
         "raw_batches": len(batches),
         **{f"filter.{k}": v for k, v in config.model_dump().items()},
     }
+    if not force and (same := _unchanged(settings, dataset, fingerprint)) is not None:
+        writer.abandon()  # another curate of the same inputs published while this one ran (object stores)
+        return _nothing_new(same, source)
+    if not out.counts.get("kept") and not allow_empty:
+        writer.abandon()
+        raise EmptyVersionError(
+            f"the filters kept none of the {out.counts.get('input', 0)} pairs of source {source!r} "
+            f"({_top_reasons(out.counts)}), so no version of {dataset!r} was published: loosen the filters, or "
+            "pass --allow-empty to publish an empty version (it becomes the dataset's latest)"
+        )
     run_id = None
     if track:
         with start_version_run(settings, dataset, source) as run:
@@ -179,6 +207,22 @@ def curate(
 
     prefect_artifacts(dv, out.counts, manifest["scorer"], run_url(settings, run_id) if run_id else None)
     return CurateResult(dv, out.counts, run_id, skipped=False, scored_rows=scored_rows)
+
+
+class EmptyVersionError(VlforgeError):
+    """Curation kept no row and publishing an empty version was not asked for."""
+
+
+def _top_reasons(counts: dict[str, int]) -> str:
+    skip = {"input", "kept", "rejected"}
+    reasons = sorted(((v, k) for k, v in counts.items() if k not in skip and v), reverse=True)[:3]
+    return ", ".join(f"{k}: {v}" for v, k in reasons) or "no reason recorded"
+
+
+def _nothing_new(same: DatasetVersion, source: str) -> CurateResult:
+    log.info("dataset %s is up to date with source %s; nothing to publish", same.ref, source)
+    m = same.manifest
+    return CurateResult(same, dict(m.get("counts", {})), m.get("mlflow_run_id"), skipped=True)
 
 
 curate_task = task(

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import tempfile
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ from vlforge import storage
 from vlforge.datasets import DatasetVersion, resolve_dataset
 from vlforge.errors import VlforgeError
 from vlforge.hfformat import hf_features
+from vlforge.naming import check_name
 from vlforge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -201,8 +203,11 @@ def export_dataset(
         raise ExportError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
     if shard_size < 1:
         raise ExportError(f"--shard-size must be at least 1 row, got {shard_size}")
-    dv = resolve_dataset(settings, dataset)
+    if prefix is not None:
+        check_name("export prefix", prefix, example="'demo'")
     dest = to.rstrip("/") or to
+    _check_outside_storage(dest, settings)
+    dv = resolve_dataset(settings, dataset)
     prefix = prefix or dv.name
     source = {"ref": dv.ref, "uri": dv.uri, "content_hash": dv.manifest.get("content_hash")}
     claim = {"format": format, "source": source, "options": {"shard_size": shard_size, "prefix": prefix}}
@@ -237,6 +242,25 @@ def export_dataset(
     storage.remove(storage.join(dest, CLAIM))
     result = _result(dest, format, dv, manifest, skipped=False, resumed=resumed)
     return _record_lineage(result, dv, settings) if track else result
+
+
+def _normalised(uri: str) -> str:
+    """A comparable form of a destination: an absolute, resolved local path, or ``s3://bucket/key``."""
+    if storage.is_remote(uri):
+        scheme, _, rest = uri.partition("://")
+        return f"{scheme}://{posixpath.normpath(rest)}".rstrip("/")
+    return os.path.realpath(os.path.expanduser(uri.removeprefix("file://")))
+
+
+def _check_outside_storage(dest: str, settings: Settings) -> None:
+    """Refuse a destination inside the storage root: vlforge would take an export under ``datasets/`` for a
+    dataset version (listed, resolved, later collected by ``gc``), and one elsewhere in the root for its own."""
+    root, target = _normalised(settings.storage_uri), _normalised(dest)
+    if target == root or target.startswith(root.rstrip("/") + "/"):
+        raise ExportError(
+            f"--to {dest} is inside the storage root {settings.storage_uri}: export to a folder outside it "
+            "(vlforge owns everything under the root)"
+        )
 
 
 def _result(dest: str, fmt: str, dv: DatasetVersion, manifest: dict, skipped: bool, resumed: int = 0):

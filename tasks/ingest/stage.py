@@ -28,6 +28,7 @@ from tasks.ingest.staging import StagedList, allowed_rows_not_in, load_staged, r
 from tasks.ingest.urllists import content_hash, find_list_files
 from vlforge import console, defaults, raw, storage
 from vlforge.errors import UrlListError, VlforgeError
+from vlforge.naming import check_name
 from vlforge.netguard import NetworkPolicy
 from vlforge.settings import Settings
 
@@ -78,14 +79,21 @@ def ingest(
     min_image_size: int = defaults.MIN_DOWNLOAD_IMAGE_SIZE,
     max_image_area: float = defaults.MAX_IMAGE_AREA,
     disallowed_header_directives: list[str] | None = None,
+    force: bool = False,
 ) -> list[IngestResult]:
     """Download every list file at ``url_list`` (file, folder or glob; local or s3://) into raw batches of
     ``source``. All lists are validated (and staged) before anything is downloaded.
 
     Hosts that are or resolve to private, loopback, link-local, multicast or reserved addresses are refused
     (before download, on every redirect and on every connection) unless ``allow_private_networks`` or their
-    address lies in one of ``allowed_networks`` (CIDRs)."""
-    _check_args(source, distributor, shard_size)
+    address lies in one of ``allowed_networks`` (CIDRs).
+
+    ``force``: ingest a list again although its batch is complete (after a bad setting, say): the old batch is
+    removed once the list has been read and staged again, then downloaded anew."""
+    _check_args(
+        source, distributor, shard_size=shard_size, processes=processes, threads=threads, timeout=timeout,
+        retries=retries, image_size=image_size, min_image_size=min_image_size, max_image_area=max_image_area,
+    )  # fmt: skip
     network = NetworkPolicy.of(allow_private_networks, allowed_networks)
     opts = DownloadOptions(
         shard_size=shard_size,
@@ -102,7 +110,9 @@ def ingest(
     )
     if disallowed_header_directives is not None:
         opts.disallowed_header_directives = list(disallowed_header_directives)
-    plans = [_plan(f, source, settings, url_col, caption_col, network) for f in find_list_files(url_list)]
+    plans = [
+        _plan(f, source, settings, url_col, caption_col, network, force) for f in find_list_files(url_list)
+    ]
     results = []
     for plan in plans:
         if plan.staged is None:
@@ -122,18 +132,37 @@ def user_agent_token(user_agent: str) -> str:
     return token.lower() or "vlforge"
 
 
-def _check_args(source: str, distributor: str, shard_size: int) -> None:
-    if not source or "/" in source or source.startswith((".", "_")) or source != source.strip():
-        raise VlforgeError(
-            f"invalid source name {source!r}: use a plain name such as 'cc3m' (no '/', no leading '.' or '_')"
-        )
+# The smallest image img2dataset is asked to resize to: below it every image is a few pixels wide, stored as a
+# success that no model can use.
+MIN_RESIZE = 16
+
+
+def _check_args(source: str, distributor: str, **numbers: float | None) -> None:
+    """The source's name (the one naming rule) and every numeric option's range, named as the CLI spells it."""
+    check_name("source", source, example="'cc3m'")
     if distributor not in DISTRIBUTORS:
         raise VlforgeError(f"unknown distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
-    if shard_size < 1:
-        raise VlforgeError(f"--shard-size must be at least 1, got {shard_size}")
+    at_least = {"shard_size": 1, "processes": 1, "threads": 1, "retries": 0, "min_image_size": 0}
+    at_least |= {"image_size": MIN_RESIZE, "max_image_area": 1}
+    for key, value in numbers.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if key == "timeout" and not (value > 0 and math.isfinite(value)):
+            raise VlforgeError(f"{flag} must be > 0 seconds (got {value:g})")
+        if key in at_least and value < at_least[key]:
+            raise VlforgeError(f"{flag} must be >= {at_least[key]} (got {value:g})")
 
 
-def _plan(path: str, source: str, settings: Settings, url_col, caption_col, network: NetworkPolicy) -> _Plan:
+def _plan(
+    path: str,
+    source: str,
+    settings: Settings,
+    url_col,
+    caption_col,
+    network: NetworkPolicy,
+    force: bool = False,
+) -> _Plan:
     try:
         batch_id = content_hash(path)[:16]
     except FileNotFoundError as exc:
@@ -141,10 +170,22 @@ def _plan(path: str, source: str, settings: Settings, url_col, caption_col, netw
     except Exception as exc:
         raise UrlListError(f"URL list {path}: cannot be read ({exc})") from exc
     uri = raw.batch_uri(settings, source, batch_id)
-    if raw.is_complete(uri):
+    if raw.is_complete(uri) and not force:
         return _Plan(path, batch_id, uri, None)
     staging = storage.join(raw.raw_root(settings, source), "_staging", batch_id)
-    staged = load_staged(staging) or stage_list(path, staging, url_col, caption_col, network)
+    staged = load_staged(staging)
+    if staged is None:
+        try:
+            staged = stage_list(path, staging, url_col, caption_col, network)
+        except (
+            BaseException
+        ):  # a list that cannot be read, or Ctrl-C: leave no half-made staging folder behind
+            storage.remove(staging)
+            storage.remove_empty_folders(storage.join(raw.raw_root(settings, source), "_staging"), levels=3)
+            raise
+    if force and storage.exists(uri):
+        log.info("%s: --force: removing the earlier batch %s", path, uri)
+        storage.remove(uri)
     return _Plan(path, batch_id, uri, staged)
 
 

@@ -76,6 +76,11 @@ def content_hash(path: str) -> str:
 
 BATCH_ROWS = 100_000  # rows read, checked and written at a time while staging
 _CSV_BLOCK_BYTES = 1 << 20  # pyarrow's default block: types of csv columns are inferred from the first block
+# A csv row longer than the block (a caption cell of megabytes) makes pyarrow give up ("straddling object"): the
+# list is read again with blocks this many times larger, up to the largest block, where the row is named.
+_CSV_BLOCK_GROWTH = 8
+_CSV_MAX_BLOCK_BYTES = 512 << 20
+_BLOCK_KEY = b"vlforge.csv_block_bytes"  # where a pinned schema carries the block size of the next read
 _MAX_REREADS = 16  # a csv/json list is read again at most this often when its column types widen
 _CSV_CONVERSION = re.compile(r"In CSV column #(\d+): (Row #\d+: )?CSV conversion error")
 
@@ -173,15 +178,21 @@ class UrlListReader:
             return "skip"
 
         types = {self.url_col: pa.string(), self.caption_col: pa.string()}
+        block = _CSV_BLOCK_BYTES
         if self.pinned is not None:
             names = {"url": self.url_col, "caption": self.caption_col}
             types |= {names.get(fl.name, fl.name): fl.type for fl in self.pinned if fl.type != pa.null()}
-        reader = pacsv.open_csv(
-            f,
-            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=False),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types=types),
-        )
+            block = int((self.pinned.metadata or {}).get(_BLOCK_KEY, block))
+        try:
+            reader = pacsv.open_csv(
+                f,
+                read_options=pacsv.ReadOptions(block_size=block, use_threads=False),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types=types),
+            )
+        except pa.ArrowInvalid as exc:
+            self._larger_block(exc, block, self.pinned or pa.schema([]))
+            raise
         yield reader.schema
         while True:
             try:
@@ -189,6 +200,7 @@ class UrlListReader:
             except StopIteration:
                 return
             except pa.ArrowInvalid as exc:
+                self._larger_block(exc, block, self.pinned or self.schema or pa.schema([]))
                 found = _CSV_CONVERSION.search(str(exc))
                 if not found:
                     raise
@@ -196,6 +208,19 @@ class UrlListReader:
                 raise ListSchemaChanged(_widen(self.schema, {_renamed(name, self): pa.string()})) from exc
             for start in range(0, batch.num_rows, self.batch_rows):
                 yield pa.Table.from_batches([batch.slice(start, self.batch_rows)])
+
+    def _larger_block(self, exc: pa.ArrowInvalid, block: int, schema: pa.Schema) -> None:
+        """A row longer than the csv block: read again with larger blocks (the schema carries the size), or, past
+        the largest block, one error that says so."""
+        if "straddling" not in str(exc):
+            return
+        if block >= _CSV_MAX_BLOCK_BYTES:
+            raise UrlListError(
+                f"URL list {self.path}: a row is longer than {_CSV_MAX_BLOCK_BYTES >> 20} MiB (a caption cell of "
+                "that size is not a caption); remove it or split the list"
+            ) from exc
+        bigger = min(block * _CSV_BLOCK_GROWTH, _CSV_MAX_BLOCK_BYTES)
+        raise ListSchemaChanged(schema.with_metadata({**(schema.metadata or {}), _BLOCK_KEY: str(bigger)}))
 
     def _json(self, f) -> Iterator[pa.Schema | pa.Table]:
         import pandas as pd

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.lora import LoraArgs
 from vlforge import defaults
+from vlforge.naming import check_name
 
 # Fields whose default differs by recipe: the constraint and the help text are shared, the default is not.
 Epochs = Annotated[int, Field(gt=0, description="Passes over the training split.")]
@@ -77,8 +78,14 @@ class TrainArgs(BaseModel):
     max_failures: int = Field(
         2, ge=0, description="Worker-group restarts from the last checkpoint after a failure."
     )
-    seed: int = Field(0, description="Random seed of the initial model, augmentation and data order.")
+    seed: int = Field(0, ge=0, description="Random seed of the initial model, augmentation and data order.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric writes to MLflow.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_follows_the_naming_rule(cls, name: str | None) -> str | None:
+        # The name becomes the MLflow run name and the checkpoint folder: the one naming rule applies.
+        return None if name is None else check_name("training", name, example="'clip-2026-12'")
 
     @classmethod
     def build(cls, args: TrainArgs | None = None, **options: Any):
