@@ -192,3 +192,14 @@ def test_staging_numbers_rows_refuses_with_reasons_and_interleaves(tmp_path):
 def test_user_agent_token_names_vlforge():
     assert user_agent_token("vlforge/0.1 (+https://github.com/vlforge/vlforge)") == "vlforge"
     assert user_agent_token("MyCrawler") == "mycrawler"
+
+
+def test_a_csv_row_longer_than_the_read_block_is_read_not_refused(tmp_path):
+    # A 3.5 MB caption cell is more than pyarrow's 1 MiB csv block: the list is read again with larger blocks.
+    path = tmp_path / "big.csv"
+    rows = [f"http://a.example/{i}.jpg,a red circle" for i in range(5)]
+    rows.insert(3, "http://a.example/big.jpg," + "x" * 3_500_000)
+    path.write_text("url,caption\n" + "\n".join(rows) + "\n")
+    table = read_url_list(str(path)).table
+    assert table.num_rows == 6
+    assert [len(c) for c in table.column("caption").to_pylist()] == [12, 12, 12, 3_500_000, 12, 12]
