@@ -405,10 +405,9 @@ def _lock_inputs(settings: Settings, name: str, fingerprint: str):
     if settings.storage_is_remote or not fingerprint:
         return None
     import fcntl
+    import tempfile
 
     from vlforge import console
-
-    import tempfile
 
     # Beside the storage, not in it (a lock file outlives its holder: removing it would race with a waiter).
     root = hashlib.sha256(os.path.realpath(settings.storage_uri).encode()).hexdigest()[:16]
