@@ -190,6 +190,9 @@ def curate(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = 64,
     force: Annotated[bool, typer.Option(help="Publish a new version even if nothing changed.")] = False,
+    eval_set: Annotated[
+        bool, typer.Option(help="Mark the version an evaluation set: later pools are decontaminated against it.")
+    ] = False,
     **options,
 ) -> None:
     """Score pairs with CLIP on Ray, filter, dedup and publish a versioned Parquet dataset."""
@@ -211,6 +214,7 @@ def curate(
             filters=filters,
             batch_size=batch_size,
             force=force,
+            eval_set=eval_set,
         )
     dv = result.dataset_version
     if result.skipped:

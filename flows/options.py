@@ -24,6 +24,7 @@ FLAG_NAMES = {
     "register_model": "--register/--no-register",
     "languages": "--language",
     "arms": "--arm",
+    "decontaminate_against": "--decontaminate-against",
 }
 
 

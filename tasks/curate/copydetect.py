@@ -11,7 +11,8 @@ proper, two steps:
 2. **verification**: the pool image and a candidate compared pixel by pixel at 32x32 after aligning them: the
    crop box of the larger one that best matches the other is searched (coordinate descent over its four
    sides, at most :data:`MAX_CROP` of a side each), in both directions. A mean absolute difference (0-255)
-   of at most :data:`MATCH_MAD` as they are, or :data:`CROP_MAD` after cropping, is a copy.
+   of at most :data:`MATCH_MAD` as they are, or :data:`CROP_MAD` after cropping, together with a
+   correlation of their fine detail (:func:`detail_corr`) of at least :data:`MIN_DETAIL_CORR`, is a copy.
 
 The thresholds were tuned on generator seed 1 of ``bench/decontam.py`` and are reported there on seed 2
 (BENCHMARKS.md, Decontamination). The eval side (:class:`EvalIndex`) is small (12 KB a row) and goes to every
@@ -30,9 +31,12 @@ CANDIDATES = 4  # eval images verified per pool image, at most
 CANDIDATE_RADIUS = 6.0  # squared L2 between descriptors (192 values in 0-1) of a candidate, at most
 COMPARE = 32  # verification compares images at this size
 MAX_CROP = 0.10  # the largest border (of a side) a copy may have lost
-MATCH_MAD = 6.0  # mean absolute difference (0-255) of a copy compared as it is, at most (JPEG q20 noise: 3-5)
-CROP_MAD = 3.0  # ... of a copy found by cropping one image: stricter, since a crop can also align two
+MATCH_MAD = 7.0  # mean absolute difference (0-255) of a copy compared as it is, at most (JPEG q20-60: 3-5.6)
+CROP_MAD = 4.0  # ... of a copy found by cropping one image: stricter, since a crop can also align two
 # different drawings of one plain synthetic shape (BENCHMARKS.md, Decontamination)
+MIN_DETAIL_CORR = 0.38  # correlation of the two images' fine detail (image minus its 3x3 blur), at least:
+# a copy keeps its original's noise, grain and edges where they were (JPEG and rescaled copies 0.41-1.0 on
+# seed 1); another drawing of the same shape does not (at most 0.34 among candidates on seed 1)
 _STEPS = (4.0, 2.0, 1.0, 0.5)  # coordinate-descent steps (pixels of the canonical image)
 
 
@@ -65,9 +69,26 @@ def _small(canon: np.ndarray, box=None) -> np.ndarray:
     return np.asarray(img.resize((COMPARE, COMPARE), Image.Resampling.BILINEAR, box=box), np.float32)
 
 
-def _aligned_mad(big: np.ndarray, target: np.ndarray) -> float:
+def _detail(x: np.ndarray) -> np.ndarray:
+    """Grey [32, 32] minus its 3x3 box blur: noise, grain and edges."""
+    g = x.mean(axis=2)
+    p = np.pad(g, 1, mode="edge")
+    blur = sum(p[i : i + COMPARE, j : j + COMPARE] for i in range(3) for j in range(3)) / 9.0
+    return g - blur
+
+
+def detail_corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of the fine detail of two aligned [32, 32, 3] float images (1: the same detail)."""
+    da, db = _detail(a), _detail(b)
+    da, db = da - da.mean(), db - db.mean()
+    denom = float(np.sqrt((da * da).sum() * (db * db).sum()))
+    return float((da * db).sum() / denom) if denom > 1e-9 else 1.0  # two flat images: nothing differs
+
+
+def _aligned_mad(big: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
     """The least mean absolute difference between ``target`` (float [32, 32, 3]) and a crop of ``big``
-    (uint8 canonical) whose sides each lose at most MAX_CROP, found by coordinate descent from no crop."""
+    (uint8 canonical) whose sides each lose at most MAX_CROP, found by coordinate descent from no crop;
+    and that crop (float [32, 32, 3])."""
     limit = MAX_CROP * CANON
 
     def mad(p: np.ndarray) -> float:
@@ -89,7 +110,7 @@ def _aligned_mad(big: np.ndarray, target: np.ndarray) -> float:
                     value = mad(p)
                     if value < best:
                         best, best_p, improved = value, p, True
-    return best
+    return best, _small(big, (best_p[0], best_p[1], CANON - best_p[2], CANON - best_p[3]))
 
 
 def copy_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -97,10 +118,19 @@ def copy_distance(a: np.ndarray, b: np.ndarray) -> float:
     absolute difference (0-255) as they are over :data:`MATCH_MAD`, or after the best crop of either over
     :data:`CROP_MAD`, whichever is less. At most 1: a copy (0 for identical images)."""
     small_a, small_b = _small(a), _small(b)
-    direct = float(np.abs(small_a - small_b).mean()) / MATCH_MAD
+    direct = _scored(float(np.abs(small_a - small_b).mean()) / MATCH_MAD, small_a, small_b)
     if direct <= 1.0:  # re-encoded or rescaled: no crop to look for
         return direct
-    return min(direct, _aligned_mad(a, small_b) / CROP_MAD, _aligned_mad(b, small_a) / CROP_MAD)
+    mad_a, crop_a = _aligned_mad(a, small_b)
+    mad_b, crop_b = _aligned_mad(b, small_a)
+    return min(direct, _scored(mad_a / CROP_MAD, crop_a, small_b), _scored(mad_b / CROP_MAD, crop_b, small_a))
+
+
+def _scored(distance: float, x: np.ndarray, y: np.ndarray) -> float:
+    """``distance``, or above 1 (not a copy) when the two aligned images' fine detail does not correlate."""
+    if distance > 1.0:
+        return distance
+    return distance if detail_corr(x, y) >= MIN_DETAIL_CORR else 1.0 + distance
 
 
 class CopyMatcher:

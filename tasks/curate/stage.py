@@ -64,8 +64,12 @@ def resolve_filters(
     return FilterConfig.model_validate(config.model_dump())
 
 
-def _fingerprint(batches: list[str], scorer: ScorerInfo | None, config: FilterConfig) -> str:
+def _fingerprint(
+    batches: list[str], scorer: ScorerInfo | None, config: FilterConfig, evals: list[str], eval_set: bool
+) -> str:
     payload = {"batches": batches, "scorer": scorer.key if scorer else None, "filters": config.model_dump()}
+    if evals or eval_set:  # versions curated before decontamination keep their fingerprint
+        payload.update({"decontaminated_against": evals, "eval_set": eval_set})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -102,11 +106,14 @@ def curate(
     progress: bool | None = None,
     force: bool = False,
     track: bool = True,
+    eval_set: bool = False,
 ) -> CurateResult:
     """Curate ``source``'s raw batches into a new version of ``dataset`` (see the module docstring).
 
     ``progress``: False turns the console's progress lines off (they show only inside a CLI command).
     ``track``: log the version's MLflow run (on by default).
+    ``eval_set``: mark the version an evaluation set (manifest ``eval_set``): later pools are decontaminated
+    against it by default, and promotion compares models on it only when their data was.
     """
     config = resolve_filters(filters, min_score, top_fraction)
     if config.needs_scores and not scorer:
@@ -121,7 +128,10 @@ def curate(
 
         bundle = load_model(scorer, settings)  # fails early, with one clear message, before Ray starts
         info = scorer_identity(scorer, settings)
-    fingerprint = _fingerprint(batches, info, config)
+    from tasks.curate.decontam import build_index, eval_set_refs
+
+    evals = eval_set_refs(settings, config.decontaminate_against, dataset)
+    fingerprint = _fingerprint(batches, info, config, evals, eval_set)
     if not force and (same := _unchanged(settings, dataset, fingerprint)) is not None:
         log.info("dataset %s is up to date with source %s; nothing to publish", same.ref, source)
         m = same.manifest
@@ -142,7 +152,8 @@ def curate(
     writer, resumed = open_version(settings, dataset, fingerprint)
     if resumed:
         log.info("resuming the unfinished version %s of %s", writer.version, dataset)
-    out = run_curation(refs, source, config, writer, settings, progress=progress)
+    index = build_index(settings, evals) if evals else None
+    out = run_curation(refs, source, config, writer, settings, progress=progress, evals=index)
     manifest = {
         "source": source,
         "counts": out.counts,
@@ -154,6 +165,13 @@ def curate(
         "selection": out.selection,
         "compute": {"shards": len(refs), "nodes": out.nodes, "seconds": out.timings},
         "inputs_fingerprint": fingerprint,
+        "eval_set": bool(eval_set),
+        # The eval versions checked against (promotion reads this) and the rows it dropped.
+        "decontamination": {
+            "against": evals,
+            "eval_images": index.size if index is not None else 0,
+            "contaminated": int(out.counts.get("contaminated", 0)),
+        },
     }
     if out.licenses:
         manifest["licenses"] = out.licenses
@@ -164,6 +182,8 @@ def curate(
         "scorer_name": info.name if info else "",
         "scorer_version": (info.version or "") if info else "",
         "raw_batches": len(batches),
+        "eval_set": bool(eval_set),
+        "decontaminated_against": ",".join(evals) or "none",
         **{f"filter.{k}": v for k, v in config.model_dump().items()},
     }
     run_id = None
