@@ -9,7 +9,7 @@ classes). Tune on one ``--seed`` and report on another (the thresholds in ``task
 tuned on seed 1; BENCHMARKS.md reports seed 2).
 
     .venv/bin/python bench/decontam.py [--seed 2] [--eval 200] [--distinct 600]
-    .venv/bin/python bench/decontam.py --scale 20000,80000   # curate pass cost per row and driver peak RSS
+    .venv/bin/python bench/decontam.py --kinds "" --scale 2000,8000   # curate cost per row, driver peak RSS
 """
 
 from __future__ import annotations
@@ -144,6 +144,48 @@ def quality(kind: str, seed: int, n_eval: int, n_distinct: int) -> dict:
     return out
 
 
+def scale_run(rows: int, decontaminate: bool, n_eval: int) -> dict:
+    """One curation (no scorer) of a ``rows``-row pool of demo shapes (the worst case: every row has
+    candidates to verify) on local Ray, in a fresh process: seconds per row and the driver's peak RSS, with
+    and without decontamination against an ``n_eval``-image eval set (10% of the pool copies its images)."""
+    import subprocess
+    import tempfile
+
+    code = f"""
+import json, os, resource, sys, time, dataclasses
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+from vlforge.settings import get_settings
+from vlforge.demo.synth import make_pairs
+from tests.helpers import write_raw_batch
+from tasks.curate import curate
+from tasks.curate.filters import FilterConfig
+settings = get_settings()
+evals = make_pairs({n_eval}, seed=7, prefix="ev")
+write_raw_batch(settings, "ev", "b1", evals, shard_size=1000)
+curate("ev", "evset", settings, eval_set=True, track=False, progress=False)
+pool = make_pairs({rows}, seed=8, prefix="px")
+for i in range(0, {rows}, 10):
+    pool[i] = dataclasses.replace(pool[i], image=evals[i % {n_eval}].image)
+write_raw_batch(settings, "web", "b1", pool, shard_size=2000)
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+res = curate("web", "pool", settings, track=False, progress=False,
+             filters=FilterConfig(decontaminate_against=None if {decontaminate} else ["none"]))
+dt = time.perf_counter() - t0
+print("RESULT", json.dumps({{"rows": {rows}, "decontaminate": {decontaminate}, "seconds": round(dt, 1),
+    "ms_per_row": round(1000 * dt / {rows}, 2), "contaminated": res.counts.get("contaminated", 0),
+    "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    "driver_rss_before_mb": round(rss0 / 1024)}}))
+"""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "VLFORGE_STORAGE": tmp}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=2)
@@ -153,15 +195,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale", default="", help="pool sizes for the curate-pass cost, e.g. 20000,80000")
     args = p.parse_args(argv)
     results = []
-    for kind in args.kinds.split(","):
+    for kind in [k for k in args.kinds.split(",") if k]:
         r = quality(kind, args.seed, args.eval, args.distinct)
         results.append(r)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
     if args.scale:
-        from bench.decontam_scale import scale_runs
-
-        for r in scale_runs([int(x) for x in args.scale.split(",")]):
-            print(json.dumps(r))
+        for rows in [int(x) for x in args.scale.split(",")]:
+            for decontaminate in (False, True):
+                print(json.dumps(scale_run(rows, decontaminate, args.eval)), flush=True)
 
 
 if __name__ == "__main__":
