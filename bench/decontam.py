@@ -151,22 +151,31 @@ def scale_run(rows: int, decontaminate: bool, n_eval: int) -> dict:
     import subprocess
     import tempfile
 
-    code = f"""
-import json, os, resource, sys, time, dataclasses
-sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prepare = f"""
+import sys, dataclasses
+sys.path.insert(0, {root!r})
 from vlforge.settings import get_settings
 from vlforge.demo.synth import make_pairs
 from tests.helpers import write_raw_batch
 from tasks.curate import curate
-from tasks.curate.filters import FilterConfig
 settings = get_settings()
 evals = make_pairs({n_eval}, seed=7, prefix="ev")
 write_raw_batch(settings, "ev", "b1", evals, shard_size=1000)
 curate("ev", "evset", settings, eval_set=True, track=False, progress=False)
-pool = make_pairs({rows}, seed=8, prefix="px")
-for i in range(0, {rows}, 10):
-    pool[i] = dataclasses.replace(pool[i], image=evals[i % {n_eval}].image)
-write_raw_batch(settings, "web", "b1", pool, shard_size=2000)
+for start in range(0, {rows}, 2000):  # written in pieces: this process never holds the pool
+    pool = make_pairs(min(2000, {rows} - start), seed=8 + start, prefix=f"px{{start}}-")
+    for i in range(0, len(pool), 10):
+        pool[i] = dataclasses.replace(pool[i], image=evals[(start + i) % {n_eval}].image)
+    write_raw_batch(settings, "web", f"b{{start:09d}}", pool, shard_size=2000)
+"""
+    code = f"""
+import json, os, resource, sys, time
+sys.path.insert(0, {root!r})
+from vlforge.settings import get_settings
+from tasks.curate import curate
+from tasks.curate.filters import FilterConfig
+settings = get_settings()
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 res = curate("web", "pool", settings, track=False, progress=False,
@@ -179,6 +188,7 @@ print("RESULT", json.dumps({{"rows": {rows}, "decontaminate": {decontaminate}, "
 """
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "VLFORGE_STORAGE": tmp}
+        subprocess.run([sys.executable, "-c", prepare], env=env, capture_output=True, text=True, check=True)
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )

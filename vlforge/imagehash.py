@@ -86,8 +86,11 @@ def fingerprint(data: bytes) -> tuple[int, np.ndarray] | None:
 
 
 def phash_bytes(data: bytes) -> int | None:
-    fp = fingerprint(data)
-    return None if fp is None else fp[0]
+    """The phash of encoded image bytes; None when they cannot be decoded."""
+    try:
+        return phash_of(open_rgb(data))
+    except Exception:  # any undecodable image: PIL raises several types
+        return None
 
 
 def split_hash(phash: int | None, fallback: str = "") -> int:

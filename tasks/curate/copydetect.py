@@ -13,6 +13,8 @@ proper, two steps:
    sides, at most :data:`MAX_CROP` of a side each), in both directions. A mean absolute difference (0-255)
    of at most :data:`MATCH_MAD` as they are, or :data:`CROP_MAD` after cropping, together with a
    correlation of their fine detail (:func:`detail_corr`) of at least :data:`MIN_DETAIL_CORR`, is a copy.
+   Plain images (flat colours, :func:`texture` below :data:`PLAIN_TEXTURE`) must match far closer after a
+   crop (:data:`PLAIN_CROP_MAD`, :data:`PLAIN_CROP_CORR`): a cropped plain drawing can equal another drawing.
 
 The thresholds were tuned on generator seed 1 of ``bench/decontam.py`` and are reported there on seed 2
 (BENCHMARKS.md, Decontamination). The eval side (:class:`EvalIndex`) is small (12 KB a row) and goes to every
@@ -37,6 +39,13 @@ CROP_MAD = 4.0  # ... of a copy found by cropping one image: stricter, since a c
 MIN_DETAIL_CORR = 0.38  # correlation of the two images' fine detail (image minus its 3x3 blur), at least:
 # a copy keeps its original's noise, grain and edges where they were (JPEG and rescaled copies 0.41-1.0 on
 # seed 1); another drawing of the same shape does not (at most 0.34 among candidates on seed 1)
+# A plain image (flat colours: a drawing without noise) has no fine detail away from its edges to tell a cropped
+# copy from another drawing of the same shape at another size and place: its crops must match far closer.
+PLAIN_TEXTURE = 0.7  # mean fine detail (0-255) in the flat parts of an image below which it is plain
+PLAIN_CROP_MAD = (
+    1.2  # seed 1: cropped copies of plain drawings 0.7-1.8, other drawings aligned by a crop 1.1-4
+)
+PLAIN_CROP_CORR = 0.85
 _STEPS = (4.0, 2.0, 1.0, 0.5)  # coordinate-descent steps (pixels of the canonical image)
 
 
@@ -121,16 +130,28 @@ def copy_distance(a: np.ndarray, b: np.ndarray) -> float:
     direct = _scored(float(np.abs(small_a - small_b).mean()) / MATCH_MAD, small_a, small_b)
     if direct <= 1.0:  # re-encoded or rescaled: no crop to look for
         return direct
+    plain = min(texture(small_a), texture(small_b)) < PLAIN_TEXTURE
+    limit, corr = (PLAIN_CROP_MAD, PLAIN_CROP_CORR) if plain else (CROP_MAD, MIN_DETAIL_CORR)
     mad_a, crop_a = _aligned_mad(a, small_b)
     mad_b, crop_b = _aligned_mad(b, small_a)
-    return min(direct, _scored(mad_a / CROP_MAD, crop_a, small_b), _scored(mad_b / CROP_MAD, crop_b, small_a))
+    return min(
+        direct, _scored(mad_a / limit, crop_a, small_b, corr), _scored(mad_b / limit, crop_b, small_a, corr)
+    )
 
 
-def _scored(distance: float, x: np.ndarray, y: np.ndarray) -> float:
+def texture(x: np.ndarray) -> float:
+    """Mean fine detail (0-255) of a [32, 32, 3] image where it is flat (no edge): noise, grain, texture."""
+    g = x.mean(axis=2)
+    gy, gx = np.gradient(g)
+    flat = np.hypot(gx, gy) < 4.0
+    return float(np.abs(_detail(x))[flat].mean()) if flat.any() else 0.0
+
+
+def _scored(distance: float, x: np.ndarray, y: np.ndarray, min_corr: float = MIN_DETAIL_CORR) -> float:
     """``distance``, or above 1 (not a copy) when the two aligned images' fine detail does not correlate."""
     if distance > 1.0:
         return distance
-    return distance if detail_corr(x, y) >= MIN_DETAIL_CORR else 1.0 + distance
+    return distance if detail_corr(x, y) >= min_corr else 1.0 + distance
 
 
 class CopyMatcher:

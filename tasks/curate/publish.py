@@ -212,7 +212,9 @@ def write_shard(
         cols = _with_common(meta, shard, source, scores[kept])
         jpg = read_parquet(shard.uri, ["jpg"]).column("jpg").take(pa.array(kept))
         cols["image"] = image_struct(jpg)  # datasets' Image layout: load_dataset decodes it
-        cols["phash"] = pa.array([None if b is None else phash_bytes(b) for b in jpg.to_pylist()], pa.int64())
+        # Never null (an undecodable image, kept without a scorer, gets 0): a Ray Data batch turns an int64
+        # column with nulls into float64, which would round the hash the split reads.
+        cols["phash"] = pa.array([(phash_bytes(b) if b else None) or 0 for b in jpg.to_pylist()], pa.int64())
         data = pa.table(_ordered(cols, DATA_COLUMNS))
         conformed = _conform(meta, extras)
         for f in conformed.schema:

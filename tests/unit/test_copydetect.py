@@ -53,16 +53,25 @@ def _copies(data: bytes) -> dict[str, bytes]:
     }
 
 
-def _check_copies_found(evals: list[bytes]) -> None:
+def _check_copies_found(evals: list[bytes], kinds: tuple[str, ...] | None = None) -> None:
     matcher = _index(evals)
     for i in range(len(evals)):
         for kind, copy in _copies(evals[i]).items():
-            assert _match(matcher, [copy])[0] == i, f"{kind} copy of eval image {i} not found"
+            if kinds is None or kind in kinds:
+                assert _match(matcher, [copy])[0] == i, f"{kind} copy of eval image {i} not found"
 
 
 def test_copies_of_synthetic_shapes_are_found():
-    _check_copies_found([p.image for p in make_pairs(12, seed=101)])
-    _check_copies_found([p.image for p in make_shape_pairs(12, seed=102)])
+    _check_copies_found([p.image for p in make_shape_pairs(12, seed=102)])  # noisy drawings: every kind
+    # Plain drawings (no noise): exact, re-encoded and rescaled copies always; a cropped one only when it
+    # matches far closer than another drawing of the shape could (BENCHMARKS.md: ~60% of crops).
+    plain = [p.image for p in make_pairs(12, seed=101)]
+    _check_copies_found(plain, ("exact", "jpeg q30", "rescaled x0.5", "rescaled x1.7"))
+    matcher = _index(plain)
+    crops = [c for b in plain for k, c in _copies(b).items() if "crop" in k]
+    found = _match(matcher, crops)
+    assert ((found == np.repeat(np.arange(12), 2)) | (found < 0)).all()  # never another image
+    assert (found >= 0).mean() >= 0.25
 
 
 def test_copies_of_photo_like_images_are_found():
