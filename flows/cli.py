@@ -191,7 +191,7 @@ def curate(
     batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = 64,
     force: Annotated[bool, typer.Option(help="Publish a new version even if nothing changed.")] = False,
     eval_set: Annotated[
-        bool, typer.Option(help="Mark the version an evaluation set: later pools are decontaminated against it.")
+        bool, typer.Option(help="Mark the version an eval set: later pools are decontaminated against it.")
     ] = False,
     **options,
 ) -> None:
