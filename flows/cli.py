@@ -250,6 +250,9 @@ def curate(
     allow_empty: Annotated[
         bool, typer.Option(help="Publish the version even if the filters keep no row (refused otherwise).")
     ] = False,
+    eval_set: Annotated[
+        bool, typer.Option(help="Mark the version an eval set: later pools are decontaminated against it.")
+    ] = False,
     **options,
 ) -> None:
     """Score pairs with CLIP on Ray, filter, dedup and publish a versioned Parquet dataset."""
@@ -272,6 +275,7 @@ def curate(
             batch_size=batch_size,
             force=force,
             allow_empty=allow_empty,
+            eval_set=eval_set,
         )
     dv = result.dataset_version
     if result.skipped:

@@ -26,6 +26,7 @@ FLAG_NAMES = {
     "register_model": "--register/--no-register",
     "languages": "--language",
     "arms": "--arm",
+    "decontaminate_against": "--decontaminate-against",
 }
 
 

@@ -209,6 +209,14 @@ def promote(
         evaluator = _Evaluator(settings, list(evaluation.class_prompts or ()) or None)
     champion = _alias_version(client, name, CHAMPION)
     has_champion = champion is not None and str(champion.version) != str(version)
+    trained_on = {f"models:/{name}/{version}": _training_dataset(client, run_id)}
+    if has_champion:
+        trained_on[f"models:/{name}/{champion.version}"] = _training_dataset(client, champion.run_id)
+    problem = contamination_problem(settings, evaluation.eval_data, trained_on)
+    if problem is not None:
+        decision = Decision(CHALLENGER, problem)
+        record(client, name, version, decision, run_id=run_id)
+        return decision
     vs_champion = domain = general = None
     missing = []
     if has_champion:
@@ -326,3 +334,54 @@ def _heldout_data(uri: str, settings: Settings) -> str | None:
     mv = registered_version(uri, settings)
     tags = (mv.tags or {}) if mv is not None else {}
     return tags.get(TAG_HELDOUT_DATA) or tags.get(TAG_EVAL_DATA)
+
+
+def contamination_problem(
+    settings: Settings, eval_data: str, trained_on: dict[str, str | None]
+) -> str | None:
+    """Why models cannot be compared on ``eval_data`` (None: they can). ``trained_on`` maps each model to the
+    dataset version it was trained on (``NAME@VERSION``; None: not recorded).
+
+    When ``eval_data`` is (a split of) a version marked an eval set (``vlforge curate --eval-set``), every
+    model's training data must have been decontaminated against that very version (its manifest's
+    ``decontamination.against``, ``vlforge curate --decontaminate-against``): a model that trained on copies
+    of the eval images would be favoured by the comparison."""
+    from tasks.train.data import HELDOUT
+    from vlforge.datasets import DatasetNotFoundError, resolve_dataset
+
+    try:
+        ev = resolve_dataset(settings, eval_data.partition(HELDOUT)[0])
+    except DatasetNotFoundError:
+        return None  # not a dataset of ours (the evaluation reads it, and fails clearly there)
+    if not ev.manifest.get("eval_set"):
+        return None
+    for model, dataset in trained_on.items():
+        if not dataset:
+            return (
+                f"refused to compare on eval set {ev.ref}: {model} records no training dataset, so nothing "
+                "shows its training data was decontaminated against the eval set"
+            )
+        try:
+            train = resolve_dataset(settings, dataset)
+        except DatasetNotFoundError:
+            return f"refused to compare on eval set {ev.ref}: {model}'s training data {dataset} is gone"
+        against = (train.manifest.get("decontamination") or {}).get("against") or []
+        if train.name == ev.name or ev.ref not in against:
+            return (
+                f"refused to compare on eval set {ev.ref}: {model} was trained on {train.ref}, which was not "
+                f"decontaminated against it (checked against: {', '.join(against) or 'none'}); curate the "
+                f"training data again with --decontaminate-against {ev.ref} and retrain"
+            )
+    return None
+
+
+def _training_dataset(client, run_id: str | None) -> str | None:
+    """The dataset version a training run read (its ``dataset`` param), if the run is known."""
+    if not run_id:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).data.params.get("dataset")
+    except MlflowException:
+        return None

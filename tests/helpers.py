@@ -37,10 +37,10 @@ def publish_synthetic_dataset(
 
 
 def publish_pairs(
-    settings: Settings, name: str, pairs, labels: bool = False, files: int = 1
+    settings: Settings, name: str, pairs, labels: bool = False, files: int = 1, manifest: dict | None = None
 ) -> DatasetVersion:
     """Publish pairs (anything with ``key``, ``image``, ``caption`` and ``matched``; ``colour`` and ``shape`` with
-    ``labels``) as a dataset version of ``files`` data files."""
+    ``labels``) as a dataset version of ``files`` data files; ``manifest``: more manifest fields."""
     n = len(pairs)
     sizes = [image_size(p.image) for p in pairs]
     images = pa.array([p.image for p in pairs], pa.binary())
@@ -64,7 +64,8 @@ def publish_pairs(
     per_file = -(-n // files)
     for i in range(files):
         writer.write_table("data", with_hf_features(table.slice(i * per_file, per_file)), index=i)
-    return writer.publish({"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}})
+    meta = {"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}, **(manifest or {})}
+    return writer.publish(meta)
 
 
 def write_raw_batch(

@@ -119,6 +119,28 @@ def _how_to_load(dv: DatasetVersion) -> list[str]:
     ]
 
 
+def _decontamination(m: dict) -> list[str]:
+    """What the card says about eval sets: whether this version is one, which eval versions it was
+    decontaminated against and how many rows that dropped."""
+    out = ["## Evaluation sets and decontamination", ""]
+    if m.get("eval_set"):
+        out += ["This version is an **evaluation set**: later pools are decontaminated against it.", ""]
+    d = m.get("decontamination") or {}
+    against = d.get("against") or []
+    if against:
+        out += [
+            f"Decontaminated against {len(against)} eval set version(s) ({d.get('eval_images', 0)} images): "
+            f"{d.get('contaminated', 0)} pool rows that copy one of their images (same image, re-encoded, "
+            "rescaled or border-cropped) were dropped as `contaminated`.",
+            "",
+            *[f"- `{ref}`" for ref in against],
+            "",
+        ]
+    else:
+        out += ["Not decontaminated against any eval set.", ""]
+    return out
+
+
 def render_card(dv: DatasetVersion) -> str:
     """The version's dataset card (Markdown with YAML front matter) from its manifest."""
     import yaml
@@ -161,6 +183,7 @@ def render_card(dv: DatasetVersion) -> str:
         *_lineage(m),
         "",
     ]
+    body += _decontamination(m)
     if m.get("licenses"):
         body += ["## Licences", "", *_table(("licence", "pairs"), sorted(m["licenses"].items())), ""]
     schema = (m.get("schema") or {}).get("data") or {}

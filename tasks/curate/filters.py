@@ -35,6 +35,7 @@ CAPTION_TOO_SHORT = "caption_too_short"
 CAPTION_TOO_LONG = "caption_too_long"
 WRONG_LANGUAGE = "wrong_language"
 LOW_CLIP_SCORE = "low_clip_score"
+CONTAMINATED = "contaminated"  # a copy of an eval set's image (tasks.curate.decontam)
 OUTSIDE_TOP_FRACTION = "outside_top_fraction"
 DUPLICATE = "duplicate"
 NEAR_DUPLICATE = "near_duplicate"
@@ -47,6 +48,7 @@ REASONS = (
     CAPTION_TOO_LONG,
     WRONG_LANGUAGE,
     LOW_CLIP_SCORE,
+    CONTAMINATED,
     OUTSIDE_TOP_FRACTION,
     DUPLICATE,
     NEAR_DUPLICATE,
@@ -130,6 +132,12 @@ class FilterConfig(BaseModel):
         gt=0.0,
         le=1.0,
         description="Keep only this best-scored fraction of the pool (DataComp's best CLIP filter: 0.3).",
+    )
+    decontaminate_against: list[str] | None = Field(
+        None,
+        description="Eval sets (NAME or NAME@VERSION, repeatable) whose images, and near copies of them "
+        "(re-encoded, rescaled, border-cropped), are dropped from the pool as 'contaminated'. Default: every "
+        "dataset curated with --eval-set; 'none': no decontamination.",
     )
 
     @model_validator(mode="after")

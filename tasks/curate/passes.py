@@ -36,6 +36,9 @@ class Eligible:
 
     bits: np.ndarray  # packed bits, one per row
     n: int
+    # Rows that copy an eval image (decontamination; few): positions, copy distance, the eval row's label.
+    contaminated: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    contamination: list[tuple[float, str]] = field(default_factory=list)
 
     @property
     def rows(self) -> np.ndarray:
@@ -66,13 +69,24 @@ class Plan:
     quotas: list[int] = field(default_factory=list)
 
 
-def scan(shard: ShardRef, config: FilterConfig, top: bool) -> tuple[ScanResult, Eligible]:
+def scan(shard: ShardRef, config: FilterConfig, top: bool, evals=None) -> tuple[ScanResult, Eligible]:
+    """The per-row filters over one shard, then (``evals``: an ``EvalIndex``) decontamination of the rows
+    they kept."""
     rows = read_shard(shard)
     dec = row_filters(rows.table, config, rows.scores)
+    contaminated, contamination = np.zeros(0, np.int32), []
+    if evals is not None and evals.size:
+        from tasks.curate.copydetect import CopyMatcher
+        from tasks.curate.decontam import keep_uncontaminated, shard_images
+
+        v = keep_uncontaminated(shard_images(shard.uri), CopyMatcher(evals), np.flatnonzero(dec.keep))
+        contaminated = np.flatnonzero(~v.keep).astype(np.int32)
+        contamination = [(float(v.values[i]), v.detail(int(i))) for i in contaminated]
+        dec.merge(v)
     elig = np.flatnonzero(dec.keep)
     keys = select.sortable_keys(rows.scores[elig]) if top else None
     res = ScanResult(shard.index, rows.table.schema, len(elig), select.high_histogram(keys) if top else None)
-    return res, Eligible(np.packbits(dec.keep), len(dec.keep))
+    return res, Eligible(np.packbits(dec.keep), len(dec.keep), contaminated, contamination)
 
 
 def refine(shard: ShardRef, elig: Eligible, high_bin: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,6 +36,7 @@ from tasks.curate.shards import RAW_COLUMNS, ShardRef, read_embeddings, read_par
 from tasks.ingest.accounting import ROW_COL
 from vlforge import storage
 from vlforge.hfformat import image_struct, with_hf_features
+from vlforge.imagehash import phash_bytes
 
 DATA_COLUMNS = [
     "key",
@@ -48,6 +49,7 @@ DATA_COLUMNS = [
     "clip_score",
     "source",
     "raw_batch",
+    "phash",  # the image's perceptual hash (vlforge.imagehash): the held-out split reads it
 ]
 REJECTED_EXTRA = ["status", "error_message", "decode_ok"]
 # Ingest's bookkeeping (the row's place in its URL list): kept in rejected/ to trace a drop back to its list
@@ -101,6 +103,14 @@ def decide(
     """Every filter's decision for the shard's rows: per-row, top fraction, exact and near dedup."""
     n = rows.table.num_rows
     dec = row_filters(rows.table, config, rows.scores)
+    if len(elig.contaminated):  # decided by the scan (tasks.curate.decontam)
+        from tasks.curate.decontam import CONTAMINATED
+
+        where = {int(r): i for i, r in enumerate(elig.contaminated)}
+        values = np.full(n, np.nan)
+        values[elig.contaminated] = [v for v, _ in elig.contamination]
+        detail = lambda i, w=where, c=elig.contamination: c[w[i]][1]  # noqa: E731
+        dec.merge(_drop(n, elig.contaminated.astype(np.int64), CONTAMINATED, values, detail))
     if cutoff is not None:
         s, candidates = rows.scores, elig.rows
         top = candidates[select.in_top(select.sortable_keys(s[candidates]), cutoff, quota)]
@@ -202,6 +212,9 @@ def write_shard(
         cols = _with_common(meta, shard, source, scores[kept])
         jpg = read_parquet(shard.uri, ["jpg"]).column("jpg").take(pa.array(kept))
         cols["image"] = image_struct(jpg)  # datasets' Image layout: load_dataset decodes it
+        # Never null (an undecodable image, kept without a scorer, gets 0): a Ray Data batch turns an int64
+        # column with nulls into float64, which would round the hash the split reads.
+        cols["phash"] = pa.array([(phash_bytes(b) if b else None) or 0 for b in jpg.to_pylist()], pa.int64())
         data = pa.table(_ordered(cols, DATA_COLUMNS))
         conformed = _conform(meta, extras)
         for f in conformed.schema:

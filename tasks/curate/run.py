@@ -100,7 +100,9 @@ def run_curation(
     writer: VersionWriter,
     settings: Settings,
     progress: bool | None = None,
+    evals=None,
 ) -> CurationOutput:
+    """``evals``: the eval sets' ``EvalIndex`` to decontaminate against (None: no decontamination)."""
     import ray
 
     from vlforge.raycluster import cluster_cpus, init_ray
@@ -117,7 +119,8 @@ def run_curation(
     cpus = cluster_cpus()
     top = config.top_fraction is not None
     scan = ray.remote(passes.scan).options(num_returns=2, scheduling_strategy="SPREAD")
-    launched = [scan.remote(s, config, top) for s in shards]
+    evals_ref = ray.put(evals) if evals is not None and evals.size else None  # one copy for every task
+    launched = [scan.remote(s, config, top, evals_ref) for s in shards]
     elig = [e for _, e in launched]
     scanned = [r for r, _ in launched]
     del launched

@@ -72,8 +72,12 @@ def resolve_filters(
     return FilterConfig.model_validate(config.model_dump())
 
 
-def _fingerprint(batches: list[str], scorer: ScorerInfo | None, config: FilterConfig) -> str:
+def _fingerprint(
+    batches: list[str], scorer: ScorerInfo | None, config: FilterConfig, evals: list[str], eval_set: bool
+) -> str:
     payload = {"batches": batches, "scorer": scorer.key if scorer else None, "filters": config.model_dump()}
+    if evals or eval_set:  # versions curated before decontamination keep their fingerprint
+        payload.update({"decontaminated_against": evals, "eval_set": eval_set})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -111,6 +115,7 @@ def curate(
     force: bool = False,
     track: bool = True,
     allow_empty: bool = False,
+    eval_set: bool = False,
 ) -> CurateResult:
     """Curate ``source``'s raw batches into a new version of ``dataset`` (see the module docstring).
 
@@ -118,6 +123,8 @@ def curate(
     ``track``: log the version's MLflow run (on by default).
     ``allow_empty``: publish a version even when the filters kept no row (refused otherwise: an empty version
     would become the dataset's latest).
+    ``eval_set``: mark the version an evaluation set (manifest ``eval_set``): later pools are decontaminated
+    against it by default, and promotion compares models on it only when their data was.
     """
     check_name("source", source, example="'cc3m'")
     DatasetRef.parse(dataset)
@@ -136,7 +143,10 @@ def curate(
 
         bundle = load_model(scorer, settings)  # fails early, with one clear message, before Ray starts
         info = scorer_identity(scorer, settings)
-    fingerprint = _fingerprint(batches, info, config)
+    from tasks.curate.decontam import build_index, eval_set_refs
+
+    evals = eval_set_refs(settings, config.decontaminate_against, dataset)
+    fingerprint = _fingerprint(batches, info, config, evals, eval_set)
     if not force:
         wait_for_writers(settings, dataset, fingerprint)  # a curate of the same inputs running now
         if (same := _unchanged(settings, dataset, fingerprint)) is not None:
@@ -160,7 +170,8 @@ def curate(
         return _nothing_new(same, source)
     if resumed:
         log.info("resuming the unfinished version %s of %s", writer.version, dataset)
-    out = run_curation(refs, source, config, writer, settings, progress=progress)
+    index = build_index(settings, evals) if evals else None
+    out = run_curation(refs, source, config, writer, settings, progress=progress, evals=index)
     manifest = {
         "source": source,
         "counts": out.counts,
@@ -172,6 +183,13 @@ def curate(
         "selection": out.selection,
         "compute": {"shards": len(refs), "nodes": out.nodes, "seconds": out.timings},
         "inputs_fingerprint": fingerprint,
+        "eval_set": bool(eval_set),
+        # The eval versions checked against (promotion reads this) and the rows it dropped.
+        "decontamination": {
+            "against": evals,
+            "eval_images": index.size if index is not None else 0,
+            "contaminated": int(out.counts.get("contaminated", 0)),
+        },
     }
     if out.licenses:
         manifest["licenses"] = out.licenses
@@ -182,6 +200,8 @@ def curate(
         "scorer_name": info.name if info else "",
         "scorer_version": (info.version or "") if info else "",
         "raw_batches": len(batches),
+        "eval_set": bool(eval_set),
+        "decontaminated_against": ",".join(evals) or "none",
         **{f"filter.{k}": v for k, v in config.model_dump().items()},
     }
     if not force and (same := _unchanged(settings, dataset, fingerprint)) is not None:

@@ -1,9 +1,13 @@
 """Ray Data over a dataset version for training: held-out split, decoding, augmentation, tokenisation.
 
 The train loop only sees tensors: ``pixel_values`` [B, 3, S, S] float32, ``input_ids`` and
-``attention_mask`` [B, L] int64. The held-out split is a deterministic hash of ``key``, so every process
-(driver, Ray Data tasks, a resumed run) agrees on it without coordination: a pair is held out when its key's
-hash, read as a number in [0, 1), is below the split's threshold. :func:`heldout_fraction` chooses that
+``attention_mask`` [B, L] int64. The held-out split is decided by the image's content: a deterministic hash
+of the top bits of its perceptual hash (``vlforge.imagehash.split_hash``; the ``phash`` column curate writes,
+computed from the image bytes for versions published before it), so every process (driver, Ray Data tasks, a
+resumed run) agrees on it without coordination, and the same image, or a re-encoded copy of it, falls on the
+same side in every version, batch and source (:data:`SPLIT_RULE`; the row ``key``, img2dataset's shard-and-row
+position, repeats across batches and decided it before). A pair is held out when that hash, read as a number
+in [0, 1), is below the split's threshold. :func:`heldout_fraction` chooses that
 threshold once per dataset version so that the split is large enough to measure (at least
 ``min_eval_pairs`` pairs, or the configured fraction, whichever is larger); :func:`heldout_ref` names the split
 (``NAME@VERSION#heldoutF``) and :func:`read_eval_data` reads any such name back.
@@ -24,9 +28,13 @@ import pyarrow.parquet as pq
 
 from vlforge import defaults, storage
 from vlforge.datasets import DatasetVersion
-from vlforge.hfformat import encoded_image
+from vlforge.hfformat import encoded_image, encoded_images
+from vlforge.imagehash import SPLIT_RULE as _PHASH_RULE
+from vlforge.imagehash import phash_bytes, split_hash
 
 TRAIN_COLUMNS = ["key", "caption", "image"]
+PHASH = "phash"  # curate's content-hash column (vlforge.imagehash.phash_of)
+SPLIT_RULE = f"content:{_PHASH_RULE}"  # recorded with every training run's params
 DEFAULT_MIN_EVAL_PAIRS = (
     defaults.MIN_EVAL_PAIRS
 )  # a recall or accuracy on fewer pairs cannot tell models apart
@@ -53,6 +61,56 @@ def eval_mask(keys: Sequence[str], eval_fraction: float) -> np.ndarray:
     return np.fromiter((is_eval_key(str(k), eval_fraction) for k in keys), dtype=bool, count=len(keys))
 
 
+def _phash_value(v) -> int | None:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    return int(v)
+
+
+def content_hashes(rows) -> np.ndarray:
+    """int64 [N] split hashes of rows (a pyarrow Table or a Ray Data numpy batch): from the ``phash`` column
+    when the rows have one, else computed from the image bytes (a version published before curate wrote it);
+    a row without an image or phash falls back to its key."""
+    get = (lambda c: rows.column(c).to_pylist()) if isinstance(rows, pa.Table) else (lambda c: list(rows[c]))
+    names = rows.column_names if isinstance(rows, pa.Table) else list(rows)
+    keys = [str(k) for k in get("key")] if "key" in names else [""] * _num_rows(rows)
+    if PHASH in names:
+        phashes = [_phash_value(v) for v in get(PHASH)]
+    elif isinstance(rows, pa.Table):
+        phashes = [
+            None if b is None else phash_bytes(b) for b in encoded_images(rows.column("image")).to_pylist()
+        ]
+    else:
+        phashes = [None if b is None else phash_bytes(encoded_image(b)) for b in rows["image"]]
+    return np.fromiter((split_hash(h, k) for h, k in zip(phashes, keys, strict=True)), np.int64, len(keys))
+
+
+def _num_rows(rows) -> int:
+    return rows.num_rows if isinstance(rows, pa.Table) else len(next(iter(rows.values())))
+
+
+def content_eval_mask(rows, eval_fraction: float) -> np.ndarray:
+    """True for the rows (a Table or a numpy batch) in the held-out split at ``eval_fraction``."""
+    if eval_fraction <= 0:
+        return np.zeros(_num_rows(rows), dtype=bool)
+    return content_hashes(rows) / 2**32 < eval_fraction
+
+
+def split_columns(dv: DatasetVersion) -> list[str]:
+    """The columns the split reads: ``phash`` when the version has it, else the image (hashed on the fly)."""
+    schema = (dv.manifest.get("schema") or {}).get("data") or {}
+    return ["key", PHASH] if PHASH in schema or _file_has_phash(dv) else ["key", "image"]
+
+
+def _file_has_phash(dv: DatasetVersion) -> bool:
+    files = dv.part_files("data")
+    if not files:
+        return False
+    fs, local = storage.filesystem(files[0])
+    with fs.open(local, "rb") as fh:
+        return PHASH in pq.read_schema(fh).names
+
+
 def heldout_fraction(
     keys: Sequence[str],
     eval_fraction: float,
@@ -66,7 +124,17 @@ def heldout_fraction(
     Deterministic for a set of keys (a dataset version), and exact: a moved threshold is the k-th smallest
     key hash plus one, over 2**32, which a float64 holds exactly. Pass the result wherever a split's
     ``eval_fraction`` goes (``read_split``, ``train_dataset``, ``count_train_rows``)."""
-    return _threshold(_hash_stats(keys, eval_fraction, _keep(min_eval_pairs, max_eval_pairs)),
+    return heldout_fraction_of(_hashes(keys), eval_fraction, min_eval_pairs, max_eval_pairs)
+
+
+def heldout_fraction_of(
+    hashes: np.ndarray,
+    eval_fraction: float,
+    min_eval_pairs: int = DEFAULT_MIN_EVAL_PAIRS,
+    max_eval_pairs: int = DEFAULT_MAX_EVAL_PAIRS,
+) -> float:
+    """:func:`heldout_fraction` over split hashes (:func:`content_hashes`) rather than keys."""
+    return _threshold(_stats_of(hashes, eval_fraction, _keep(min_eval_pairs, max_eval_pairs)),
                       eval_fraction, min_eval_pairs, max_eval_pairs)  # fmt: skip
 
 
@@ -94,7 +162,10 @@ def _hashes(keys: Sequence[str]) -> np.ndarray:
 
 
 def _hash_stats(keys: Sequence[str], eval_fraction: float, k: int) -> _SplitStats:
-    hashes = _hashes(keys)
+    return _stats_of(_hashes(keys), eval_fraction, k)
+
+
+def _stats_of(hashes: np.ndarray, eval_fraction: float, k: int) -> _SplitStats:
     below = int((hashes / 2**32 < eval_fraction).sum()) if eval_fraction > 0 else 0
     smallest = np.partition(hashes, k - 1)[:k] if 0 < k < len(hashes) else hashes
     return _SplitStats(len(hashes), below, np.sort(smallest))
@@ -118,16 +189,16 @@ def read_data_file(path: str, columns: list[str]) -> pa.Table:
         return pq.read_table(fh, columns=columns)
 
 
-def _file_keys(path: str) -> list:
-    return read_data_file(path, ["key"]).column("key").to_pylist()
+def _file_hashes(path: str, columns: list[str]) -> np.ndarray:
+    return content_hashes(read_data_file(path, columns))
 
 
-def _file_stats(path: str, eval_fraction: float, k: int) -> _SplitStats:
-    return _hash_stats(_file_keys(path), eval_fraction, k)
+def _file_stats(path: str, eval_fraction: float, k: int, columns: list[str]) -> _SplitStats:
+    return _stats_of(_file_hashes(path, columns), eval_fraction, k)
 
 
-def _file_train_rows(path: str, threshold: float) -> int:
-    hashes = _hashes(_file_keys(path))
+def _file_train_rows(path: str, threshold: float, columns: list[str]) -> int:
+    hashes = _file_hashes(path, columns)
     return int((hashes / 2**32 >= threshold).sum()) if threshold > 0 else len(hashes)
 
 
@@ -154,7 +225,7 @@ def dataset_split(
     that split, from one pass over the key column, file by file (see :func:`_per_file`). A second pass
     (:func:`count_train_rows`) only when hashes tie at the edge of those kept."""
     k = _keep(min_eval_pairs, max_eval_pairs) + 1  # one more than a moved threshold needs: see _train_rows
-    stats = _SplitStats.merge(_per_file(dv, _file_stats, eval_fraction, k), k)
+    stats = _SplitStats.merge(_per_file(dv, _file_stats, eval_fraction, k, split_columns(dv)), k)
     threshold = _threshold(stats, eval_fraction, min_eval_pairs, max_eval_pairs)
     rows = _train_rows(stats, eval_fraction, threshold)
     return threshold, rows if rows is not None else count_train_rows(dv, threshold)
@@ -213,8 +284,8 @@ def train_captions(
     hundreds of millions of captions."""
     out: list[str] = []
     for f in dv.part_files("data"):
-        table = read_data_file(f, ["key", *columns])
-        keep = ~eval_mask(table.column("key").to_pylist(), eval_fraction)
+        table = read_data_file(f, list(dict.fromkeys([*split_columns(dv), *columns])))
+        keep = ~content_eval_mask(table, eval_fraction)
         texts = zip(*(table.column(c).to_pylist() for c in columns), strict=True)
         out += [str(v) for row, k in zip(texts, keep, strict=True) if k for v in row if v]
         if len(out) >= limit:
@@ -223,9 +294,10 @@ def train_captions(
 
 
 def read_split(dv: DatasetVersion, eval_fraction: float, split: str) -> pa.Table:
-    """The ``train`` or ``eval`` rows of a dataset version (columns key, caption, image)."""
-    table = dv.read_table("data", columns=TRAIN_COLUMNS)
-    mask = eval_mask(table.column("key").to_pylist(), eval_fraction)
+    """The ``train`` or ``eval`` rows of a dataset version (columns key, caption, image, and phash when the
+    version has it)."""
+    table = dv.read_table("data", columns=train_columns(dv))
+    mask = content_eval_mask(table, eval_fraction)
     return table.filter(pa.array(mask if split == "eval" else ~mask))
 
 
@@ -262,7 +334,7 @@ def preprocess_batch(
 ) -> dict[str, np.ndarray]:
     """Drop held-out rows, decode + normalise images, tokenise captions."""
     bundle = _preprocessor(model_uri)
-    keep = ~eval_mask(list(batch["key"]), eval_fraction)
+    keep = ~content_eval_mask(batch, eval_fraction)
     images = [encoded_image(b) for b, k in zip(batch["image"], keep, strict=True) if k]
     captions = [str(c) for c, k in zip(batch["caption"], keep, strict=True) if k]
     size = bundle.image_size
@@ -309,7 +381,7 @@ def train_dataset(
 ):
     """A Ray Dataset of preprocessed CLIP training tensors read from the dataset version's parquet parts."""
     return tensor_dataset(
-        dv, TRAIN_COLUMNS, preprocess_batch, {"model_uri": model_uri, "eval_fraction": eval_fraction},
+        dv, train_columns(dv), preprocess_batch, {"model_uri": model_uri, "eval_fraction": eval_fraction},
         clip_row_bytes(model_uri), seed=seed, flip=augment,
     )  # fmt: skip
 
@@ -376,4 +448,9 @@ def augment_batch(batch: dict[str, np.ndarray], *, seed: int = 0, flip: bool = T
 
 def count_train_rows(dv: DatasetVersion, eval_fraction: float) -> int:
     """Rows of the version outside the held-out split at ``eval_fraction``, counted file by file."""
-    return sum(_per_file(dv, _file_train_rows, eval_fraction))
+    return sum(_per_file(dv, _file_train_rows, eval_fraction, split_columns(dv)))
+
+
+def train_columns(dv: DatasetVersion, columns: Sequence[str] = TRAIN_COLUMNS) -> list[str]:
+    """``columns`` plus ``phash`` when the version has it (the split reads it; without it, the image)."""
+    return list(dict.fromkeys([*columns, *(c for c in split_columns(dv) if c != "image")]))

@@ -378,7 +378,7 @@ def run_training(
     no-op. The run goes to the stage's MLflow experiment, or to ``experiment`` with ``run_tags`` (a curation
     experiment's child runs). ``fail_once`` is a test hook (``{"rank", "step", "marker"}``: that rank exits hard
     once at that step)."""
-    from tasks.train.data import dataset_split, heldout_ref
+    from tasks.train.data import SPLIT_RULE, dataset_split, heldout_ref
     from vlforge.datasets import resolve_dataset
     from vlforge.raycluster import init_ray
     from vlforge.tracking import TAG_BASE_MODEL
@@ -406,6 +406,7 @@ def run_training(
         "eval_dataset": eval_dv.ref if eval_dv else None,
         "use_gpu": gpu,
         "heldout_fraction": heldout,
+        "split_rule": SPLIT_RULE,  # how the held-out rows were chosen (by image content)
         "train_rows": n_train,
         "total_steps": total,
     }

@@ -190,10 +190,10 @@ def preprocess_vlm_batch(
 ) -> dict[str, np.ndarray]:
     """Drop held-out rows; build (image, prompt, response) training tensors padded to ``max_length``."""
     from models.vlm_train import IGNORE_INDEX
-    from tasks.train.data import eval_mask
+    from tasks.train.data import content_eval_mask
 
     bundle = load_vlm_processor(model_uri)
-    keep = ~eval_mask(list(batch["key"]), eval_fraction)
+    keep = ~content_eval_mask(batch, eval_fraction)
     rows, keys = _rows(batch, keep, caption_prompt, prompt_col, response_col)
     image_size = int(bundle.model.config.vision_config.image_size)
     if not rows:
@@ -235,9 +235,11 @@ def vlm_train_dataset(
     seed: int = 0,
 ):
     """A Ray Dataset of VLM training tensors (the train split), built once and reshuffled every epoch."""
-    from tasks.train.data import tensor_dataset
+    from tasks.train.data import tensor_dataset, train_columns
 
-    columns = ["key", "image", *([prompt_col, response_col] if prompt_col else ["caption"])]
+    columns = train_columns(
+        dv, ["key", "image", *([prompt_col, response_col] if prompt_col else ["caption"])]
+    )
     settings = {
         "model_uri": model_uri,
         "eval_fraction": eval_fraction,
@@ -364,7 +366,7 @@ class VlmEvaluator:
         return self.tables[eval_data]
 
     def _read(self, eval_data: str) -> pa.Table:
-        from tasks.train.data import HELDOUT, eval_mask
+        from tasks.train.data import HELDOUT, content_eval_mask, train_columns
         from vlforge.datasets import resolve_dataset
 
         name, instructions = _instruction_set(eval_data)
@@ -375,9 +377,10 @@ class VlmEvaluator:
         present = dataset_columns(dv)
         columns = ["key", "image", "caption"] + ([LABEL_COLUMN] if LABEL_COLUMN in present else [])
         columns += [self.prompt_col, self.response_col] if instructions else []
-        table = dv.read_table("data", columns=columns)
+        table = dv.read_table("data", columns=train_columns(dv, columns))
         if fraction:
-            table = table.filter(pa.array(eval_mask(table.column("key").to_pylist(), float(fraction))))
+            table = table.filter(pa.array(content_eval_mask(table, float(fraction))))
+        table = table.select(columns)
         if instructions:
             renames = {self.prompt_col: "prompt", self.response_col: "response"}
             table = table.rename_columns([renames.get(c, c) for c in table.column_names])

@@ -103,11 +103,15 @@ def _runs(client, stage: str):
 
 
 def _heldout_keys(result) -> set[str]:
-    from tasks.train.data import eval_mask
+    from tasks.train.data import content_eval_mask
+    from vlforge.datasets import resolve_dataset
+    from vlforge.settings import get_settings
 
-    fraction = float(configure_params(result)["heldout_fraction"])
-    keys = [f"img{i:06d}-q0" for i in range(N)]
-    return {k.rsplit("-", 1)[0] for k, held in zip(keys, eval_mask(keys, fraction), strict=True) if held}
+    params = configure_params(result)
+    table = resolve_dataset(get_settings(), params["dataset"]).read_table("data", columns=["key", "image"])
+    held = content_eval_mask(table, float(params["heldout_fraction"]))  # the split reads the images
+    keys = table.column("key").to_pylist()
+    return {k.rsplit("-", 1)[0] for k, h in zip(keys, held, strict=True) if h}
 
 
 def configure_params(result) -> dict:

@@ -1,0 +1,219 @@
+"""Decontamination benchmark: recall on near copies of eval images and the rate of distinct images removed,
+on synthetic shapes (the demo's plain shapes, ``tests/shapes30.py``'s noisy ones) and photo-like images
+(generated 1/f textures with gradients and blobs, plus any sample photos shipped inside installed packages);
+and how often a copy lands on the same side of the held-out split as its original.
+
+A copy is the eval image re-encoded as JPEG at quality 20-60, rescaled (x0.4-0.8 or x1.25-2), with a border of
+2-10% of each side cropped off, or all three. Distinct images are other images of the same generator (the same
+classes). Tune on one ``--seed`` and report on another (the thresholds in ``tasks/curate/copydetect.py`` were
+tuned on seed 1; BENCHMARKS.md reports seed 2).
+
+    .venv/bin/python bench/decontam.py [--seed 2] [--eval 200] [--distinct 600]
+    .venv/bin/python bench/decontam.py --kinds "" --scale 2000,8000   # curate cost per row, driver peak RSS
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+KINDS = ("jpeg", "rescale", "crop", "crop+rescale+jpeg")
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def photo_like(n: int, seed: int, size: int = 128) -> list[bytes]:
+    """Natural-ish images without downloads: 1/f colour noise, a linear gradient and a few soft blobs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij")
+    falloff = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / size) ** rng.uniform(1.6, 2.2)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        img = np.zeros((size, size, 3))
+        for c in range(3):
+            spec = falloff * np.exp(2j * np.pi * rng.random((size, size)))
+            field = np.real(np.fft.ifft2(spec))
+            img[..., c] = (field - field.mean()) / (field.std() + 1e-9)
+        angle = rng.uniform(0, 2 * np.pi)
+        img += 1.5 * (np.cos(angle) * xx + np.sin(angle) * yy)[..., None] * rng.uniform(-1, 1, 3)
+        for _ in range(rng.integers(1, 4)):
+            cx, cy, r = rng.random(), rng.random(), rng.uniform(0.05, 0.25)
+            blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+            img += 2.0 * blob[..., None] * rng.uniform(-1, 1, 3)
+        img = (img - img.min()) / (img.max() - img.min() + 1e-9) * 255
+        out.append(_png(Image.fromarray(img.astype(np.uint8))))
+    return out
+
+
+def sample_photos() -> list[bytes]:
+    """Photos shipped inside installed packages (matplotlib's sample data), if any."""
+    try:
+        import matplotlib
+
+        folder = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data")
+    except ImportError:
+        return []
+    names = [f for f in sorted(os.listdir(folder)) if f.lower().endswith((".jpg", ".png"))]
+    return [open(os.path.join(folder, f), "rb").read() for f in names]
+
+
+def images(kind: str, n: int, seed: int) -> list[bytes]:
+    if kind == "demo":
+        from vlforge.demo.synth import make_pairs
+
+        return [p.image for p in make_pairs(n, seed=seed)]
+    if kind == "shapes30":
+        from tests.shapes30 import make_shape_pairs
+
+        return [p.image for p in make_shape_pairs(n, seed=seed)]
+    return photo_like(n, seed)
+
+
+def near_copy(data: bytes, how: str, rng: random.Random) -> bytes:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    if "crop" in how:
+        w, h = img.size
+        left, top, right, bottom = (rng.uniform(0.02, 0.10) for _ in range(4))
+        img = img.crop((round(left * w), round(top * h), w - round(right * w), h - round(bottom * h)))
+    if "rescale" in how:
+        f = rng.choice((rng.uniform(0.4, 0.8), rng.uniform(1.25, 2.0)))
+        img = img.resize(
+            (max(8, round(img.width * f)), max(8, round(img.height * f))), Image.Resampling.BICUBIC
+        )
+    if "jpeg" in how:
+        return _jpeg(img, rng.randint(20, 60))
+    return _png(img) if how == "crop" or how == "rescale" else _jpeg(img, 90)
+
+
+def quality(kind: str, seed: int, n_eval: int, n_distinct: int) -> dict:
+    from tasks.curate.copydetect import CopyMatcher, EvalIndex
+    from vlforge.imagehash import fingerprint, split_hash
+
+    rng = random.Random(seed)
+    evals = images(kind, n_eval, seed)
+    if kind == "photo":
+        evals += sample_photos()
+    distinct = images(kind, n_distinct, seed + 10_000)
+    fps = [fingerprint(b) for b in evals]
+    index = EvalIndex([f"eval@{kind}"] * len(evals), [str(i) for i in range(len(evals))],
+                      np.array([f[0] for f in fps], np.int64), np.stack([f[1] for f in fps]))  # fmt: skip
+    matcher = CopyMatcher(index)
+    out: dict = {"kind": kind, "seed": seed, "eval": len(evals), "distinct": len(distinct)}
+    t0 = time.perf_counter()
+    rows = 0
+    for how in KINDS:
+        copies = [near_copy(b, how, rng) for b in evals]
+        cfp = [fingerprint(b) for b in copies]
+        found, _ = matcher.match([f[0] for f in cfp], [f[1] for f in cfp])
+        rows += len(copies)
+        out[f"recall_{how}"] = float(np.mean(found == np.arange(len(evals))))
+        same = [split_hash(c[0]) == split_hash(e[0]) for c, e in zip(cfp, fps, strict=True)]
+        out[f"same_split_{how}"] = float(np.mean(same))
+    dfp = [fingerprint(b) for b in distinct]
+    found, _ = matcher.match([f[0] for f in dfp], [f[1] for f in dfp])
+    rows += len(distinct)
+    out["seconds_per_row"] = (time.perf_counter() - t0) / rows
+    out["recall"] = float(np.mean([out[f"recall_{h}"] for h in KINDS]))
+    out["false_removal"] = float(np.mean(found >= 0))
+    groups = {split_hash(f[0]) for f in dfp}
+    out["split_groups_per_100_distinct"] = 100.0 * len(groups) / len(dfp)
+    return out
+
+
+def scale_run(rows: int, decontaminate: bool, n_eval: int) -> dict:
+    """One curation (no scorer) of a ``rows``-row pool of demo shapes (the worst case: every row has
+    candidates to verify) on local Ray, in a fresh process: seconds per row and the driver's peak RSS, with
+    and without decontamination against an ``n_eval``-image eval set (10% of the pool copies its images)."""
+    import subprocess
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    prepare = f"""
+import sys, dataclasses
+sys.path.insert(0, {root!r})
+from vlforge.settings import get_settings
+from vlforge.demo.synth import make_pairs
+from tests.helpers import write_raw_batch
+from tasks.curate import curate
+settings = get_settings()
+evals = make_pairs({n_eval}, seed=7, prefix="ev")
+write_raw_batch(settings, "ev", "b1", evals, shard_size=1000)
+curate("ev", "evset", settings, eval_set=True, track=False, progress=False)
+for start in range(0, {rows}, 2000):  # written in pieces: this process never holds the pool
+    pool = make_pairs(min(2000, {rows} - start), seed=8 + start, prefix=f"px{{start}}-")
+    for i in range(0, len(pool), 10):
+        pool[i] = dataclasses.replace(pool[i], image=evals[(start + i) % {n_eval}].image)
+    write_raw_batch(settings, "web", f"b{{start:09d}}", pool, shard_size=2000)
+"""
+    code = f"""
+import json, os, resource, sys, time
+sys.path.insert(0, {root!r})
+from vlforge.settings import get_settings
+from tasks.curate import curate
+from tasks.curate.filters import FilterConfig
+settings = get_settings()
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+res = curate("web", "pool", settings, track=False, progress=False,
+             filters=FilterConfig(decontaminate_against=None if {decontaminate} else ["none"]))
+dt = time.perf_counter() - t0
+print("RESULT", json.dumps({{"rows": {rows}, "decontaminate": {decontaminate}, "seconds": round(dt, 1),
+    "ms_per_row": round(1000 * dt / {rows}, 2), "contaminated": res.counts.get("contaminated", 0),
+    "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    "driver_rss_before_mb": round(rss0 / 1024)}}))
+"""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "VLFORGE_STORAGE": tmp}
+        subprocess.run([sys.executable, "-c", prepare], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--eval", type=int, default=200, help="eval images per kind")
+    p.add_argument("--distinct", type=int, default=600, help="distinct pool images per kind")
+    p.add_argument("--kinds", default="demo,shapes30,photo")
+    p.add_argument("--scale", default="", help="pool sizes for the curate-pass cost, e.g. 20000,80000")
+    args = p.parse_args(argv)
+    results = []
+    for kind in [k for k in args.kinds.split(",") if k]:
+        r = quality(kind, args.seed, args.eval, args.distinct)
+        results.append(r)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
+    if args.scale:
+        for rows in [int(x) for x in args.scale.split(",")]:
+            for decontaminate in (False, True):
+                print(json.dumps(scale_run(rows, decontaminate, args.eval)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
