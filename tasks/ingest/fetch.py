@@ -6,7 +6,7 @@ worker process, while a :func:`compliant` block is active, with :func:`download_
 - waits for the run-wide per-host gate (:mod:`tasks.ingest.politeness`) before each request;
 - keeps img2dataset's ``X-Robots-Tag`` check, and refuses ``tdm-reservation: 1`` (reason ``tdm_reserved``) before
   reading the body;
-- on 429 or 503 with ``Retry-After`` (429 without one: 1, 2, 4 s), holds the host back for every worker, waits
+- on 429 or 503 with ``Retry-After`` (429 without one: 1 s, doubling), holds the host back for every worker, waits
   and tries again, at most ``rate_limit_tries`` times, then ends the row ``rate_limited``;
 - does not retry other 4xx answers (they will not change), retries the rest ``retries`` times as img2dataset does;
 - hashes the bytes against the PDQ blocklist (:mod:`tasks.ingest.blocklist`) and drops them on a match: img2dataset

@@ -10,6 +10,7 @@ batch's MLflow params and the dataset card, so a run says which lists it honoure
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -38,10 +39,19 @@ class OptOutList:
                 return f"{OPTED_OUT}: domain {domain} is on an opt-out list"
         if self.prefixes:
             normal = _normal_url(url)
-            for prefix in self.prefixes:
+            site = normal.split("/", 3)[:3]  # only the prefixes of this scheme://authority can match
+            for prefix in self.by_site.get("/".join(site), ()):
                 if normal.startswith(prefix):
                     return f"{OPTED_OUT}: url prefix {prefix} is on an opt-out list"
         return None
+
+    @functools.cached_property
+    def by_site(self) -> dict[str, tuple[str, ...]]:
+        """The prefixes grouped by their ``scheme://authority``: a row is compared with its own site's only."""
+        groups: dict[str, list[str]] = {}
+        for prefix in self.prefixes:
+            groups.setdefault("/".join(prefix.split("/", 3)[:3]), []).append(prefix)
+        return {site: tuple(p) for site, p in groups.items()}
 
 
 def _normal_url(url: str) -> str:

@@ -7,7 +7,7 @@ One :class:`HostGate` lives in the ingest driver and answers over a TCP socket (
 framing and key check, with a per-run random key): img2dataset's workers are separate processes (spawned, or Ray tasks that may run on other
 nodes), so no in-process lock could bound them together. A worker thread asks ``acquire`` before each request and
 says ``release`` after; an answer is either "go" or "ask again in t seconds" (the gate never blocks a socket), so
-a request costs two small round trips to the driver.
+a request costs one small round trip to the driver and one message back (the release, unanswered).
 """
 
 from __future__ import annotations
@@ -98,12 +98,10 @@ def _answer(gate: HostGate, sock: socket.socket, authkey: bytes) -> None:
                 return
             if op == "acquire":
                 conn.send(gate.try_acquire(host))
-            elif op == "release":
+            elif op == "release":  # no answer: the worker does not wait for it
                 gate.release(host)
-                conn.send(0.0)
             elif op == "hold":
                 gate.hold(host, float(arg))
-                conn.send(0.0)
 
 
 @contextlib.contextmanager
@@ -154,11 +152,15 @@ class GateClient:
         deliver_challenge(conn, self.address.authkey)
         return conn
 
-    def _call(self, op: str, host: str, arg: float = 0.0) -> float:
+    def _tell(self, op: str, host: str, arg: float = 0.0) -> Connection:
         conn = getattr(self.local, "conn", None)
         if conn is None:
             conn = self.local.conn = self._connect()
         conn.send((op, host, arg))
+        return conn
+
+    def _call(self, op: str, host: str, arg: float = 0.0) -> float:
+        conn = self._tell(op, host, arg)
         if not conn.poll(ANSWER_TIMEOUT_S):  # the driver is gone or stuck: fail the row, never hang the shard
             self.local.conn = None
             conn.close()
@@ -173,7 +175,7 @@ class GateClient:
         try:
             yield
         finally:
-            self._call("release", host)
+            self._tell("release", host)  # one message, no round trip
 
     def hold(self, host: str, seconds: float) -> None:
-        self._call("hold", host, seconds)
+        self._tell("hold", host, seconds)
