@@ -201,6 +201,29 @@ def ingest(
     force: Annotated[
         bool, typer.Option(help="Ingest a list again although it was ingested (e.g. after a bad setting).")
     ] = False,
+    ignore_robots_txt: Annotated[
+        bool, typer.Option(help="Do not read or obey robots.txt (recorded in the run's tags and the card).")
+    ] = False,
+    opt_out_list: Annotated[
+        list[str] | None,
+        typer.Option(help="File of domains or URL prefixes never to request (# comments); repeatable."),
+    ] = None,
+    blocklist: Annotated[
+        str | None, typer.Option(help="File of PDQ hashes (64 hex a line): matching images are never stored.")
+    ] = None,
+    blocklist_distance: Annotated[
+        int, typer.Option(help="PDQ Hamming distance (bits of 256) that counts as a blocklist match.")
+    ] = defaults.BLOCKLIST_DISTANCE,
+    max_connections_per_host: Annotated[
+        int, typer.Option(help="Requests in flight to one host, over all workers.")
+    ] = defaults.MAX_CONNECTIONS_PER_HOST,
+    max_requests_per_host_per_s: Annotated[
+        float, typer.Option(help="Requests a second to one host, over all workers.")
+    ] = defaults.MAX_REQUESTS_PER_HOST_PER_S,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(help="For lists already ingested: fetch again only the rows that failed transiently."),
+    ] = False,
 ) -> None:
     """Download image-text pairs from URL lists with img2dataset (resumable; every row accounted for)."""
     from tasks.ingest import ingest as run
@@ -225,6 +248,13 @@ def ingest(
             min_image_size=min_image_size,
             max_image_area=max_image_area,
             force=force,
+            ignore_robots_txt=ignore_robots_txt,
+            opt_out_lists=opt_out_list,
+            blocklist=blocklist,
+            blocklist_distance=blocklist_distance,
+            max_connections_per_host=max_connections_per_host,
+            max_requests_per_host_per_s=max_requests_per_host_per_s,
+            retry_failed=retry_failed,
         )
     for r in results:
         state = (

@@ -119,7 +119,9 @@ def demo(
             )
             for k, v in sets.items()
         }
-        common = dict(allow_private_networks=True, shard_size=max(100, pool_size // 2))
+        # The demo's own loopback server: no site to be polite to, so requests are not paced per host.
+        common = dict(allow_private_networks=True, shard_size=max(100, pool_size // 2),
+                      max_requests_per_host_per_s=10_000.0, max_connections_per_host=64)  # fmt: skip
         for what in [k for k in sets if k != "pool"]:
             refs[what] = refresh_dataset(
                 RefreshParams(source=f"demo-{what}", location=lists[what], dataset=f"demo-{what}", scorer=None,

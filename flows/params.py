@@ -47,6 +47,30 @@ class RefreshParams(BaseModel):
         description="Networks (CIDR, e.g. 10.1.2.0/24) downloads may reach as if public, such as an internal "
         "mirror; every other private address stays refused, on every redirect and connection.",
     )
+    opt_out_lists: list[str] = Field(
+        [],
+        description="Files (local or s3://) of domains or URL prefixes whose owners opted out, one a line: "
+        "never requested.",
+    )
+    ignore_robots_txt: bool = Field(
+        False, description="Do not read or obey robots.txt (recorded in the ingest run and the dataset card)."
+    )
+    blocklist: str | None = Field(
+        None, description="File of PDQ hashes (64 hex a line): matching images are never stored."
+    )
+    blocklist_distance: int = Field(
+        defaults.BLOCKLIST_DISTANCE, ge=0, le=256, description="PDQ Hamming distance that counts as a match."
+    )
+    max_connections_per_host: int = Field(
+        defaults.MAX_CONNECTIONS_PER_HOST,
+        gt=0,
+        description="Requests in flight to one host, over all workers.",
+    )
+    max_requests_per_host_per_s: float = Field(
+        defaults.MAX_REQUESTS_PER_HOST_PER_S,
+        gt=0,
+        description="Requests a second to one host, over all workers.",
+    )
 
     @field_validator("allowed_networks")
     @classmethod

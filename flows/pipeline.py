@@ -58,6 +58,12 @@ def refresh_dataset(params: RefreshParams) -> dict:
             shard_size=params.shard_size,
             allow_private_networks=params.allow_private_networks,
             allowed_networks=params.allowed_networks,
+            opt_out_lists=params.opt_out_lists,
+            ignore_robots_txt=params.ignore_robots_txt,
+            blocklist=params.blocklist,
+            blocklist_distance=params.blocklist_distance,
+            max_connections_per_host=params.max_connections_per_host,
+            max_requests_per_host_per_s=params.max_requests_per_host_per_s,
         )
     new = [r for r in ingested if not r.skipped]
     batch_rows = [

@@ -43,3 +43,12 @@ GENERAL_MARGIN = 0.05
 
 # Curation: DataComp's best CLIP-score filter keeps the top 30 % of a pool.
 TOP_FRACTION = 0.3
+
+# Crawl compliance (tasks/ingest: robots, optout, politeness, fetch, blocklist). Per host over the whole run: at
+# most this many requests in flight and request starts a second (a robots.txt Crawl-delay widens the interval).
+MAX_CONNECTIONS_PER_HOST = 8
+MAX_REQUESTS_PER_HOST_PER_S = 20.0
+RATE_LIMIT_TRIES = 3  # answers 429/503 (Retry-After honoured) before a row ends rate_limited
+BLOCKLIST_DISTANCE = (
+    31  # PDQ Hamming distance (of 256 bits) that counts as a match: ThreatExchange's threshold
+)

@@ -43,7 +43,8 @@ def shard_files(uri: str) -> list[str]:
 
 def batch_lineage(settings: Settings, source: str, batch_id: str) -> dict:
     """Where a batch came from, as a dataset manifest records it: ``batch``, ``uri``, and the ``url_list`` and
-    ``ingest_run_id`` from the summary ingest writes into ``_SUCCESS`` (absent from a batch without one)."""
+    ``ingest_run_id`` from the summary ingest writes into ``_SUCCESS`` (absent from a batch without one), and the
+    crawl-compliance settings it ran with (``compliance``)."""
     uri = batch_uri(settings, source, batch_id)
     try:
         summary = storage.read_json(storage.join(uri, SUCCESS))
@@ -54,4 +55,6 @@ def batch_lineage(settings: Settings, source: str, batch_id: str) -> dict:
         out["url_list"] = summary["url_list"]
     if isinstance(summary, dict) and summary.get("mlflow_run_id"):
         out["ingest_run_id"] = summary["mlflow_run_id"]
+    if isinstance(summary, dict) and summary.get("compliance"):
+        out["compliance"] = summary["compliance"]  # robots.txt, opt-out lists, blocklist, user agent
     return out

@@ -2,8 +2,8 @@
 
 The front matter names the licence, task categories, size category, the Parquet files (``configs``) and the
 features (``dataset_info``); the body says what the version is: counts per reason, the filter settings, the
-scorer, the raw batches and URL lists it came from, a licence summary when the source has a licence column, and
-how to load it. It is rendered from the manifest alone (so ``vlforge datasets NAME@VERSION --card`` can render
+scorer, the raw batches and URL lists it came from, how they were crawled (robots.txt, opt-out lists, blocklist,
+user agent), a licence summary when the source has a licence column, and how to load it. It is rendered from the manifest alone (so ``vlforge datasets NAME@VERSION --card`` can render
 one for a version published before cards existed), written before the manifest and left out of the content hash.
 """
 
@@ -86,6 +86,31 @@ def _lineage(m: dict) -> list[str]:
         for b in (x if isinstance(x, dict) else {"batch": x} for x in batches)
     ]
     return _table(("raw batch", "uri", "URL list", "ingest MLflow run"), rows)
+
+
+def _compliance(m: dict) -> list[str]:
+    """How each raw batch was crawled: robots.txt on or off, TDM, opt-out lists and blocklist (digests only),
+    per-host limits and user agent (``tasks.ingest.stage.Compliance.record``)."""
+    batches = [b for b in m.get("raw_batches") or [] if isinstance(b, dict) and b.get("compliance")]
+    if not batches:
+        return ["No crawl-compliance record: the raw batches predate it."]
+    rows = []
+    for b in batches:
+        c = b["compliance"]
+        lists = ", ".join(
+            f"`{o['file']}` (sha256 `{o['sha256'][:16]}`)" for o in c.get("opt_out_lists") or []
+        )
+        block = c.get("blocklist")
+        rows.append((
+            f"`{b.get('batch')}`", c.get("robots_txt", "?"), c.get("tdm_reservation", "?"), lists or "none",
+            f"sha256 `{block['sha256'][:16]}`, {block['hashes']} PDQ hashes, distance <= {block['max_distance']}"
+            if block else "none",
+            f"{c.get('max_connections_per_host')} connections, {c.get('max_requests_per_host_per_s')} requests/s",
+            f"`{c.get('user_agent', '?')}`",
+        ))  # fmt: skip
+    header = ("raw batch", "robots.txt", "TDM reservations", "opt-out lists", "hash blocklist", "per host",
+              "user agent")  # fmt: skip
+    return _table(header, rows)
 
 
 def _how_to_load(dv: DatasetVersion) -> list[str]:
@@ -181,6 +206,10 @@ def render_card(dv: DatasetVersion) -> str:
         "## Lineage: raw batches and URL lists",
         "",
         *_lineage(m),
+        "",
+        "## Crawl compliance",
+        "",
+        *_compliance(m),
         "",
     ]
     body += _decontamination(m)

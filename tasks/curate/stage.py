@@ -73,11 +73,15 @@ def resolve_filters(
 
 
 def _fingerprint(
-    batches: list[str], scorer: ScorerInfo | None, config: FilterConfig, evals: list[str], eval_set: bool
+    batches: list[str],
+    scorer: ScorerInfo | None,
+    config: FilterConfig,
+    evals: list[str] | None = None,
+    eval_set: bool = False,
 ) -> str:
     payload = {"batches": batches, "scorer": scorer.key if scorer else None, "filters": config.model_dump()}
     if evals or eval_set:  # versions curated before decontamination keep their fingerprint
-        payload.update({"decontaminated_against": evals, "eval_set": eval_set})
+        payload.update({"decontaminated_against": evals or [], "eval_set": eval_set})
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -23,6 +23,22 @@ REFUSED_PREFIX = (
     netguard.REFUSED_PREFIX
 )  # before download, or by the guard in a worker (inside urllib's text)
 OOM_SHARD_COUNT = 5  # img2dataset's default: shard files are NNNNN.parquet
+# Reasons of crawl compliance (logged as MLflow counts even when zero, so a run shows it looked).
+COMPLIANCE_REASONS = (
+    "robots_disallowed", "robots_unavailable", "opted_out", "tdm_reserved", "blocklisted", "rate_limited",
+)  # fmt: skip
+# Failures worth fetching again (``ingest --retry-failed``); every other reason is a refusal or a fact about the
+# image that another request would not change.
+TRANSIENT_REASONS = frozenset({
+    "timeout", "connection_refused", "connection_error", "dns_error", "rate_limited", "robots_unavailable",
+    "no_result", "http_408", "http_429",
+})  # fmt: skip
+
+
+def is_transient(why: str) -> bool:
+    """A reason another try may turn into success: timeouts, 5xx, rate limits, unreadable robots.txt."""
+    return why in TRANSIENT_REASONS or (why.startswith("http_5") and len(why) == 8)
+
 
 _HTTP = re.compile(r"HTTP Error (\d{3})")
 _RULES: list[tuple[str, tuple[str, ...]]] = [

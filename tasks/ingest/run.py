@@ -10,7 +10,8 @@ the main thread (where signal handlers cannot be set) the call runs in a spawned
 
 The network guard travels with the downloader: img2dataset builds one ``Downloader`` and pickles it to every
 worker (spawned processes, or Ray tasks with ``distributor="ray"``); vlforge hands it a :class:`GuardedDownloader`
-instead, which enters :func:`vlforge.netguard.guarded` around each shard in whichever process runs it.
+instead, which enters :func:`vlforge.netguard.guarded` around each shard in whichever process runs it, and
+:func:`tasks.ingest.fetch.compliant` (the run's crawl policy: per-host gate, TDM, Retry-After, hash blocklist).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from vlforge.netguard import NetworkPolicy
 from vlforge.settings import Settings
 
 if TYPE_CHECKING:
+    from tasks.ingest.fetch import CrawlPolicy
     from tasks.ingest.staging import StagedList
 
 
@@ -47,6 +49,9 @@ class DownloadOptions:
         default_factory=lambda: list(defaults.DISALLOWED_HEADER_DIRECTIVES)
     )
     network: NetworkPolicy = field(default_factory=NetworkPolicy)  # checked before download and on every hop
+    crawl: CrawlPolicy | None = (
+        None  # user agent, per-host gate, TDM header, Retry-After, blocklist (fetch.py)
+    )
 
 
 def img2dataset_kwargs(
@@ -110,17 +115,20 @@ class GuardedDownloader:
     """img2dataset's downloader with the network guard on while it downloads a shard (picklable by reference, so
     it works in spawned multiprocessing workers and in Ray workers alike)."""
 
-    def __init__(self, downloader, policy: netguard.NetworkPolicy):
+    def __init__(self, downloader, policy: netguard.NetworkPolicy, crawl: CrawlPolicy | None = None):
         self.downloader = downloader
         self.policy = policy
+        self.crawl = crawl
 
     def __call__(self, row):
-        with netguard.guarded(self.policy):
+        from tasks.ingest.fetch import compliant
+
+        with netguard.guarded(self.policy), compliant(self.crawl):
             return self.downloader(row)
 
 
 @contextlib.contextmanager
-def guarded_downloads(policy: netguard.NetworkPolicy):
+def guarded_downloads(policy: netguard.NetworkPolicy, crawl: CrawlPolicy | None = None):
     """Make ``img2dataset.download`` wrap the downloader it builds in a :class:`GuardedDownloader`."""
     import importlib
 
@@ -129,21 +137,24 @@ def guarded_downloads(policy: netguard.NetworkPolicy):
     built: list[GuardedDownloader] = []
 
     def build(**kwargs) -> GuardedDownloader:
-        built.append(GuardedDownloader(original(**kwargs), policy))
+        built.append(GuardedDownloader(original(**kwargs), policy, crawl))
         return built[-1]
 
-    if policy.active:
+    wrap = policy.active or crawl is not None
+    if wrap:
         i2d_main.Downloader = build
     try:
         yield
     finally:
         i2d_main.Downloader = original
-    if policy.active and not built:  # an img2dataset that builds its downloader elsewhere: say so, loudly
+    if wrap and not built:  # an img2dataset that builds its downloader elsewhere: say so, loudly
         raise RuntimeError("img2dataset did not build its downloader through img2dataset.main.Downloader: "
                            "vlforge's network guard could not be installed in its workers")  # fmt: skip
 
 
-def _download(kwargs: dict, ray_address: str | None, policy: netguard.NetworkPolicy) -> None:
+def _download(
+    kwargs: dict, ray_address: str | None, policy: netguard.NetworkPolicy, crawl: CrawlPolicy | None = None
+) -> None:
     import img2dataset
 
     if kwargs["distributor"] == "ray":
@@ -152,7 +163,7 @@ def _download(kwargs: dict, ray_address: str | None, policy: netguard.NetworkPol
         init_ray(Settings(storage="/tmp/unused", ray_address=ray_address))
     previous = signal.getsignal(signal.SIGINT)
     try:
-        with guarded_downloads(policy):
+        with guarded_downloads(policy, crawl):
             img2dataset.download(**kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -169,12 +180,14 @@ def run_img2dataset(staged: StagedList, output_uri: str, opts: DownloadOptions, 
                 from vlforge.raycluster import init_ray
 
                 init_ray(settings)
-            _download(kwargs, settings.ray_address, opts.network)
+            _download(kwargs, settings.ray_address, opts.network, opts.crawl)
             return
         import multiprocessing
 
         child = multiprocessing.get_context("spawn").Process(
-            target=_download, args=(kwargs, settings.ray_address, opts.network), name="vlforge-img2dataset"
+            target=_download,
+            args=(kwargs, settings.ray_address, opts.network, opts.crawl),
+            name="vlforge-img2dataset",
         )
         child.start()
         child.join()

@@ -15,16 +15,29 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from prefect import task
 
 from tasks.common import retry_unless_user_error
 from tasks.ingest import accounting as acc
+from tasks.ingest import politeness, retry
+from tasks.ingest.blocklist import BlocklistRef
+from tasks.ingest.blocklist import publish as publish_blocklist
 from tasks.ingest.exif import upright_batch
+from tasks.ingest.fetch import CrawlPolicy
+from tasks.ingest.optout import OptOutList, load_opt_out_lists
+from tasks.ingest.robots import SiteCheck
 from tasks.ingest.run import DownloadOptions, run_img2dataset
-from tasks.ingest.staging import StagedList, allowed_rows_not_in, load_staged, read_refused, stage_list
+from tasks.ingest.staging import (
+    RowCheck,
+    StagedList,
+    allowed_rows_not_in,
+    load_staged,
+    read_refused,
+    stage_list,
+)
 from tasks.ingest.urllists import content_hash, find_list_files
 from vlforge import console, defaults, raw, storage
 from vlforge.errors import UrlListError, VlforgeError
@@ -49,6 +62,42 @@ class IngestResult:
     images_per_s: float
     skipped: bool  # True when the batch already existed
     mlflow_run_id: str | None = None
+
+
+@dataclass
+class Compliance:
+    """The run's crawl-compliance settings (the workers get theirs as a ``fetch.CrawlPolicy``)."""
+
+    robots_txt: bool
+    user_agent: str
+    opt_out: OptOutList = field(default_factory=OptOutList)
+    blocklist: BlocklistRef | None = None
+    max_connections_per_host: int = defaults.MAX_CONNECTIONS_PER_HOST
+    max_requests_per_host_per_s: float = defaults.MAX_REQUESTS_PER_HOST_PER_S
+    rate_limit_tries: int = defaults.RATE_LIMIT_TRIES
+
+    def record(self) -> dict:
+        """For the batch's ``_SUCCESS``, its MLflow run and the dataset card (digests, never contents)."""
+        return {
+            "robots_txt": "respected" if self.robots_txt else "ignored (--ignore-robots-txt)",
+            "tdm_reservation": "respected",
+            "user_agent": self.user_agent,
+            "opt_out_lists": [{"file": f, "sha256": d} for f, d in self.opt_out.digests.items()],
+            "blocklist": None
+            if self.blocklist is None
+            else {"sha256": self.blocklist.digest, "hashes": self.blocklist.size,
+                  "max_distance": self.blocklist.distance},
+            "max_connections_per_host": self.max_connections_per_host,
+            "max_requests_per_host_per_s": self.max_requests_per_host_per_s,
+            "rate_limit_tries": self.rate_limit_tries,
+        }  # fmt: skip
+
+    def staging_record(self) -> dict:
+        """The part staging applies: a batch resumed with other flags keeps what its rows were checked with."""
+        return {k: v for k, v in self.record().items() if k in STAGING_CHECKS}
+
+
+STAGING_CHECKS = ("robots_txt", "opt_out_lists")
 
 
 @dataclass
@@ -79,6 +128,14 @@ def ingest(
     min_image_size: int = defaults.MIN_DOWNLOAD_IMAGE_SIZE,
     max_image_area: float = defaults.MAX_IMAGE_AREA,
     disallowed_header_directives: list[str] | None = None,
+    ignore_robots_txt: bool = False,
+    opt_out_lists: Sequence[str] | None = None,
+    blocklist: str | None = None,
+    blocklist_distance: int = defaults.BLOCKLIST_DISTANCE,
+    max_connections_per_host: int = defaults.MAX_CONNECTIONS_PER_HOST,
+    max_requests_per_host_per_s: float = defaults.MAX_REQUESTS_PER_HOST_PER_S,
+    rate_limit_tries: int = defaults.RATE_LIMIT_TRIES,
+    retry_failed: bool = False,
     force: bool = False,
 ) -> list[IngestResult]:
     """Download every list file at ``url_list`` (file, folder or glob; local or s3://) into raw batches of
@@ -88,13 +145,30 @@ def ingest(
     (before download, on every redirect and on every connection) unless ``allow_private_networks`` or their
     address lies in one of ``allowed_networks`` (CIDRs).
 
+    Crawl compliance (``tasks.ingest.robots``, ``optout``, ``politeness``, ``fetch``, ``blocklist``): rows on an
+    ``opt_out_lists`` file, and rows their site's robots.txt (unless ``ignore_robots_txt``) or tdmrep.json
+    refuse, are never requested; requests share per-host limits over the whole run; images matching the PDQ
+    ``blocklist`` within ``blocklist_distance`` bits are dropped where they arrive, before anything is written.
+
     ``force``: ingest a list again although its batch is complete (after a bad setting, say): the old batch is
     removed once the list has been read and staged again, then downloaded anew."""
     _check_args(
         source, distributor, shard_size=shard_size, processes=processes, threads=threads, timeout=timeout,
         retries=retries, image_size=image_size, min_image_size=min_image_size, max_image_area=max_image_area,
     )  # fmt: skip
+    _check_politeness(max_connections_per_host, max_requests_per_host_per_s, rate_limit_tries)
     network = NetworkPolicy.of(allow_private_networks, allowed_networks)
+    agent = user_agent or settings.user_agent
+    compliance = Compliance(
+        robots_txt=not ignore_robots_txt,
+        user_agent=agent,
+        opt_out=load_opt_out_lists(list(opt_out_lists or ())),
+        blocklist=publish_blocklist(blocklist, storage.join(settings.storage_uri, "blocklists"),
+                                    blocklist_distance) if blocklist else None,
+        max_connections_per_host=max_connections_per_host,
+        max_requests_per_host_per_s=max_requests_per_host_per_s,
+        rate_limit_tries=rate_limit_tries,
+    )  # fmt: skip
     opts = DownloadOptions(
         shard_size=shard_size,
         processes=processes or os.cpu_count() or 1,
@@ -102,7 +176,7 @@ def ingest(
         distributor=distributor,
         timeout=timeout,
         retries=retries,
-        user_agent_token=user_agent_token(user_agent or settings.user_agent),
+        user_agent_token=user_agent_token(agent),
         image_size=image_size,
         min_image_size=min_image_size,
         max_image_area=max_image_area,
@@ -110,16 +184,22 @@ def ingest(
     )
     if disallowed_header_directives is not None:
         opts.disallowed_header_directives = list(disallowed_header_directives)
+    sites = SiteCheck(agent, opts.user_agent_token, timeout, network, robots=compliance.robots_txt)
     plans = [
-        _plan(f, source, settings, url_col, caption_col, network, force) for f in find_list_files(url_list)
+        _plan(f, source, settings, url_col, caption_col, network, compliance, sites, force)
+        for f in find_list_files(url_list)
     ]
     results = []
     for plan in plans:
-        if plan.staged is None:
+        if plan.staged is None and retry_failed:
+            check = RowCheck(network, compliance.opt_out, sites)
+            result = _retry_failed(plan, source, settings, opts, url_col, caption_col, compliance, check)
+            log.info(summary_line(result))
+        elif plan.staged is None:
             result = _completed(plan, source)
             log.info("%s: already ingested as %s, nothing to do", plan.url_list, plan.uri)
         else:
-            result = _download(plan, source, settings, opts, url_col, caption_col)
+            result = _download(plan, source, settings, opts, url_col, caption_col, compliance)
             log.info(summary_line(result))
         results.append(result)
     return results
@@ -130,6 +210,15 @@ def user_agent_token(user_agent: str) -> str:
     ``(compatible; <token>; +...)`` and honours ``X-Robots-Tag: <token>: noai`` addressed to it."""
     token = (user_agent or "vlforge").strip().split()[0].split("/")[0].strip("();,")
     return token.lower() or "vlforge"
+
+
+def _check_politeness(connections: int, rate: float, tries: int) -> None:
+    if connections < 1:
+        raise VlforgeError(f"--max-connections-per-host must be at least 1, got {connections}")
+    if not rate > 0:
+        raise VlforgeError(f"--max-requests-per-host-per-s must be above 0, got {rate}")
+    if tries < 1:
+        raise VlforgeError(f"--rate-limit-tries must be at least 1, got {tries}")
 
 
 # The smallest image img2dataset is asked to resize to: below it every image is a few pixels wide, stored as a
@@ -161,6 +250,8 @@ def _plan(
     url_col,
     caption_col,
     network: NetworkPolicy,
+    compliance: Compliance | None = None,
+    sites: SiteCheck | None = None,
     force: bool = False,
 ) -> _Plan:
     try:
@@ -175,11 +266,14 @@ def _plan(
     staging = storage.join(raw.raw_root(settings, source), "_staging", batch_id)
     staged = load_staged(staging)
     if staged is None:
+        opt_out = compliance.opt_out if compliance is not None else None
+        checks = compliance.staging_record() if compliance is not None else None
         try:
-            staged = stage_list(path, staging, url_col, caption_col, network)
-        except (
-            BaseException
-        ):  # a list that cannot be read, or Ctrl-C: leave no half-made staging folder behind
+            staged = stage_list(
+                path, staging, url_col, caption_col, network, opt_out=opt_out, sites=sites, checks=checks
+            )
+        # A list that cannot be read, or Ctrl-C: leave no half-made staging folder behind.
+        except BaseException:
             storage.remove(staging)
             storage.remove_empty_folders(storage.join(raw.raw_root(settings, source), "_staging"), levels=3)
             raise
@@ -214,19 +308,37 @@ def _completed(plan: _Plan, source: str) -> IngestResult:
     )
 
 
-def _download(plan: _Plan, source: str, settings: Settings, opts: DownloadOptions, url_col, caption_col):
+def _gate_bind(opts: DownloadOptions, settings: Settings) -> str:
+    """Where the per-host gate listens: loopback, unless Ray workers on other nodes must reach it."""
+    if opts.distributor == "ray" and settings.ray_address:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    return "127.0.0.1"
+
+
+def _fetch_shards(plan: _Plan, settings: Settings, opts: DownloadOptions, compliance: Compliance):
+    """Run img2dataset on the plan's staged rows into ``plan.uri`` with the per-host gate served meanwhile;
+    ``(shards, images/s of the shards done now)``."""
     staged = plan.staged
+    gate = politeness.HostGate(
+        compliance.max_connections_per_host, compliance.max_requests_per_host_per_s, staged.crawl_delays
+    )
     n_shards = math.ceil(staged.allowed / opts.shard_size)
     before = acc.done_shards(plan.uri) & set(range(n_shards))
     start = time.perf_counter()
     name = plan.url_list.rsplit("/", 1)[-1]
-    with console.progress(staged.allowed, "rows", f"downloading {name}", poll=acc.DoneRows(plan.uri)):
+    with (
+        politeness.serve(gate, _gate_bind(opts, settings)) as address,
+        console.progress(staged.allowed, "rows", f"downloading {name}", poll=acc.DoneRows(plan.uri)),
+    ):
+        crawl = CrawlPolicy(compliance.user_agent, address, compliance.blocklist, compliance.rate_limit_tries)
         for attempt in range(2):  # a second pass picks up shards img2dataset gave up on
             if acc.done_shards(plan.uri) >= set(range(n_shards)):
                 break
             if attempt:
                 log.warning("%s: some shards did not finish; retrying them", plan.uri)
-            run_img2dataset(staged, plan.uri, opts, settings)
+            run_img2dataset(staged, plan.uri, replace(opts, crawl=crawl), settings)
             storage.filesystem(plan.uri)[0].invalidate_cache()
     elapsed = time.perf_counter() - start
     missing = set(range(n_shards)) - acc.done_shards(plan.uri)
@@ -237,21 +349,62 @@ def _download(plan: _Plan, source: str, settings: Settings, opts: DownloadOption
         )
     shards = [storage.join(plan.uri, f"{acc.shard_name(i)}.parquet") for i in range(n_shards)]
     upright_batch(plan.uri, shards, opts.processes)  # before _SUCCESS: a resumed run finishes it
-    counts = _account(plan, staged, n_shards, opts.shard_size)
     new = acc.shard_stats(plan.uri, set(range(n_shards)) - before)
     images_per_s = sum(s["successes"] for s in new) / elapsed if new and elapsed > 0 else 0.0
+    return n_shards, images_per_s
+
+
+def _download(plan: _Plan, source: str, settings: Settings, opts: DownloadOptions, url_col, caption_col,
+              compliance: Compliance):  # fmt: skip
+    staged = plan.staged
+    n_shards, images_per_s = _fetch_shards(plan, settings, opts, compliance)
+    counts = _account(plan, staged, n_shards, opts.shard_size)
+    result = _finish(plan, source, settings, opts, counts, images_per_s, url_col, caption_col, compliance)
+    storage.remove(staged.uri)
+    storage.remove(storage.join(plan.uri, "_tmp"))
+    return result
+
+
+def _finish(plan: _Plan, source: str, settings: Settings, opts: DownloadOptions, counts: Counter,
+            images_per_s: float, url_col, caption_col, compliance: Compliance, **extra) -> IngestResult:  # fmt: skip
+    """Log the batch's MLflow run and write its ``_SUCCESS`` summary (last: the batch now exists)."""
     rows = sum(counts.values())
     result = IngestResult(
         source, plan.url_list, plan.batch_id, plan.uri, rows, dict(counts),
         counts.get("success", 0) / rows if rows else 0.0, images_per_s, False,
     )  # fmt: skip
-    params = {**asdict(opts), "url_col": url_col, "caption_col": caption_col, "url_list": plan.url_list}
-    result.mlflow_run_id = _log_mlflow(settings, result, params)
-    summary = {**asdict(result), "params": params, "finished_at": time.time()}
-    storage.write_json_atomic(storage.join(plan.uri, raw.SUCCESS), summary)  # last: the batch now exists
-    storage.remove(staged.uri)
-    storage.remove(storage.join(plan.uri, "_tmp"))
+    params = {**_params(opts), "url_col": url_col, "caption_col": caption_col, "url_list": plan.url_list}
+    record = {**compliance.record(), **(plan.staged.checks if plan.staged is not None else {})}
+    result.mlflow_run_id = _log_mlflow(settings, result, params, record)
+    summary = {**asdict(result), "params": params, "compliance": record, **extra, "finished_at": time.time()}
+    storage.write_json_atomic(storage.join(plan.uri, raw.SUCCESS), summary)
     return result
+
+
+def _retry_failed(plan: _Plan, source: str, settings: Settings, opts: DownloadOptions, url_col, caption_col,
+                  compliance: Compliance, check: RowCheck) -> IngestResult:  # fmt: skip
+    """Fetch again the complete batch's rows that failed transiently (``tasks.ingest.retry``)."""
+    retry.finish_merge(plan.uri)  # one a killed run left half done
+    rows = retry.transient_rows(plan.uri)
+    if rows is None:
+        log.info("%s: no row failed transiently; nothing to retry", plan.uri)
+        return _completed(plan, source)
+    work = storage.join(plan.uri, retry.RETRY)
+    delays = check.sites.crawl_delays() if check.sites is not None else {}
+    staged = retry.stage_rows(rows, storage.join(work, "staging"), check, delays)
+    sub = _Plan(plan.url_list, plan.batch_id, storage.join(work, "out"), staged)
+    n_shards, images_per_s = _fetch_shards(sub, settings, opts, compliance)
+    _account(sub, staged, n_shards, opts.shard_size)
+    retry.plan_merge(plan.uri, sub.uri)
+    retry.finish_merge(plan.uri)
+    counts, seen = acc.scan_batch(plan.uri, None)
+    previous = _completed(plan, source)
+    if len(np.unique(seen)) != len(seen) or len(seen) != previous.rows:
+        raise RuntimeError(
+            f"retry of {plan.uri}: {len(seen)} rows after the merge for {previous.rows} list rows"
+        )
+    return _finish(plan, source, settings, opts, counts, images_per_s, url_col, caption_col, compliance,
+                   retried={"rows": rows.num_rows, "previous_counts": previous.counts})  # fmt: skip
 
 
 def _account(plan: _Plan, staged: StagedList, n_shards: int, shard_size: int) -> Counter:
@@ -281,14 +434,26 @@ def _account(plan: _Plan, staged: StagedList, n_shards: int, shard_size: int) ->
     return counts
 
 
-def _log_mlflow(settings: Settings, result: IngestResult, params: dict) -> str:
+def _params(opts: DownloadOptions) -> dict:
+    """The download options as MLflow params (the crawl policy holds the gate's key: never logged)."""
+    return {k: v for k, v in asdict(replace(opts, crawl=None)).items() if k != "crawl"}
+
+
+def _log_mlflow(settings: Settings, result: IngestResult, params: dict, record: dict) -> str:
     from vlforge import tracking
 
+    blocklist = record["blocklist"] or {}
     tags = {
         tracking.TAG_SOURCE: result.source,
         tracking.TAG_RAW_BATCH: result.batch_id,
         tracking.TAG_RAW_BATCH_URI: result.uri,
         tracking.TAG_URL_LIST: result.url_list,
+        "vlforge.robots_txt": record["robots_txt"],
+        "vlforge.user_agent": record["user_agent"],
+        "vlforge.opt_out_lists": ",".join(o["sha256"][:16] for o in record["opt_out_lists"]) or "none",
+        "vlforge.blocklist": f"{blocklist['sha256'][:16]} ({blocklist['hashes']} hashes)"
+        if blocklist
+        else "none",
     }
     run_id = tracking.start_stage_run(
         settings, "ingest", name=f"ingest {result.source}/{result.batch_id}", tags=tags
@@ -297,11 +462,12 @@ def _log_mlflow(settings: Settings, result: IngestResult, params: dict) -> str:
         "rows": result.rows,
         "success_rate": result.success_rate,
         "images_per_s": result.images_per_s,
-        **tracking.count_metrics(result.counts),
+        **tracking.count_metrics({**dict.fromkeys(acc.COMPLIANCE_REASONS, 0), **result.counts}),
     }
     tracking.log_to_run(settings, run_id, params=params, metrics=metrics)
     client = tracking.configure(settings)
     client.log_dict(run_id, {**asdict(result), "mlflow_run_id": run_id}, "ingest_summary.json")
+    client.log_dict(run_id, record, "compliance.json")
     client.set_terminated(run_id)
     return run_id
 

@@ -24,7 +24,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -32,6 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.ingest.accounting import REFUSED_PREFIX, ROW_COL
+from tasks.ingest.optout import OptOutList
+from tasks.ingest.robots import SiteCheck
 from tasks.ingest.urllists import BATCH_ROWS, UrlListReader, read_pinned
 from vlforge import netguard, storage
 
@@ -39,6 +41,7 @@ INPUT = (
     "input.parquet"  # rows img2dataset downloads, interleaved by host (written last: marks staging complete)
 )
 REFUSED = "refused.parquet"  # rows refused before download, with error_message
+SITES = "sites.json"  # crawl delays per host, and what staging applied (robots.txt, opt-out lists)
 MERGE_FAN_IN = 64  # sorted runs merged at once (more runs are merged in rounds)
 MERGE_CHUNK = 4096  # rows per record batch of a run: the merge holds about MERGE_FAN_IN of them
 ROW_GROUP = 100_000  # rows per row group of input.parquet
@@ -59,6 +62,8 @@ class StagedList:
     rows: int  # rows of the URL list, malformed ones included
     allowed: int  # rows handed to img2dataset
     extra_columns: list[str]  # carried through img2dataset (ROW_COL last)
+    crawl_delays: dict[str, float] = field(default_factory=dict)  # host:port -> robots.txt Crawl-delay (s)
+    checks: dict = field(default_factory=dict)  # the staging's settings, recorded (a resumed run keeps them)
 
     @property
     def input_uri(self) -> str:
@@ -88,7 +93,11 @@ def load_staged(uri: str) -> StagedList | None:
     schema, allowed = _parquet_file(storage.join(uri, INPUT))
     _, refused = _parquet_file(storage.join(uri, REFUSED))
     extras = [c for c in schema.names if c not in ("url", "caption")]
-    return StagedList(uri, refused + allowed, allowed, extras)
+    sites = storage.join(uri, SITES)
+    info = storage.read_json(sites) if storage.exists(sites) else {}
+    return StagedList(
+        uri, refused + allowed, allowed, extras, info.get("crawl_delays", {}), info.get("checks", {})
+    )
 
 
 class HostTurns:
@@ -137,19 +146,38 @@ def _authorities(urls: pa.ChunkedArray) -> list[str]:
     return pc.utf8_lower(pc.struct_field(hosts, "host")).to_pylist()
 
 
-class _RowCheck:
-    """Per-row refusals: the URL's shape and scheme, then (guard on) its host, each distinct host checked once."""
+class RowCheck:
+    """Per-row refusals: the URL's shape and scheme, the opt-out lists, then (guard on) its host, each distinct
+    host checked once, then what its site's robots.txt and tdmrep.json say (each site fetched once)."""
 
-    def __init__(self, network: netguard.NetworkPolicy) -> None:
+    def __init__(
+        self,
+        network: netguard.NetworkPolicy,
+        opt_out: OptOutList | None = None,
+        sites: SiteCheck | None = None,
+    ) -> None:
         self.network = network
         self.guard = network.active
+        self.opt_out, self.sites = opt_out, sites
         self.verdicts: dict[str, netguard.Refusal | None] = {}  # host -> refusal (None: allowed)
 
     def refusals(self, urls: list) -> list[str | None]:
+        out = self._host_refusals(urls)
+        if self.sites is not None:
+            out = self.sites.refusals(urls, out)
+        return out
+
+    def _host_refusals(self, urls: list) -> list[str | None]:
         hosts: list[str | None] = []
         out: list[str | None] = []
         for url in urls:
             host, refusal = netguard.parse_host(url)
+            if refusal is None and self.opt_out:
+                opted = self.opt_out.refusal(url, host)
+                if opted is not None:  # before any lookup or request for this row
+                    hosts.append(None)
+                    out.append(opted)
+                    continue
             hosts.append(host)
             out.append(None if refusal is None else f"{refusal.reason}: {refusal.detail}")
         if self.guard:
@@ -212,8 +240,13 @@ def stage_list(
     caption_col: str,
     network: netguard.NetworkPolicy,
     batch_rows: int = BATCH_ROWS,
+    opt_out: OptOutList | None = None,
+    sites: SiteCheck | None = None,
+    checks: dict | None = None,
 ) -> StagedList:
-    """Read and validate ``path`` (raising UrlListError) batch by batch and write the staged files to ``uri``."""
+    """Read and validate ``path`` (raising UrlListError) batch by batch and write the staged files to ``uri``.
+    Rows on an ``opt_out`` list, and rows their site's robots.txt or tdmrep.json refuse (``sites``), are refused
+    here, before any request for them; ``checks`` records those settings with the staged files."""
     for leftover in storage.glob(storage.join(uri, "*.tmp-*")):  # from a staging killed part-way
         storage.remove(leftover)
 
@@ -222,11 +255,15 @@ def stage_list(
         with tempfile.TemporaryDirectory(prefix="vlforge-staging-") as spill:
             outputs = [_Output(storage.join(uri, REFUSED), spill), _Output(storage.join(uri, INPUT), spill)]
             try:
-                staged = _stage(reader, uri, network, spill, *outputs)
+                staged = _stage(reader, uri, RowCheck(network, opt_out, sites), spill, *outputs)
             except BaseException:
                 for out in outputs:
                     out.discard()
                 raise
+            staged.crawl_delays = sites.crawl_delays() if sites is not None else {}
+            staged.checks = dict(checks or {})
+            info = {"crawl_delays": staged.crawl_delays, "checks": staged.checks}
+            storage.write_json_atomic(storage.join(uri, SITES), info)
             for out in outputs:  # input.parquet last: it marks the staging complete
                 out.commit()
         return staged
@@ -237,12 +274,12 @@ def stage_list(
 def _stage(
     reader: UrlListReader,
     uri: str,
-    network: netguard.NetworkPolicy,
+    check: RowCheck,
     spill: str,
     refused_out: _Output,
     input_out: _Output,
 ) -> StagedList:
-    check, turns = _RowCheck(network), HostTurns()
+    turns = HostTurns()
     runs: list[str] = []
     rows = 0
     schema = refused_writer = None
