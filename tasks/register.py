@@ -237,6 +237,7 @@ def register_model(
         general_margin=general_margin,
         evaluator=evaluator,
     )
+    _emit_events(name, version, decision, tags)
     return RegisteredModel(
         name=name,
         version=version,
@@ -245,6 +246,16 @@ def register_model(
         promoted=decision.alias == CHAMPION,
         decision=decision,
     )
+
+
+def _emit_events(name: str, version: str, decision: Decision, tags: dict[str, str]) -> None:
+    """``vlforge.model.registered`` and, when the version became champion, ``vlforge.model.promoted``."""
+    from tasks.events import emit_model_promoted, emit_model_registered
+
+    trained_on = {"dataset": tags.get(TAG_DATASET), "dataset_version": tags.get(TAG_DATASET_VERSION)}
+    emit_model_registered(name, version, alias=decision.alias, **trained_on)
+    if decision.alias == CHAMPION:
+        emit_model_promoted(name, version, reason=decision.reason, **trained_on)
 
 
 @dataclass(frozen=True)
