@@ -182,7 +182,8 @@ def test_mlflow_server_uses_postgres_and_seaweedfs(services):
     entrypoint = (ROOT / "infra/mlflow/entrypoint.sh").read_text()
     assert "mlflow server" in entrypoint
     assert (
-        re.search(r"--backend-store-uri \"\$backend\"", entrypoint) and 'backend="postgresql+psycopg2://' in entrypoint
+        re.search(r"--backend-store-uri \"\$backend\"", entrypoint)
+        and 'backend="postgresql+psycopg2://' in entrypoint
     )
     assert '--artifacts-destination "s3://${S3_BUCKET}/mlartifacts"' in entrypoint
     assert svc["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
