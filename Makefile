@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint format bench experiment retrieval-env clean
+.PHONY: install demo test test-fast lint format bench experiment retrieval-env model-env-check clean
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ bench: $(STAMP)
 experiment: $(STAMP)
 	@mkdir -p bench/results
 	$(BIN)/python bench/curation_experiment.py
+
+# A saved CLIP and VLM predict in a fresh virtualenv built from their requirements.txt alone (installs torch,
+# transformers, mlflow: minutes and ~1.5 GB; not part of `make test`).
+model-env-check: $(STAMP)
+	$(BIN)/python tests/e2e/model_env_check.py
 
 # clip-retrieval pins numpy<2 and pyarrow<16: it gets its own environment (see infra/retrieval/README.md).
 retrieval-env:

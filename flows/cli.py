@@ -483,6 +483,9 @@ def serve(
     ] = None,
     refresh_source: Annotated[str | None, typer.Option(help="Source name for the refresh.")] = None,
     refresh_dataset: Annotated[str | None, typer.Option(help="Dataset the refresh publishes.")] = None,
+    train_on_publish: Annotated[
+        str | None, typer.Option(help="Run the train deployment on each new version of this dataset.")
+    ] = None,
 ) -> None:
     """Serve the refresh (scheduled), train and pipeline deployments to the Prefect server at PREFECT_API_URL."""
     from flows.deployments import serve_deployments
@@ -493,6 +496,7 @@ def serve(
         refresh_source=refresh_source,
         refresh_location=refresh_location,
         refresh_dataset=refresh_dataset,
+        train_on_publish=train_on_publish or None,
     )
 
 

@@ -4,7 +4,10 @@ Four deployments, each a :class:`~prefect.deployments.runner.RunnerDeployment` b
 ``flow.to_deployment``:
 
 - ``refresh-dataset``: the ``refresh_dataset`` flow on a cron schedule (default 03:00 every day);
-- ``train``: the ``train`` flow (pretrain then LoRA fine-tune), run on demand from the UI or the API;
+- ``train``: the ``train`` flow (pretrain then LoRA fine-tune), run on demand from the UI or the API, and, with
+  ``train_on_publish=DATASET`` (``vlforge serve --train-on-publish DATASET``), on each new version of DATASET:
+  a deployment trigger on the ``vlforge.dataset.published`` event (``tasks.events``) whose flow run gets
+  that version (``NAME@VERSION``) as its dataset parameter;
 - ``pipeline``: ``refresh_dataset`` then ``train``, on demand;
 - ``curation-experiment``: the ``curation-experiment`` flow (unfiltered vs CLIP-filtered arms), on demand.
 
@@ -59,6 +62,25 @@ def _cron_schedule(cron: str, timezone: str | None):
         ) from exc
 
 
+def train_on_publish_trigger(dataset: str):
+    """A deployment trigger: run the train deployment once per ``vlforge.dataset.published`` event of
+    ``dataset``, on the version the event names."""
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    from tasks.events import DATASET_NAME_LABEL, DATASET_PUBLISHED, DATASET_REF_LABEL
+    from vlforge.datasets import DatasetRef
+
+    DatasetRef.parse(dataset)  # a dataset name (the naming rule), not a version
+    if "@" in dataset:
+        raise VlforgeError(f"--train-on-publish takes a dataset name, not a version: {dataset!r}")
+    return DeploymentEventTrigger(
+        name=f"train on each new version of {dataset}",
+        expect={DATASET_PUBLISHED},
+        match={DATASET_NAME_LABEL: dataset},
+        parameters={"params": {"dataset": "{{ event.resource['" + DATASET_REF_LABEL + "'] }}"}},
+    )
+
+
 def build_deployments(
     settings: Settings,
     *,
@@ -68,13 +90,15 @@ def build_deployments(
     refresh_dataset: str | None = None,
     timezone: str | None = None,
     paused: bool = False,
+    train_on_publish: str | None = None,
 ) -> list:
     """The refresh (cron), train, pipeline and curation-experiment deployments, ready for ``prefect.serve``.
 
     ``refresh_location`` is where URL lists land (folder, glob or ``s3://`` prefix; unset:
     ``<storage>/incoming``), ``refresh_source`` the source name and ``refresh_dataset`` the dataset the
     refresh publishes (unset: ``RefreshParams``' defaults). The pipeline deployment's form starts from the
-    same refresh settings. Nothing here contacts the Prefect API.
+    same refresh settings. ``train_on_publish``: a dataset name whose new versions run the train deployment
+    (:func:`train_on_publish_trigger`). Nothing here contacts the Prefect API.
     """
     from prefect.deployments.runner import EntrypointType
 
@@ -82,6 +106,7 @@ def build_deployments(
 
     refresh = refresh_parameters(settings, refresh_location, refresh_source, refresh_dataset)
     common = dict(tags=TAGS, entrypoint_type=EntrypointType.MODULE_PATH)
+    train_triggers = [train_on_publish_trigger(train_on_publish)] if train_on_publish else []
     return [
         module.refresh_dataset.to_deployment(
             name=REFRESH_DEPLOYMENT,
@@ -94,6 +119,7 @@ def build_deployments(
         module.train.to_deployment(
             name=TRAIN_DEPLOYMENT,
             description="Contrastive pretraining then LoRA fine-tuning on a dataset version; registers both.",
+            triggers=train_triggers,
             **common,
         ),
         module.pipeline.to_deployment(
@@ -148,6 +174,7 @@ def serve_deployments(
     timezone: str | None = None,
     limit: int | None = None,
     api_url: str | None = None,
+    train_on_publish: str | None = None,
 ) -> None:
     """Serve the deployments to the Prefect server at ``PREFECT_API_URL`` (or ``api_url``) until stopped.
 
@@ -169,6 +196,7 @@ def serve_deployments(
         refresh_source=refresh_source,
         refresh_dataset=refresh_dataset,
         timezone=timezone,
+        train_on_publish=train_on_publish,
     )
     with temporary_settings(updates={PREFECT_API_URL: url}):
         prefect.serve(*deployments, pause_on_shutdown=False, limit=limit)

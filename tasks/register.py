@@ -3,9 +3,9 @@
 The logged model holds the ``save_pretrained`` folder at ``artifacts/model`` (what
 :func:`vlforge.registry.resolve_model_dir` loads), the optional LoRA adapter at ``artifacts/adapter``, the
 pyfunc wrapper (:class:`models.pyfunc.ClipPyfunc`, or :class:`models.vlm_pyfunc.VlmPyfunc` for a VLM) with its
-signature, and our ``models`` and ``vlforge``
-packages as code, so ``mlflow models serve --env-manager local`` and ``mlflow.pyfunc.load_model`` work from
-any process.
+signature, logged as code: the wrapper's modules ship under a package name no app uses
+(:mod:`models.pyfunc_code`), so ``mlflow models serve`` and ``mlflow.pyfunc.load_model`` work from any process,
+including an app with its own ``models``, ``tasks``, ``flows`` or ``vlforge`` modules, which stay as they were.
 
 The promotion rule (``tasks.promotion``): a new version becomes ``champion`` only when it beats the current
 champion on the same eval pairs beyond noise (paired bootstrap), and a fine-tune only when it also beats its base
@@ -14,8 +14,11 @@ on its domain without forgetting general data; otherwise ``challenger``. The rea
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -62,7 +65,15 @@ PYFUNCS = {
 }
 
 
-__all__ = ["CHALLENGER", "CHAMPION", "RegisteredModel", "register_model", "register_task"]
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "RegisteredModel",
+    "pyfunc_model_args",
+    "register_model",
+    "register_task",
+    "save_pyfunc",
+]
 
 
 @dataclass
@@ -85,12 +96,47 @@ def pip_requirements(extra: tuple[str, ...] = ()) -> list[str]:
     return reqs
 
 
-def _code_paths() -> list[str]:
-    import models.clip
-    import vlforge.settings
+@contextlib.contextmanager
+def pyfunc_model_args(pyfunc: str = "clip"):
+    """The arguments of ``mlflow.pyfunc.log_model``/``save_model`` that make the pyfunc of kind ``pyfunc``:
+    the wrapper as code (its modules staged under a unique package), signature, example and requirements.
 
-    # models may resolve as a namespace package (no __file__) through the editable install: use a module's path.
-    return [os.path.dirname(models.clip.__file__), os.path.dirname(vlforge.settings.__file__)]
+    MLflow runs the entry file while saving, so the staged package is importable inside the block; afterwards
+    this process's ``sys.path`` and modules are as they were (a later load imports the model's own copy)."""
+    from models.pyfunc_code import stage_pyfunc_code
+
+    module_name, class_name, extra = PYFUNCS[pyfunc]
+    module = importlib.import_module(module_name)
+    with tempfile.TemporaryDirectory(prefix="vlforge-pyfunc-code-") as staging:
+        code = stage_pyfunc_code(module_name, class_name, staging)
+        code_root = os.path.dirname(code.package_dir)
+        sys.path.insert(0, code_root)
+        try:
+            yield {
+                "python_model": code.entry_file,
+                "code_paths": [code.package_dir],
+                "signature": module.model_signature(),
+                "input_example": module.input_example(),
+                "pip_requirements": pip_requirements(extra),
+            }
+        finally:
+            if code_root in sys.path:
+                sys.path.remove(code_root)
+            for name in [m for m in sys.modules if m == code.package or m.startswith(code.package + ".")]:
+                del sys.modules[name]
+
+
+def save_pyfunc(path: str, model_dir: str, *, pyfunc: str = "clip", adapter_dir: str | None = None) -> str:
+    """Save ``model_dir`` (a ``save_pretrained`` folder) as the pyfunc model registration logs, at ``path``
+    on disk (no tracking server): what a consumer loads, for checks and exports."""
+    import mlflow.pyfunc
+
+    artifacts = {MODEL_ARTIFACT: model_dir}
+    if adapter_dir is not None:
+        artifacts[ADAPTER_ARTIFACT] = adapter_dir
+    with pyfunc_model_args(pyfunc) as args:
+        mlflow.pyfunc.save_model(path, artifacts=artifacts, **args)
+    return path
 
 
 def _stage(src: str, parent: str, name: str) -> str:
@@ -191,6 +237,7 @@ def register_model(
         general_margin=general_margin,
         evaluator=evaluator,
     )
+    _emit_events(name, version, decision, tags)
     return RegisteredModel(
         name=name,
         version=version,
@@ -199,6 +246,16 @@ def register_model(
         promoted=decision.alias == CHAMPION,
         decision=decision,
     )
+
+
+def _emit_events(name: str, version: str, decision: Decision, tags: dict[str, str]) -> None:
+    """``vlforge.model.registered`` and, when the version became champion, ``vlforge.model.promoted``."""
+    from tasks.events import emit_model_promoted, emit_model_registered
+
+    trained_on = {"dataset": tags.get(TAG_DATASET), "dataset_version": tags.get(TAG_DATASET_VERSION)}
+    emit_model_registered(name, version, alias=decision.alias, **trained_on)
+    if decision.alias == CHAMPION:
+        emit_model_promoted(name, version, reason=decision.reason, **trained_on)
 
 
 @dataclass(frozen=True)
@@ -249,26 +306,18 @@ def _log_into_run(
     client, run_id: str, *, name: str, artifacts: dict[str, str], links: _ModelLinks, pyfunc: str = "clip"
 ):
     """``mlflow.pyfunc.log_model`` inside run ``run_id`` with its links, leaving the run's status as it was."""
-    import importlib
-
     import mlflow
     from mlflow.entities import LoggedModelInput
 
-    module_name, class_name, extra = PYFUNCS[pyfunc]
-    module = importlib.import_module(module_name)
-
     def log_model():
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=getattr(module, class_name)(),
-            artifacts=artifacts,
-            signature=module.model_signature(),
-            input_example=module.input_example(),
-            code_paths=_code_paths(),
-            pip_requirements=pip_requirements(extra),
-            registered_model_name=name,
-            await_registration_for=60,
-        )
+        with pyfunc_model_args(pyfunc) as args:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                artifacts=artifacts,
+                registered_model_name=name,
+                await_registration_for=60,
+                **args,
+            )
         mlflow.log_metrics(links.metrics, model_id=info.model_id, dataset=links.eval_dataset)
         if links.base_model_id:
             mlflow.log_input(model=LoggedModelInput(links.base_model_id))

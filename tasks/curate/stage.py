@@ -230,6 +230,9 @@ def curate(
     from vlforge.tracking import run_url
 
     prefect_artifacts(dv, out.counts, manifest["scorer"], run_url(settings, run_id) if run_id else None)
+    from tasks.events import emit_dataset_published
+
+    emit_dataset_published(dv)  # what --train-on-publish triggers on
     return CurateResult(dv, out.counts, run_id, skipped=False, scored_rows=scored_rows)
 
 

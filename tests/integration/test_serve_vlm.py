@@ -1,4 +1,4 @@
-"""``mlflow models serve --env-manager local`` on a saved VLM pyfunc answers a REST request (base64 image,
+"""``mlflow models serve --env-manager local`` on a VLM pyfunc saved as registration logs it answers a REST request (base64 image,
 prompt, ``max_new_tokens`` param) with the same greedy text as the model in-process."""
 
 from __future__ import annotations
@@ -15,27 +15,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_models_serve_answers_with_generated_text(tmp_path):
-    import mlflow.pyfunc
-
-    import models.vlm
-    import vlforge.settings
     from models.clip import build_clip
     from models.vlm import build_vlm, save_vlm
     from models.vlm_eval import generate
-    from models.vlm_pyfunc import VlmPyfunc, input_example, model_signature
+    from tasks.register import save_pyfunc
 
     pairs = make_pairs(4, seed=31, size=32)
     clip = build_clip("clip-tiny", [p.caption for p in pairs])
     vlm = build_vlm("vlm-tiny", clip, [p.caption for p in pairs])
-    mlflow.pyfunc.save_model(
-        str(tmp_path / "pyfunc"),
-        python_model=VlmPyfunc(),
-        artifacts={"model": save_vlm(vlm, str(tmp_path / "vlm"))},
-        signature=model_signature(),
-        input_example=input_example(),
-        code_paths=[os.path.dirname(models.vlm.__file__), os.path.dirname(vlforge.settings.__file__)],
-        pip_requirements=["mlflow"],
-    )
+    save_pyfunc(str(tmp_path / "pyfunc"), save_vlm(vlm, str(tmp_path / "vlm")), pyfunc="vlm")
     prompts = ["What colour is the shape?", "Describe the image."]
     expected = generate(vlm, [p.image for p in pairs[:2]], prompts, 3)
 

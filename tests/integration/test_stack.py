@@ -1,22 +1,30 @@
-"""The compose topology, natively on loopback: Prefect server, MLflow server (SQLite backend, artifacts on S3),
-moto's S3 server standing in for MinIO, a Ray head. The pipeline flow (ingest, curate, pretrain, LoRA fine-tune)
-runs once against all of them, with its storage on s3:// and its URL list on S3, under distinctive ("canary")
-S3 credentials and a tracking URI that carries a password. Two tests read that one run:
+"""The compose topology, natively on loopback and started as compose starts it: PostgreSQL (databases made by
+``infra/postgres/init-databases.sh``) behind the Prefect server and the MLflow server (``infra/mlflow/entrypoint.sh``,
+artifacts proxied to S3), SeaweedFS as the S3 store (``infra/seaweedfs/entrypoint.sh``, bucket made by
+``create-buckets.sh``), a Ray head. Two pipeline flows (ingest, curate, pretrain, LoRA fine-tune) run at once
+against all of them, each on its own source and dataset but the same registered models, bucket and databases,
+with their storage on s3:// and their URL list on S3, under distinctive ("canary") S3 credentials, a Postgres
+password and a tracking URI that carries a password. Three tests read those runs:
 
-- ``test_pipeline_runs_on_the_native_stack``: the results are read back from each service;
-- ``test_no_secret_reaches_console_logs_mlflow_prefect_or_the_bucket``: the console (the run's and that of the
-  CLI's ``lineage``), every file the run wrote (its logs, Prefect's database, Ray's session), every MLflow param,
-  tag, metric name, artifact and model version, every Prefect artifact and every object in the bucket are
-  searched for the canaries. None may hold one.
+- ``test_pipeline_runs_on_the_native_stack``: the results are read back from each service, and the events
+  the stages emitted from the Prefect server;
+- ``test_two_concurrent_pipelines_lose_no_run_metric_or_version``: both complete; the registry holds a version
+  per run of each model, each from its own MLflow run with all its metrics;
+- ``test_no_secret_reaches_console_logs_mlflow_prefect_or_the_bucket``: the consoles (the runs' and that of
+  the CLI's ``lineage``), every file the runs wrote (their logs, Postgres's data folder, the Prefect server's
+  log, Ray's session), every MLflow param, tag, metric name, artifact and model version, every Prefect artifact
+  and every object in the bucket are searched for the canaries. None may hold one.
+
+The same commands run the stack by hand: docs/operations.md ("The stack without Docker").
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import os
 import secrets
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -26,7 +34,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.servers import BIN, background, base_env, free_port, log_tail, prefect_server
+from tests.integration.servers import (
+    BIN,
+    ROOT,
+    background,
+    base_env,
+    free_port,
+    log_tail,
+    postgres_server,
+    prefect_server,
+    seaweedfs_server,
+)
 from vlforge.demo.server import ImageServer, write_url_list
 from vlforge.demo.synth import make_pairs
 
@@ -36,9 +54,12 @@ BUCKET = "vlforge-stack"
 KEY_ID = "AKIACANARY" + secrets.token_hex(5).upper()
 SECRET = "canary-s3cr3t-" + secrets.token_hex(8)
 PASSWORD = "canary-pw-" + secrets.token_hex(8)
-CANARIES = (KEY_ID, SECRET, PASSWORD)
+PG_PASSWORD = "canary-pg-" + secrets.token_hex(8)
+PG_USER = "vlforge"
+CANARIES = (KEY_ID, SECRET, PASSWORD, PG_PASSWORD)
 S3_ENV = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
 URL_LIST = f"s3://{BUCKET}/incoming/list.csv"
+DATASETS = ("stack", "stack-b")  # one pipeline run each, at once
 
 # Runs in its own process (as `vlforge serve`'s flow runs do), so its Ray driver is the cluster's, not pytest's.
 PIPELINE_SCRIPT = textwrap.dedent(
@@ -55,23 +76,34 @@ PIPELINE_SCRIPT = textwrap.dedent(
 
 @dataclass
 class StackRun:
-    """The services (still up while the tests read them) and what the one pipeline run left."""
+    """The services (still up while the tests read them) and what the two pipeline runs left."""
 
-    endpoint: str  # moto's S3
+    endpoint: str  # SeaweedFS's S3
     tracking_uri: str  # the MLflow server, without the password
-    run_env: dict[str, str]  # the pipeline's environment (canary credentials, tracking URI with the password)
+    run_env: dict[str, str]  # the pipelines' environment (canary credentials, tracking URI with the password)
     prefect_api: str
-    work: Path  # everything the run and the Prefect server wrote: logs, PREFECT_HOME, Prefect's database
-    ray_temp_dir: Path  # the Ray head's sessions (the driver's and the workers' logs)
+    work: Path  # everything the runs and the servers wrote: logs, PREFECT_HOME, Postgres's data folder
+    ray_temp_dir: Path  # the Ray head's sessions (the drivers' and the workers' logs)
     image_hits: int
-    console: str
-    result: dict
+    console: str  # both runs' consoles
+    results: dict[str, dict]  # dataset -> the pipeline's result
+    pg: object  # servers.Postgres: the MLflow and Prefect databases
+
+    @property
+    def result(self) -> dict:
+        return self.results[DATASETS[0]]
 
 
 def s3_client(endpoint: str):
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET)
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+        region_name=S3_ENV["AWS_DEFAULT_REGION"],
+    )
 
 
 def s3_keys(client, prefix: str = "") -> list[str]:
@@ -90,66 +122,73 @@ def stack(tmp_path_factory):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _pipeline_params(dataset: str) -> dict:
+    return {
+        "refresh": {
+            "source": dataset,
+            "location": f"s3://{BUCKET}/incoming/",
+            "dataset": dataset,
+            "scorer": None,
+            "top_fraction": None,
+            "shard_size": 16,
+            "allowed_networks": ["127.0.0.1/32"],
+        },
+        "train": {
+            "dataset": dataset,
+            "epochs": 1,
+            "batch_size": 16,
+            "num_workers": 1,
+            "use_gpu": False,
+            "finetune_epochs": 1,
+        },
+    }
+
+
 def _run_pipeline_on_the_stack(tmp: Path, work: Path):
-    s3_port, mlflow_port, ray_port = free_port(), free_port(), free_port()
-    # moto on another loopback address than the images: the guard in the download workers (127.0.0.1/32
-    # allowed) must not stand in the way of their writes to the storage root.
-    endpoint = f"http://127.0.0.3:{s3_port}"
+    mlflow_port, ray_port = free_port(), free_port()
     tracking_uri = f"http://127.0.0.1:{mlflow_port}"
     secret_tracking_uri = f"http://canary:{PASSWORD}@127.0.0.1:{mlflow_port}"  # basic auth in the URI
     # Ray 2.5x+ clusters authenticate with a token: every node and driver of this stack gets the same one.
     ray_auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env = base_env(**S3_ENV, **ray_auth, VLFORGE_S3_ENDPOINT_URL=endpoint, MLFLOW_S3_ENDPOINT_URL=endpoint)
     ray_temp_dir = work / "ray"
-
-    moto_cmd = [str(BIN / "moto_server"), "-H", "127.0.0.3", "-p", str(s3_port)]
-    mlflow_cmd = [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-        "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--serve-artifacts",
-    ]  # fmt: skip
     ray_cmd = [
         str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(ray_port), "--num-cpus", "4",
         "--include-dashboard=false", "--dashboard-port", str(free_port()), "--disable-usage-stats",
         "--temp-dir", str(ray_temp_dir), "--block",
     ]  # fmt: skip
     with (
-        background("moto", moto_cmd, env, tmp / "moto.log") as moto,
-        prefect_server(work / "prefect") as prefect_api,
-        background("mlflow server", mlflow_cmd, env, tmp / "mlflow.log") as mlflow_server,
-        # A Ray node drains for up to 30 s on SIGTERM; nothing here needs draining.
-        background("ray head", ray_cmd, env, tmp / "ray.log", grace=3) as ray_head,
+        # Postgres's data folder is under `work`: the secrets search reads it.
+        postgres_server(work / "pg", PG_USER, PG_PASSWORD) as pg,
+        # SeaweedFS's data and its credentials file stay outside: the bucket is searched through S3.
+        seaweedfs_server(tmp / "seaweedfs", tmp / "seaweedfs-config", base_env(**S3_ENV), BUCKET) as sw,
+        prefect_server(work / "prefect", database_url=pg.url("prefect", "postgresql+asyncpg")) as prefect_api,
     ):
-        moto.wait_http(f"{endpoint}/moto-api/", 60)
-        s3 = s3_client(endpoint)
-        s3.create_bucket(Bucket=BUCKET)
-        mlflow_server.wait_http(f"{tracking_uri}/health", 120)
-        wait_for_ray(ray_port, env, ray_head)
-
-        # A URL list on S3 pointing at images served on loopback.
-        pairs = make_pairs(48, 0.0, seed=11, prefix="stack")
-        with ImageServer() as images:
-            local_list = write_url_list(str(tmp / "list.csv"), pairs, images.add_pairs(pairs))
-            s3.upload_file(local_list, BUCKET, "incoming/list.csv")
-            params = {
-                "refresh": {
-                    "source": "stack",
-                    "location": f"s3://{BUCKET}/incoming/",
-                    "dataset": "stack",
-                    "scorer": None,
-                    "top_fraction": None,
-                    "shard_size": 16,
-                    "allowed_networks": ["127.0.0.1/32"],
-                },
-                "train": {
-                    "dataset": "stack",
-                    "epochs": 1,
-                    "batch_size": 16,
-                    "num_workers": 1,
-                    "use_gpu": False,
-                    "finetune_epochs": 1,
-                },
-            }
+        env = base_env(
+            **S3_ENV, **ray_auth, VLFORGE_S3_ENDPOINT_URL=sw.endpoint, MLFLOW_S3_ENDPOINT_URL=sw.endpoint
+        )
+        # compose's MLflow service: its entrypoint and environment, on loopback.
+        mlflow_env = dict(
+            env,
+            PATH=str(BIN) + os.pathsep + env.get("PATH", ""),
+            POSTGRES_USER=PG_USER,
+            POSTGRES_PASSWORD=PG_PASSWORD,
+            POSTGRES_HOST=pg.host,
+            POSTGRES_PORT=str(pg.port),
+            MLFLOW_DB="mlflow",
+            S3_BUCKET=BUCKET,
+            MLFLOW_HOST="127.0.0.1",
+            MLFLOW_PORT=str(mlflow_port),
+            MLFLOW_WORKERS="2",
+        )
+        mlflow_cmd = ["sh", str(ROOT / "infra/mlflow/entrypoint.sh")]
+        with (
+            background("mlflow server", mlflow_cmd, mlflow_env, tmp / "mlflow.log") as mlflow_server,
+            # A Ray node drains for up to 30 s on SIGTERM; nothing here needs draining.
+            background("ray head", ray_cmd, env, tmp / "ray.log", grace=3) as ray_head,
+        ):
+            s3 = s3_client(sw.endpoint)
+            mlflow_server.wait_http(f"{tracking_uri}/health", 120)
+            wait_for_ray(ray_port, env, ray_head)
             run_env = dict(
                 env,
                 PREFECT_API_URL=prefect_api,
@@ -158,32 +197,54 @@ def _run_pipeline_on_the_stack(tmp: Path, work: Path):
                 MLFLOW_TRACKING_URI=secret_tracking_uri,
                 VLFORGE_RAY_ADDRESS=f"127.0.0.1:{ray_port}",
             )
-            with background(
-                "pipeline",
-                [sys.executable, "-c", PIPELINE_SCRIPT, json.dumps(params)],
+            # A URL list on S3 pointing at images served on loopback.
+            pairs = make_pairs(48, 0.0, seed=11, prefix="stack")
+            with ImageServer() as images:
+                local_list = write_url_list(str(tmp / "list.csv"), pairs, images.add_pairs(pairs))
+                s3.upload_file(local_list, BUCKET, "incoming/list.csv")
+                consoles, results = _run_pipelines_at_once(run_env, work)
+            yield StackRun(
+                sw.endpoint,
+                tracking_uri,
                 run_env,
-                work / "pipeline.log",
-                cwd=work,
-            ) as run:
-                try:
-                    run.proc.wait(480)
-                except subprocess.TimeoutExpired:
-                    run.fail("pipeline did not finish within 480 s")
-                if run.proc.returncode != 0:
-                    run.fail(f"pipeline exited with {run.proc.returncode}")
-        console = log_tail(run.log, 10_000_000)
-        result = json.loads(console.split("PIPELINE-RESULT ", 1)[1].splitlines()[0])
-        yield StackRun(
-            endpoint,
-            tracking_uri,
-            run_env,
-            prefect_api,
-            work,
-            ray_temp_dir,
-            len(images.hits),
-            console,
-            result,
-        )
+                prefect_api,
+                work,
+                ray_temp_dir,
+                len(images.hits),
+                "\n".join(consoles.values()),
+                results,
+                pg,
+            )
+
+
+def _run_pipelines_at_once(run_env: dict, work: Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """One pipeline process per dataset, started together; each must finish (480 s) and exit 0."""
+    import contextlib
+
+    consoles, results = {}, {}
+    with contextlib.ExitStack() as stack:
+        runs = {
+            dataset: stack.enter_context(
+                background(
+                    f"pipeline {dataset}",
+                    [sys.executable, "-c", PIPELINE_SCRIPT, json.dumps(_pipeline_params(dataset))],
+                    run_env,
+                    work / f"pipeline-{dataset}.log",
+                    cwd=work,
+                )
+            )
+            for dataset in DATASETS
+        }
+        for dataset, run in runs.items():
+            try:
+                run.proc.wait(480)
+            except subprocess.TimeoutExpired:
+                run.fail("pipeline did not finish within 480 s")
+            if run.proc.returncode != 0:
+                run.fail(f"pipeline exited with {run.proc.returncode}")
+            consoles[dataset] = log_tail(run.log, 10_000_000)
+            results[dataset] = json.loads(consoles[dataset].split("PIPELINE-RESULT ", 1)[1].splitlines()[0])
+    return consoles, results
 
 
 def test_pipeline_runs_on_the_native_stack(stack, monkeypatch):
@@ -214,9 +275,9 @@ def test_pipeline_runs_on_the_native_stack(stack, monkeypatch):
     for name in (tracking.PRETRAINED_MODEL, tracking.LORA_MODEL):
         versions = client.search_model_versions(f"name = '{name}'")
         assert versions, f"{name} is not registered"
-        run_info = client.get_run(versions[0].run_id)
-        assert run_info.data.tags.get(tracking.TAG_DATASET) == "stack"
-        assert tracking.TAG_FLOW_RUN in run_info.data.tags
+        runs = [client.get_run(v.run_id) for v in versions]
+        assert {r.data.tags.get(tracking.TAG_DATASET) for r in runs} == set(DATASETS)
+        assert all(tracking.TAG_FLOW_RUN in r.data.tags for r in runs)
     assert s3_keys(s3, "mlartifacts/"), "no MLflow artifact reached S3"
 
     # Ray Train wrote its checkpoints to the storage root on S3: pretrain's model and LoRA's adapter,
@@ -226,8 +287,69 @@ def test_pipeline_runs_on_the_native_stack(stack, monkeypatch):
     assert any(k.endswith("/model/model.safetensors") for k in ckpts), ckpts[:10]
     assert any("/adapter/" in k for k in ckpts), ckpts[:10]
 
-    # The flow run is recorded by the Prefect server.
-    assert_pipeline_completed(stack.prefect_api)
+    # The registry lives in Postgres (the MLflow server's backend store).
+    rows = pg_rows(stack.pg, "mlflow", "SELECT name, version FROM model_versions")
+    assert {name for name, _ in rows} >= {tracking.PRETRAINED_MODEL, tracking.LORA_MODEL}, rows
+
+    # The flow runs are recorded by the Prefect server, in Postgres too.
+    assert_pipelines_completed(stack.prefect_api)
+    assert pg_rows(stack.pg, "prefect", "SELECT count(*) FROM flow_run WHERE name IS NOT NULL")[0][0] >= 2
+
+    # Where the stages meet: curate announced each version, registration each model version (and champions).
+    # The server persists events in batches (every few seconds): wait for the last registrations'.
+    events = read_events(stack.prefect_api, "vlforge.", until=lambda evs: len(evs) >= 2 * len(DATASETS) + 2)
+    published = {
+        e["resource"]["vlforge.dataset.ref"]: e for e in events if e["event"] == "vlforge.dataset.published"
+    }
+    for result in stack.results.values():
+        ref = result["refresh"]["dataset_version"]
+        assert ref in published, (ref, sorted(published))
+        version = resolve_dataset(settings, ref)
+        assert published[ref]["payload"]["content_hash"] == version.manifest["content_hash"]
+        assert published[ref]["payload"]["counts"] == version.manifest["counts"]
+    registered = [e for e in events if e["event"] == "vlforge.model.registered"]
+    assert {e["resource"]["prefect.resource.id"] for e in registered} == {
+        f"vlforge.model.{v.name}/{v.version}"
+        for name in (tracking.PRETRAINED_MODEL, tracking.LORA_MODEL)
+        for v in client.search_model_versions(f"name = '{name}'")
+    }
+    assert all(any(r["prefect.resource.role"] == "training-data" for r in e["related"]) for e in registered)
+    champions = {(v.name, v.version) for v in _champions(client)}
+    promoted = {
+        (e["resource"]["vlforge.model.name"], e["resource"]["vlforge.model.version"])
+        for e in events
+        if e["event"] == "vlforge.model.promoted"
+    }
+    assert champions <= promoted, (champions, promoted)
+
+
+def test_two_concurrent_pipelines_lose_no_run_metric_or_version(stack):
+    from mlflow import MlflowClient
+
+    from tasks.promotion import VS_CHAMPION
+    from vlforge import tracking
+
+    assert set(stack.results) == set(DATASETS)
+    client = MlflowClient(tracking_uri=stack.tracking_uri, registry_uri=stack.tracking_uri)
+    for name in (tracking.PRETRAINED_MODEL, tracking.LORA_MODEL):
+        versions = client.search_model_versions(f"name = '{name}'")
+        # One version per run, numbered without a gap or a repeat, each from its own MLflow run.
+        assert sorted(int(v.version) for v in versions) == [1, 2], [v.version for v in versions]
+        runs = [client.get_run(v.run_id) for v in versions]
+        assert len({r.info.run_id for r in runs}) == 2
+        assert sorted(r.data.tags.get(tracking.TAG_DATASET) for r in runs) == sorted(DATASETS)
+        # Every training metric one run logged, the other logged too (none lost to the other's writes). The
+        # comparison with the champion only the later registration has, so those are left out.
+        metric_names = [{m for m in r.data.metrics if not m.startswith(VS_CHAMPION)} for r in runs]
+        assert metric_names[0] and metric_names[0] == metric_names[1], metric_names
+        assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    # Both pipelines' results name what the registry holds.
+    registered = {
+        (name, v.version)
+        for name in (tracking.PRETRAINED_MODEL, tracking.LORA_MODEL)
+        for v in client.search_model_versions(f"name = '{name}'")
+    }
+    assert len(registered) == 4
 
 
 def test_no_secret_reaches_console_logs_mlflow_prefect_or_the_bucket(stack, tmp_path):
@@ -242,13 +364,16 @@ def test_no_secret_reaches_console_logs_mlflow_prefect_or_the_bucket(stack, tmp_
     file_found, n_files = files_leaks(stack.work)
     bucket_found, keys = bucket_leaks(s3)
     mlflow_found, runs = mlflow_leaks(stack.tracking_uri, tmp_path / "artifacts")
-    prefect_found, n_artifacts = prefect_artifact_leaks(stack.work / "prefect")
+    prefect_found, n_artifacts = prefect_artifact_leaks(stack.prefect_api)
     found += file_found + bucket_found + mlflow_found + prefect_found
     assert not found, "a secret leaked:\n" + "\n".join(found)
     # What was searched is what the run wrote: the stages ran against these services.
     assert f"url list {URL_LIST}" in console and n_files > 0
     assert list(stack.ray_temp_dir.rglob("session_*/logs/*")), (
         "Ray's session logs were not where they were searched"
+    )
+    assert list((stack.work / "pg").rglob("base/*/*")), (
+        "Postgres's data files were not where they were searched"
     )
     assert any(k.startswith("vlforge/raw/stack/") and k.endswith("_SUCCESS") for k in keys)
     assert any(k.startswith("vlforge/datasets/stack/") and k.endswith("manifest.json") for k in keys)
@@ -274,14 +399,64 @@ def wait_for_ray(port: int, env: dict, head, timeout: float = 120) -> None:
     head.fail(f"the Ray head on port {port} was not healthy within {timeout:.0f} s")
 
 
-def assert_pipeline_completed(api_url: str) -> None:
+def _prefect_client(api_url: str):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        return get_client(sync_client=True)
+
+
+def assert_pipelines_completed(api_url: str) -> None:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with _prefect_client(api_url) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])))
-    assert [r.state.type.value for r in runs] == ["COMPLETED"]
+    assert [r.state.type.value for r in runs] == ["COMPLETED"] * len(DATASETS)
+
+
+def read_events(api_url: str, prefix: str, until=lambda events: True, timeout: float = 30) -> list[dict]:
+    """The events whose name starts with ``prefix`` (the last day's, as the Prefect server stores them), once
+    ``until(events)`` holds or ``timeout`` seconds have passed."""
+    import time
+
+    import httpx
+
+    body = {"filter": {"event": {"prefix": [prefix]}}, "limit": 50}  # the most one page holds
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.post(f"{api_url}/events/filter", json=body, timeout=30)
+        response.raise_for_status()
+        events = response.json()["events"]
+        if until(events) or time.monotonic() > deadline:
+            return events
+        time.sleep(1)
+
+
+def _champions(client):
+    from mlflow.exceptions import MlflowException
+
+    from vlforge import tracking
+
+    out = []
+    for name in (tracking.PRETRAINED_MODEL, tracking.LORA_MODEL):
+        try:
+            out.append(client.get_model_version_by_alias(name, "champion"))
+        except MlflowException:
+            pass
+    return out
+
+
+def pg_rows(pg, database: str, sql: str) -> list[tuple]:
+    import psycopg2
+
+    con = psycopg2.connect(host=pg.host, port=pg.port, user=pg.user, password=pg.password, dbname=database)
+    try:
+        with con.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall()
+    finally:
+        con.close()
 
 
 def leaks(where: str, data: bytes | str) -> list[str]:
@@ -348,11 +523,10 @@ def mlflow_leaks(tracking_uri: str, download_to: Path) -> tuple[list[str], dict[
     return found, runs_per_experiment
 
 
-def prefect_artifact_leaks(prefect_dir: Path) -> tuple[list[str], int]:
-    found, n = [], 0
-    for db in prefect_dir.rglob("*.db"):
-        with sqlite3.connect(db) as con:
-            for key, data, description in con.execute("SELECT key, data, description FROM artifact"):
-                n += 1
-                found += leaks(f"prefect artifact {key}", f"{data} {description}")
-    return found, n
+def prefect_artifact_leaks(api_url: str) -> tuple[list[str], int]:
+    found = []
+    with _prefect_client(api_url) as client:
+        artifacts = client.read_artifacts()
+    for artifact in artifacts:
+        found += leaks(f"prefect artifact {artifact.key}", f"{artifact.data} {artifact.description}")
+    return found, len(artifacts)

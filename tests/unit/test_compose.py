@@ -45,8 +45,8 @@ def as_list(command) -> list[str]:
 def test_has_the_services_of_the_topology(services):
     expected = {
         "postgres",
-        "minio",
-        "minio-init",
+        "seaweedfs",
+        "seaweedfs-init",
         "prefect-server",
         "mlflow",
         "ray-head",
@@ -98,7 +98,7 @@ def test_environment_has_no_literal_secrets(services):
 
 def test_required_secrets_fail_fast_when_unset():
     text = COMPOSE.read_text()
-    for var in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "RAY_AUTH_TOKEN"):
+    for var in ("POSTGRES_PASSWORD", "S3_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN"):
         assert re.search(r"\$\{" + var + r":\?", text), f"{var} must be required (${{{var}:?...}})"
 
 
@@ -135,7 +135,7 @@ def test_published_ports(services):
         for port in svc.get("ports") or []:
             host, _, container = str(port).rpartition(":")
             published[(name, int(container))] = host
-    for name, port in [("prefect-server", 4200), ("mlflow", 5000), ("minio", 9000), ("ray-head", 8265)]:
+    for name, port in [("prefect-server", 4200), ("mlflow", 5000), ("seaweedfs", 8333), ("ray-head", 8265)]:
         assert (name, port) in published, f"{name} does not publish {port}"
     hosts = list(published.values())
     assert len(hosts) == len(set(hosts)), "two services publish the same host port"
@@ -151,13 +151,22 @@ def test_postgres_creates_prefect_and_mlflow_databases(services):
     assert "CREATE DATABASE" in script and "PREFECT_DB" in script and "MLFLOW_DB" in script
 
 
-def test_minio_bucket_is_created_before_its_users(services):
-    init = services["minio-init"]
-    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+def test_seaweedfs_bucket_is_created_before_its_users(services):
+    init = services["seaweedfs-init"]
+    assert init["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
     script = (ROOT / init["volumes"][0].split(":")[0]).read_text()
-    assert "mc mb --ignore-existing" in script
+    assert "s3.bucket.create -name" in script
     for user in ("mlflow", "vlforge", "ray-head"):
-        assert services[user]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+        assert services[user]["depends_on"]["seaweedfs-init"]["condition"] == "service_completed_successfully"
+
+
+def test_seaweedfs_is_the_apache_licensed_image_with_its_s3_identity_from_env(services):
+    svc = services["seaweedfs"]
+    assert svc["image"].startswith("chrislusf/seaweedfs:")
+    assert svc["environment"]["AWS_SECRET_ACCESS_KEY"].startswith("${S3_SECRET_ACCESS_KEY:?")
+    entrypoint = (ROOT / "infra/seaweedfs/entrypoint.sh").read_text()
+    assert "weed server" in entrypoint and "-s3.config=" in entrypoint and "umask 077" in entrypoint
+    assert "-s3.port=8333" in svc["command"]
 
 
 def test_prefect_server_runs_on_postgres(services):
@@ -168,15 +177,16 @@ def test_prefect_server_runs_on_postgres(services):
     assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
-def test_mlflow_server_uses_postgres_and_minio(services):
+def test_mlflow_server_uses_postgres_and_seaweedfs(services):
     svc = services["mlflow"]
     entrypoint = (ROOT / "infra/mlflow/entrypoint.sh").read_text()
     assert "mlflow server" in entrypoint
     assert (
-        re.search(r"--backend-store-uri \"\$backend\"", entrypoint) and 'backend="postgresql://' in entrypoint
+        re.search(r"--backend-store-uri \"\$backend\"", entrypoint)
+        and 'backend="postgresql+psycopg2://' in entrypoint
     )
     assert '--artifacts-destination "s3://${S3_BUCKET}/mlartifacts"' in entrypoint
-    assert svc["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert svc["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
     dockerfile = (ROOT / svc["build"]["dockerfile"]).read_text()
     assert "psycopg2" in dockerfile and "boto3" in dockerfile
 
@@ -189,7 +199,7 @@ def test_vlforge_serves_against_the_services(services):
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["VLFORGE_STORAGE"].startswith("s3://")
-    assert env["VLFORGE_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert env["VLFORGE_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
     assert env["VLFORGE_RAY_ADDRESS"] == "ray-head:6379"
     for dep in ("prefect-server", "mlflow", "ray-head"):
         assert svc["depends_on"][dep]["condition"] == "service_healthy"
@@ -256,7 +266,7 @@ def test_dockerignore_keeps_secrets_and_state_out():
     sorted(
         p.relative_to(ROOT).as_posix()
         for p in (ROOT / "infra").glob("*/*.sh")
-        if p.parent.name in ("postgres", "minio", "mlflow", "ray", "vlforge")
+        if p.parent.name in ("postgres", "seaweedfs", "mlflow", "ray", "vlforge")
     ),
 )
 def test_infra_scripts_parse(script):
