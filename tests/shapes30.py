@@ -205,6 +205,8 @@ def train_in_process(
         **{k: v.numpy() for k, v in bundle.tokenize([p.caption for p in pairs], fixed_length=True).items()},
     }
     model = bundle.model.train()
+    # The adapters' initial weights (adapt) are drawn from the seed, as on a training worker.
+    torch.manual_seed(seed)
     if adapt is not None:
         model = bundle.model = adapt(model)
     if logit_scale is not None:
@@ -220,9 +222,8 @@ def train_in_process(
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     steps_per_epoch = len(pairs) // batch_size
     scheduler = cosine_with_warmup(optimizer, warmup_steps, steps_per_epoch * epochs)
-    torch.manual_seed(seed)
     for epoch in range(epochs):
-        batch = augment_batch({k: v.copy() for k, v in data.items()}, seed=seed + epoch)
+        batch = augment_batch({k: v.copy() for k, v in data.items()}, seed=seed, epoch=epoch)
         for i in range(steps_per_epoch):
             part = {k: torch.from_numpy(v[i * batch_size : (i + 1) * batch_size]) for k, v in batch.items()}
             out = model(**part)
