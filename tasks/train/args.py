@@ -149,7 +149,8 @@ class FinetuneArgs(TrainArgs):
     general_margin: float = Field(
         defaults.GENERAL_MARGIN,
         ge=0,
-        description="How much the fine-tune may lose on the general set and still be promoted.",
+        description="How much the fine-tune may lose on the general set: promoted only when the lower 95% bound of "
+        "its difference from the base there lies above minus this.",
     )
     prompt_col: str = Field("prompt", description="VLM recipes: the column holding each row's instruction.")
     response_col: str = Field("response", description="VLM recipes: the column holding each row's answer.")
