@@ -117,12 +117,21 @@ def published_pairs(args, settings):
     from tests.helpers import publish_pairs
     from tests.shapes30 import make_shape_pairs
 
-    pool = make_shape_pairs(int(args.pairs / (1 - args.eval_fraction)) + 60, seed=args.seed)
+    pool = make_shape_pairs(
+        int(args.pairs / (1 - args.eval_fraction)) + 60, seed=args.seed, colours=palette(args)
+    )
     train = [p for p in pool if not is_eval_key(p.key, args.eval_fraction)][: args.pairs]
     keys = {p.key for p in train}
     held = [p for p in pool if p.key not in keys and is_eval_key(p.key, args.eval_fraction)]
     publish_pairs(settings, "shapes30", train + held)
     return train
+
+
+def palette(args) -> dict:
+    """The colours drawn: the tuning palette, or with ``--heldout`` the one the CI tests assert on."""
+    from tests.shapes30 import COLOURS, HELDOUT_COLOURS
+
+    return HELDOUT_COLOURS if args.heldout else COLOURS
 
 
 def main() -> None:
@@ -142,13 +151,26 @@ def main() -> None:
     ap.add_argument("--eval-fraction", type=float, default=0.1, help="--via pretrain: its held-out share")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    ap.add_argument(
+        "--heldout",
+        action="store_true",
+        help="report on the held-out palette and seeds the CI tests assert on (tests/shapes30.py HELDOUT_*): "
+        "for reporting a chosen recipe only, never for choosing one; pass --seeds 7001,7002,7003",
+    )
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     import torch
 
-    from tests.shapes30 import make_shape_pairs, top_cut, zeroshot
+    from tests.shapes30 import (
+        HELDOUT_SEEDS,
+        TUNING_POOL_SEED,
+        TUNING_TEST_SEED,
+        make_shape_pairs,
+        top_cut,
+        zeroshot,
+    )
 
     torch.set_num_threads(max(1, args.threads))
     tmp = tempfile.mkdtemp(prefix="vlforge-bench-recipe-")
@@ -159,8 +181,14 @@ def main() -> None:
         from vlforge.settings import get_settings
 
         settings = get_settings()
-    test = make_shape_pairs(args.test, seed=1000, prefix="test")
-    pool = make_shape_pairs(args.pool, seed=2000, wrong_fraction=0.4, prefix="pool")
+    colours = palette(args)
+    test_seed, pool_seed = (
+        (HELDOUT_SEEDS["test"], HELDOUT_SEEDS["pool"])
+        if args.heldout
+        else (TUNING_TEST_SEED, TUNING_POOL_SEED)
+    )
+    test = make_shape_pairs(args.test, seed=test_seed, prefix="test", colours=colours)
+    pool = make_shape_pairs(args.pool, seed=pool_seed, wrong_fraction=0.4, prefix="pool", colours=colours)
 
     rows = []
     header = f"{'recipe':<15} {'seed':>4} {'px':>4} {'patch':>5} {'params':>8} {'s/epoch':>8} {'zero-shot':>9} {'P@60%':>6} {'R@60%':>6}"
@@ -170,7 +198,7 @@ def main() -> None:
         if args.via == "pretrain":
             train = published_pairs(args, settings)
         else:
-            train = make_shape_pairs(args.pairs, seed=seed)
+            train = make_shape_pairs(args.pairs, seed=seed, colours=colours)
         for name in args.only.split(","):
             recipe = candidate_recipe(name, tmp)
             if args.via == "pretrain":
@@ -185,7 +213,7 @@ def main() -> None:
             precision, recall = top_cut(bundle, pool)
             row = dict(recipe=name, seed=seed, px=recipe.image_size, patch=recipe.patch_size,
                        params=params_of(recipe), s_per_epoch=round(per_epoch, 2),
-                       zeroshot=round(zeroshot(bundle, test), 3), precision=round(precision, 3),
+                       zeroshot=round(zeroshot(bundle, test, colours), 3), precision=round(precision, 3),
                        recall=round(recall, 3))  # fmt: skip
             rows.append(row)
             print(
@@ -199,7 +227,7 @@ def main() -> None:
             vals = [r[key] for r in mine]
             print(f"{name}: {key} mean {sum(vals) / len(vals):.3f}, min {min(vals):.3f}, max {max(vals):.3f}")
     out = dict(
-        rows=rows, via=args.via, pairs=args.pairs, seeds=args.seeds, epochs=args.epochs, test=args.test, pool=args.pool,
+        rows=rows, via=args.via, heldout=args.heldout, pairs=args.pairs, seeds=args.seeds, epochs=args.epochs, test=args.test, pool=args.pool,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, cpus=os.cpu_count(),
         load_avg_1m=round(os.getloadavg()[0], 1), platform=platform.platform(),
     )  # fmt: skip

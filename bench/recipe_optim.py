@@ -63,7 +63,7 @@ def multi_positive_loss(image, text, logit_scale, input_ids):
 def main() -> None:
     import torch
 
-    from tests.shapes30 import make_shape_pairs, train_in_process, zeroshot
+    from tests.shapes30 import TUNING_TEST_SEED, make_shape_pairs, train_in_process, zeroshot
 
     opts = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     torch.set_num_threads(int(opts.get("threads", 1)))
@@ -85,7 +85,7 @@ def main() -> None:
         ),
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    test = zeroshot(bundle, make_shape_pairs(600, seed=1000, prefix="test"))
+    test = zeroshot(bundle, make_shape_pairs(600, seed=TUNING_TEST_SEED, prefix="test"))
     train = zeroshot(bundle, pairs[:400])
     print(
         f"{json.dumps(opts)}: zero-shot {test:.3f}, train {train:.3f}, last loss {last['loss']:.3f}, "

@@ -467,6 +467,8 @@ def demo(
         if what.startswith("VLM"):  # its figures and the same model on a blank image: is the image used?
             for line in _figures(summary["metrics"][what]):
                 out.print(f"  {line}", highlight=False)
+    for note in summary.get("notes", []):
+        out.print(f"note: {note}", highlight=False)
     for stage, run_id in summary["runs"].items():
         out.print(f"MLflow run ({stage}): {run_id}")
     out.print(f"MLflow UI: mlflow ui --backend-store-uri {redact(s.tracking_uri)}")

@@ -3,9 +3,11 @@
 A new version becomes ``champion`` only when it beats the current champion on the same eval pairs by a
 paired-bootstrap margin whose 95% interval lies above zero (on the primary metric: zero-shot accuracy when the
 data has labels, else mean recall); otherwise it becomes ``challenger``. A fine-tune is also compared with
-**its base**: it must beat the base on its domain eval set (interval above zero) and may not lose more than
-``general_margin`` (point estimate of the paired difference) on a general eval set, by default the base's own
-held-out data. The first version of a registered model has nothing to be compared with: it becomes champion
+**its base**: it must beat the base on its domain eval set (interval above zero) and be shown not to lose more
+than ``general_margin`` on a general eval set, by default the base's own held-out data: a non-inferiority test,
+passed when the lower bound of the 95% interval of (fine-tune - base) lies above ``-general_margin``. A point loss
+under the margin is not enough: on few or noisy general pairs the interval is wide, and a fine-tune that may
+have forgotten more than the margin is not promoted on the chance that it did not. The first version of a registered model has nothing to be compared with: it becomes champion
 (a fine-tune only when it passes the gate against its base), and its tags say so.
 
 Every figure goes into the version's tags, the training run's metrics and the returned :class:`Decision`, which
@@ -112,6 +114,12 @@ class Decision:
         return asdict(self)
 
 
+def keeps_general_data(vs_base_general: Comparison, general_margin: float) -> bool:
+    """Non-inferiority on the general set: the lower 95% bound of (fine-tune - base) lies above
+    ``-general_margin`` (a loss of more than the margin is ruled out, not merely unlikely on the point)."""
+    return vs_base_general.difference.low > -general_margin
+
+
 def decide(
     vs_champion: Comparison | None,
     *,
@@ -137,14 +145,19 @@ def decide(
                 f"does not beat its base on the domain beyond noise ({vs_base_domain.metric} difference "
                 f"{vs_base_domain.difference}; the 95% interval must lie above 0)"
             )
-        if vs_base_general.difference.value < -general_margin:
+        if not keeps_general_data(vs_base_general, general_margin):
+            diff = vs_base_general.difference
             return challenger(
-                f"forgets general data: {vs_base_general.metric} {vs_base_general.difference.value:+.4f} "
-                f"against its base, more than the margin {general_margin:g} (interval "
-                f"[{vs_base_general.difference.low:.4f}, {vs_base_general.difference.high:.4f}])"
+                f"forgets general data: {vs_base_general.metric} {diff.value:+.4f} against its base, and the 95% "
+                f"interval [{diff.low:+.4f}, {diff.high:+.4f}] reaches below -{general_margin:g} (non-inferiority: "
+                f"its lower bound must lie above minus the margin {general_margin:g})"
             )
     if not has_champion:
-        gate = "; beats its base on the domain and keeps general data within the margin" if fine_tune else ""
+        gate = (
+            "; beats its base on the domain and keeps general data within the margin (95% lower bound)"
+            if fine_tune
+            else ""
+        )
         return Decision(
             CHAMPION, f"first version: no champion to compare with, so not shown better than one{gate}", done
         )

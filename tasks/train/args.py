@@ -35,8 +35,8 @@ class TrainArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: Epochs = 10
-    # Pretraining's batch, peak rate and warmup, chosen for the default recipe (clip-conv-64) on a held-out task
-    # (BENCHMARKS.md "Recipes"): small batches give a few hundred pairs enough optimizer steps to learn shapes, and
+    # Pretraining's batch, peak rate and warmup, chosen for the default recipe (clip-conv-64) on tests/shapes30.py's
+    # tuning data (BENCHMARKS.md "Recipes"): small batches give a few hundred pairs enough optimizer steps to learn shapes, and
     # at a higher rate (1e-3, or 2e-3 at batch 16) runs more often stayed at colours only. clip-tiny was measured at
     # batch 32, lr 3e-3, 10 warmup steps.
     batch_size: BatchSize = 8
@@ -156,7 +156,8 @@ class FinetuneArgs(TrainArgs):
     general_margin: float = Field(
         defaults.GENERAL_MARGIN,
         ge=0,
-        description="How much the fine-tune may lose on the general set and still be promoted.",
+        description="How much the fine-tune may lose on the general set: promoted only when the lower 95% bound of "
+        "its difference from the base there lies above minus this.",
     )
     prompt_col: str = Field("prompt", description="VLM recipes: the column holding each row's instruction.")
     response_col: str = Field("response", description="VLM recipes: the column holding each row's answer.")

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -398,8 +398,13 @@ def tensor_dataset(
 ):
     """The training tensors of any recipe: ``columns`` of the version through ``preprocess`` (a Ray Data batch
     function dropping held-out rows, ``fn_kwargs`` its settings; ``row_bytes`` the size of a row it makes), then
-    a new order and random flips every epoch."""
+    a new order and random flips every epoch, drawn from ``seed`` (see :func:`augment_batch`)."""
+    from ray.data import RandomSeedConfig
+
     ds = read_parquet_dataset(dv, columns)
+    # Reproducible from ``seed``: blocks leave every operator in the order they entered it (files, then rows), not
+    # in the order tasks finish, so each map batch below holds the same rows in every run.
+    ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(preprocess, batch_format="numpy", batch_size=64, fn_kwargs=fn_kwargs)
     # Decoding and tokenising once (not every epoch) matters on small machines; the random augmentation
     # below runs again on every epoch's pass over the materialised tensors. A version whose tensors would not
@@ -407,7 +412,9 @@ def tensor_dataset(
     ds = materialize_within_budget(ds, dv, row_bytes)
     # Per-epoch shuffling here rather than iter_torch_batches' local shuffle buffer, which re-concatenates
     # tensor columns on the training process for every batch (it made each step ~3x slower on CPU).
-    ds = ds.randomize_block_order(seed=None)
+    # The block order is drawn from the seed and Ray Data's execution index of this dataset (one execution per
+    # epoch): a new order every epoch, the same orders in every run with the same seed.
+    ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=_seed32(seed), reseed_after_execution=True))
     ds = ds.map_batches(
         augment_batch, batch_format="numpy", batch_size=256, fn_kwargs={"seed": seed, "flip": flip}
     )
@@ -415,6 +422,7 @@ def tensor_dataset(
     # redrawing bars every epoch only fills the log (the decode pass above has shown its bar already). This
     # context belongs to the dataset (and its materialised parent), not to the driver: its DataContext keeps bars.
     ds.context.enable_progress_bars = False
+    ds.context.execution_options.preserve_order = True  # the per-epoch passes too (see above)
     return ds
 
 
@@ -432,10 +440,18 @@ def read_parquet_dataset(dv: DatasetVersion, columns: list[str]):
     return ray.data.read_parquet(files, columns=columns, **kwargs)
 
 
-def augment_batch(batch: dict[str, np.ndarray], *, seed: int = 0, flip: bool = True) -> dict[str, np.ndarray]:
+def augment_batch(
+    batch: dict[str, np.ndarray], *, seed: int = 0, flip: bool = True, epoch: int | None = None
+) -> dict[str, np.ndarray]:
     """Shuffle rows (a new order every epoch) and flip images at random: colours and shapes survive a
-    horizontal flip (no caption names left or right)."""
-    rng = np.random.default_rng([seed, int.from_bytes(os.urandom(4), "little")])
+    horizontal flip (no caption names left or right).
+
+    The draws are a function of ``seed``, ``epoch`` and the batch's content, nothing else, so a training is
+    reproducible from its seed. ``epoch`` defaults to Ray Data's execution index of the dataset this runs in
+    (each epoch's pass over the training data is one execution)."""
+    if epoch is None:
+        epoch = _execution_index()
+    rng = np.random.default_rng([_seed32(seed), int(epoch), _fingerprint(batch)])
     order = rng.permutation(len(batch["pixel_values"]))
     out = {k: v[order] for k, v in batch.items()}
     if flip:
@@ -444,6 +460,28 @@ def augment_batch(batch: dict[str, np.ndarray], *, seed: int = 0, flip: bool = T
         pixels[flips] = pixels[flips][..., ::-1]
         out["pixel_values"] = np.ascontiguousarray(pixels)
     return out
+
+
+def _seed32(seed: int) -> int:
+    """A non-negative seed for numpy and Ray Data (a negative ``--seed`` is a valid seed too)."""
+    return int(seed) % 2**32
+
+
+def _fingerprint(batch: dict[str, np.ndarray]) -> int:
+    """A checksum of the batch's arrays (CRC32, ~1 GB/s): two batches of other rows draw other permutations."""
+    crc = 0
+    for key in sorted(batch):
+        crc = zlib.crc32(np.ascontiguousarray(batch[key]).tobytes(), crc)
+    return crc
+
+
+def _execution_index() -> int:
+    """How many times the current Ray Data dataset has been executed before (0 outside Ray Data). Ray Data keeps
+    the index on the dataset's DataContext, which its tasks receive; ``RandomSeedConfig(reseed_after_execution=
+    True)`` reseeds from the same index, so the block order and the flips of an epoch move together."""
+    from ray.data import DataContext
+
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0) or 0)
 
 
 def count_train_rows(dv: DatasetVersion, eval_fraction: float) -> int:

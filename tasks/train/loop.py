@@ -29,6 +29,25 @@ from models.lora import LoraArgs
 
 STATE_FILE = "train_state.pt"
 PREFETCH_BATCHES = 4  # batches ready ahead of the step on each worker
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs for deterministic results (CUDA docs, "Reproducibility")
+
+
+def deterministic_torch(seed: int) -> None:
+    """Seed every generator a worker draws from (the initial LoRA adapters, dropout) and ask torch for its
+    deterministic kernels wherever it has one (``warn_only``: an op without one warns instead of failing).
+    On CPU this, with the seeded data order of ``tasks.train.data``, makes a one-worker training bitwise
+    reproducible; on GPU cuDNN's autotuner is off and cuBLAS uses a fixed workspace (``CUBLAS_WORKSPACE_CONFIG``,
+    set before CUDA starts); docs/training.md "Reproducibility" says what stays nondeterministic there."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
@@ -235,11 +254,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _quiet_report_log()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    # cuBLAS reads this when CUDA starts, i.e. before the first tensor reaches the GPU (deterministic_torch).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     device = ray.train.torch.get_device()
     use_gpu = device.type == "cuda"
     if not use_gpu and config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    torch.manual_seed(config.seed + rank)
+    deterministic_torch(config.seed + rank)
 
     ckpt = ray.train.get_checkpoint()
     with ckpt.as_directory() if ckpt else contextlib.nullcontext() as ckpt_dir:

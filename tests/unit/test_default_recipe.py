@@ -1,9 +1,12 @@
-"""The default recipe learns shape as well as colour from a small clean set it was never tuned on (issue #14).
+"""The default recipe learns shape as well as colour on data no benchmark tuned on (issue #14, issue #27).
 
-Trained from scratch on ``tests/shapes30.py`` (30 colour x shape classes, none of them the demo's) with the
-training loop's model, loss, optimizer, schedule, augmentation and default batch size and learning rate,
-in-process; zero-shot accuracy over the 30 class prompts on images generated separately. ``bench/recipe.py``
-compares the candidate recipes (and the scorer's top-60 % cut) on the same task; BENCHMARKS.md "Recipes".
+The benchmarks that chose the recipe and its rate (bench/recipe.py, bench/recipe_optim.py) tuned on
+``tests/shapes30.py``'s colours and generator seeds 0-3, 1000 and 2000; this test draws another palette
+(``HELDOUT_COLOURS``: orange/violet/olive/red/gold/blue, the same shapes and backgrounds) from other seeds
+(``HELDOUT_SEEDS``). Trained from scratch with the training loop's model, loss, optimizer, schedule, augmentation and
+default batch size and learning rate, in-process; zero-shot accuracy over the 30 class prompts on images generated
+separately. Training is reproducible from its seed (docs/training.md "Reproducibility"), so each seed's figure is
+the same on every run on one machine: the assertion is on those runs, not on a floor a lucky draw clears.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from models.recipes import DEFAULT_RECIPE
-from tests.shapes30 import make_shape_pairs, train_in_process, zeroshot
+from tests.shapes30 import HELDOUT_COLOURS, HELDOUT_SEEDS, make_shape_pairs, train_in_process, zeroshot
 
 pytestmark = pytest.mark.slow
 
@@ -19,19 +22,18 @@ pytestmark = pytest.mark.slow
 TARGET_ZEROSHOT = 0.5
 # No run may stay at colours only (at most 0.2): the failure a conv stem at PyTorch's init or a too high rate showed.
 FLOOR_ZEROSHOT = 0.4
-# One training says little: the same recipe and seed spread by ~0.05 between runs (the flips are random), and
-# seeds by more; so three seeds, and the target on their mean (BENCHMARKS.md "Recipes": 0.48-0.61 over 9 runs).
-SEEDS = (0, 1, 2)
 
 
-def test_default_recipe_learns_shapes_on_a_held_out_task():
+def test_default_recipe_learns_shapes_on_data_no_benchmark_tuned_on():
     import torch
 
-    torch.set_num_threads(1)  # a shared 2-core machine: 2 OpenMP threads spin against other work
-    test = make_shape_pairs(600, seed=1000, prefix="test")
-    accuracy = [
-        zeroshot(train_in_process(DEFAULT_RECIPE, make_shape_pairs(800, seed=s), epochs=15, seed=s), test)
-        for s in SEEDS
-    ]
+    torch.set_num_threads(1)  # a shared 2-core machine; and the thread count is part of a reproducible run
+    test = make_shape_pairs(600, seed=HELDOUT_SEEDS["test"], prefix="test", colours=HELDOUT_COLOURS)
+    accuracy = []
+    for seed in HELDOUT_SEEDS["train"]:
+        train = make_shape_pairs(800, seed=seed, colours=HELDOUT_COLOURS)
+        accuracy.append(
+            zeroshot(train_in_process(DEFAULT_RECIPE, train, epochs=15, seed=seed), test, HELDOUT_COLOURS)
+        )
     assert min(accuracy) >= FLOOR_ZEROSHOT, accuracy
     assert sum(accuracy) / len(accuracy) >= TARGET_ZEROSHOT, accuracy

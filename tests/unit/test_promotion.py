@@ -1,5 +1,6 @@
 """The promotion rule on synthetic per-pair scores: a clear win promotes, a tie does not, and a fine-tune must
-beat its base on the domain without forgetting general data."""
+beat its base on the domain and be shown not to forget general data (non-inferiority: the lower 95% bound of the
+general difference above minus the margin)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tasks.promotion import (
     VS_CHAMPION,
     compare,
     decide,
+    keeps_general_data,
 )
 
 N = 300
@@ -110,6 +112,55 @@ def test_finetune_that_forgets_the_general_set_is_not_promoted():
     assert general.difference.value == pytest.approx(-0.18)
     assert general.difference.high < 0
     assert gate(domain_gain=60, general_gain=-54, margin=0.25).alias == CHAMPION  # a margin the user chose
+
+
+def swapped(base: np.ndarray, gained: int, lost: int) -> np.ndarray:
+    """``base`` right on ``gained`` pairs it got wrong and wrong on ``lost`` pairs it got right (other pairs)."""
+    out = base.copy()
+    out[np.flatnonzero(base == 0.0)[:gained]] = 1.0
+    out[np.flatnonzero(base == 1.0)[-lost:] if lost else []] = 0.0
+    return out
+
+
+def general_gate(general: np.ndarray, base_general: np.ndarray, margin: float = 0.05):
+    """The gate on a clear domain win and the given general hits of fine-tune and base."""
+    base_domain = scores(0.1, seed=4)
+    domain = compare(VS_BASE_DOMAIN, evaluation(scores(0, 0, base_domain, 60)), evaluation(base_domain), "b")
+    data = "general@v#heldout0.1"
+    vs = compare(VS_BASE_GENERAL, evaluation(general, data), evaluation(base_general, data), "b")
+    decision = decide(
+        None, has_champion=False, fine_tune=True, vs_base_domain=domain, vs_base_general=vs,
+        general_margin=margin,
+    )  # fmt: skip
+    return decision, vs
+
+
+def test_a_point_loss_under_the_margin_whose_interval_reaches_past_it_is_not_promoted():
+    # Non-inferiority: 36 general pairs lost and 27 gained is -0.03 on the point (the old rule promoted it), but
+    # on 300 pairs with 63 that changed, a loss of more than 0.05 is not ruled out.
+    base = scores(0.5, seed=7)
+    decision, general = general_gate(swapped(base, gained=27, lost=36), base)
+    assert general.difference.value == pytest.approx(-0.03)
+    assert general.difference.value > -0.05 > general.difference.low
+    assert decision.alias == CHALLENGER and "forgets general data" in decision.reason
+    assert "non-inferiority" in decision.reason and "-0.05" in decision.reason
+
+
+def test_a_small_loss_shown_to_be_within_the_margin_is_promoted():
+    # 3 pairs lost of 300, nothing gained: -0.01, the interval's lower bound well above -0.05.
+    base = scores(0.5, seed=7)
+    decision, general = general_gate(swapped(base, gained=0, lost=3), base)
+    assert -0.05 < general.difference.low < general.difference.value == pytest.approx(-0.01)
+    assert decision.alias == CHAMPION and "95% lower bound" in decision.reason
+
+
+def test_the_lower_bound_decides_not_the_point():
+    base = scores(0.5, seed=7)
+    _, general = general_gate(swapped(base, gained=27, lost=36), base)
+    assert not keeps_general_data(general, 0.05)
+    # A margin past the lower bound passes; one on the bound does not (it must lie above).
+    assert keeps_general_data(general, -general.difference.low + 0.001)
+    assert not keeps_general_data(general, -general.difference.low)
 
 
 def test_finetune_that_does_not_beat_its_base_on_the_domain_is_not_promoted():
