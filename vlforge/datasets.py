@@ -179,7 +179,9 @@ class VersionWriter:
         self.fingerprint = fingerprint
         self._parts: dict[str, dict[str, str]] = {}  # part -> relpath -> sha256 of its bytes
         self.published = False
-        self._inputs_lock = None  # open_version's lock on these inputs, released at publish or abandon
+        self._inputs_lock: str | None = (
+            None  # open_version's lock on these inputs, released at publish/abandon
+        )
 
     def abandon(self) -> None:
         """Remove the unpublished folder (nothing of it is worth keeping) and release the inputs lock."""
@@ -188,7 +190,9 @@ class VersionWriter:
 
     def _release(self) -> None:
         if self._inputs_lock is not None:
-            self._inputs_lock.close()  # closing the file releases its flock
+            handle = _HELD_LOCKS.pop(self._inputs_lock, None)
+            if handle is not None:
+                handle.close()  # closing the file releases its flock
             self._inputs_lock = None
 
     def claim(self) -> None:
@@ -397,11 +401,16 @@ def wait_for_writers(settings: Settings, name: str, fingerprint: str, poll_s: fl
         time.sleep(poll_s)
 
 
-def _lock_inputs(settings: Settings, name: str, fingerprint: str):
-    """An exclusive lock on making a version of ``name`` from the inputs ``fingerprint`` (an open file holding
-    an flock, released when it is closed or its process dies); waits while another process holds it. Local
-    storage only: an object store has no locks, and there :func:`wait_for_writers` and the caller's check before
-    publishing narrow the race instead (None)."""
+# Inputs locks this process holds (lock path -> its open file): a writer that failed before publishing keeps its
+# lock, and a retry in the same process (a Prefect task retry) takes it over instead of waiting on itself.
+_HELD_LOCKS: dict[str, Any] = {}
+
+
+def _lock_inputs(settings: Settings, name: str, fingerprint: str) -> str | None:
+    """An exclusive lock on making a version of ``name`` from the inputs ``fingerprint`` (an flock on a file,
+    released when it is closed or its process dies); waits while another process holds it. Returns the lock's
+    key in :data:`_HELD_LOCKS`. Local storage only: an object store has no locks, and there
+    :func:`wait_for_writers` and the caller's check before publishing narrow the race instead (None)."""
     if settings.storage_is_remote or not fingerprint:
         return None
     import fcntl
@@ -413,13 +422,17 @@ def _lock_inputs(settings: Settings, name: str, fingerprint: str):
     root = hashlib.sha256(os.path.realpath(settings.storage_uri).encode()).hexdigest()[:16]
     folder = os.path.join(tempfile.gettempdir(), "vlforge-locks", root)
     os.makedirs(folder, exist_ok=True)
-    handle = open(os.path.join(folder, f"version-{name}-{fingerprint[:16]}.lock"), "a")  # noqa: SIM115
+    path = os.path.join(folder, f"version-{name}-{fingerprint[:16]}.lock")
+    if path in _HELD_LOCKS:  # this process holds it already (an earlier, unfinished writer): take it over
+        return path
+    handle = open(path, "a")  # noqa: SIM115 - closed by VersionWriter._release (or the process's end)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         console.info(f"another process is making a version of {name} from the same inputs; waiting for it")
         fcntl.flock(handle, fcntl.LOCK_EX)
-    return handle
+    _HELD_LOCKS[path] = handle
+    return path
 
 
 def open_version(settings: Settings, name: str, fingerprint: str) -> tuple[VersionWriter, bool]:
