@@ -313,6 +313,10 @@ def override(
     for key, value in tags.items():
         client.set_model_version_tag(mv.name, str(mv.version), key, value)
     log.info("%s version %s -> %s by %s (%s)", mv.name, mv.version, alias, user, text)
+    if alias == CHAMPION:  # a person's promotion is news too (vlforge.model.promoted), like the rule's
+        from tasks.events import emit_model_promoted
+
+        emit_model_promoted(mv.name, str(mv.version), reason=f"{text} (by {user})")
     return Decision(alias, text, promoted_by=user)
 
 
