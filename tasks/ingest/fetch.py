@@ -9,6 +9,8 @@ worker process, while a :func:`compliant` block is active, with :func:`download_
 - on 429 or 503 with ``Retry-After`` (429 without one: 1 s, doubling), holds the host back for every worker, waits
   and tries again, at most ``rate_limit_tries`` times, then ends the row ``rate_limited``;
 - does not retry other 4xx answers (they will not change), retries the rest ``retries`` times as img2dataset does;
+- follows a redirect to another site only when that site's robots.txt and tdmrep.json allow the target (read
+  once per site per worker process, with staging's conventions; reason ``robots_disallowed`` or ``tdm_reserved``);
 - hashes the bytes against the PDQ blocklist (:mod:`tasks.ingest.blocklist`) and drops them on a match: img2dataset
   gets no bytes, only ``refused by vlforge: blocklisted: distance N``, so nothing of the image is ever written.
 """
@@ -30,7 +32,7 @@ from urllib.parse import urlsplit
 from tasks.ingest.blocklist import BLOCKLISTED, BlocklistRef
 from tasks.ingest.blocklist import match as blocklist_match
 from tasks.ingest.politeness import GateAddress, GateClient
-from tasks.ingest.robots import TDM_RESERVED
+from tasks.ingest.robots import ROBOTS_DISALLOWED, TDM_RESERVED, SiteRules, fetch_site, site_of, tdm_reserved
 from vlforge.netguard import REFUSED_PREFIX
 
 RATE_LIMITED = "rate_limited"
@@ -49,6 +51,7 @@ class CrawlPolicy:
     blocklist: BlocklistRef | None = None
     rate_limit_tries: int = 3
     max_retry_after_s: float = 60.0  # a longer Retry-After is capped (the row then ends rate_limited sooner)
+    robots: bool = True  # off with --ignore-robots-txt: a redirect's target site is then not asked either
 
 
 class _RateLimited(Exception):
@@ -75,13 +78,58 @@ def _authority(url: str) -> str:
     return urlsplit(url.strip()).netloc.rsplit("@", 1)[-1].lower()
 
 
+class _RedirectRefused(Exception):
+    """A redirect whose target site's robots.txt or tdmrep.json refuses it (the text is the row's reason)."""
+
+
+_sites: dict[tuple[str, bool], SiteRules] = {}
+_sites_lock = threading.Lock()
+
+
+def _site_rules(site: str, policy: CrawlPolicy, timeout) -> SiteRules:
+    """A redirect target's rules, read once per site in this process (staging read those of the list's sites)."""
+    key = (site, policy.robots)
+    with _sites_lock:
+        if key not in _sites:
+            _sites[key] = fetch_site(site, policy.user_agent, timeout or 10, policy.robots)
+        return _sites[key]
+
+
+class _SiteAwareRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib's redirect handling (with the network guard's check), asking the target site first when the
+    redirect leaves the site the list named."""
+
+    def __init__(self, policy: CrawlPolicy, token: str, timeout):
+        self.policy, self.token, self.timeout = policy, token, timeout
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = site_of(newurl)
+        if target[0] != site_of(req.full_url)[0] and target[0].startswith(("http://", "https://")):
+            rules = _site_rules(target[0], self.policy, self.timeout)
+            if self.policy.robots and rules.unavailable:
+                raise _RedirectRefused(f"{REFUSED_PREFIX}{ROBOTS_DISALLOWED}: redirect to {newurl[:200]}: "
+                                       f"{rules.unavailable}")  # fmt: skip
+            if (
+                self.policy.robots
+                and rules.robots is not None
+                and not rules.robots.can_fetch(newurl, self.token)
+            ):
+                raise _RedirectRefused(f"{REFUSED_PREFIX}{ROBOTS_DISALLOWED}: redirect to {newurl[:200]}: "
+                                       f"robots.txt of {target[0]} disallows it for {self.token}")  # fmt: skip
+            if tdm_reserved(rules.tdm, target[2]):
+                raise _RedirectRefused(f"{REFUSED_PREFIX}{TDM_RESERVED}: redirect to {newurl[:200]}: "
+                                       f"{target[0]}/.well-known/tdmrep.json reserves it")  # fmt: skip
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _fetch_once(url: str, policy: CrawlPolicy, timeout, token, directives):
     """``(bytes, None)`` or ``(None, error_message)``; raises _RateLimited on 429/503."""
     from img2dataset.downloader import is_disallowed
 
     request = urllib.request.Request(url, data=None, headers={"User-Agent": policy.user_agent})
+    opener = urllib.request.build_opener(_SiteAwareRedirect(policy, token or "vlforge", timeout))
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             if directives and is_disallowed(response.headers, token, directives):
                 return None, XROBOTS_MESSAGE
             if (response.headers.get("tdm-reservation") or "").strip() == "1":

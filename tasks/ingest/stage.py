@@ -332,7 +332,8 @@ def _fetch_shards(plan: _Plan, settings: Settings, opts: DownloadOptions, compli
         politeness.serve(gate, _gate_bind(opts, settings)) as address,
         console.progress(staged.allowed, "rows", f"downloading {name}", poll=acc.DoneRows(plan.uri)),
     ):
-        crawl = CrawlPolicy(compliance.user_agent, address, compliance.blocklist, compliance.rate_limit_tries)
+        crawl = CrawlPolicy(compliance.user_agent, address, compliance.blocklist, compliance.rate_limit_tries,
+                            robots=compliance.robots_txt)  # fmt: skip
         for attempt in range(2):  # a second pass picks up shards img2dataset gave up on
             if acc.done_shards(plan.uri) >= set(range(n_shards)):
                 break

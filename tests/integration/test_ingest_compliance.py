@@ -87,6 +87,27 @@ def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def test_a_redirect_to_another_site_asks_that_sites_robots_txt_first(settings, tmp_path):
+    image = make_pairs(1, seed=2)[0].image
+    with ImageServer("127.0.0.2") as origin, ImageServer("127.0.0.3") as target:
+        target.add("/robots.txt", Response(b"User-agent: vlforge\nDisallow: /private/\n", "text/plain"))
+        target.add("/.well-known/tdmrep.json",
+                   Response(b'[{"location": "/reserved/*", "tdm-reservation": 1}]', "application/json"))  # fmt: skip
+        urls = []
+        for i in range(3):
+            for folder in ("private", "reserved", "open"):
+                there = target.add(f"/{folder}/{i}.jpg", Response(image))
+                urls.append(origin.add(f"/go/{folder}/{i}.jpg", Response(b"", status=302,
+                                                                         headers={"Location": there})))  # fmt: skip
+        path = _csv(tmp_path / "list.csv", urls)
+        [result] = ingest(path, "web", settings, processes=1, threads=4, **LOOPBACK)
+
+        assert not any(p.startswith(("/private/", "/reserved/")) for p in target.hits), target.hits
+        assert sum(n for p, n in target.hits.items() if p.startswith("/open/")) == 3
+        assert target.hits["/robots.txt"] == 1  # once for the run's worker process, not once per redirect
+        assert result.counts == {"success": 3, "robots_disallowed": 3, "tdm_reserved": 3}
+
+
 def test_robots_txt_is_read_once_per_site_and_obeyed(settings, tmp_path):
     image = make_pairs(1, seed=1)[0].image
     with (

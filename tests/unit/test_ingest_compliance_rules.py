@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from tasks.ingest.accounting import is_transient, reason
-from tasks.ingest.blocklist import hash_hex, nearest, parse_blocklist, pdq_hash
+from tasks.ingest.blocklist import HashIndex, hash_hex, nearest, parse_blocklist, pdq_hash
 from tasks.ingest.fetch import retry_after_seconds
 from tasks.ingest.optout import load_opt_out_lists
 from tasks.ingest.politeness import HostGate
@@ -92,6 +92,28 @@ def test_pdq_of_a_reduced_decode_matches_resized_and_reencoded_copies_not_other_
     path.write_text("abc123\n")
     with pytest.raises(VlforgeError, match="line 1"):
         parse_blocklist(str(path))
+
+
+@pytest.mark.parametrize("distance", [0, 31, 40, 60])
+def test_the_blocklist_index_finds_exactly_what_the_full_scan_finds(distance):
+    rng = np.random.default_rng(distance)
+    listed = rng.integers(0, 2**64, size=(20_000, 4), dtype=np.uint64)
+    index = HashIndex(listed, distance)
+    assert index.indexed == (distance <= 47)
+
+    def near_copy(row: np.ndarray, flipped: int) -> np.ndarray:
+        bits = np.unpackbits(row.astype(">u8").view(np.uint8))
+        bits[rng.choice(256, flipped, replace=False)] ^= 1
+        return np.frombuffer(np.packbits(bits).tobytes(), ">u8").astype(np.uint64)
+
+    queries = [near_copy(listed[rng.integers(len(listed))], int(k)) for k in rng.integers(0, 64, size=150)]
+    queries += list(rng.integers(0, 2**64, size=(50, 4), dtype=np.uint64))
+    found = 0
+    for query in queries:
+        best = nearest(listed, query)
+        assert index.nearest_within(query) == (best if best <= distance else None)
+        found += best <= distance
+    assert found > 0
 
 
 def test_retry_after_and_transient_reasons():
