@@ -202,7 +202,10 @@ def write_shard(
     dec = decide(shard, rows, plan.config, elig, plan.cutoff, quota, exact, near)
     table, n = rows.table, rows.table.num_rows
     scores = rows.scores if rows.scores is not None else np.full(n, np.nan, np.float32)
-    kept, rejected = np.flatnonzero(dec.keep), np.flatnonzero(~dec.keep)
+    # In key order (the row's place in its list), not the order img2dataset's threads finished downloading: the
+    # same list gives the same parts, row for row, so a training seeded alike sees the same data alike.
+    in_order = np.argsort(table.column("key").to_numpy(zero_copy_only=False).astype(str), kind="stable")
+    kept, rejected = in_order[dec.keep[in_order]], in_order[~dec.keep[in_order]]
     files: dict[str, bytes] = {}
     schema: dict[str, dict[str, str]] = {}
     licenses: dict[str, int] = {}
