@@ -1,4 +1,4 @@
-"""Contrastive CLIP pretraining on Ray Train over a dataset version; evaluated, logged and registered.
+"""The CLIP pretraining family: contrastive training on a dataset version, evaluated, logged and registered.
 
 The recipe: a new CLIP from a model recipe (``models/configs``) with a tokenizer fitted on the training captions,
 or an existing model (``init``); trained in full; registered as ``vlforge-clip``.
@@ -10,13 +10,10 @@ import os
 import shutil
 from typing import Any
 
-from prefect import task
-
 from tasks.train.args import PretrainArgs
-from tasks.train.driver import Recipe, TrainingRun, TrainResult, run_training
+from tasks.train.driver import Recipe, TrainingRun
+from vlforge.errors import ModelNotFoundError
 from vlforge.settings import Settings
-
-__all__ = ["PretrainArgs", "PretrainRecipe", "TrainResult", "pretrain", "pretrain_task"]
 
 
 class PretrainRecipe(Recipe):
@@ -25,6 +22,8 @@ class PretrainRecipe(Recipe):
     def __init__(self, args: PretrainArgs):
         from vlforge.tracking import PRETRAINED_MODEL
 
+        if not args.init:
+            _check_clip_recipe(args.recipe)
         super().__init__(args)
         self.model_name = PRETRAINED_MODEL
         self.base_model = args.init
@@ -64,22 +63,14 @@ class PretrainRecipe(Recipe):
         return load_clip(model_dir), None
 
 
-def pretrain(
-    dataset: str,
-    settings: Settings,
-    args: PretrainArgs | None = None,
-    *,
-    fail_once: dict | None = None,
-    **options: Any,
-) -> TrainResult:
-    """Pretrain a CLIP on ``dataset`` (``name[@version]``) and register it as ``vlforge-clip``; a VLM recipe
-    (``recipe="vlm-tiny"``) runs the VLM's stage 1 instead and registers ``vlforge-vlm`` (``tasks.train.vlm``).
+def _check_clip_recipe(name: str) -> None:
+    from models.recipes import load_recipe
+    from tasks.train.recipes.catalog import clip_recipes, vlm_recipes
 
-    Settings are :class:`PretrainArgs` (``args``, and/or its fields as keywords: ``epochs=3``)."""
-    from tasks.train.vlm import pretrain_recipe
-
-    recipe = pretrain_recipe(PretrainArgs.build(args, **options))
-    return run_training(recipe, dataset, settings, fail_once=fail_once)
-
-
-pretrain_task = task(name="pretrain", retries=0)(pretrain)
+    try:
+        load_recipe(name)
+    except ModelNotFoundError:
+        raise ModelNotFoundError(
+            f"unknown recipe {name!r}; CLIP recipes: {', '.join(clip_recipes())}; VLM recipes: "
+            f"{', '.join(vlm_recipes())}"
+        ) from None

@@ -1,4 +1,5 @@
-"""peft LoRA fine-tuning of a registered CLIP on Ray Train; registers the merged model as ``vlforge-clip-lora``.
+"""The CLIP LoRA family: peft LoRA fine-tuning of a registered CLIP; registers the merged model as
+``vlforge-clip-lora``.
 
 The recipe: the base model (an alias is pinned to the version it names now) gets LoRA adapters on the attention
 projections (and trains the projection heads in full); the driver merges them into the base weights so
@@ -10,13 +11,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prefect import task
-
 from tasks.train.args import FinetuneArgs
-from tasks.train.driver import Recipe, TrainingRun, TrainResult, run_training
+from tasks.train.driver import Recipe, TrainingRun
 from vlforge.settings import Settings
-
-__all__ = ["FinetuneArgs", "FinetuneRecipe", "TrainResult", "finetune", "finetune_task"]
 
 
 class FinetuneRecipe(Recipe):
@@ -30,13 +27,9 @@ class FinetuneRecipe(Recipe):
         self.base_model = args.base
 
     def check(self, settings: Settings) -> None:
-        from vlforge.registry import check_model_uri, registered_version
+        from vlforge.registry import pin_model_uri
 
-        mv = registered_version(self.args.base, settings)  # pin an alias to the version it names now
-        if mv is None:
-            check_model_uri(self.args.base, settings)
-        else:
-            self.base_model = f"models:/{mv.name}/{mv.version}"
+        self.base_model = pin_model_uri(self.args.base, settings)
 
     def params(self) -> dict[str, Any]:
         return {"base_version": self.base_model}
@@ -74,24 +67,3 @@ class FinetuneRecipe(Recipe):
         bundle.model = merge_lora(load_adapter(bundle.model, adapter_dir, trainable=False))
         bundle.save(model_dir)
         return bundle, adapter_dir
-
-
-def finetune(
-    dataset: str,
-    settings: Settings,
-    args: FinetuneArgs | None = None,
-    *,
-    fail_once: dict | None = None,
-    **options: Any,
-) -> TrainResult:
-    """LoRA-fine-tune ``args.base`` (a model URI) on ``dataset`` and register the merged model as
-    ``vlforge-clip-lora``; ``recipe="vlm"`` instruction-tunes a VLM instead and registers ``vlforge-vlm-lora``
-    (``tasks.train.vlm``). Settings are :class:`FinetuneArgs` (``args``, and/or its fields as keywords;
-    ``lora_r=4`` sets ``lora.r``)."""
-    from tasks.train.vlm import finetune_recipe
-
-    recipe = finetune_recipe(FinetuneArgs.build(args, **options))
-    return run_training(recipe, dataset, settings, fail_once=fail_once)
-
-
-finetune_task = task(name="finetune", retries=0)(finetune)
