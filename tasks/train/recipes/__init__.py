@@ -62,7 +62,10 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family("clip", "pretrain", "CLIP", PretrainArgs, "clip:PretrainRecipe", catalog.clip_recipes, True),
-        Family("vlm-stage1", "pretrain", "VLM", VlmPretrainArgs, "vlm_stage1:VlmPretrainRecipe", catalog.vlm_recipes),
+        Family(
+            "vlm-stage1", "pretrain", "VLM", VlmPretrainArgs, "vlm_stage1:VlmPretrainRecipe", catalog.vlm_recipes,
+            note="a VLM starts from the CLIP named by --vision-model (its vision tower) and the recipe",
+        ),
         Family("clip-lora", "finetune", "CLIP", FinetuneArgs, "clip_lora:FinetuneRecipe", catalog.lora_recipes),
         Family(
             "vlm-stage2", "finetune", "VLM", VlmFinetuneArgs, "vlm_stage2:VlmFinetuneRecipe",
