@@ -12,9 +12,9 @@ from typing import Annotated
 import typer
 
 from flows.options import collect, model_options
+from flows.train_options import collect_training, training_options
 from tasks.curate.filters import FilterConfig
 from tasks.experiment.curation import CurationExperimentArgs
-from tasks.train.args import FinetuneArgs, PretrainArgs
 from vlforge import console as ui
 from vlforge import defaults
 from vlforge.errors import VlforgeError, printable
@@ -322,35 +322,37 @@ DATASET_HELP = "Dataset to train on: NAME (newest version) or NAME@VERSION."
 
 @app.command()
 @user_errors
-@model_options(PretrainArgs)
+@training_options("pretrain")
 def pretrain(dataset: Annotated[str, typer.Option(help=DATASET_HELP)], **options) -> None:
     """Contrastive (CLIP) pretraining with Ray Train; logs to MLflow and registers vlforge-clip. A VLM recipe
-    (--recipe vlm-tiny) trains the VLM's adapter on image-caption pairs instead and registers vlforge-vlm."""
+    (--recipe vlm-tiny) trains the VLM's adapter on image-caption pairs instead and registers vlforge-vlm.
+    Options without a default take the chosen recipe's (each option's help names them)."""
     from tasks.train.driver import run_training
-    from tasks.train.vlm import pretrain_recipe
+    from tasks.train.recipes import family_of_args
 
     settings = _settings()
-    args = collect(PretrainArgs, options)
-    recipe = pretrain_recipe(args)  # an unknown recipe or a misplaced VLM setting fails here
-    _check_inputs(settings, dataset, args.eval_dataset, args.init)
+    args = collect_training("pretrain", options)  # an unknown name or another family's setting fails here
+    recipe = family_of_args(args).recipe(args)  # an unknown recipe fails here
+    _check_inputs(settings, dataset, args.eval_dataset, getattr(args, "init", None))
     recipe.check(settings)  # --vision-model resolves now, before Ray starts
-    with ui.stage(f"pretrain {args.recipe if not args.init else args.init} on {dataset}"):
+    with ui.stage(f"pretrain {getattr(args, 'init', None) or args.recipe} on {dataset}"):
         result = run_training(recipe, dataset, settings)
     _print_train(result)
 
 
 @app.command()
 @user_errors
-@model_options(FinetuneArgs)
+@training_options("finetune")
 def finetune(dataset: Annotated[str, typer.Option(help=DATASET_HELP)], **options) -> None:
     """LoRA (peft) fine-tuning of a registered model; registers vlforge-clip-lora. --recipe vlm instruction-tunes
-    a VLM (LoRA on its language model) on rows with a prompt and a response; registers vlforge-vlm-lora."""
+    a VLM (LoRA on its language model) on rows with a prompt and a response; registers vlforge-vlm-lora.
+    Options without a default take the chosen recipe's (each option's help names them)."""
     from tasks.train.driver import run_training
-    from tasks.train.vlm import finetune_recipe
+    from tasks.train.recipes import family_of_args
 
     settings = _settings()
-    args = collect(FinetuneArgs, options)
-    recipe = finetune_recipe(args)  # an unknown recipe fails here
+    args = collect_training("finetune", options)  # an unknown recipe or another family's setting fails here
+    recipe = family_of_args(args).recipe(args)
     _check_inputs(settings, dataset, args.eval_dataset, recipe.base_model)
     recipe.check(settings)  # --base resolves (and is a model of the right kind) before Ray starts
     with ui.stage(f"fine-tune {recipe.base_model} on {dataset}"):

@@ -28,7 +28,7 @@ from prefect import flow
 
 from flows.params import RefreshParams, TrainParams
 from flows.pipeline import refresh_dataset, train
-from tasks.train.args import FinetuneArgs, PretrainArgs
+from tasks.train.args import FinetuneArgs, PretrainArgs, VlmFinetuneArgs, VlmPretrainArgs
 from vlforge import defaults, tracking
 from vlforge.artifacts import publish
 from vlforge.datasets import resolve_dataset
@@ -229,11 +229,11 @@ def vlm_train_params(epochs: int, finetune_epochs: int) -> TrainParams:
     return TrainParams(
         dataset="demo", pretrain=False, finetune=False,
         vlm_pretrain=True,
-        vlm_pretraining=PretrainArgs(recipe="vlm-tiny", vision_model=defaults.DEFAULT_MODEL_URI, epochs=epochs,
-                                     lr=2e-3, warmup_steps=2, min_eval_pairs=0),
+        vlm_pretraining=VlmPretrainArgs(vision_model=defaults.DEFAULT_MODEL_URI, epochs=epochs, lr=2e-3,
+                                        warmup_steps=2, min_eval_pairs=0),
         vlm_finetune=True, vlm_finetune_dataset="demo-instruct",
         # 100 held-out instructions: an accuracy whose interval can tell the image from a blank one
-        vlm_finetuning=FinetuneArgs(recipe="vlm", epochs=finetune_epochs, warmup_steps=2, min_eval_pairs=100),
+        vlm_finetuning=VlmFinetuneArgs(epochs=finetune_epochs, warmup_steps=2, min_eval_pairs=100),
     )  # fmt: skip
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from tasks.curate.filters import FilterConfig, check_score_rule
-from tasks.train.args import FinetuneArgs, PretrainArgs
+from tasks.train.args import FinetuneArgs, PretrainArgs, VlmFinetuneArgs, VlmPretrainArgs
 from vlforge import defaults
 from vlforge.netguard import parse_network
 
@@ -106,14 +106,6 @@ _FLAT_TRAIN_KEYS = {
 }
 
 
-def _vlm_pretraining() -> PretrainArgs:
-    return PretrainArgs(recipe="vlm-tiny")
-
-
-def _vlm_finetuning() -> FinetuneArgs:
-    return FinetuneArgs(recipe=defaults.VLM_FINETUNE_RECIPE)
-
-
 class TrainParams(BaseModel):
     """Pretrain CLIP contrastively on a dataset version, then fine-tune it with LoRA; optionally train a VLM
     on the new CLIP's vision tower (stage 1 on the captions, stage 2 on instructions)."""
@@ -129,9 +121,10 @@ class TrainParams(BaseModel):
     vlm_pretrain: bool = Field(
         False, description="Then train a VLM's adapter on the captions (stage 1; registers vlforge-vlm)."
     )
-    vlm_pretraining: PretrainArgs = Field(
-        default_factory=_vlm_pretraining,
-        description="VLM stage-1 settings (a VLM recipe, its vision model and adapter).",
+    vlm_pretraining: VlmPretrainArgs = Field(
+        default_factory=VlmPretrainArgs,
+        description="VLM stage-1 settings (a VLM recipe, its vision model and adapter); empty settings take the "
+        "VLM recipe's values.",
     )
     vlm_finetune: bool = Field(
         False,
@@ -141,9 +134,10 @@ class TrainParams(BaseModel):
     vlm_finetune_dataset: str | None = Field(
         None, description="Dataset of instructions for VLM stage 2; empty = same dataset."
     )
-    vlm_finetuning: FinetuneArgs = Field(
-        default_factory=_vlm_finetuning,
-        description="VLM stage-2 settings (recipe vlm, prompt and response columns).",
+    vlm_finetuning: VlmFinetuneArgs = Field(
+        default_factory=VlmFinetuneArgs,
+        description="VLM stage-2 settings (recipe vlm, prompt and response columns); empty settings take the VLM "
+        "recipe's values.",
     )
 
     @model_validator(mode="before")

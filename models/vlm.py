@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from models.resampler import CONFIG_KEY, LlavaResamplerForConditionalGeneration, ResamplerConfig
+from vlforge import defaults
 from vlforge.errors import ModelNotFoundError, VlforgeError
 
 VLM_CONFIG_DIR = Path(__file__).parent / "configs" / "vlm"
@@ -209,7 +210,7 @@ def _pretrained_language_model(path_or_id: str):
 
 
 def build_vlm(
-    recipe: str | VlmRecipe = "vlm-tiny",
+    recipe: str | VlmRecipe = defaults.DEFAULT_VLM_RECIPE,
     vision=None,
     corpus: Sequence[str] = (),
     *,

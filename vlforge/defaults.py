@@ -19,6 +19,9 @@ DEFAULT_RECIPE = "clip-conv-64"
 # "the VLM recipe the base was trained with".
 DEFAULT_VLM_URI = "models:/vlforge-vlm@champion"
 VLM_FINETUNE_RECIPE = "vlm"
+# The VLM recipe (models/configs/vlm/*.json) of a VLM stage 1 (`vlforge pretrain --recipe vlm-...`, the Prefect
+# form's VLM group, the demo).
+DEFAULT_VLM_RECIPE = "vlm-tiny"
 # The refresh deployment's schedule: 03:00 every day.
 REFRESH_CRON = "0 3 * * *"
 

@@ -92,6 +92,26 @@ def check_model_uri(uri: str, settings: Settings) -> None:
         resolve_model_dir(uri, settings)
 
 
+def pin_model_uri(uri: str, settings: Settings) -> str:
+    """``uri`` checked now (:func:`check_model_uri`), an alias pinned to the version it names now, so a training
+    records (and keeps using) the version it started from."""
+    mv = registered_version(uri, settings)
+    if mv is None:
+        check_model_uri(uri, settings)
+        return uri
+    return f"models:/{mv.name}/{mv.version}"
+
+
+def local_model_type(uri: str, settings: Settings) -> str | None:
+    """The ``model_type`` in a local model folder's config (None for registry URIs and hub ids)."""
+    import json
+
+    if is_mlflow_uri(uri) or not os.path.isdir(uri):
+        return None
+    with open(os.path.join(resolve_model_dir(uri, settings), "config.json")) as fh:
+        return json.load(fh).get("model_type")
+
+
 def resolve_model_dir(uri: str, settings: Settings) -> str:
     """A local ``save_pretrained`` folder for ``uri``, downloading MLflow artifacts into a local cache."""
     if is_mlflow_uri(uri):

@@ -156,7 +156,7 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
     from tasks.common import load_model
     from tasks.curate.scoring import scorer_identity
     from tasks.train.driver import run_training, steps_plan
-    from tasks.train.pretrain import PretrainRecipe
+    from tasks.train.recipes.clip import PretrainRecipe
     from vlforge import console, tracking
     from vlforge.datasets import resolve_dataset
     from vlforge.registry import check_model_uri

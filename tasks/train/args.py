@@ -1,15 +1,19 @@
-"""The settings of a training, typed once: the Python API, the CLI options and the Prefect forms derive from them.
+"""The settings of a training, typed once per recipe family: the Python API, the CLI options and the Prefect
+forms derive from them (the families: ``tasks.train.recipes``).
 
-:class:`TrainArgs` holds what every recipe shares (schedule, scale, evaluation, registration);
-:class:`PretrainArgs` and :class:`FinetuneArgs` add what their recipe needs and set their own defaults for the
-shared fields (a fine-tune trains fewer epochs at a lower learning rate). A field's ``description`` is its help
+:class:`TrainArgs` holds what every recipe shares (schedule, scale, evaluation, registration). Each family adds
+what its recipe needs and sets its own defaults for the shared fields: :class:`PretrainArgs` (CLIP),
+:class:`FinetuneArgs` (CLIP LoRA: fewer epochs, no weight decay), :class:`VlmPretrainArgs` (VLM stage 1) and
+:class:`VlmFinetuneArgs` (VLM stage 2). In the VLM families a field the VLM recipe sets (``stage1``/``stage2``
+of ``models/configs/vlm/*.json``) is ``None`` for "the recipe's value"; :meth:`VlmPretrainArgs.resolved` fills
+those once, so a value given explicitly always wins, whatever it equals. A field's ``description`` is its help
 text in ``vlforge pretrain --help`` and in the Prefect UI; ``tests/unit/test_train_args.py`` checks that both
 show these defaults and texts.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -18,11 +22,19 @@ from vlforge import defaults
 from vlforge.naming import check_name
 
 # Fields whose default differs by recipe: the constraint and the help text are shared, the default is not.
+LR_HELP = "Peak AdamW learning rate (cosine schedule)."
+BATCH_HELP = "Per-worker batch size."
+WARMUP_HELP = "Linear warmup steps before the cosine decay."
 Epochs = Annotated[int, Field(gt=0, description="Passes over the training split.")]
-LearningRate = Annotated[float, Field(gt=0, description="Peak AdamW learning rate (cosine schedule).")]
+LearningRate = Annotated[float, Field(gt=0, description=LR_HELP)]
 WeightDecay = Annotated[float, Field(ge=0, description="AdamW weight decay.")]
-WarmupSteps = Annotated[int, Field(ge=0, description="Linear warmup steps before the cosine decay.")]
-BatchSize = Annotated[int, Field(gt=1, description="Per-worker batch size.")]
+WarmupSteps = Annotated[int, Field(ge=0, description=WARMUP_HELP)]
+BatchSize = Annotated[int, Field(gt=1, description=BATCH_HELP)]
+# The VLM families' fields that the VLM recipe sets: empty (None) = the recipe's value.
+RECIPE_VALUE = "; empty = the VLM recipe's"
+RecipeLearningRate = Annotated[float | None, Field(gt=0, description=LR_HELP + RECIPE_VALUE)]
+RecipeBatchSize = Annotated[int | None, Field(gt=1, description=BATCH_HELP + RECIPE_VALUE)]
+RecipeWarmupSteps = Annotated[int | None, Field(ge=0, description=WARMUP_HELP + RECIPE_VALUE)]
 
 
 # Settings that do not change what is trained: a resumed training may take other values.
@@ -108,9 +120,11 @@ class TrainArgs(BaseModel):
         training is resumed (checkpoint more often, register this time) and are not params."""
         out = self.model_dump(exclude={"name", "lora", *OPERATIONAL})
         lora = getattr(self, "lora", None)
-        if lora is not None:
+        if isinstance(lora, LoraArgs):
             out.update({f"lora_{k}": v for k, v in lora.to_dict().items()})
             out["lora_targets"] = ",".join(lora.targets)
+        elif lora is not None:
+            out.update({f"lora_{k}": v for k, v in lora.model_dump().items()})
         return out
 
 
@@ -124,30 +138,11 @@ class PretrainArgs(TrainArgs):
     init: str | None = Field(
         None, description="Start from this model (MLflow URI, folder, HF id) instead of the recipe."
     )
-    vision_model: str | None = Field(
-        None,
-        description="VLM recipes (vlm-*): the CLIP whose vision tower the VLM uses (MLflow URI, folder, HF id); "
-        "empty = the recipe's (models:/vlforge-clip@champion).",
-    )
-    adapter: str | None = Field(
-        None, description="VLM recipes: the adapter, mlp or resampler; empty = the recipe's."
-    )
 
 
-class FinetuneArgs(TrainArgs):
-    """LoRA fine-tuning of a registered model: a CLIP (``recipe="lora"``) or a VLM (``recipe="vlm"``)."""
+class _FinetuneSettings(TrainArgs):
+    """What every fine-tune has: a base model, and the general set it may not lose on."""
 
-    recipe: str = Field(
-        "lora",
-        description="lora: LoRA on a CLIP; vlm: instruction tuning of a VLM (LoRA on its language model) with "
-        "the VLM recipe its base was trained with, or name that recipe (vlm-tiny, ...).",
-    )
-    base: str = Field(
-        defaults.DEFAULT_MODEL_URI,
-        description="Model to adapt (MLflow URI, folder, HF id); a VLM recipe given the CLIP default starts "
-        "from models:/vlforge-vlm@champion.",
-    )
-    lora: LoraArgs = Field(default_factory=LoraArgs, description="LoRA adapters.")
     general_eval: str | None = Field(
         None,
         description="General eval set the fine-tune may not lose on (NAME or NAME@VERSION); empty = the base's "
@@ -159,10 +154,113 @@ class FinetuneArgs(TrainArgs):
         description="How much the fine-tune may lose on the general set: promoted only when the lower 95% bound of "
         "its difference from the base there lies above minus this.",
     )
-    prompt_col: str = Field("prompt", description="VLM recipes: the column holding each row's instruction.")
-    response_col: str = Field("response", description="VLM recipes: the column holding each row's answer.")
     epochs: Epochs = 5
     batch_size: BatchSize = 32
     lr: LearningRate = 5e-4  # gains on a new domain within the general margin: BENCHMARKS.md "LoRA defaults"
     weight_decay: WeightDecay = 0.0
     warmup_steps: WarmupSteps = 5
+
+
+class FinetuneArgs(_FinetuneSettings):
+    """LoRA fine-tuning of a registered CLIP."""
+
+    recipe: str = Field("lora", description="lora: LoRA on a CLIP's attention projections.")
+    base: str = Field(defaults.DEFAULT_MODEL_URI, description="Model to adapt (MLflow URI, folder, HF id).")
+    lora: LoraArgs = Field(default_factory=LoraArgs, description="LoRA adapters.")
+
+
+class _VlmArgs:
+    """The VLM families' resolution: ``None`` in a field of :attr:`FROM_RECIPE` means the VLM recipe's value."""
+
+    # field -> its key in the recipe's stage settings (``lora.r``: inside its ``lora`` entry)
+    FROM_RECIPE: ClassVar[dict[str, str]] = {}
+    STAGE: ClassVar[str] = ""  # "stage1" or "stage2" of models/configs/vlm/*.json
+    # Whose default a field takes when the recipe names no value: the CLIP family of the same stage.
+    FALLBACK: ClassVar[type[BaseModel]] = TrainArgs
+
+    @classmethod
+    def recipe_value(cls, field_name: str, stage: dict[str, Any]) -> Any:
+        """The recipe's value of ``field_name`` (``stage``: the recipe's stage settings); when the recipe names
+        none, the CLIP family's default."""
+        value: Any = stage
+        for part in cls.FROM_RECIPE[field_name].split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            return value
+        if field_name.startswith("lora_"):
+            return LoraArgs.model_fields[field_name[len("lora_") :]].default
+        return cls.FALLBACK.model_fields[field_name].default
+
+    def resolved(self, stage: dict[str, Any]):
+        """These settings with every field left ``None`` (of :attr:`FROM_RECIPE`) set to the recipe's value; a
+        value given explicitly is kept, whatever it equals."""
+        data = self.model_dump()
+        for name in self.FROM_RECIPE:
+            group, sub = ("lora", name[len("lora_") :]) if name.startswith("lora_") else (None, name)
+            values = data[group] if group else data
+            if values[sub] is None:
+                values[sub] = self.recipe_value(name, stage)
+        return type(self).model_validate(data)  # a recipe's value out of range fails like a given one
+
+
+class VlmPretrainArgs(_VlmArgs, TrainArgs):
+    """LLaVA stage 1: a new VLM from a VLM recipe (``models/configs/vlm``) on a CLIP's vision tower; ``lr``,
+    ``batch_size`` and ``warmup_steps`` left empty are the recipe's stage-1 values."""
+
+    FROM_RECIPE: ClassVar[dict[str, str]] = {
+        "lr": "learning_rate",
+        "batch_size": "batch_size",
+        "warmup_steps": "warmup_steps",
+    }
+    STAGE: ClassVar[str] = "stage1"
+
+    recipe: str = Field(defaults.DEFAULT_VLM_RECIPE, description="VLM recipe (models/configs/vlm/*.json).")
+    vision_model: str | None = Field(
+        None,
+        description="The CLIP whose vision tower the VLM uses (MLflow URI, folder, HF id); empty = the recipe's "
+        "(models:/vlforge-clip@champion).",
+    )
+    adapter: str | None = Field(None, description="The adapter, mlp or resampler; empty = the recipe's.")
+    batch_size: RecipeBatchSize = None
+    lr: RecipeLearningRate = None
+    warmup_steps: RecipeWarmupSteps = None
+
+
+class VlmLoraArgs(BaseModel):
+    """LoRA on a VLM's language model: rank, alpha and dropout; empty = the VLM recipe's stage-2 values. The
+    modules are the recipe's (``target_regex``, default the language model's projections)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int | None = Field(None, gt=0, description=LoraArgs.model_fields["r"].description + RECIPE_VALUE)
+    alpha: int | None = Field(
+        None, gt=0, description=LoraArgs.model_fields["alpha"].description + RECIPE_VALUE
+    )
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description=LoraArgs.model_fields["dropout"].description + RECIPE_VALUE
+    )
+
+
+class VlmFinetuneArgs(_VlmArgs, _FinetuneSettings):
+    """LLaVA stage 2: instruction tuning of a VLM (LoRA on its language model) on rows with a prompt and a
+    response; ``lr`` and the LoRA rank, alpha and dropout left empty are the VLM recipe's stage-2 values."""
+
+    FROM_RECIPE: ClassVar[dict[str, str]] = {
+        "lr": "learning_rate",
+        "lora_r": "lora.r",
+        "lora_alpha": "lora.alpha",
+        "lora_dropout": "lora.dropout",
+    }
+    STAGE: ClassVar[str] = "stage2"
+    FALLBACK: ClassVar[type[BaseModel]] = _FinetuneSettings
+
+    recipe: str = Field(
+        defaults.VLM_FINETUNE_RECIPE,
+        description=f"{defaults.VLM_FINETUNE_RECIPE}: the VLM recipe the base was trained with; or name a VLM "
+        "recipe (models/configs/vlm/*.json).",
+    )
+    base: str = Field(defaults.DEFAULT_VLM_URI, description="VLM to adapt (MLflow URI, folder, HF id).")
+    lora: VlmLoraArgs = Field(default_factory=VlmLoraArgs, description="LoRA on the language model.")
+    prompt_col: str = Field("prompt", description="The column holding each row's instruction.")
+    response_col: str = Field("response", description="The column holding each row's answer.")
+    lr: RecipeLearningRate = None

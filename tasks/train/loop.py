@@ -1,7 +1,7 @@
 """The Ray Train loop shared by every recipe (runs on every worker).
 
 The driver hands each worker one typed :class:`LoopConfig`; its ``model`` is the recipe's worker side
-(:class:`ClipModelHooks` for CLIP and its LoRA fine-tune, ``tasks.train.vlm.VlmModelHooks`` for the VLM stages): how to build the trainable module, the loss of a
+(:class:`ClipModelHooks` for CLIP and its LoRA fine-tune, ``tasks.train.vlm_data.VlmModelHooks`` for the VLM stages): how to build the trainable module, the loss of a
 batch (CLIP: the symmetric InfoNCE over the global batch, embeddings all-gathered across workers, with the
 learnable temperature), what to do after a step, and what a checkpoint holds. The loop itself is recipe-free:
 AdamW with a cosine schedule and linear warmup, gradient accumulation, bf16 autocast on GPU, optional gradient

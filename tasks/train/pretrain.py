@@ -1,84 +1,34 @@
-"""Contrastive CLIP pretraining on Ray Train over a dataset version; evaluated, logged and registered.
-
-The recipe: a new CLIP from a model recipe (``models/configs``) with a tokenizer fitted on the training captions,
-or an existing model (``init``); trained in full; registered as ``vlforge-clip``.
-"""
+"""The ``pretrain`` stage: a CLIP recipe trains a CLIP contrastively (``vlforge-clip``); a VLM recipe runs the
+VLM's stage 1 (``vlforge-vlm``). The recipe name picks the family (``tasks.train.recipes``)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from typing import Any
 
 from prefect import task
 
-from tasks.train.args import PretrainArgs
-from tasks.train.driver import Recipe, TrainingRun, TrainResult, run_training
+from tasks.train.args import PretrainArgs, TrainArgs, VlmPretrainArgs
+from tasks.train.driver import TrainResult, run_training
+from tasks.train.recipes import recipe_for
 from vlforge.settings import Settings
 
-__all__ = ["PretrainArgs", "PretrainRecipe", "TrainResult", "pretrain", "pretrain_task"]
-
-
-class PretrainRecipe(Recipe):
-    stage = "pretrain"
-
-    def __init__(self, args: PretrainArgs):
-        from vlforge.tracking import PRETRAINED_MODEL
-
-        super().__init__(args)
-        self.model_name = PRETRAINED_MODEL
-        self.base_model = args.init
-
-    def check(self, settings: Settings) -> None:
-        if self.args.init:
-            from vlforge.registry import check_model_uri
-
-            check_model_uri(self.args.init, settings)
-
-    def tags(self) -> dict[str, str]:
-        from vlforge.tracking import TAG_RECIPE
-
-        return {} if self.args.init else {TAG_RECIPE: self.args.recipe}
-
-    def initial_model(self, dv, settings: Settings, heldout: float):
-        """From a model URI (``init``), or from scratch: the recipe with a tokenizer fitted on the train captions."""
-        args = self.args
-        if args.init:
-            from tasks.common import load_model
-
-            return load_model(args.init, settings)
-        from models.clip import build_clip
-        from tasks.train.data import train_captions
-
-        return build_clip(args.recipe, train_captions(dv, heldout), seed=args.seed)
-
-    def worker_hooks(self):
-        from tasks.train.loop import ClipModelHooks
-
-        return ClipModelHooks(lora=None)
-
-    def final_model(self, ckpt_dir: str, tr: TrainingRun, model_dir: str) -> tuple[Any, str | None]:
-        from models.clip import load_clip
-
-        shutil.copytree(os.path.join(ckpt_dir, "model"), model_dir, dirs_exist_ok=True)
-        return load_clip(model_dir), None
+__all__ = ["PretrainArgs", "TrainResult", "VlmPretrainArgs", "pretrain", "pretrain_task"]
 
 
 def pretrain(
     dataset: str,
     settings: Settings,
-    args: PretrainArgs | None = None,
+    args: TrainArgs | None = None,
     *,
     fail_once: dict | None = None,
     **options: Any,
 ) -> TrainResult:
     """Pretrain a CLIP on ``dataset`` (``name[@version]``) and register it as ``vlforge-clip``; a VLM recipe
-    (``recipe="vlm-tiny"``) runs the VLM's stage 1 instead and registers ``vlforge-vlm`` (``tasks.train.vlm``).
+    (``recipe="vlm-tiny"``) runs the VLM's stage 1 instead and registers ``vlforge-vlm``.
 
-    Settings are :class:`PretrainArgs` (``args``, and/or its fields as keywords: ``epochs=3``)."""
-    from tasks.train.vlm import pretrain_recipe
-
-    recipe = pretrain_recipe(PretrainArgs.build(args, **options))
+    Settings are :class:`PretrainArgs` or :class:`VlmPretrainArgs` (``args``, and/or their fields as keywords:
+    ``epochs=3``); the recipe name picks which."""
+    recipe = recipe_for("pretrain", args, **options)
     return run_training(recipe, dataset, settings, fail_once=fail_once)
 
 

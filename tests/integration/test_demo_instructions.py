@@ -10,7 +10,7 @@ from flows.demo import vlm_train_params
 from models.vlm import load_vlm_recipe
 from tasks.curate import curate
 from tasks.ingest import ingest
-from tasks.train.vlm import check_text_columns
+from tasks.train.vlm_data import check_text_columns
 from vlforge.datasets import resolve_dataset
 from vlforge.demo.server import write_url_list
 from vlforge.demo.synth import DESCRIBE, INSTRUCTIONS, make_pairs

@@ -11,16 +11,12 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.params import TrainParams
-from tasks.train.args import FinetuneArgs, PretrainArgs
-from tasks.train.vlm import (
-    VlmFinetuneRecipe,
-    VlmModelHooks,
-    VlmPretrainRecipe,
-    caption_truths,
-    finetune_recipe,
-    preprocess_vlm_batch,
-    pretrain_recipe,
-)
+from tasks.train.args import FinetuneArgs, PretrainArgs, VlmFinetuneArgs, VlmPretrainArgs
+from tasks.train.recipes import recipe_for
+from tasks.train.recipes.vlm_stage1 import VlmPretrainRecipe
+from tasks.train.recipes.vlm_stage2 import VlmFinetuneRecipe
+from tasks.train.vlm_data import VlmModelHooks, preprocess_vlm_batch
+from tasks.train.vlm_eval import caption_truths
 from tests.helpers import publish_instructions, publish_synthetic_dataset
 from vlforge.demo.synth import INSTRUCTIONS, make_pairs
 from vlforge.errors import ModelNotFoundError, VlforgeError
@@ -30,28 +26,51 @@ PAIRS = make_pairs(8, seed=3, size=32)
 
 
 def test_recipe_names_pick_the_vlm_recipes_and_their_stage_settings():
-    stage1 = pretrain_recipe(PretrainArgs(recipe="vlm-tiny", adapter="resampler"))
+    stage1 = recipe_for("pretrain", recipe="vlm-tiny", adapter="resampler")
     assert isinstance(stage1, VlmPretrainRecipe) and stage1.model_name == "vlforge-vlm"
     assert stage1.vlm.adapter == "resampler"
-    assert stage1.args.lr == 1e-3  # lr left at its default: the recipe's stage-1 learning rate
-    assert pretrain_recipe(PretrainArgs(recipe="vlm-tiny", lr=2e-4)).args.lr == 2e-4  # (not the default 5e-4)
-    stage2 = finetune_recipe(FinetuneArgs(recipe="vlm"))
+    assert stage1.args.lr == 1e-3  # lr left empty: the recipe's stage-1 learning rate
+    assert recipe_for("pretrain", recipe="vlm-tiny", lr=2e-4).args.lr == 2e-4
+    stage2 = recipe_for("finetune", recipe="vlm")
     assert isinstance(stage2, VlmFinetuneRecipe) and stage2.model_name == "vlforge-vlm-lora"
     assert stage2.base_model == "models:/vlforge-vlm@champion"  # not the CLIP default
-    assert type(finetune_recipe(FinetuneArgs())).__name__ == "FinetuneRecipe"
+    assert type(recipe_for("finetune")).__name__ == "FinetuneRecipe"
+    # A CLIP family's settings naming a VLM recipe carry over what was given, and the VLM's defaults apply.
+    moved = recipe_for("pretrain", PretrainArgs(recipe="vlm-tiny", epochs=3))
+    assert isinstance(moved.args, VlmPretrainArgs) and (moved.args.epochs, moved.args.batch_size) == (3, 32)
+
+
+def test_an_explicit_vlm_setting_equal_to_the_clip_default_is_kept():
+    clip = PretrainArgs()
+    stage1 = recipe_for("pretrain", recipe="vlm-tiny", lr=clip.lr, batch_size=clip.batch_size)
+    assert (stage1.args.lr, stage1.args.batch_size, stage1.args.warmup_steps) == (
+        clip.lr,
+        clip.batch_size,
+        10,
+    )
+    lora = FinetuneArgs()
+    stage2 = recipe_for("finetune", VlmFinetuneArgs(lr=lora.lr, lora={"r": 8}))
+    resolved = stage2.args.resolved({"learning_rate": 3e-3, "lora": {"r": 16, "alpha": 32}})
+    assert (resolved.lr, resolved.lora.r, resolved.lora.alpha) == (lora.lr, 8, 32)
 
 
 def test_unknown_recipes_and_misplaced_vlm_settings_are_clear_errors():
     with pytest.raises(ModelNotFoundError, match="VLM recipes: .*vlm-tiny"):
-        pretrain_recipe(PretrainArgs(recipe="nope"))
-    with pytest.raises(VlforgeError, match="--vision-model and --adapter are VLM settings"):
-        pretrain_recipe(PretrainArgs(vision_model="openai/clip-vit-base-patch32"))
+        recipe_for("pretrain", recipe="nope")
+    with pytest.raises(VlforgeError, match="--vision-model is a VLM setting; the default recipe is a CLIP"):
+        recipe_for("pretrain", vision_model="openai/clip-vit-base-patch32")
+    with pytest.raises(
+        VlforgeError, match="--vision-model and --adapter are VLM settings; recipe 'clip-tiny'"
+    ):
+        recipe_for("pretrain", recipe="clip-tiny", vision_model="x", adapter="mlp")
+    with pytest.raises(VlforgeError, match="--init is a CLIP setting; recipe 'vlm-tiny' is a VLM recipe"):
+        recipe_for("pretrain", recipe="vlm-tiny", init="x")
     with pytest.raises(VlforgeError, match="unknown adapter 'qformer'"):
-        pretrain_recipe(PretrainArgs(recipe="vlm-tiny", adapter="qformer"))
-    with pytest.raises(VlforgeError, match="unknown fine-tune recipe 'nope'"):
-        finetune_recipe(FinetuneArgs(recipe="nope"))
-    with pytest.raises(VlforgeError, match="--lora-targets"):
-        finetune_recipe(FinetuneArgs(recipe="vlm", lora={"targets": ("q_proj",)}))
+        recipe_for("pretrain", recipe="vlm-tiny", adapter="qformer")
+    with pytest.raises(VlforgeError, match="unknown finetune recipe 'nope'"):
+        recipe_for("finetune", recipe="nope")
+    with pytest.raises(VlforgeError, match="--lora-targets is a CLIP setting; recipe 'vlm' is a VLM recipe"):
+        recipe_for("finetune", FinetuneArgs(recipe="vlm", lora={"targets": ("q_proj",)}))
 
 
 def test_cli_unknown_recipe_is_one_line_before_anything_starts(settings):
@@ -102,6 +121,22 @@ def test_prefect_train_form_offers_the_vlm_stages_off_by_default():
         dataset="d", vlm_pretrain=True, vlm_pretraining={"recipe": "vlm-tiny", "adapter": "mlp"}
     )
     assert form.vlm_pretraining.adapter == "mlp"
+
+
+def test_the_form_keeps_an_explicit_vlm_setting_equal_to_the_clip_default():
+    clip, lora = PretrainArgs(), FinetuneArgs()
+    form = TrainParams.model_validate(
+        {
+            "dataset": "d",
+            "vlm_pretraining": {"lr": clip.lr, "batch_size": clip.batch_size},
+            "vlm_finetuning": {"lr": lora.lr},
+        }
+    )
+    stage1 = recipe_for("pretrain", form.vlm_pretraining)
+    assert (stage1.args.lr, stage1.args.batch_size) == (clip.lr, clip.batch_size)
+    assert stage1.args.warmup_steps == 10  # left empty: vlm-tiny's stage-1 value
+    assert recipe_for("finetune", form.vlm_finetuning).args.resolved({"learning_rate": 3e-3}).lr == lora.lr
+    assert TrainParams(dataset="d").vlm_pretraining.lr is None  # the form's empty field: the recipe's value
 
 
 def test_caption_truth_is_the_label_or_the_captions_content_words():
@@ -178,8 +213,8 @@ def test_worker_hooks_train_the_stage_with_gradient_checkpointing(init_dir, tmp_
 
 def test_an_eval_sets_name_says_whether_its_rows_are_read_as_instructions_or_captions(settings):
     from tasks.train.data import dataset_heldout_fraction, heldout_ref
-    from tasks.train.vlm import INSTRUCTIONS as MARK
-    from tasks.train.vlm import VlmEvaluator
+    from tasks.train.vlm_eval import INSTRUCTIONS as MARK
+    from tasks.train.vlm_eval import VlmEvaluator
 
     dv = publish_instructions(settings, "ask", PAIRS, INSTRUCTIONS[:1])
     captions_only, _ = publish_synthetic_dataset(settings, "plain", n=4)
