@@ -118,7 +118,7 @@ def main() -> None:
     flops = clip_flops_per_pair(bundle.model.config, text_tokens)
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests.helpers import write_raw_batch
+    from vlforge.demo.datasets import write_raw_batch
 
     write_raw_batch(settings, "bench", "b1", pairs, shard_size=args.batch_size * 2)
     init_ray(settings)

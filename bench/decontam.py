@@ -1,5 +1,5 @@
 """Decontamination benchmark: recall on near copies of eval images and the rate of distinct images removed,
-on synthetic shapes (the demo's plain shapes, ``tests/shapes30.py``'s noisy ones) and photo-like images
+on synthetic shapes (the demo's plain shapes, ``SHAPES30``'s noisy ones, both ``vlforge.demo.synth``) and photo-like images
 (generated 1/f textures with gradients and blobs, plus any sample photos shipped inside installed packages);
 and how often a copy lands on the same side of the held-out split as its original.
 
@@ -41,32 +41,6 @@ def _jpeg(img, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def photo_like(n: int, seed: int, size: int = 128) -> list[bytes]:
-    """Natural-ish images without downloads: 1/f colour noise, a linear gradient and a few soft blobs."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij")
-    falloff = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / size) ** rng.uniform(1.6, 2.2)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = []
-    for _ in range(n):
-        img = np.zeros((size, size, 3))
-        for c in range(3):
-            spec = falloff * np.exp(2j * np.pi * rng.random((size, size)))
-            field = np.real(np.fft.ifft2(spec))
-            img[..., c] = (field - field.mean()) / (field.std() + 1e-9)
-        angle = rng.uniform(0, 2 * np.pi)
-        img += 1.5 * (np.cos(angle) * xx + np.sin(angle) * yy)[..., None] * rng.uniform(-1, 1, 3)
-        for _ in range(rng.integers(1, 4)):
-            cx, cy, r = rng.random(), rng.random(), rng.uniform(0.05, 0.25)
-            blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
-            img += 2.0 * blob[..., None] * rng.uniform(-1, 1, 3)
-        img = (img - img.min()) / (img.max() - img.min() + 1e-9) * 255
-        out.append(_png(Image.fromarray(img.astype(np.uint8))))
-    return out
-
-
 def sample_photos() -> list[bytes]:
     """Photos shipped inside installed packages (matplotlib's sample data), if any."""
     try:
@@ -85,9 +59,11 @@ def images(kind: str, n: int, seed: int) -> list[bytes]:
 
         return [p.image for p in make_pairs(n, seed=seed)]
     if kind == "shapes30":
-        from tests.shapes30 import make_shape_pairs
+        from vlforge.demo.synth import make_shape_pairs
 
         return [p.image for p in make_shape_pairs(n, seed=seed)]
+    from vlforge.demo.synth import photo_like
+
     return photo_like(n, seed)
 
 
@@ -157,7 +133,7 @@ import sys, dataclasses
 sys.path.insert(0, {root!r})
 from vlforge.settings import get_settings
 from vlforge.demo.synth import make_pairs
-from tests.helpers import write_raw_batch
+from vlforge.demo.datasets import write_raw_batch
 from tasks.curate import curate
 settings = get_settings()
 evals = make_pairs({n_eval}, seed=7, prefix="ev")

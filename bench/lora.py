@@ -1,10 +1,10 @@
 """Which LoRA defaults gain on a new domain without forgetting the general one? (issue #14)
 
-A base CLIP (the default recipe) is trained in-process on ``tests/shapes30.py`` (800 clean pairs of 30 colour x
+A base CLIP (the default recipe) is trained in-process on ``vlforge.demo.synth.SHAPES30`` (800 clean pairs of 30 colour x
 shape classes on light backgrounds, 15 epochs). The domain it never saw: the same 30 classes on dark, noisy
 backgrounds (black, dark brown, dark green; pixel noise 30 instead of 12). Each setting copies the base, puts
 LoRA adapters on it (``models.lora.apply_lora``), fine-tunes it on the domain's training pairs with what
-``tasks.train.loop`` does (``tests.shapes30.train_in_process``: ``global_clip_loss``, AdamW over the trainable
+``tasks.train.loop`` does (``tasks.train.inprocess.train_in_process``: ``global_clip_loss``, AdamW over the trainable
 parameters, cosine with warmup, flips), merges (``models.lora.merge_lora``) and measures zero-shot accuracy over
 the 30 class prompts on a domain test set and on the general test set, each against the base, with the paired
 bootstrap 95% interval of the difference that promotion uses (``tasks.evaluate.paired_difference`` on per-image
@@ -66,7 +66,7 @@ def fine_tune(base, pairs, change: dict, seed: int):
 
     from models.lora import LoraArgs, apply_lora, merge_lora, trainable_parameters
     from tasks.train.args import FinetuneArgs
-    from tests.shapes30 import train_in_process
+    from tasks.train.inprocess import train_in_process
 
     train_keys = set(FinetuneArgs.model_fields) - {"lora"}
     args = FinetuneArgs(**{k: v for k, v in change.items() if k in train_keys})
@@ -104,8 +104,9 @@ def main() -> None:
 
     from models.recipes import DEFAULT_RECIPE
     from tasks.evaluate import paired_difference
-    from tests.shapes30 import TUNING_TEST_SEED, make_shape_pairs, train_in_process, zeroshot_hits
+    from tasks.train.inprocess import train_in_process, zeroshot_hits
     from vlforge.defaults import GENERAL_MARGIN
+    from vlforge.demo.synth import TUNING_TEST_SEED, make_shape_pairs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default=",".join(SETTINGS), help="settings to run, comma-separated")

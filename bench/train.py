@@ -116,7 +116,7 @@ def main() -> None:
     os.environ["VLFORGE_STORAGE"] = os.path.join(tmp, "store")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from tasks.train.pretrain import pretrain
-    from tests.helpers import publish_synthetic_dataset
+    from vlforge.demo.datasets import publish_synthetic_dataset
     from vlforge.raycluster import init_ray
     from vlforge.settings import get_settings
 
