@@ -14,15 +14,16 @@ tuned on seed 1; BENCHMARKS.md reports seed 2).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import random
 import sys
 import time
+from typing import Annotated
 
 import numpy as np
+import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -172,24 +173,23 @@ print("RESULT", json.dumps({{"rows": {rows}, "decontaminate": {decontaminate}, "
     return json.loads(line[len("RESULT ") :])
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--eval", type=int, default=200, help="eval images per kind")
-    p.add_argument("--distinct", type=int, default=600, help="distinct pool images per kind")
-    p.add_argument("--kinds", default="demo,shapes30,photo")
-    p.add_argument("--scale", default="", help="pool sizes for the curate-pass cost, e.g. 20000,80000")
-    args = p.parse_args(argv)
+def main(
+    seed: int = 2,
+    eval: Annotated[int, typer.Option(help="eval images per kind")] = 200,
+    distinct: Annotated[int, typer.Option(help="distinct pool images per kind")] = 600,
+    kinds: str = "demo,shapes30,photo",
+    scale: Annotated[str, typer.Option(help="pool sizes for the curate-pass cost, e.g. 20000,80000")] = "",
+) -> None:
     results = []
-    for kind in [k for k in args.kinds.split(",") if k]:
-        r = quality(kind, args.seed, args.eval, args.distinct)
+    for kind in [k for k in kinds.split(",") if k]:
+        r = quality(kind, seed, eval, distinct)
         results.append(r)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
-    if args.scale:
-        for rows in [int(x) for x in args.scale.split(",")]:
+    if scale:
+        for rows in [int(x) for x in scale.split(",")]:
             for decontaminate in (False, True):
-                print(json.dumps(scale_run(rows, decontaminate, args.eval)), flush=True)
+                print(json.dumps(scale_run(rows, decontaminate, eval)), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

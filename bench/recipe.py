@@ -22,13 +22,16 @@ range: one run says little, the same recipe spreading by 0.1-0.2 between seeds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
+from typing import Annotated, Literal
+
+import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -134,30 +137,33 @@ def palette(args) -> dict:
     return HELDOUT_COLOURS if args.heldout else SHAPES30_COLOURS
 
 
-def main() -> None:
+def main(
+    only: Annotated[str, typer.Option(help="comma-separated candidate names")] = ",".join(CANDIDATES),
+    via: Literal["inprocess", "pretrain"] = "inprocess",
+    pairs: int = 800,
+    epochs: int = 15,
+    test: Annotated[int, typer.Option(help="held-out zero-shot images")] = 600,
+    pool: Annotated[int, typer.Option(help="scorer pool (40 % wrong captions)")] = 500,
+    batch_size: Annotated[int | None, typer.Option(help="default: pretraining's")] = None,
+    lr: Annotated[float | None, typer.Option(help="default: pretraining's")] = None,
+    warmup: Annotated[int | None, typer.Option(help="default: pretraining's")] = None,
+    eval_fraction: Annotated[float, typer.Option(help="--via pretrain: its held-out share")] = 0.1,
+    seeds: Annotated[str, typer.Option(help="comma-separated training seeds")] = "0",
+    threads: Annotated[int, typer.Option(help="torch threads")] = os.cpu_count() or 1,
+    heldout: Annotated[
+        bool,
+        typer.Option(
+            help="report on the held-out palette and seeds the CI tests assert on (vlforge.demo.synth HELDOUT_*): for reporting a chosen recipe only, never for choosing one; pass --seeds 7001,7002,7003"
+        ),
+    ] = False,
+) -> None:
     from tasks.train.args import PretrainArgs
 
     train = PretrainArgs()  # the batch, rate and warmup a pretraining gets by default
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default=",".join(CANDIDATES), help="comma-separated candidate names")
-    ap.add_argument("--via", choices=("inprocess", "pretrain"), default="inprocess")
-    ap.add_argument("--pairs", type=int, default=800)
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--test", type=int, default=600, help="held-out zero-shot images")
-    ap.add_argument("--pool", type=int, default=500, help="scorer pool (40 %% wrong captions)")
-    ap.add_argument("--batch-size", type=int, default=train.batch_size)
-    ap.add_argument("--lr", type=float, default=train.lr)
-    ap.add_argument("--warmup", type=int, default=train.warmup_steps)
-    ap.add_argument("--eval-fraction", type=float, default=0.1, help="--via pretrain: its held-out share")
-    ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    ap.add_argument(
-        "--heldout",
-        action="store_true",
-        help="report on the held-out palette and seeds the CI tests assert on (vlforge.demo.synth HELDOUT_*): "
-        "for reporting a chosen recipe only, never for choosing one; pass --seeds 7001,7002,7003",
-    )
-    args = ap.parse_args()
+    batch_size = train.batch_size if batch_size is None else batch_size
+    lr = train.lr if lr is None else lr
+    warmup = train.warmup_steps if warmup is None else warmup
+    args = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("train", "PretrainArgs")})
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -231,4 +237,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

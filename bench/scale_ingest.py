@@ -14,7 +14,6 @@ each in its own subprocess. Writes bench/results/scale_ingest.json. bench/scale.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -22,11 +21,14 @@ import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import typer
 
 HOSTS = 1000
 CHUNK = 500_000
@@ -160,19 +162,22 @@ def bench_staging(
     return out
 
 
-def main() -> None:
+def main(
+    rows: int = 10000000,
+    formats: str = "parquet,csv",
+    reader: Annotated[
+        str,
+        typer.Option(
+            help="img2dataset's reader on the staged rows: as the ingest hands them (parts), as one file (file), none"
+        ),
+    ] = "parts,file",
+    workdir: Annotated[
+        str | None, typer.Option(help="keep the lists here (default: a temporary folder)")
+    ] = None,
+) -> None:
+    args = SimpleNamespace(**locals())  # the options by name, as the code below reads them
     import tempfile
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=10_000_000)
-    parser.add_argument("--formats", default="parquet,csv")
-    parser.add_argument(
-        "--reader",
-        default="parts,file",
-        help="img2dataset's reader on the staged rows: as the ingest hands them (parts), as one file (file), none",
-    )
-    parser.add_argument("--workdir", default=None, help="keep the lists here (default: a temporary folder)")
-    args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="vlforge-scale-ingest-")
     readers = tuple(m for m in args.reader.split(",") if m in ("parts", "file"))
     try:
@@ -198,4 +203,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)
