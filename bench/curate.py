@@ -85,6 +85,8 @@ def text_tokens_per_pair(bundle, pairs, batch_size: int) -> float:
 
 
 def main(
+    # Enough pairs that the actors' start-up is paid back as in a real curation (the break-even size is in
+    # BENCHMARKS.md "Curate").
     pairs: int = 8192,
     folded_naive: Annotated[
         bool,

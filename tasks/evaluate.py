@@ -9,6 +9,9 @@ Recall is computed on the full [N, N] similarity matrix of a held-out split (row
 embeddings is a pair). Pairs whose captions are identical are interchangeable (synthetic and web data repeat
 captions), so :func:`evaluate` groups them: retrieving any member of the query's group counts as a hit. The
 bootstrap resamples queries (pairs) with the candidate set fixed, the usual practice for retrieval benchmarks.
+
+The bootstrap is ``scipy.stats.bootstrap`` (percentile method; ``paired=True`` for a difference), seeded, so the
+same scores always give the same interval and a promotion decision can be re-derived from logged scores.
 """
 
 from __future__ import annotations
