@@ -14,6 +14,9 @@ seed, and the same seed always gives the same pixels and captions. Two tasks shi
   ~1/5 of the zero-shot classes right at best; a wrong caption changes the colour only, the shape only or both (a
   third each), so a scorer that knows colours but not shapes keeps many wrong pairs.
 
+:func:`photo_like` draws natural-ish images (1/f noise, gradients, blobs) for what drawings cannot test (copy
+detection on textures).
+
 Tuning and reporting stay apart: the benchmarks chose the default recipe, its rate and the LoRA defaults on
 ``SHAPES30``'s palette and the tuning seeds (``TUNING_*``); the CI tests assert on ``HELDOUT_COLOURS`` drawn from
 ``HELDOUT_SEEDS``, which no benchmark chose anything on.
