@@ -39,7 +39,6 @@ def main(
     requests: int = 2000,
     rounds: int = 3,
 ) -> None:
-
     from vlforge import netguard
     from vlforge.demo.server import ImageServer, Response
     from vlforge.demo.synth import make_pairs

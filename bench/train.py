@@ -110,7 +110,6 @@ def main(
     skip: Annotated[float, typer.Option(help="share of steps treated as warm-up")] = 0.2,
     rounds: Annotated[int, typer.Option(help="Ray runs, each between two plain-loop runs")] = 3,
 ) -> None:
-
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = tempfile.mkdtemp(prefix="vlforge-bench-train-")
