@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import torch
-from scipy import stats
 
 from models.clip import ClipBundle
 
@@ -105,6 +104,8 @@ class Evaluation:
 def _bootstrap(samples: tuple[np.ndarray, ...], statistic, resamples: int, seed: int, paired: bool):
     """``scipy.stats.bootstrap``, percentile method, in batches that hold about ``_CHUNK_ELEMENTS`` resampled
     indices; the seed's generator draws [batch, N] row indices per batch, the same for every sample and column."""
+    from scipy import stats  # imported when an interval is asked for: scipy.stats takes a while to import
+
     n = samples[0].shape[0]
     if n == 0:
         raise ValueError("cannot bootstrap zero pairs")
