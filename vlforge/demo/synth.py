@@ -331,7 +331,7 @@ def photo_like(n: int, seed: int, size: int = 128) -> list[bytes]:
 INSTRUCTIONS = (("What colour is the shape?", "colour"), ("What shape is it?", "shape"))
 # The VLM recipes' caption prompt (``caption_prompt`` in models/configs/vlm) answered with the pair's description:
 # caption conversations among the instructions, as LLaVA's stage-2 data has, keep an instruction-tuned model
-# describing images (trained on the questions only, it stops describing; BENCHMARKS.md "VLM").
+# describing images (trained on the questions only, it stops describing: BENCHMARKS.md "End to end").
 DESCRIBE = ("Describe the image.", "description")
 
 
