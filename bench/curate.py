@@ -7,12 +7,15 @@ single-process loop over the same batches. Writes bench/results/curate.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
+from typing import Annotated
+
+import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,21 +84,20 @@ def text_tokens_per_pair(bundle, pairs, batch_size: int) -> float:
     return sum(lengths) / len(lengths)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    # Enough pairs that the actors' start-up (~20-35 s on 2 cores) is amortised as in a real curation: the
-    # steady-state gain pays it back from ~5000 pairs on the 2-core machine of BENCHMARKS.md (~20 min in all).
-    ap.add_argument("--pairs", type=int, default=8192)
-    ap.add_argument(
-        "--folded-naive",
-        action="store_true",
-        help="also time the naive loop with the scorer's folded activation (isolates what Ray adds)",
-    )
-    ap.add_argument(
-        "--image-px", type=int, default=256, help="side of the synthetic images (img2dataset: 256)"
-    )
-    ap.add_argument("--batch-size", type=int, default=32)
-    args = ap.parse_args()
+def main(
+    # Enough pairs that the actors' start-up is paid back as in a real curation (the break-even size is in
+    # BENCHMARKS.md "Curate").
+    pairs: int = 8192,
+    folded_naive: Annotated[
+        bool,
+        typer.Option(
+            help="also time the naive loop with the scorer's folded activation (isolates what Ray adds)"
+        ),
+    ] = False,
+    image_px: Annotated[int, typer.Option(help="side of the synthetic images (img2dataset: 256)")] = 256,
+    batch_size: int = 32,
+) -> None:
+    args = SimpleNamespace(**locals())  # the options by name, as the code below reads them
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -118,7 +120,7 @@ def main() -> None:
     flops = clip_flops_per_pair(bundle.model.config, text_tokens)
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from tests.helpers import write_raw_batch
+    from vlforge.demo.datasets import write_raw_batch
 
     write_raw_batch(settings, "bench", "b1", pairs, shard_size=args.batch_size * 2)
     init_ray(settings)
@@ -179,4 +181,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

@@ -12,30 +12,33 @@ Writes bench/results/curation_experiment.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from typing import Annotated
+
+import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "curation_experiment.json")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pool", type=int, default=800)
-    ap.add_argument("--noise", type=float, default=0.4)
-    ap.add_argument("--seed-pairs", type=int, default=300)
-    ap.add_argument("--eval", type=int, default=300)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--samples-seen", type=int, default=None)
-    ap.add_argument("--storage", default=None, help="storage root (default: a fresh temporary folder)")
-    args = ap.parse_args()
-    os.environ["VLFORGE_STORAGE"] = args.storage or tempfile.mkdtemp(prefix="vlforge-experiment-")
+def main(
+    pool: int = 800,
+    noise: float = 0.4,
+    seed_pairs: int = 300,
+    eval: int = 300,
+    seeds: int = 2,
+    samples_seen: int | None = None,
+    storage: Annotated[
+        str | None, typer.Option(help="storage root (default: a fresh temporary folder)")
+    ] = None,
+) -> None:
+    os.environ["VLFORGE_STORAGE"] = storage or tempfile.mkdtemp(prefix="vlforge-experiment-")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
     from tasks.curate import curate
@@ -50,9 +53,9 @@ def main() -> None:
     lists = os.path.join(settings.storage_uri, "lists")
     os.makedirs(lists, exist_ok=True)
     sets = {
-        "seed": make_pairs(args.seed_pairs, 0.0, seed=101, prefix="seed"),
-        "pool": make_pairs(args.pool, args.noise, seed=102, prefix="pool"),
-        "eval": make_pairs(args.eval, 0.0, seed=103, prefix="eval"),
+        "seed": make_pairs(seed_pairs, 0.0, seed=101, prefix="seed"),
+        "pool": make_pairs(pool, noise, seed=102, prefix="pool"),
+        "eval": make_pairs(eval, 0.0, seed=103, prefix="eval"),
     }
     t0 = time.perf_counter()
     server = ImageServer().start()
@@ -69,8 +72,8 @@ def main() -> None:
         pool="exp-pool",
         eval="exp-eval",
         scorer=scorer.model_uri,
-        seeds=args.seeds,
-        samples_seen=args.samples_seen,
+        seeds=seeds,
+        samples_seen=samples_seen,
     )
     t1 = time.perf_counter()
     out = run_curation_experiment(exp_args, settings)
@@ -80,8 +83,8 @@ def main() -> None:
     print(out["verdict"])
     record = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
-        "pool": args.pool, "noise": args.noise, "seed_pairs": args.seed_pairs, "eval_pairs": args.eval,
-        "seeds": args.seeds, "prepare_s": round(prepared, 1), "experiment_s": round(wall, 1), "result": out,
+        "pool": pool, "noise": noise, "seed_pairs": seed_pairs, "eval_pairs": eval,
+        "seeds": seeds, "prepare_s": round(prepared, 1), "experiment_s": round(wall, 1), "result": out,
     }  # fmt: skip
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w") as fh:
@@ -90,4 +93,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

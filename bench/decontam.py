@@ -1,5 +1,5 @@
 """Decontamination benchmark: recall on near copies of eval images and the rate of distinct images removed,
-on synthetic shapes (the demo's plain shapes, ``tests/shapes30.py``'s noisy ones) and photo-like images
+on synthetic shapes (the demo's plain shapes, ``SHAPES30``'s noisy ones, both ``vlforge.demo.synth``) and photo-like images
 (generated 1/f textures with gradients and blobs, plus any sample photos shipped inside installed packages);
 and how often a copy lands on the same side of the held-out split as its original.
 
@@ -14,15 +14,16 @@ tuned on seed 1; BENCHMARKS.md reports seed 2).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import random
 import sys
 import time
+from typing import Annotated
 
 import numpy as np
+import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,32 +40,6 @@ def _jpeg(img, quality: int) -> bytes:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-def photo_like(n: int, seed: int, size: int = 128) -> list[bytes]:
-    """Natural-ish images without downloads: 1/f colour noise, a linear gradient and a few soft blobs."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij")
-    falloff = 1.0 / np.maximum(np.hypot(fx, fy), 1.0 / size) ** rng.uniform(1.6, 2.2)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = []
-    for _ in range(n):
-        img = np.zeros((size, size, 3))
-        for c in range(3):
-            spec = falloff * np.exp(2j * np.pi * rng.random((size, size)))
-            field = np.real(np.fft.ifft2(spec))
-            img[..., c] = (field - field.mean()) / (field.std() + 1e-9)
-        angle = rng.uniform(0, 2 * np.pi)
-        img += 1.5 * (np.cos(angle) * xx + np.sin(angle) * yy)[..., None] * rng.uniform(-1, 1, 3)
-        for _ in range(rng.integers(1, 4)):
-            cx, cy, r = rng.random(), rng.random(), rng.uniform(0.05, 0.25)
-            blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
-            img += 2.0 * blob[..., None] * rng.uniform(-1, 1, 3)
-        img = (img - img.min()) / (img.max() - img.min() + 1e-9) * 255
-        out.append(_png(Image.fromarray(img.astype(np.uint8))))
-    return out
 
 
 def sample_photos() -> list[bytes]:
@@ -85,9 +60,11 @@ def images(kind: str, n: int, seed: int) -> list[bytes]:
 
         return [p.image for p in make_pairs(n, seed=seed)]
     if kind == "shapes30":
-        from tests.shapes30 import make_shape_pairs
+        from vlforge.demo.synth import make_shape_pairs
 
         return [p.image for p in make_shape_pairs(n, seed=seed)]
+    from vlforge.demo.synth import photo_like
+
     return photo_like(n, seed)
 
 
@@ -157,7 +134,7 @@ import sys, dataclasses
 sys.path.insert(0, {root!r})
 from vlforge.settings import get_settings
 from vlforge.demo.synth import make_pairs
-from tests.helpers import write_raw_batch
+from vlforge.demo.datasets import write_raw_batch
 from tasks.curate import curate
 settings = get_settings()
 evals = make_pairs({n_eval}, seed=7, prefix="ev")
@@ -196,24 +173,23 @@ print("RESULT", json.dumps({{"rows": {rows}, "decontaminate": {decontaminate}, "
     return json.loads(line[len("RESULT ") :])
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=2)
-    p.add_argument("--eval", type=int, default=200, help="eval images per kind")
-    p.add_argument("--distinct", type=int, default=600, help="distinct pool images per kind")
-    p.add_argument("--kinds", default="demo,shapes30,photo")
-    p.add_argument("--scale", default="", help="pool sizes for the curate-pass cost, e.g. 20000,80000")
-    args = p.parse_args(argv)
+def main(
+    seed: int = 2,
+    eval: Annotated[int, typer.Option(help="eval images per kind")] = 200,
+    distinct: Annotated[int, typer.Option(help="distinct pool images per kind")] = 600,
+    kinds: str = "demo,shapes30,photo",
+    scale: Annotated[str, typer.Option(help="pool sizes for the curate-pass cost, e.g. 20000,80000")] = "",
+) -> None:
     results = []
-    for kind in [k for k in args.kinds.split(",") if k]:
-        r = quality(kind, args.seed, args.eval, args.distinct)
+    for kind in [k for k in kinds.split(",") if k]:
+        r = quality(kind, seed, eval, distinct)
         results.append(r)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
-    if args.scale:
-        for rows in [int(x) for x in args.scale.split(",")]:
+    if scale:
+        for rows in [int(x) for x in scale.split(",")]:
             for decontaminate in (False, True):
-                print(json.dumps(scale_run(rows, decontaminate, args.eval)), flush=True)
+                print(json.dumps(scale_run(rows, decontaminate, eval)), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

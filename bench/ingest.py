@@ -16,13 +16,16 @@ bench/results/ingest.json.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
+from types import SimpleNamespace
+from typing import Annotated
+
+import typer
 
 
 def _raw_run(list_path: str, out: str, opts) -> float:
@@ -75,18 +78,18 @@ def _compliance_files(work: str, args) -> dict:
                 max_requests_per_host_per_s=args.max_requests_per_host_per_s)  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=32)
-    parser.add_argument("--shard-size", type=int, default=500)
-    parser.add_argument("--hosts", type=int, default=8, help="loopback sites 127.0.0.1..N serving the images")
-    parser.add_argument("--opt-out-entries", type=int, default=1000)
-    parser.add_argument("--blocklist-hashes", type=int, default=10_000)
-    parser.add_argument("--max-connections-per-host", type=int, default=64)
-    parser.add_argument("--max-requests-per-host-per-s", type=float, default=10_000.0)
-    args = parser.parse_args()
+def main(
+    images: int = 2000,
+    rounds: int = 2,
+    threads: int = 32,
+    shard_size: int = 500,
+    hosts: Annotated[int, typer.Option(help="loopback sites 127.0.0.1..N serving the images")] = 8,
+    opt_out_entries: int = 1000,
+    blocklist_hashes: int = 10000,
+    max_connections_per_host: int = 64,
+    max_requests_per_host_per_s: float = 10000.0,
+) -> None:
+    args = SimpleNamespace(**locals())  # the options by name, as the code below reads them
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
     from tasks.ingest import DownloadOptions
@@ -158,4 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

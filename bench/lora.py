@@ -1,10 +1,10 @@
 """Which LoRA defaults gain on a new domain without forgetting the general one? (issue #14)
 
-A base CLIP (the default recipe) is trained in-process on ``tests/shapes30.py`` (800 clean pairs of 30 colour x
+A base CLIP (the default recipe) is trained in-process on ``vlforge.demo.synth.SHAPES30`` (800 clean pairs of 30 colour x
 shape classes on light backgrounds, 15 epochs). The domain it never saw: the same 30 classes on dark, noisy
 backgrounds (black, dark brown, dark green; pixel noise 30 instead of 12). Each setting copies the base, puts
 LoRA adapters on it (``models.lora.apply_lora``), fine-tunes it on the domain's training pairs with what
-``tasks.train.loop`` does (``tests.shapes30.train_in_process``: ``global_clip_loss``, AdamW over the trainable
+``tasks.train.loop`` does (``tasks.train.inprocess.train_in_process``: ``global_clip_loss``, AdamW over the trainable
 parameters, cosine with warmup, flips), merges (``models.lora.merge_lora``) and measures zero-shot accuracy over
 the 30 class prompts on a domain test set and on the general test set, each against the base, with the paired
 bootstrap 95% interval of the difference that promotion uses (``tasks.evaluate.paired_difference`` on per-image
@@ -24,11 +24,14 @@ row per run and a summary over the seeds; BENCHMARKS.md "LoRA defaults" has the 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
 import time
+from types import SimpleNamespace
+from typing import Annotated
+
+import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -66,7 +69,7 @@ def fine_tune(base, pairs, change: dict, seed: int):
 
     from models.lora import LoraArgs, apply_lora, merge_lora, trainable_parameters
     from tasks.train.args import FinetuneArgs
-    from tests.shapes30 import train_in_process
+    from tasks.train.inprocess import train_in_process
 
     train_keys = set(FinetuneArgs.model_fields) - {"lora"}
     args = FinetuneArgs(**{k: v for k, v in change.items() if k in train_keys})
@@ -99,31 +102,30 @@ def best_within_margin(
     return max(allowed, key=lambda n: sum(r[0] for r in allowed[n]) / len(allowed[n])) if allowed else None
 
 
-def main() -> None:
+def main(
+    only: Annotated[str, typer.Option(help="settings to run, comma-separated")] = ",".join(SETTINGS),
+    seeds: Annotated[str, typer.Option(help="the first for every setting; the rest for two of them")] = "0,1",
+    every_seed: Annotated[bool, typer.Option(help="every setting with every seed")] = False,
+    domain_train: int = 400,
+    base_epochs: int = 15,
+    base_seed: Annotated[int, typer.Option(help="the base CLIP's initialisation and order")] = 0,
+    threads: int = 1,
+) -> None:
+    opts = SimpleNamespace(**locals())  # the options by name, as the code below reads them
     import torch
 
     from models.recipes import DEFAULT_RECIPE
     from tasks.evaluate import paired_difference
-    from tests.shapes30 import TUNING_TEST_SEED, make_shape_pairs, train_in_process, zeroshot_hits
+    from tasks.train.inprocess import train_in_process, zeroshot_hits
     from vlforge.defaults import GENERAL_MARGIN
+    from vlforge.demo.synth import TUNING_TEST_SEED, make_shape_pairs
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default=",".join(SETTINGS), help="settings to run, comma-separated")
-    parser.add_argument(
-        "--seeds", default="0,1", help="the first for every setting; the rest for two of them"
-    )
-    parser.add_argument("--every-seed", action="store_true", help="every setting with every seed")
-    parser.add_argument("--domain-train", type=int, default=400)
-    parser.add_argument("--base-epochs", type=int, default=15)
-    parser.add_argument("--base-seed", type=int, default=0, help="the base CLIP's initialisation and order")
-    parser.add_argument("--threads", type=int, default=1)
-    opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     seeds = [int(s) for s in opts.seeds.split(",")]
     names = opts.only.split(",")
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
-        parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+        raise typer.BadParameter(f"unknown settings {unknown}; known: {list(SETTINGS)}", param_hint="--only")
 
     t0 = time.perf_counter()
     base = train_in_process(
@@ -183,4 +185,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

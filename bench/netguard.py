@@ -9,12 +9,13 @@ Prints microseconds per request (medians over short alternating blocks) and the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
 import urllib.request
+
+import typer
 
 
 def _per_request_us(url: str, n: int) -> float:
@@ -34,12 +35,10 @@ def _check_only_us(policy, n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-
+def main(
+    requests: int = 2000,
+    rounds: int = 3,
+) -> None:
     from vlforge import netguard
     from vlforge.demo.server import ImageServer, Response
     from vlforge.demo.synth import make_pairs
@@ -57,8 +56,8 @@ def main() -> None:
 
         hop = server.add("/hop", redirect)
         _per_request_us(url, 50)  # warm up
-        block = max(10, args.requests // 20)  # short alternating blocks: a busy machine drifts between them
-        for _ in range(args.rounds * 20):
+        block = max(10, requests // 20)  # short alternating blocks: a busy machine drifts between them
+        for _ in range(rounds * 20):
             timings["off"].append(_per_request_us(url, block))
             timings["redirect_off"].append(_per_request_us(hop, block // 2))
             with netguard.guarded(policy):
@@ -67,7 +66,7 @@ def main() -> None:
     pairs = zip(timings["on"], timings["off"], strict=True)
     paired = statistics.median(on - off for on, off in pairs)
     result = {k: statistics.median(v) for k, v in timings.items()}
-    result["check_only_us"] = _check_only_us(policy, args.requests * 10)
+    result["check_only_us"] = _check_only_us(policy, requests * 10)
     result["image_bytes"] = len(image)
     result["guard_us_per_request"] = paired  # median of the block-by-block differences
     result["guard_us_per_redirected_request"] = result["redirect_on"] - result["redirect_off"]
@@ -89,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

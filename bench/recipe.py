@@ -1,12 +1,12 @@
 """Which recipe learns shape as well as colour: candidates side by side on a held-out 30-class task.
 
-The task is ``tests/shapes30.py`` (6 colours x 5 shapes, none of them the demo's, noisy backgrounds, varied sizes,
+The task is ``vlforge.demo.synth.SHAPES30`` (6 colours x 5 shapes, none of them the demo's, noisy backgrounds, varied sizes,
 positions and rotations). Each candidate trains from scratch for ``--epochs`` on ``--pairs`` clean pairs, then:
 zero-shot accuracy over the 30 class prompts on ``--test`` images generated separately (another seed), and as a
 bootstrap scorer the precision/recall of keeping the top 60 % of a ``--pool`` whose 40 % wrong captions change the
 colour, the shape or both. The targets (issue #14): zero-shot >= 0.5; precision >= 0.90 at recall >= 0.80.
 
-``--via inprocess`` (default) trains with ``tests.shapes30.train_in_process``: the same model, loss, optimizer,
+``--via inprocess`` (default) trains with ``tasks.train.inprocess.train_in_process``: the same model, loss, optimizer,
 schedule and augmentation as the Ray Train loop, on one process, no Ray. ``--via pretrain`` trains through the
 real ``tasks.train.pretrain.pretrain`` on a published dataset version (Ray Train, one worker, MLflow; its
 held-out split is ``--eval-fraction`` of the published rows, so it publishes enough for ``--pairs`` train rows);
@@ -22,13 +22,16 @@ range: one run says little, the same recipe spreading by 0.1-0.2 between seeds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
+from typing import Annotated, Literal
+
+import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -75,7 +78,7 @@ def params_of(recipe) -> int:
 
 
 def train_inprocess(recipe, pairs, args) -> tuple[object, float]:
-    from tests.shapes30 import train_in_process
+    from tasks.train.inprocess import train_in_process
 
     t0 = time.perf_counter()
     bundle = train_in_process(
@@ -114,8 +117,8 @@ def train_pretrain(recipe_path: str, name: str, args, settings) -> tuple[object,
 def published_pairs(args, settings):
     """Pairs whose train split (hash of key, as ``pretrain`` holds out) has ``--pairs`` rows; published."""
     from tasks.train.data import is_eval_key
-    from tests.helpers import publish_pairs
-    from tests.shapes30 import make_shape_pairs
+    from vlforge.demo.datasets import publish_pairs
+    from vlforge.demo.synth import make_shape_pairs
 
     pool = make_shape_pairs(
         int(args.pairs / (1 - args.eval_fraction)) + 60, seed=args.seed, colours=palette(args)
@@ -129,48 +132,45 @@ def published_pairs(args, settings):
 
 def palette(args) -> dict:
     """The colours drawn: the tuning palette, or with ``--heldout`` the one the CI tests assert on."""
-    from tests.shapes30 import COLOURS, HELDOUT_COLOURS
+    from vlforge.demo.synth import HELDOUT_COLOURS, SHAPES30_COLOURS
 
-    return HELDOUT_COLOURS if args.heldout else COLOURS
+    return HELDOUT_COLOURS if args.heldout else SHAPES30_COLOURS
 
 
-def main() -> None:
+def main(
+    only: Annotated[str, typer.Option(help="comma-separated candidate names")] = ",".join(CANDIDATES),
+    via: Literal["inprocess", "pretrain"] = "inprocess",
+    pairs: int = 800,
+    epochs: int = 15,
+    test: Annotated[int, typer.Option(help="held-out zero-shot images")] = 600,
+    pool: Annotated[int, typer.Option(help="scorer pool (40 % wrong captions)")] = 500,
+    batch_size: Annotated[int | None, typer.Option(help="default: pretraining's")] = None,
+    lr: Annotated[float | None, typer.Option(help="default: pretraining's")] = None,
+    warmup: Annotated[int | None, typer.Option(help="default: pretraining's")] = None,
+    eval_fraction: Annotated[float, typer.Option(help="--via pretrain: its held-out share")] = 0.1,
+    seeds: Annotated[str, typer.Option(help="comma-separated training seeds")] = "0",
+    threads: Annotated[int, typer.Option(help="torch threads")] = os.cpu_count() or 1,
+    heldout: Annotated[
+        bool,
+        typer.Option(
+            help="report on the held-out palette and seeds the CI tests assert on (vlforge.demo.synth HELDOUT_*): for reporting a chosen recipe only, never for choosing one; pass --seeds 7001,7002,7003"
+        ),
+    ] = False,
+) -> None:
     from tasks.train.args import PretrainArgs
 
     train = PretrainArgs()  # the batch, rate and warmup a pretraining gets by default
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default=",".join(CANDIDATES), help="comma-separated candidate names")
-    ap.add_argument("--via", choices=("inprocess", "pretrain"), default="inprocess")
-    ap.add_argument("--pairs", type=int, default=800)
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--test", type=int, default=600, help="held-out zero-shot images")
-    ap.add_argument("--pool", type=int, default=500, help="scorer pool (40 %% wrong captions)")
-    ap.add_argument("--batch-size", type=int, default=train.batch_size)
-    ap.add_argument("--lr", type=float, default=train.lr)
-    ap.add_argument("--warmup", type=int, default=train.warmup_steps)
-    ap.add_argument("--eval-fraction", type=float, default=0.1, help="--via pretrain: its held-out share")
-    ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    ap.add_argument(
-        "--heldout",
-        action="store_true",
-        help="report on the held-out palette and seeds the CI tests assert on (tests/shapes30.py HELDOUT_*): "
-        "for reporting a chosen recipe only, never for choosing one; pass --seeds 7001,7002,7003",
-    )
-    args = ap.parse_args()
+    batch_size = train.batch_size if batch_size is None else batch_size
+    lr = train.lr if lr is None else lr
+    warmup = train.warmup_steps if warmup is None else warmup
+    args = SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("train", "PretrainArgs")})
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     import torch
 
-    from tests.shapes30 import (
-        HELDOUT_SEEDS,
-        TUNING_POOL_SEED,
-        TUNING_TEST_SEED,
-        make_shape_pairs,
-        top_cut,
-        zeroshot,
-    )
+    from tasks.train.inprocess import top_cut, zeroshot
+    from vlforge.demo.synth import HELDOUT_SEEDS, TUNING_POOL_SEED, TUNING_TEST_SEED, make_shape_pairs
 
     torch.set_num_threads(max(1, args.threads))
     tmp = tempfile.mkdtemp(prefix="vlforge-bench-recipe-")
@@ -237,4 +237,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

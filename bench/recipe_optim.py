@@ -1,6 +1,6 @@
 """Does the optimisation, not the recipe, hold the default CLIP back on the held-out 30-class task?
 
-One candidate per run, trained in-process from scratch on ``tests/shapes30.py`` (800 clean pairs) as
+One candidate per run, trained in-process from scratch on ``vlforge.demo.synth.SHAPES30`` (800 clean pairs) as
 ``bench/recipe.py --via inprocess`` does, with one optimisation change at a time, then zero-shot accuracy over the
 30 class prompts on 600 images of another seed, and on 400 of the training images (train accuracy: equal to
 test accuracy means the model underfits, not that it fails to generalise). Prints one line per run; BENCHMARKS.md
@@ -22,6 +22,9 @@ import os
 import sys
 import tempfile
 import time
+from typing import Annotated
+
+import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,12 +63,17 @@ def multi_positive_loss(image, text, logit_scale, input_ids):
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
-def main() -> None:
+def main(
+    candidate: Annotated[
+        str, typer.Argument(help="the candidate's settings, a JSON object (keys above)")
+    ] = "{}",
+) -> None:
     import torch
 
-    from tests.shapes30 import TUNING_TEST_SEED, make_shape_pairs, train_in_process, zeroshot
+    from tasks.train.inprocess import train_in_process, zeroshot
+    from vlforge.demo.synth import TUNING_TEST_SEED, make_shape_pairs
 
-    opts = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    opts = json.loads(candidate)
     torch.set_num_threads(int(opts.get("threads", 1)))
     epochs, seed = opts.get("epochs", 15), opts.get("seed", 0)
     pairs = make_shape_pairs(800, seed=seed)
@@ -95,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

@@ -20,7 +20,6 @@ the distributed curate) side by side. Writes bench/results/scale.json.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -30,6 +29,10 @@ import sys
 import tempfile
 import threading
 import time
+from types import SimpleNamespace
+from typing import Annotated
+
+import typer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -244,24 +247,21 @@ def near_agreement(rows: int, cluster_rows: int, scorer_dir: str) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, nargs="*", default=[100_000, 1_000_000])
-    ap.add_argument(
-        "--full", action="store_true", help="also 3M rows, 1M rows at dim 512 and 10M-row staging"
-    )
-    ap.add_argument("--configs", nargs="*", default=["plain", "scored"])
-    ap.add_argument("--baseline", help="a checkout of the code to compare 'plain' with (side by side)")
-    ap.add_argument(
-        "--stage-rows",
-        type=int,
-        default=0,
-        help="also stage a URL list of this many rows (-1: not even with --full)",
-    )
-    ap.add_argument(
-        "--near-rows", type=int, default=50_000, help="pool for the near-dedup agreement (0: skip)"
-    )
-    args = ap.parse_args()
+def main(
+    rows: Annotated[str, typer.Option(help="pool sizes, comma-separated")] = "100000,1000000",
+    full: Annotated[bool, typer.Option(help="also 3M rows, 1M rows at dim 512 and 10M-row staging")] = False,
+    configs: Annotated[str, typer.Option(help="comma-separated")] = "plain,scored",
+    baseline: Annotated[
+        str | None, typer.Option(help="a checkout of the code to compare 'plain' with (side by side)")
+    ] = None,
+    stage_rows: Annotated[
+        int, typer.Option(help="also stage a URL list of this many rows (-1: not even with --full)")
+    ] = 0,
+    near_rows: Annotated[int, typer.Option(help="pool for the near-dedup agreement (0: skip)")] = 50000,
+) -> None:
+    args = SimpleNamespace(**locals())  # the options by name, as the code below reads them
+    args.rows = [int(r) for r in rows.split(",") if r]
+    args.configs = [c for c in configs.split(",") if c]
     rows = sorted(set(args.rows + ([3_000_000] if args.full else [])))
     from models.clip import build_clip
 
@@ -336,4 +336,4 @@ def _machine() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

@@ -14,7 +14,6 @@ each in its own subprocess. Writes bench/results/scale_ingest.json. bench/scale.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -22,11 +21,14 @@ import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import typer
 
 HOSTS = 1000
 CHUNK = 500_000
@@ -46,7 +48,8 @@ STAGE = (
 import json, sys, time
 from tasks.ingest.staging import stage_list
 start = time.perf_counter()
-staged = stage_list(sys.argv[1], sys.argv[2], "url", "caption", allow_private_networks=False)
+from vlforge import netguard
+staged = stage_list(sys.argv[1], sys.argv[2], "url", "caption", netguard.NetworkPolicy.of(False))
 print(json.dumps({"seconds": time.perf_counter() - start, "rows": staged.rows, "allowed": staged.allowed,
                   "peak_rss_mb": peak_rss_mb()}))
 """
@@ -123,11 +126,11 @@ def make_lists(
     return paths
 
 
-def _run(script: str, *args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def _run(script: str, *args: str, root: str = ROOT) -> dict:
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", script, *args], env=env, cwd=ROOT, capture_output=True, text=True, check=False
+        [sys.executable, "-c", script, *args], env=env, cwd=root, capture_output=True, text=True, check=False
     )
     wall = time.perf_counter() - start
     if done.returncode != 0:
@@ -138,16 +141,30 @@ def _run(script: str, *args: str) -> dict:
 
 
 def bench_staging(
-    rows: int, workdir: str, formats: tuple[str, ...] = ("parquet",), reader: tuple[str, ...] = ()
+    rows: int,
+    workdir: str,
+    formats: tuple[str, ...] = ("parquet",),
+    reader: tuple[str, ...] = (),
+    baseline: str | None = None,
 ) -> dict:
     """Stage a synthetic ``rows``-row list (each format) in a subprocess; peak RSS, wall time, rows/s. ``reader``:
     also run img2dataset's reader on the staged rows as the ingest hands them over (``"parts"``) and/or as one
-    file (``"file"``), each in its own subprocess."""
+    file (``"file"``), each in its own subprocess. ``baseline``: also stage each list with the code of that checkout
+    first (``<fmt>_baseline``), and say whether both staged the same rows in the same order."""
     paths = make_lists(rows, workdir, formats)
     out: dict = {"rows": rows, "hosts": HOSTS}
     for fmt, path in paths.items():
         stage_dir = os.path.join(workdir, f"stage-{fmt}")
+        if baseline:
+            base_dir = os.path.join(workdir, f"stage-{fmt}-baseline")
+            out[f"{fmt}_baseline"] = base = _run(STAGE, path, base_dir, root=baseline)
+            base["rows_per_s"] = base["rows"] / base["wall_s"]
         fig = _run(STAGE, path, stage_dir)
+        if baseline:
+            same = pq.read_table(os.path.join(stage_dir, "input.parquet")).equals(
+                pq.read_table(os.path.join(base_dir, "input.parquet"))
+            )
+            fig["same_rows_as_baseline"] = same
         fig["rows_per_s"] = fig["rows"] / fig["wall_s"]
         fig["list_mb"] = os.path.getsize(path) / 2**20
         out[fmt] = fig
@@ -160,23 +177,32 @@ def bench_staging(
     return out
 
 
-def main() -> None:
+def main(
+    rows: int = 10000000,
+    formats: str = "parquet,csv",
+    reader: Annotated[
+        str,
+        typer.Option(
+            help="img2dataset's reader on the staged rows: as the ingest hands them (parts), as one file (file), none"
+        ),
+    ] = "parts,file",
+    workdir: Annotated[
+        str | None, typer.Option(help="keep the lists here (default: a temporary folder)")
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="a checkout of the code to stage the same lists with first (side by side)"),
+    ] = None,
+) -> None:
+    args = SimpleNamespace(**locals())  # the options by name, as the code below reads them
     import tempfile
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=10_000_000)
-    parser.add_argument("--formats", default="parquet,csv")
-    parser.add_argument(
-        "--reader",
-        default="parts,file",
-        help="img2dataset's reader on the staged rows: as the ingest hands them (parts), as one file (file), none",
-    )
-    parser.add_argument("--workdir", default=None, help="keep the lists here (default: a temporary folder)")
-    args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="vlforge-scale-ingest-")
     readers = tuple(m for m in args.reader.split(",") if m in ("parts", "file"))
     try:
-        result = bench_staging(args.rows, workdir, tuple(args.formats.split(",")), reader=readers)
+        result = bench_staging(
+            args.rows, workdir, tuple(args.formats.split(",")), reader=readers, baseline=args.baseline
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -186,6 +212,13 @@ def main() -> None:
             f"staging {args.rows:,} rows ({fmt}, {f['list_mb']:.0f} MB): peak RSS {f['peak_rss_mb']:.0f} MB, "
             f"{f['wall_s']:.1f} s, {f['rows_per_s']:,.0f} rows/s, {f['allowed']:,} allowed"
         )
+        b = result.get(f"{fmt}_baseline")
+        if b:
+            print(
+                f"  baseline: peak RSS {b['peak_rss_mb']:.0f} MB, {b['wall_s']:.1f} s; this code / baseline: "
+                f"RSS {f['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, wall {f['wall_s'] / b['wall_s']:.2f}x; "
+                f"same rows in the same order: {f['same_rows_as_baseline']}"
+            )
     for mode in readers:
         r = result[f"img2dataset_reader_{mode}"]
         print(
@@ -198,4 +231,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

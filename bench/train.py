@@ -13,13 +13,15 @@ bench/results/train.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from typing import Annotated
+
+import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -99,30 +101,28 @@ def plain_step_times(
     return times
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--pairs", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--skip", type=float, default=0.2, help="share of steps treated as warm-up")
-    ap.add_argument("--rounds", type=int, default=3, help="Ray runs, each between two plain-loop runs")
-    args = ap.parse_args()
-
+def main(
+    pairs: int = 1024,
+    batch_size: int = 32,
+    epochs: int = 6,
+    width: int = 128,
+    layers: int = 4,
+    skip: Annotated[float, typer.Option(help="share of steps treated as warm-up")] = 0.2,
+    rounds: Annotated[int, typer.Option(help="Ray runs, each between two plain-loop runs")] = 3,
+) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tmp = tempfile.mkdtemp(prefix="vlforge-bench-train-")
     os.environ["VLFORGE_STORAGE"] = os.path.join(tmp, "store")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from tasks.train.pretrain import pretrain
-    from tests.helpers import publish_synthetic_dataset
+    from vlforge.demo.datasets import publish_synthetic_dataset
     from vlforge.raycluster import init_ray
     from vlforge.settings import get_settings
 
     settings = get_settings()
-    dv, _ = publish_synthetic_dataset(settings, "bench", n=args.pairs, seed=0)
-    recipe = mid_recipe(os.path.join(tmp, "clip-bench.json"), args.width, args.layers)
+    dv, _ = publish_synthetic_dataset(settings, "bench", n=pairs, seed=0)
+    recipe = mid_recipe(os.path.join(tmp, "clip-bench.json"), width, layers)
     lr = 1e-3
     from models.clip import build_clip
 
@@ -133,27 +133,25 @@ def main() -> None:
     init_ray(settings)
     init_dir = os.path.join(tmp, "init")
     build_clip(recipe, ["a photo of a red circle"]).save(init_dir)
-    steps_guess = (int(args.pairs * 0.9) // args.batch_size) * args.epochs
-    plain = [plain_step_times(init_dir, dv, steps_guess, args.batch_size, lr, args.skip)]
+    steps_guess = (int(pairs * 0.9) // batch_size) * epochs
+    plain = [plain_step_times(init_dir, dv, steps_guess, batch_size, lr, skip)]
     ray_runs, walls = [], []
-    for r in range(args.rounds):
+    for r in range(rounds):
         t0 = time.perf_counter()
-        result = pretrain("bench", settings, recipe=recipe, epochs=args.epochs, batch_size=args.batch_size,
+        result = pretrain("bench", settings, recipe=recipe, epochs=epochs, batch_size=batch_size,
                           lr=lr, register=False, log_every=50, checkpoint_every=10**9, name=f"bench-{r}")  # fmt: skip
         walls.append(time.perf_counter() - t0)
-        ray_runs.append(ray_step_times(settings, result.run_id, args.skip))
+        ray_runs.append(ray_step_times(settings, result.run_id, skip))
         init_dir = os.path.join(settings.storage_uri, "ray_results", f"bench-{r}", "init")
-        plain.append(plain_step_times(init_dir, dv, steps_guess, args.batch_size, lr, args.skip))
+        plain.append(plain_step_times(init_dir, dv, steps_guess, batch_size, lr, skip))
     ray_times = [t for run in ray_runs for t in run]
     plain_times = [t for run in plain for t in run]
-    ray_mean, ray_median = rates(ray_times, args.batch_size)
-    plain_mean, plain_median = rates(plain_times, args.batch_size)
-    plain_rates = [rates(p, args.batch_size)[0] for p in plain]
-    ray_rates = [rates(r, args.batch_size)[0] for r in ray_runs]
+    ray_mean, ray_median = rates(ray_times, batch_size)
+    plain_mean, plain_median = rates(plain_times, batch_size)
+    plain_rates = [rates(p, batch_size)[0] for p in plain]
+    ray_rates = [rates(r, batch_size)[0] for r in ray_runs]
     # Each Ray run against the mean of the plain runs just before and after it.
-    per_round = [
-        round(ray_rates[r] / ((plain_rates[r] + plain_rates[r + 1]) / 2), 3) for r in range(args.rounds)
-    ]
+    per_round = [round(ray_rates[r] / ((plain_rates[r] + plain_rates[r + 1]) / 2), 3) for r in range(rounds)]
     out = {
         # Throughput over every timed step of all rounds (the mean step: checkpoints and epoch restarts included).
         "samples_per_s": round(ray_mean, 2),
@@ -166,10 +164,10 @@ def main() -> None:
         "samples_per_s_median": round(ray_median, 2),
         "plain_samples_per_s_median": round(plain_median, 2),
         "ratio_median": round(ray_median / plain_median, 3),
-        "rounds": args.rounds,
+        "rounds": rounds,
         "steps_per_run": len(ray_runs[0]) + 1,
-        "batch_size": args.batch_size,
-        "recipe": {"width": args.width, "layers": args.layers, "image_size": 32, "patch_size": 8},
+        "batch_size": batch_size,
+        "recipe": {"width": width, "layers": layers, "image_size": 32, "patch_size": 8},
         "pretrain_wall_s": [round(w, 1) for w in walls],
         "num_workers": 1,
         "device": "cpu",
@@ -184,4 +182,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

@@ -11,28 +11,31 @@ figure BENCHMARKS.md asks for). Writes bench/results/vlm.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
+from types import SimpleNamespace
+from typing import Literal
+
+import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vlm.json")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="vlm-tiny")
-    ap.add_argument("--adapter", default="mlp", choices=["mlp", "resampler"])
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    args = ap.parse_args()
+def main(
+    recipe: str = "vlm-tiny",
+    adapter: Literal["mlp", "resampler"] = "mlp",
+    batch_size: int = 32,
+    steps: int = 30,
+    warmup: int = 5,
+    device: str = "cpu",
+    dtype: Literal["fp32", "bf16"] = "fp32",
+) -> None:
+    args = SimpleNamespace(**locals())  # the options by name, as the code below reads them
 
     import torch
 
@@ -96,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

@@ -72,15 +72,19 @@ def names_all(caption: str, words: Sequence[str]) -> bool:
 def bootstrap_interval(
     values: Sequence[float], n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (e.g. 0/1 correctness)."""
+    """Percentile bootstrap interval of the mean of ``values`` (e.g. 0/1 correctness), ``scipy.stats.bootstrap``."""
+    from scipy import stats
+
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+    if x.size == 1:  # scipy refuses one observation; every resample of it is itself
+        return float(x[0]), float(x[0])
+    ci = stats.bootstrap(
+        (x,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+        vectorized=True, rng=np.random.default_rng(seed),
+    ).confidence_interval  # fmt: skip
+    return float(ci.low), float(ci.high)
 
 
 def blank_image(size: int = 64, colour: tuple[int, int, int] = BLANK_COLOUR) -> bytes:

@@ -9,6 +9,9 @@ Recall is computed on the full [N, N] similarity matrix of a held-out split (row
 embeddings is a pair). Pairs whose captions are identical are interchangeable (synthetic and web data repeat
 captions), so :func:`evaluate` groups them: retrieving any member of the query's group counts as a hit. The
 bootstrap resamples queries (pairs) with the candidate set fixed, the usual practice for retrieval benchmarks.
+
+The bootstrap is ``scipy.stats.bootstrap`` (percentile method; ``paired=True`` for a difference), seeded, so the
+same scores always give the same interval and a promotion decision can be re-derived from logged scores.
 """
 
 from __future__ import annotations
@@ -98,31 +101,55 @@ class Evaluation:
         return out
 
 
+def _bootstrap(samples: tuple[np.ndarray, ...], statistic, resamples: int, seed: int, paired: bool):
+    """``scipy.stats.bootstrap``, percentile method, in batches that hold about ``_CHUNK_ELEMENTS`` resampled
+    indices; the seed's generator draws [batch, N] row indices per batch, the same for every sample and column."""
+    from scipy import stats  # imported when an interval is asked for: scipy.stats takes a while to import
+
+    n = samples[0].shape[0]
+    if n == 0:
+        raise ValueError("cannot bootstrap zero pairs")
+    return stats.bootstrap(
+        samples,
+        statistic,
+        n_resamples=resamples,
+        batch=max(1, _CHUNK_ELEMENTS // n),
+        vectorized=True,
+        paired=paired,
+        axis=0,
+        confidence_level=0.95,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+
+
+def _mean(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(values, axis=axis)
+
+
+def _single(values: np.ndarray, resamples: int) -> np.ndarray | None:
+    """The bootstrap distribution of one pair (scipy refuses fewer than two): that pair's value every time."""
+    return np.broadcast_to(values[0], (resamples, *values.shape[1:])).copy() if len(values) == 1 else None
+
+
 def bootstrap_means(
     values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
 ) -> np.ndarray:
     """Means of ``values`` [N] (or of each column of [N, M]) over ``resamples`` resamplings of the rows with
     replacement: [resamples] (or [resamples, M]). The same seed draws the same rows, so columns are paired."""
     values = np.asarray(values, dtype=np.float64)
-    n = values.shape[0]
-    if n == 0:
-        raise ValueError("cannot bootstrap zero pairs")
-    rng = np.random.default_rng(seed)
-    per_chunk = max(1, _CHUNK_ELEMENTS // n)
-    out = []
-    for start in range(0, resamples, per_chunk):
-        idx = rng.integers(0, n, size=(min(per_chunk, resamples - start), n))  # [B, N]
-        out.append(values[idx].mean(axis=1))
-    return np.concatenate(out)
+    single = _single(values, resamples)
+    if single is not None:
+        return single
+    distribution = _bootstrap((values,), _mean, resamples, seed, paired=False).bootstrap_distribution
+    return np.moveaxis(distribution, -1, 0)  # scipy puts the resamples last: [M, B] -> [B, M]
 
 
 def interval(
     values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
 ) -> Interval:
     """The mean of ``values`` [N] with its percentile bootstrap 95% interval."""
-    means = bootstrap_means(values, resamples, seed)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return Interval(float(np.mean(values)), float(low), float(high))
+    return intervals({"value": values}, resamples, seed)["value"]
 
 
 def intervals(
@@ -131,10 +158,17 @@ def intervals(
     """:func:`interval` of every metric, all from the same resampled pairs (one vectorised pass)."""
     names = list(per_pair)
     stacked = np.stack([np.asarray(per_pair[k], dtype=np.float64) for k in names], axis=1)  # [N, M]
-    means = bootstrap_means(stacked, resamples, seed)  # [B, M]
-    low, high = np.percentile(means, [2.5, 97.5], axis=0)
-    point = stacked.mean(axis=0)
+    point = stacked.mean(axis=0) if len(stacked) else None
+    if len(stacked) < 2:
+        low = high = bootstrap_means(stacked, resamples, seed)[0]  # one pair, or zero (which raises)
+    else:
+        ci = _bootstrap((stacked,), _mean, resamples, seed, paired=False).confidence_interval
+        low, high = ci.low, ci.high
     return {k: Interval(float(point[i]), float(low[i]), float(high[i])) for i, k in enumerate(names)}
+
+
+def _difference_of_means(new: np.ndarray, old: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(new, axis=axis) - np.mean(old, axis=axis)
 
 
 def paired_difference(
@@ -145,7 +179,12 @@ def paired_difference(
     new, old = np.asarray(new, dtype=np.float64), np.asarray(old, dtype=np.float64)
     if new.shape != old.shape or new.ndim != 1:
         raise ValueError(f"paired scores must be [N] over the same pairs, got {new.shape} and {old.shape}")
-    return interval(new - old, resamples, seed)
+    point = float(np.mean(new) - np.mean(old)) if len(new) else None
+    if len(new) < 2:
+        same = float(bootstrap_means(new - old, resamples, seed)[0])
+        return Interval(point, same, same)
+    ci = _bootstrap((new, old), _difference_of_means, resamples, seed, paired=True).confidence_interval
+    return Interval(point, float(ci.low), float(ci.high))
 
 
 def retrieval_hits(

@@ -265,11 +265,11 @@ def keep_caption_length(table: pa.Table, min_chars: int, max_chars: int) -> Verd
 
 
 def keep_language(table: pa.Table, languages: list[str]) -> Verdict:
-    from tasks.curate.language import detect_language
+    from tasks.curate.language import detect_languages
 
     cap = _strings(table, "caption")
     captions = cap.to_pylist() if cap is not None else [""] * _n(table)
-    detected = [detect_language(c or "") for c in captions]
+    detected = detect_languages([c or "" for c in captions])
     allowed = {lang.lower() for lang in languages}
     keep = np.array([d == "und" or d in allowed for d in detected], dtype=bool)
     return Verdict(

@@ -6,19 +6,20 @@ its number is known before any task runs (the driver numbers them from the parts
 as one Arrow stream file ``data-NNNNN-of-MMMMM.arrow``, the layout ``datasets.Dataset.save_to_disk`` writes.
 
 Each file is written whole (``storage.atomic_file``) and its record ``_progress/<file>.json`` (rows, bytes,
-sha256) after it: a file with a record is finished, and a resumed export skips it.
+sha256) after it: a file with a record is finished, and a resumed export skips it. ``webdataset.TarWriter``
+writes a shard's members; its ``ShardWriter`` is not used: it numbers shards by its own counter and writes them in
+place, where ours are numbered from the parts before any task runs and each is written whole, then recorded, so
+that a resumed export can trust what it finds.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import itertools
 import json
 import math
 import re
-import tarfile
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -113,22 +114,24 @@ def _json_safe(value):
     return value
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o444, 0  # reproducible shards
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_tar(path: str, rows) -> int:
-    """Write the (row, image) pairs of ``rows`` as WebDataset samples; returns how many."""
+    """Write the (row, image) pairs of ``rows`` as WebDataset samples; returns how many. ``webdataset.TarWriter``
+    writes the members; mtime 0 and no owner names make a shard's bytes depend on its rows only, and PAX headers
+    take keys longer than ustar's 100 characters."""
+    from webdataset import TarWriter
+
     n = 0
-    with tarfile.open(path, "w") as tar:
+    with TarWriter(path, encoder=False, mtime=0, user="", group="", format="PAX_FORMAT") as tar:
         for row, image in rows:
-            key = sample_key(row)
-            _add(tar, f"{key}.jpg", image)
-            _add(tar, f"{key}.txt", str(row.get("caption") or "").encode("utf-8"))
             other = {k: _json_safe(v) for k, v in row.items() if k not in (IMAGE_COLUMN, "caption")}
-            _add(tar, f"{key}.json", json.dumps(other, default=str, ensure_ascii=False).encode("utf-8"))
+            tar.write(
+                {
+                    "__key__": sample_key(row),
+                    "jpg": image,
+                    "txt": str(row.get("caption") or "").encode("utf-8"),
+                    "json": json.dumps(other, default=str, ensure_ascii=False).encode("utf-8"),
+                }
+            )
             n += 1
     return n
 

@@ -7,15 +7,16 @@ shard stay the same even if DNS answers change between runs; a staging killed pa
 and is redone from the list.
 
 Staging streams: the list is read, checked and written in batches of ``batch_rows`` rows, so its memory does not
-grow with the list's length. What stays in memory: one batch, the sorted runs' read buffers (at most
-``MERGE_FAN_IN`` runs of ``MERGE_CHUNK`` rows), and one small entry per distinct host (its turn count and the
-guard's verdict). Rows spill to a local temporary folder as sorted runs (about the list's size on disk).
+grow with the list's length. What stays in memory: one batch, DuckDB's sort (at most ``SORT_MEMORY``; it spills
+to disk past that), and one small entry per distinct host (its turn count and the guard's verdict). Rows spill to
+a local temporary folder as sorted runs (about the list's size on disk).
 
 Interleaving is exact, not windowed: ``input.parquet`` holds the allowed rows in the order of
 :func:`interleave_by_host` over the whole list (every host's first row, hosts in order of first appearance, then
-every host's second row, and so on), whatever the batch size. It is an external merge sort on the key
-(turn, first position of the host): the key of a row depends only on the rows before it, so each batch is sorted
-and spilled as a run and the runs are merged. The same list always stages to the same rows in the same order.
+every host's second row, and so on), whatever the batch size. It is an external sort on the key (turn, first
+position of the host): the key of a row depends only on the rows before it, so each batch is keyed and spilled as
+it is read, and DuckDB's out-of-core ``ORDER BY`` sorts the spilled rows (keys are unique, so the order is total).
+The same list always stages to the same rows in the same order.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ INPUT = (
 )
 REFUSED = "refused.parquet"  # rows refused before download, with error_message
 SITES = "sites.json"  # crawl delays per host, and what staging applied (robots.txt, opt-out lists)
-MERGE_FAN_IN = 64  # sorted runs merged at once (more runs are merged in rounds)
-MERGE_CHUNK = 4096  # rows per record batch of a run: the merge holds about MERGE_FAN_IN of them
+SORT_MEMORY = "256MB"  # DuckDB's memory for the sort; it spills to the staging's temporary folder past it
+SORT_BATCH = 8192  # rows per record batch read back from the sort
 ROW_GROUP = 100_000  # rows per row group of input.parquet
 PART_ROWS = 500_000  # rows per file img2dataset reads at once (rounded down to whole shards)
 _TURN = "__vlforge_turn"  # sort key of a run: (turn of the row within its host) << 32 | first position of the host
@@ -326,81 +327,47 @@ def _malformed_rows(malformed: list[str], first_row: int, schema: pa.Schema) -> 
 
 
 def _write_run(allowed: pa.Table, turns: HostTurns, spill: str, index: int) -> str:
-    """Sort one batch's allowed rows by their turn key and spill them as an Arrow file."""
+    """Key one batch's allowed rows by their turn and spill them as a Parquet file."""
     keys = turns.keys(_authorities(allowed.column("url")))
-    order = np.argsort(keys, kind="stable")
-    run = allowed.append_column(_TURN, pa.array(keys)).take(pa.array(order))
-    return _spill(iter([run]), run.schema, spill, f"run-{index:06d}")
-
-
-def _spill(tables: Iterator[pa.Table], schema: pa.Schema, spill: str, name: str) -> str:
-    path = os.path.join(spill, f"{name}.arrow")
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for table in tables:
-            writer.write_table(table, max_chunksize=MERGE_CHUNK)
+    path = os.path.join(spill, f"run-{index:06d}.parquet")
+    pq.write_table(allowed.append_column(_TURN, pa.array(keys)), path, compression="none")
     return path
 
 
+def _sorted_runs(runs: list[str], spill: str) -> Iterator[pa.RecordBatch]:
+    """The rows of ``runs`` in key order (the key dropped), from DuckDB's external sort."""
+    import duckdb
+
+    config = {"memory_limit": SORT_MEMORY, "temp_directory": os.path.join(spill, "sort")}
+    query = f'SELECT * EXCLUDE ("{_TURN}") FROM read_parquet(?) ORDER BY "{_TURN}"'
+    with duckdb.connect(config=config) as con:
+        yield from con.sql(query, params=[runs]).to_arrow_reader(SORT_BATCH)
+
+
 def _write_input(runs: list[str], schema: pa.Schema, local: str, spill: str) -> int:
-    """Merge the sorted runs into ``local`` (row groups of ROW_GROUP rows); the number of rows written."""
-    merged = 0
-    while len(runs) > MERGE_FAN_IN:  # merge in rounds so that at most MERGE_FAN_IN runs are open at once
-        group, runs = runs[:MERGE_FAN_IN], runs[MERGE_FAN_IN:]
-        run_schema = schema.append(pa.field(_TURN, pa.int64()))
-        runs.append(_spill(_merge(group), run_schema, spill, f"merged-{merged:06d}"))
-        merged += 1
+    """Sort the runs into ``local`` (row groups of ROW_GROUP rows); the number of rows written. Columns are taken
+    by position and cast back to the staged schema: DuckDB's names and types are its own."""
     rows = 0
-    pending: list[pa.Table] = []
+    pending: list[pa.RecordBatch] = []
     with pq.ParquetWriter(local, schema) as writer:
-        for table in _merge(runs):
-            pending.append(table.drop_columns([_TURN]))
-            if sum(t.num_rows for t in pending) >= ROW_GROUP:
+        for batch in _sorted_runs(runs, spill) if runs else ():
+            columns = [col.cast(field.type) for col, field in zip(batch.columns, schema, strict=True)]
+            pending.append(pa.RecordBatch.from_arrays(columns, schema=schema))
+            if sum(b.num_rows for b in pending) >= ROW_GROUP:
                 rows += _flush(writer, pending)
         rows += _flush(writer, pending)
+    for path in runs:
+        os.remove(path)
     return rows
 
 
-def _flush(writer: pq.ParquetWriter, pending: list[pa.Table]) -> int:
+def _flush(writer: pq.ParquetWriter, pending: list[pa.RecordBatch]) -> int:
     if not pending:
         return 0
-    table = pa.concat_tables(pending)
+    table = pa.Table.from_batches(pending)
     writer.write_table(table, row_group_size=max(table.num_rows, 1))
     pending.clear()
     return table.num_rows
-
-
-def _merge(paths: list[str]) -> Iterator[pa.Table]:
-    """The rows of the sorted runs at ``paths`` in key order, a few chunks at a time; removes the runs after."""
-    files = [pa.OSFile(p, "rb") for p in paths]
-    try:
-        readers = [pa.ipc.open_file(f) for f in files]
-        next_batch = [0] * len(readers)
-        buffers: list[pa.Table | None] = [None] * len(readers)
-        keys: list[np.ndarray] = [np.empty(0, np.int64)] * len(readers)
-        while True:
-            for i, reader in enumerate(readers):
-                if not len(keys[i]) and next_batch[i] < reader.num_record_batches:
-                    buffers[i] = pa.Table.from_batches([reader.get_batch(next_batch[i])])
-                    keys[i] = buffers[i].column(_TURN).to_numpy()
-                    next_batch[i] += 1
-            live = [i for i in range(len(readers)) if len(keys[i])]
-            if not live:
-                return
-            # Every row at or below the smallest last-buffered key can go: no unread row sorts before it.
-            bound = min(keys[i][-1] for i in live)
-            parts, part_keys = [], []
-            for i in live:
-                cut = int(np.searchsorted(keys[i], bound, side="right"))
-                parts.append(buffers[i].slice(0, cut))
-                part_keys.append(keys[i][:cut])
-                buffers[i], keys[i] = buffers[i].slice(cut), keys[i][cut:]
-            table = pa.concat_tables(parts)
-            yield table.take(pa.array(np.argsort(np.concatenate(part_keys), kind="stable")))
-    finally:
-        for f in files:
-            f.close()
-        for p in paths:
-            os.remove(p)
 
 
 def input_parts(staged: StagedList, shard_size: int, part_rows: int = PART_ROWS) -> str:

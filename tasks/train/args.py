@@ -47,7 +47,7 @@ class TrainArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: Epochs = 10
-    # Pretraining's batch, peak rate and warmup, chosen for the default recipe (clip-conv-64) on tests/shapes30.py's
+    # Pretraining's batch, peak rate and warmup, chosen for the default recipe (clip-conv-64) on the shapes30 generator's (vlforge/demo/synth.py)
     # tuning data (BENCHMARKS.md "Recipes"): small batches give a few hundred pairs enough optimizer steps to learn shapes, and
     # at a higher rate (1e-3, or 2e-3 at batch 16) runs more often stayed at colours only. clip-tiny was measured at
     # batch 32, lr 3e-3, 10 warmup steps.

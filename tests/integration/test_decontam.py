@@ -15,8 +15,8 @@ from tasks.curate.card import read_card
 from tasks.curate.decontam import DecontaminationError
 from tasks.curate.filters import FilterConfig
 from tests.helpers import write_raw_batch
-from tests.shapes30 import make_shape_pairs
 from vlforge import tracking
+from vlforge.demo.synth import make_shape_pairs
 
 
 def _variant(data: bytes, how: str) -> bytes:
@@ -33,7 +33,7 @@ def _variant(data: bytes, how: str) -> bytes:
 
 @pytest.mark.slow  # two curations on Ray
 def test_pool_copies_of_eval_images_are_dropped_as_contaminated(settings, ray_local):
-    # Noisy drawings of 30 classes (tests/shapes30.py): copy detection must tell a copy from another drawing of
+    # Noisy drawings of 30 classes (vlforge.demo.synth.SHAPES30): copy detection must tell a copy from another drawing of
     # the class. (A cropped copy of a noise-free drawing is found only when it matches far closer: BENCHMARKS.)
     evals = make_shape_pairs(24, seed=50, prefix="ev")
     write_raw_batch(settings, "evsrc", "b1", evals)

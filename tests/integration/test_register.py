@@ -228,7 +228,7 @@ def test_finetune_that_wins_the_domain_but_forgets_general_data_stays_challenger
     """The gate end to end on real models: a base trained on the general kind of data, and a fine-tune that
     brings a clear domain win but has forgotten everything general (random weights). Its general figure is
     measured here, on the base's held-out data, not given to the rule."""
-    from tests.shapes30 import train_in_process
+    from tasks.train.inprocess import train_in_process
 
     settings = shared_settings
     trained = train_in_process("clip-tiny", make_pairs(256, seed=21, prefix="gen"), epochs=6)

@@ -9,10 +9,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from bench.decontam import photo_like
 from tasks.curate.copydetect import CopyMatcher, EvalIndex
-from tests.shapes30 import make_shape_pairs
-from vlforge.demo.synth import make_pairs
+from vlforge.demo.synth import make_pairs, make_shape_pairs, photo_like
 from vlforge.imagehash import fingerprint
 
 

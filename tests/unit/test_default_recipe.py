@@ -1,7 +1,7 @@
 """The default recipe learns shape as well as colour on data no benchmark tuned on (issue #14, issue #27).
 
 The benchmarks that chose the recipe and its rate (bench/recipe.py, bench/recipe_optim.py) tuned on
-``tests/shapes30.py``'s colours and generator seeds 0-3, 1000 and 2000; this test draws another palette
+``vlforge.demo.synth.SHAPES30``'s colours and generator seeds 0-3, 1000 and 2000; this test draws another palette
 (``HELDOUT_COLOURS``: orange/violet/olive/red/gold/blue, the same shapes and backgrounds) from other seeds
 (``HELDOUT_SEEDS``). Trained from scratch with the training loop's model, loss, optimizer, schedule, augmentation and
 default batch size and learning rate, in-process; zero-shot accuracy over the 30 class prompts on images generated
@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 
 from models.recipes import DEFAULT_RECIPE
-from tests.shapes30 import HELDOUT_COLOURS, HELDOUT_SEEDS, make_shape_pairs, train_in_process, zeroshot
+from tasks.train.inprocess import train_in_process, zeroshot
+from vlforge.demo.synth import HELDOUT_COLOURS, HELDOUT_SEEDS, make_shape_pairs
 
 pytestmark = pytest.mark.slow
 

@@ -248,7 +248,7 @@ def test_content_split_puts_the_same_image_on_the_same_side_whatever_its_key_bat
     import pyarrow as pa
     from PIL import Image
 
-    from bench.decontam import photo_like
+    from vlforge.demo.synth import photo_like
     from vlforge.imagehash import phash_bytes
 
     images = photo_like(60, seed=5)

@@ -360,7 +360,7 @@ def test_two_stages_teach_the_model_to_read_the_colour_from_the_image(clip, towe
     features carry colour less plainly than a random patchify's: 0.38-0.50 after stage 2 untrained, measured)."""
     from models.vlm_eval import caption_accuracy, evaluate_vlm
     from models.vlm_train import build_batches, caption_examples, train_steps
-    from tests.shapes30 import train_in_process
+    from tasks.train.inprocess import train_in_process
 
     if tower != "clip-tiny":
         clip = train_in_process(tower, make_pairs(400, seed=21), epochs=5, seed=1)
