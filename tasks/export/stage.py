@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import posixpath
-import tempfile
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
@@ -279,14 +278,13 @@ def _record_lineage(result: ExportResult, dv: DatasetVersion, settings: Settings
     from vlforge import tracking
 
     try:
-        client = tracking.configure(settings)
-        client.set_tag(run_id, f"vlforge.export.{result.format}", tracking.redact(result.uri))
+        tracking.set_run_tags(
+            settings, run_id, {f"vlforge.export.{result.format}": tracking.redact(result.uri)}
+        )
         # named by the export's content: recording the same export again (a re-run) replaces it
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, f"{result.format}-{result.manifest['content_hash'][:12]}.json")
-            with open(path, "w") as fh:
-                json.dump({**result.manifest, "uri": tracking.redact(result.uri)}, fh, indent=2)
-            client.log_artifact(run_id, path, artifact_path="exports")
+        name = f"{result.format}-{result.manifest['content_hash'][:12]}.json"
+        record = json.dumps({**result.manifest, "uri": tracking.redact(result.uri)}, indent=2)
+        tracking.log_files(settings, run_id, {name: record}, artifact_path="exports")
     except Exception as exc:  # the export is complete either way; running it again records it
         result.lineage_error = f"could not record the export on MLflow run {run_id}: {exc}"
         log.warning("%s", result.lineage_error)

@@ -465,10 +465,9 @@ def _log_mlflow(settings: Settings, result: IngestResult, params: dict, record: 
         **tracking.count_metrics({**dict.fromkeys(acc.COMPLIANCE_REASONS, 0), **result.counts}),
     }
     tracking.log_to_run(settings, run_id, params=params, metrics=metrics)
-    client = tracking.configure(settings)
-    client.log_dict(run_id, {**asdict(result), "mlflow_run_id": run_id}, "ingest_summary.json")
-    client.log_dict(run_id, record, "compliance.json")
-    client.set_terminated(run_id)
+    tracking.log_dict(settings, run_id, {**asdict(result), "mlflow_run_id": run_id}, "ingest_summary.json")
+    tracking.log_dict(settings, run_id, record, "compliance.json")
+    tracking.end_run(settings, run_id)
     return run_id
 
 
