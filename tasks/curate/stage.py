@@ -113,7 +113,7 @@ def curate(
     min_score: float | None = None,
     top_fraction: float | None = None,
     filters: FilterConfig | None = None,
-    batch_size: int = 64,
+    batch_size: int = defaults.SCORING_BATCH,
     num_scorers: int | None = None,
     progress: bool | None = None,
     force: bool = False,

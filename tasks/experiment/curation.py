@@ -60,7 +60,7 @@ class CurationExperimentArgs(BaseModel):
     )
     seeds: int = Field(2, gt=0, description="Trainings per arm (seeds 0..K-1), so the spread is visible.")
     top_fraction: float = Field(
-        0.3, gt=0, le=1, description="The top_fraction arm's share (DataComp's best: 0.3)."
+        defaults.TOP_FRACTION, gt=0, le=1, description="The top_fraction arm's share (DataComp's best: 0.3)."
     )
     threshold: float | None = Field(
         None, description="The threshold arm's CLIP score; empty = Otsu's cut of the pool's score histogram."

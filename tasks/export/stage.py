@@ -22,9 +22,11 @@ import logging
 import os
 import posixpath
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow.parquet as pq
 
+from tasks.export.args import ExportArgs
 from tasks.export.parts import (
     PROGRESS_DIR,
     ExportError,
@@ -38,11 +40,9 @@ from vlforge import storage
 from vlforge.datasets import DatasetVersion, resolve_dataset
 from vlforge.errors import VlforgeError
 from vlforge.hfformat import hf_features
-from vlforge.naming import check_name
 from vlforge.settings import Settings
 
 log = logging.getLogger(__name__)
-FORMATS = ("webdataset", "hf")
 MANIFEST = "manifest.json"
 CLAIM = "_export.json"
 RAY_MIN_ROWS = 50_000  # below this (or with one part), the parts are written in this process
@@ -189,21 +189,19 @@ def _part_schema(uri: str):
 def export_dataset(
     dataset: str,
     settings: Settings,
+    args: ExportArgs | None = None,
     *,
-    format: str = "webdataset",
     to: str,
-    shard_size: int = 10_000,
-    prefix: str | None = None,
     use_ray: bool | None = None,
     track: bool = True,
+    **options: Any,
 ) -> ExportResult:
-    """Export ``dataset`` (``NAME`` or ``NAME@VERSION``) to ``to`` (see the module docstring)."""
-    if format not in FORMATS:
-        raise ExportError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
-    if shard_size < 1:
-        raise ExportError(f"--shard-size must be at least 1 row, got {shard_size}")
-    if prefix is not None:
-        check_name("export prefix", prefix, example="'demo'")
+    """Export ``dataset`` (``NAME`` or ``NAME@VERSION``) to ``to`` (see the module docstring) with the settings
+    ``args`` (:class:`~tasks.export.args.ExportArgs`; ``options`` override its fields: ``format="hf"``)."""
+    from tasks.common import typed_args
+
+    a = typed_args(ExportArgs, args, options, ExportError)
+    format, shard_size, prefix = a.format, a.shard_size, a.prefix
     dest = to.rstrip("/") or to
     _check_outside_storage(dest, settings)
     dv = resolve_dataset(settings, dataset)
