@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("vlforge", "models", "tasks", "flows", "bench")
 TRACKING = ROOT / "vlforge" / "tracking.py"
@@ -66,3 +68,43 @@ def test_every_mlflow_write_goes_through_the_tracking_module():
     }
     assert offenders == {}, "call vlforge.tracking instead: " + repr(offenders)
     assert mlflow_writes(TRACKING.read_text()), "the scan no longer sees the tracking module's own writes"
+
+
+def test_the_tracking_writes_land_in_the_run(settings, tmp_path):
+    """The write functions the stages use, against a real (SQLite) MLflow: tags, params, metrics, artifacts, a
+    dataset input, the end status; a block that raises leaves its stage run FAILED."""
+    import mlflow
+
+    from tests.helpers import publish_synthetic_dataset
+    from vlforge import tracking
+
+    dv, _ = publish_synthetic_dataset(settings, "d", n=4)
+    with tracking.stage_run(settings, "curate", tags={"vlforge.x": "1"}) as run_id:
+        tracking.set_run_tags(settings, run_id, {"vlforge.y": 2})
+        tracking.log_to_run(
+            settings, run_id, params={"a": 1, "secret_key": "s3cr3t-value"}, metrics={"m": 0.5}
+        )
+        tracking.log_dict(settings, run_id, {"k": "v"}, "summary.json")
+        tracking.log_files(settings, run_id, {"notes.md": "# notes", "bytes.bin": b"\x00\x01"}, "extra")
+        tracking.log_dataset_input(settings.tracking_uri, run_id, dv, context="output")  # a worker's URI
+    run = tracking.configure(settings).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert {run.data.tags["vlforge.x"], run.data.tags["vlforge.y"], run.data.tags[tracking.TAG_STAGE]} == {
+        "1",
+        "2",
+        "curate",
+    }
+    assert run.data.params == {"a": "1"} and run.data.metrics == {"m": 0.5}  # the secret-named param dropped
+    names = {a.path for a in tracking.configure(settings).list_artifacts(run_id)}
+    assert {"summary.json", "extra"} <= names
+    assert mlflow.artifacts.load_text(f"runs:/{run_id}/extra/notes.md") == "# notes"
+    (inp,) = run.inputs.dataset_inputs
+    assert (
+        inp.dataset.name == dv.ref and {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "output"
+    )
+
+    with pytest.raises(RuntimeError), tracking.stage_run(settings, "curate") as failed:
+        raise RuntimeError("boom")
+    assert tracking.configure(settings).get_run(failed).info.status == "FAILED"
+    tracking.end_run(settings, failed, "KILLED", metrics={"last": 1.0})
+    assert tracking.configure(settings).get_run(failed).data.metrics == {"last": 1.0}
