@@ -12,9 +12,12 @@ from typing import Annotated
 import typer
 
 from flows.options import collect, model_options
+from flows.params import DemoParams
 from flows.train_options import collect_training, training_options
 from tasks.curate.filters import FilterConfig
 from tasks.experiment.curation import CurationExperimentArgs
+from tasks.export.args import ExportArgs
+from tasks.ingest.args import IngestArgs
 from vlforge import console as ui
 from vlforge import defaults
 from vlforge.errors import VlforgeError, printable
@@ -167,95 +170,28 @@ def _settings():
 
 @app.command()
 @user_errors
+@model_options(IngestArgs)
 def ingest(
     url_list: Annotated[
         str,
         typer.Argument(help="URL list file, folder or glob (csv/tsv/json/jsonl/parquet), local or s3://."),
     ],
     source: Annotated[str, typer.Option(help="Source name; raw batches go to raw/<source>/.")],
-    url_col: str = "url",
-    caption_col: str = "caption",
-    shard_size: Annotated[int, typer.Option(help="Rows per shard.")] = defaults.SHARD_SIZE,
-    processes: Annotated[int | None, typer.Option(help="Download processes (default: cores).")] = None,
-    threads: Annotated[int | None, typer.Option(help="Threads per process.")] = None,
-    distributor: Annotated[str, typer.Option(help="multiprocessing or ray.")] = defaults.DISTRIBUTOR,
-    allow_private_networks: Annotated[bool, typer.Option(help="Allow private/loopback hosts.")] = False,
-    allow_network: Annotated[
-        list[str] | None,
-        typer.Option(help="Allow this network (CIDR, e.g. 10.1.2.0/24) as if public; repeatable."),
-    ] = None,
-    timeout: Annotated[
-        float, typer.Option(help="Per-request timeout in seconds.")
-    ] = defaults.DOWNLOAD_TIMEOUT_S,
-    retries: Annotated[int, typer.Option(help="Retries for transient errors.")] = defaults.DOWNLOAD_RETRIES,
-    user_agent: Annotated[str | None, typer.Option(help="User agent (default names vlforge).")] = None,
-    image_size: Annotated[
-        int, typer.Option(help="Resize images to fit this size (img2dataset's image_size).")
-    ] = defaults.IMAGE_SIZE,
-    min_image_size: Annotated[
-        int, typer.Option(help="Refuse images smaller than this (pixels, shorter side).")
-    ] = defaults.MIN_DOWNLOAD_IMAGE_SIZE,
-    max_image_area: Annotated[
-        int, typer.Option(help="Refuse larger images (decompression-bomb guard).")
-    ] = defaults.MAX_IMAGE_AREA,
     force: Annotated[
         bool, typer.Option(help="Ingest a list again although it was ingested (e.g. after a bad setting).")
     ] = False,
-    ignore_robots_txt: Annotated[
-        bool, typer.Option(help="Do not read or obey robots.txt (recorded in the run's tags and the card).")
-    ] = False,
-    opt_out_list: Annotated[
-        list[str] | None,
-        typer.Option(help="File of domains or URL prefixes never to request (# comments); repeatable."),
-    ] = None,
-    blocklist: Annotated[
-        str | None, typer.Option(help="File of PDQ hashes (64 hex a line): matching images are never stored.")
-    ] = None,
-    blocklist_distance: Annotated[
-        int, typer.Option(help="PDQ Hamming distance (bits of 256) that counts as a blocklist match.")
-    ] = defaults.BLOCKLIST_DISTANCE,
-    max_connections_per_host: Annotated[
-        int, typer.Option(help="Requests in flight to one host, over all workers.")
-    ] = defaults.MAX_CONNECTIONS_PER_HOST,
-    max_requests_per_host_per_s: Annotated[
-        float, typer.Option(help="Requests a second to one host, over all workers.")
-    ] = defaults.MAX_REQUESTS_PER_HOST_PER_S,
     retry_failed: Annotated[
         bool,
         typer.Option(help="For lists already ingested: fetch again only the rows that failed transiently."),
     ] = False,
+    **options,
 ) -> None:
     """Download image-text pairs from URL lists with img2dataset (resumable; every row accounted for)."""
     from tasks.ingest import ingest as run
 
+    args = collect(IngestArgs, options)
     with ui.stage(f"ingest {url_list} into source {source}"):
-        results = run(
-            url_list,
-            source,
-            _settings(),
-            url_col=url_col,
-            caption_col=caption_col,
-            shard_size=shard_size,
-            processes=processes,
-            threads=threads,
-            distributor=distributor,
-            allow_private_networks=allow_private_networks,
-            allowed_networks=allow_network,
-            timeout=timeout,
-            retries=retries,
-            user_agent=user_agent,
-            image_size=image_size,
-            min_image_size=min_image_size,
-            max_image_area=max_image_area,
-            force=force,
-            ignore_robots_txt=ignore_robots_txt,
-            opt_out_lists=opt_out_list,
-            blocklist=blocklist,
-            blocklist_distance=blocklist_distance,
-            max_connections_per_host=max_connections_per_host,
-            max_requests_per_host_per_s=max_requests_per_host_per_s,
-            retry_failed=retry_failed,
-        )
+        results = run(url_list, source, _settings(), args, force=force, retry_failed=retry_failed)
     for r in results:
         state = (
             "already ingested"
@@ -275,7 +211,7 @@ def curate(
     scorer: Annotated[
         str | None, typer.Option(help="CLIP scorer: models:/NAME@ALIAS, a folder or a HF id.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = defaults.SCORING_BATCH,
     force: Annotated[bool, typer.Option(help="Publish a new version even if nothing changed.")] = False,
     allow_empty: Annotated[
         bool, typer.Option(help="Publish the version even if the filters keep no row (refused otherwise).")
@@ -427,32 +363,20 @@ def _print_train(result) -> None:
 
 @app.command()
 @user_errors
+@model_options(DemoParams)
 def demo(
-    seed_size: Annotated[int, typer.Option(help="Clean pairs used to bootstrap the scorer.")] = 300,
-    pool_size: Annotated[int, typer.Option(help="Noisy pairs to curate.")] = 600,
-    mismatch_fraction: Annotated[
-        float, typer.Option(help="Share of deliberately mismatched captions.")
-    ] = 0.3,
-    top_fraction: Annotated[float, typer.Option(help="Share of the pool the CLIP filter keeps.")] = 0.6,
-    vlm: Annotated[
-        bool, typer.Option("--vlm/--no-vlm", help="Then train the VLM on the champion CLIP (stages 1 and 2).")
-    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    **options,
 ) -> None:
     """Run the whole pipeline on synthetic data served on 127.0.0.1 (embedded defaults, no services)."""
     from flows.demo import demo as run
 
+    params = collect(DemoParams, options)
     s = _settings()
     from vlforge.tracking import redact
 
     console.print(f"[bold]vlforge demo[/]: storage {s.storage_uri}, MLflow {redact(s.tracking_uri)}")
-    summary = run(
-        seed_size=seed_size,
-        pool_size=pool_size,
-        mismatch_fraction=mismatch_fraction,
-        top_fraction=top_fraction,
-        vlm=vlm,
-    )
+    summary = run(params)
     if as_json:
         out.print_json(json.dumps(summary))
         return
@@ -539,24 +463,19 @@ def datasets(
 
 @app.command()
 @user_errors
+@model_options(ExportArgs)
 def export(
     dataset: Annotated[str, typer.Argument(help="NAME (its newest version) or NAME@VERSION.")],
     to: Annotated[str, typer.Option("--to", help="Destination folder: a local path or s3://bucket/prefix.")],
-    fmt: Annotated[
-        str,
-        typer.Option("--format", help="webdataset (tar shards) or hf (a datasets.load_from_disk folder)."),
-    ] = "webdataset",
-    shard_size: Annotated[int, typer.Option(help="Rows per WebDataset shard.")] = 10_000,
-    prefix: Annotated[
-        str | None, typer.Option(help="Shard name prefix (default: the dataset's name).")
-    ] = None,
+    **options,
 ) -> None:
     """Export a dataset version as WebDataset shards or a Hugging Face datasets folder (resumable)."""
     from tasks.export import export_dataset
     from vlforge.storage import join
 
-    with ui.stage(f"export {dataset} as {fmt} to {to}"):
-        r = export_dataset(dataset, _settings(), format=fmt, to=to, shard_size=shard_size, prefix=prefix)
+    args = collect(ExportArgs, options)
+    with ui.stage(f"export {dataset} as {args.format} to {to}"):
+        r = export_dataset(dataset, _settings(), args, to=to)
     state = (
         "already exported"
         if r.skipped

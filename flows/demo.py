@@ -26,8 +26,10 @@ from dataclasses import asdict, dataclass, field
 import pyarrow.compute as pc
 from prefect import flow
 
-from flows.params import RefreshParams, TrainParams
+from flows.params import DemoParams, RefreshParams, TrainParams
 from flows.pipeline import refresh_dataset, train
+from tasks.curate.filters import FilterConfig
+from tasks.ingest.args import IngestArgs
 from tasks.train.args import FinetuneArgs, PretrainArgs, VlmFinetuneArgs, VlmPretrainArgs
 from vlforge import defaults, tracking
 from vlforge.artifacts import publish
@@ -80,23 +82,13 @@ def filter_quality(dataset: str) -> tuple[float, float]:
 
 
 @flow(name="demo", log_prints=True)
-def demo(
-    seed_size: int = 300,
-    pool_size: int = 600,
-    mismatch_fraction: float = 0.3,
-    top_fraction: float = 0.6,
-    eval_size: int = 240,
-    domain_size: int = 400,
-    seed_epochs: int = 8,
-    epochs: int = 12,  # on the curated pool: at 4 the curated model tied the bootstrap (BENCHMARKS.md "End to end")
-    finetune_epochs: int = 3,
-    vlm: bool = True,
-    instruct_size: int = 500,
-    vlm_epochs: int = 10,
-    vlm_finetune_epochs: int = 6,
-) -> dict:
+def demo(params: DemoParams | None = None) -> dict:
     """Bootstrap a scorer on a clean seed set, curate a noisy pool with it, pretrain on the curated pool, LoRA
-    fine-tune to a new domain; every model judged with intervals, promoted only on evidence."""
+    fine-tune to a new domain; every model judged with intervals, promoted only on evidence. ``params``: the
+    sizes and epochs (:class:`flows.params.DemoParams`; default its defaults)."""
+    p = params or DemoParams()
+    seed_size, pool_size, eval_size, domain_size = p.seed_size, p.pool_size, p.eval_size, p.domain_size
+    seed_epochs, epochs, finetune_epochs, vlm = p.seed_epochs, p.epochs, p.finetune_epochs, p.vlm
     settings = get_settings()
     lists_dir = os.path.join(
         settings.storage_uri if not settings.storage_is_remote else ".vlforge-demo", "demo"
@@ -104,10 +96,10 @@ def demo(
     os.makedirs(lists_dir, exist_ok=True)
     sets = {
         "seed": make_pairs(seed_size, 0.0, seed=1, prefix="seed"),
-        "pool": make_pairs(pool_size, mismatch_fraction, seed=2, prefix="pool"),
+        "pool": make_pairs(pool_size, p.mismatch_fraction, seed=2, prefix="pool"),
         "eval": make_pairs(eval_size, 0.0, seed=3, prefix="eval"),
         "domain": make_pairs(domain_size, 0.0, seed=4, prefix="domain", domain="noisy"),
-        **({"instruct": make_pairs(instruct_size, 0.0, seed=5, prefix="instruct")} if vlm else {}),
+        **({"instruct": make_pairs(p.instruct_size, 0.0, seed=5, prefix="instruct")} if vlm else {}),
     }
     prompts = class_prompts()
     srv = _start_server()
@@ -123,12 +115,13 @@ def demo(
             for k, v in sets.items()
         }
         # The demo's own loopback server: no site to be polite to, so requests are not paced per host.
-        common = dict(allow_private_networks=True, shard_size=max(100, pool_size // 2),
-                      max_requests_per_host_per_s=10_000.0, max_connections_per_host=64)  # fmt: skip
+        download = IngestArgs(allow_private_networks=True, shard_size=max(100, pool_size // 2),
+                              max_requests_per_host_per_s=10_000.0, max_connections_per_host=64)  # fmt: skip
+        unscored = FilterConfig()  # the clean sets: basic filters, no CLIP score rule
         for what in [k for k in sets if k != "pool"]:
             refs[what] = refresh_dataset(
                 RefreshParams(source=f"demo-{what}", location=lists[what], dataset=f"demo-{what}", scorer=None,
-                              top_fraction=None, **common)
+                              filters=unscored, ingest=download)
             )  # fmt: skip
         judged = dict(eval_dataset="demo-eval", class_prompts=prompts, min_eval_pairs=0)
         boot = train(
@@ -138,7 +131,8 @@ def demo(
         )
         refs["pool"] = refresh_dataset(
             RefreshParams(source="demo-pool", location=lists["pool"], dataset="demo",
-                          scorer=defaults.DEFAULT_MODEL_URI, top_fraction=top_fraction, **common)
+                          scorer=defaults.DEFAULT_MODEL_URI, filters=FilterConfig(top_fraction=p.top_fraction),
+                          ingest=download)
         )  # fmt: skip
     finally:
         srv.stop()
@@ -171,7 +165,7 @@ def demo(
     if vlm:
         # Stage 1 on the curated pool's captions with the champion CLIP as the vision tower (the flywheel: the
         # CLIP that curated the data sees for the VLM), stage 2 on the instruction set.
-        vlms = train(vlm_train_params(vlm_epochs, vlm_finetune_epochs))
+        vlms = train(vlm_train_params(p.vlm_epochs, p.vlm_finetune_epochs))
         stages |= {"VLM": vlms["vlm_pretrain"], "VLM instruction-tuned": vlms["vlm_finetune"]}
         runs |= {"VLM stage 1": vlms["vlm_pretrain"]["run_id"], "VLM stage 2": vlms["vlm_finetune"]["run_id"]}
     removed, kept = filter_quality("demo")

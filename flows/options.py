@@ -27,6 +27,8 @@ FLAG_NAMES = {
     "languages": "--language",
     "arms": "--arm",
     "decontaminate_against": "--decontaminate-against",
+    "allowed_networks": "--allow-network",
+    "opt_out_lists": "--opt-out-list",
 }
 
 
@@ -137,6 +139,15 @@ def value_range(info: Any) -> str | None:
     return None
 
 
+def _range_words(info: Any) -> str | None:
+    """The range as the message says it: the field's own wording (``json_schema_extra["range"]``, e.g. "at
+    least 1") or :func:`value_range`, then its unit (``json_schema_extra["unit"]``, e.g. "seconds")."""
+    extra = getattr(info, "json_schema_extra", None)
+    extra = extra if isinstance(extra, dict) else {}
+    limits = extra.get("range") or value_range(info)
+    return f"{limits} {extra['unit']}" if limits and extra.get("unit") else limits
+
+
 def describe_validation_error(model: type[BaseModel], exc: ValidationError) -> str:
     """One line per wrong option: ``--top-fraction must be in (0, 1] (got 1.5)``."""
     lines = []
@@ -144,12 +155,13 @@ def describe_validation_error(model: type[BaseModel], exc: ValidationError) -> s
         loc = tuple(p for p in err.get("loc", ()) if isinstance(p, str))
         flag = flag_name("_".join(loc)) if loc else model.__name__
         shown = repr(err.get("input")) if "input" in err else ""
-        limits = value_range(_field(model, loc)) if loc else None
+        limits = _range_words(_field(model, loc)) if loc else None
         if limits and err.get("type", "").startswith(("greater_than", "less_than")):
             lines.append(f"{flag} must be {limits} (got {shown})")
         elif err.get("type") == "extra_forbidden":
             lines.append(f"unknown setting {flag}")
         else:
             msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-            lines.append(f"{flag}: {msg}" + (f" (got {shown})" if shown and len(shown) < 80 else ""))
+            msg = msg if msg.startswith(flag + " ") else f"{flag}: {msg}"  # a message that names the option
+            lines.append(msg + (f" (got {shown})" if shown and len(shown) < 80 else ""))
     return "; ".join(lines)

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from typing import Any
 
-from tasks.curate.filters import FilterConfig, check_score_rule
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.curate.filters import FilterConfig
+from tasks.ingest.args import IngestArgs
 from tasks.train.args import FinetuneArgs, PretrainArgs, VlmFinetuneArgs, VlmPretrainArgs
 from vlforge import defaults
-from vlforge.netguard import parse_network
+
+
+def _refresh_filters() -> FilterConfig:
+    # The refresh's score rule by default: DataComp's best top fraction (``vlforge curate`` has none).
+    return FilterConfig(top_fraction=defaults.TOP_FRACTION)
+
+
+# Keys of the first refresh form, still accepted (saved deployment parameters, API callers): the score rule
+# moved into ``filters`` and the download settings into ``ingest``.
+_RULE_KEYS = ("min_score", "top_fraction")
 
 
 class RefreshParams(BaseModel):
@@ -19,74 +31,50 @@ class RefreshParams(BaseModel):
         description="Where URL lists land: a file, a folder, a glob, or an s3:// prefix (csv/tsv/json/parquet).",
     )
     dataset: str = Field("web", description="Dataset to publish a new version of.")
-    url_col: str = "url"
-    caption_col: str = "caption"
     scorer: str | None = Field(
         defaults.DEFAULT_MODEL_URI,
         description="CLIP used to score pairs: an MLflow URI, a folder or a Hugging Face id; empty = no CLIP filter.",
     )
-    min_score: float | None = Field(
-        None, description="Keep pairs whose CLIP score is at least this (LAION: 0.28)."
-    )
-    top_fraction: float | None = Field(
-        defaults.TOP_FRACTION,
-        gt=0,
-        le=1,
-        description="Keep this top share of the pool by CLIP score (DataComp's best: 0.3).",
-    )
+    # A default value, not a factory: the Prefect form shows it (the top fraction) as the starting point.
     filters: FilterConfig = Field(
-        default_factory=FilterConfig,
-        description="Quality filters (size, aspect ratio, captions, dedup, language).",
+        _refresh_filters(),
+        description="Quality filters (size, aspect ratio, captions, dedup, language) and the one CLIP-score rule: "
+        f"min_score (LAION: 0.28) or top_fraction (default {defaults.TOP_FRACTION}, DataComp's best); both "
+        "empty = no score filter. Without a scorer the score rule is not applied.",
     )
-    shard_size: int = Field(defaults.SHARD_SIZE, gt=0, description="Rows per raw shard.")
-    allow_private_networks: bool = Field(
-        False, description="Allow URLs on private/loopback hosts (demo, tests)."
-    )
-    allowed_networks: list[str] = Field(
-        [],
-        description="Networks (CIDR, e.g. 10.1.2.0/24) downloads may reach as if public, such as an internal "
-        "mirror; every other private address stays refused, on every redirect and connection.",
-    )
-    opt_out_lists: list[str] = Field(
-        [],
-        description="Files (local or s3://) of domains or URL prefixes whose owners opted out, one a line: "
-        "never requested.",
-    )
-    ignore_robots_txt: bool = Field(
-        False, description="Do not read or obey robots.txt (recorded in the ingest run and the dataset card)."
-    )
-    blocklist: str | None = Field(
-        None, description="File of PDQ hashes (64 hex a line): matching images are never stored."
-    )
-    blocklist_distance: int = Field(
-        defaults.BLOCKLIST_DISTANCE, ge=0, le=256, description="PDQ Hamming distance that counts as a match."
-    )
-    max_connections_per_host: int = Field(
-        defaults.MAX_CONNECTIONS_PER_HOST,
-        gt=0,
-        description="Requests in flight to one host, over all workers.",
-    )
-    max_requests_per_host_per_s: float = Field(
-        defaults.MAX_REQUESTS_PER_HOST_PER_S,
-        gt=0,
-        description="Requests a second to one host, over all workers.",
+    ingest: IngestArgs = Field(
+        default_factory=IngestArgs,
+        description="How the URL lists are read and downloaded (columns, shard size, networks, crawl "
+        "compliance), as `vlforge ingest`'s options.",
     )
 
-    @field_validator("allowed_networks")
+    @model_validator(mode="before")
     @classmethod
-    def _networks_are_cidrs(cls, networks: list[str]) -> list[str]:
-        for network in networks:
-            try:
-                parse_network(network)
-            except Exception as exc:  # VlforgeError: the form shows its message
-                raise ValueError(str(exc)) from None
-        return networks
+    def _earlier_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        moved = {k: data.pop(k) for k in list(data) if k in IngestArgs.model_fields}
+        if moved:
+            ingest = data.get("ingest")
+            ingest = ingest.model_dump() if isinstance(ingest, BaseModel) else dict(ingest or {})
+            data["ingest"] = {**ingest, **moved}
+        rule = {k: data.pop(k) for k in _RULE_KEYS if k in data}
+        if rule:
+            data["filters"] = _with_rule(data.get("filters"), rule)
+        return data
 
-    @model_validator(mode="after")
-    def _one_score_rule(self):
-        # Raises when both are set: a threshold needs top_fraction cleared (the form shows the message).
-        check_score_rule(self.min_score, self.top_fraction)
-        return self
+
+def _with_rule(filters: Any, rule: dict) -> Any:
+    """``filters`` with the score rule of an earlier form's top-level keys, unless ``filters`` sets a rule of its
+    own: a rule set in ``filters`` is never replaced."""
+    if filters is None:
+        data = _refresh_filters().model_dump()
+    else:
+        data = filters.model_dump() if isinstance(filters, BaseModel) else dict(filters)
+        if any(data.get(k) is not None for k in _RULE_KEYS):
+            return data
+    return {**data, **{k: rule.get(k) for k in _RULE_KEYS}}
 
 
 # Flat keys of the first train form, still accepted (saved deployment parameters, API callers):
@@ -164,4 +152,31 @@ class PipelineParams(BaseModel):
     refresh: RefreshParams
     train: TrainParams | None = Field(
         None, description="Training settings; empty = defaults on the refreshed dataset."
+    )
+
+
+class DemoParams(BaseModel):
+    """The end-to-end demo's sizes and epochs (``vlforge demo``): synthetic pairs served on 127.0.0.1."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed_size: int = Field(300, gt=0, description="Clean pairs used to bootstrap the scorer.")
+    pool_size: int = Field(600, gt=0, description="Noisy pairs to curate.")
+    mismatch_fraction: float = Field(
+        0.3, ge=0, le=1, description="Share of deliberately mismatched captions in the pool."
+    )
+    top_fraction: float = Field(0.6, gt=0, le=1, description="Share of the pool the CLIP filter keeps.")
+    eval_size: int = Field(240, gt=0, description="Labelled pairs every CLIP of the line is judged on.")
+    domain_size: int = Field(
+        400, gt=0, description="Pairs of the fine-tune's new domain (noisy backgrounds)."
+    )
+    seed_epochs: int = Field(8, gt=0, description="Epochs of the bootstrap scorer on the seed set.")
+    # Enough for the curated model to pull ahead of the bootstrap it starts from (BENCHMARKS.md "End to end").
+    epochs: int = Field(12, gt=0, description="Epochs on the curated pool, from the bootstrap model.")
+    finetune_epochs: int = Field(3, gt=0, description="Epochs of the LoRA fine-tune on the new domain.")
+    vlm: bool = Field(True, description="Then train the VLM on the champion CLIP (stages 1 and 2).")
+    instruct_size: int = Field(500, gt=0, description="Instruction pairs of the VLM's stage 2.")
+    vlm_epochs: int = Field(10, gt=0, description="Epochs of the VLM's stage 1 (its adapter, on captions).")
+    vlm_finetune_epochs: int = Field(
+        6, gt=0, description="Epochs of the VLM's stage 2 (LoRA, on instructions)."
     )

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from flows.params import PipelineParams, RefreshParams, TrainParams
 from tasks.curate import curate_task
+from tasks.curate.filters import FilterConfig
 from tasks.experiment.curation import CurationExperimentArgs
 from tasks.ingest import ingest_task
 from tasks.train.finetune import finetune_task
@@ -43,28 +44,19 @@ def _usable_scorer(settings: Settings, scorer: str | None) -> str | None:
     return scorer
 
 
+def curate_filters(filters: FilterConfig, scorer: str | None) -> FilterConfig:
+    """The form's filters as curate applies them: its one score rule as given, and none without a scorer (an
+    empty scorer, or the default champion before one is registered: basic filters only)."""
+    return filters if scorer else filters.model_copy(update={"min_score": None, "top_fraction": None})
+
+
 @flow(name="refresh-dataset", log_prints=True)
 def refresh_dataset(params: RefreshParams) -> dict:
     """Ingest the URL lists at ``params.location`` not ingested yet, curate the source, publish a version."""
     settings = get_settings()
     log = _logger()
     with console.stage(f"ingest {params.location} into source {params.source}"):
-        ingested = ingest_task(
-            params.location,
-            params.source,
-            settings,
-            url_col=params.url_col,
-            caption_col=params.caption_col,
-            shard_size=params.shard_size,
-            allow_private_networks=params.allow_private_networks,
-            allowed_networks=params.allowed_networks,
-            opt_out_lists=params.opt_out_lists,
-            ignore_robots_txt=params.ignore_robots_txt,
-            blocklist=params.blocklist,
-            blocklist_distance=params.blocklist_distance,
-            max_connections_per_host=params.max_connections_per_host,
-            max_requests_per_host_per_s=params.max_requests_per_host_per_s,
-        )
+        ingested = ingest_task(params.location, params.source, settings, params.ingest)
     new = [r for r in ingested if not r.skipped]
     batch_rows = [
         {
@@ -83,9 +75,7 @@ def refresh_dataset(params: RefreshParams) -> dict:
             params.dataset,
             settings,
             scorer=scorer,
-            min_score=params.min_score if scorer else None,
-            top_fraction=params.top_fraction if scorer else None,
-            filters=params.filters,
+            filters=curate_filters(params.filters, scorer),
         )
     dv = result.dataset_version
     if result.skipped:

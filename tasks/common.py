@@ -25,3 +25,23 @@ def retry_unless_user_error(task, task_run, state) -> bool:
     except Exception:
         return True
     return False
+
+
+def typed_args(model, args=None, options: dict | None = None, error: type[Exception] | None = None):
+    """``model`` from ``args`` (an instance, or None for the defaults) with ``options`` applied by field name,
+    for Python callers of a stage: a bad value is one ``error`` (a VlforgeError: a user's mistake, never
+    retried), ``shard_size: Input should be greater than or equal to 1 (got 0)``. The CLI validates first and
+    names the option as typed (``flows.options.collect``)."""
+    from pydantic import ValidationError
+
+    from vlforge.errors import VlforgeError
+
+    data = args.model_dump() if args is not None else {}
+    try:
+        return model.model_validate({**data, **(options or {})})
+    except ValidationError as exc:
+        lines = [
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"
+            for e in exc.errors()
+        ]
+        raise (error or VlforgeError)("; ".join(lines)) from None

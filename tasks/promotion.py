@@ -228,7 +228,7 @@ def promote(
     problem = contamination_problem(settings, evaluation.eval_data, trained_on)
     if problem is not None:
         decision = Decision(CHALLENGER, problem)
-        record(client, name, version, decision, run_id=run_id)
+        record(settings, name, version, decision, run_id=run_id)
         return decision
     vs_champion = domain = general = None
     missing = []
@@ -260,23 +260,25 @@ def promote(
         general_margin=general_margin,
         missing="; ".join(missing),
     )
-    record(client, name, version, decision, run_id=run_id)
+    record(settings, name, version, decision, run_id=run_id)
     return decision
 
 
-def record(client, name: str, version: str, decision: Decision, *, run_id: str | None = None) -> None:
+def record(
+    settings: Settings, name: str, version: str, decision: Decision, *, run_id: str | None = None
+) -> None:
     """Set the alias; the reason and every comparison's figures as version tags (and run metrics)."""
-    client.set_registered_model_alias(name, decision.alias, str(version))
+    from vlforge import tracking
+
+    tracking.set_alias(settings, name, decision.alias, str(version))
     tags = {TAG_DECISION: decision.reason[:4000], TAG_DECIDED_ALIAS: decision.alias}
     for c in decision.comparisons:
         tags[f"vlforge.{c.kind}.model"] = c.other
         tags[f"vlforge.{c.kind}.eval_data"] = c.eval_data
         tags.update({f"vlforge.{k}": f"{v:.6g}" for k, v in c.figures().items()})
         if run_id is not None:
-            for k, v in c.figures().items():
-                client.log_metric(run_id, k, v)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, value)
+            tracking.log_to_run(settings, run_id, metrics=c.figures())
+    tracking.set_version_tags(settings, name, str(version), tags)
     log.info("%s version %s -> %s (%s)", name, version, decision.alias, decision.reason)
 
 
@@ -285,9 +287,9 @@ def override(
 ) -> Decision:
     """A person's decision: give the registered version ``uri`` the ``alias`` (``vlforge promote``), recorded
     in its tags with who, when and why."""
+    from vlforge import tracking
     from vlforge.naming import check_alias
     from vlforge.registry import registered_version
-    from vlforge.tracking import configure
 
     check_alias(alias)
     if uri.startswith("models:/"):
@@ -299,19 +301,18 @@ def override(
     mv = registered_version(uri, settings)
     if mv is None:
         raise ModelNotFoundError(f"promote needs a registered model URI (models:/NAME/N), got {uri!r}")
-    client = configure(settings)
+    client = tracking.configure(settings)  # reads
     previous = _alias_version(client, mv.name, alias)
     user = user or _current_user()
     text = f"set by hand: {reason or 'no reason given'}"
     if previous is not None and str(previous.version) != str(mv.version):
         text += f" (replaces version {previous.version})"
-    client.set_registered_model_alias(mv.name, alias, str(mv.version))
+    tracking.set_alias(settings, mv.name, alias, str(mv.version))
     if alias == CHAMPION and CHALLENGER in (mv.aliases or []):
-        client.delete_registered_model_alias(mv.name, CHALLENGER)
+        tracking.delete_alias(settings, mv.name, CHALLENGER)
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     tags = {TAG_DECISION: text[:4000], TAG_DECIDED_ALIAS: alias, TAG_PROMOTED_BY: user, TAG_PROMOTED_AT: now}
-    for key, value in tags.items():
-        client.set_model_version_tag(mv.name, str(mv.version), key, value)
+    tracking.set_version_tags(settings, mv.name, str(mv.version), tags)
     log.info("%s version %s -> %s by %s (%s)", mv.name, mv.version, alias, user, text)
     if alias == CHAMPION:  # a person's promotion is news too (vlforge.model.promoted), like the rule's
         from tasks.events import emit_model_promoted

@@ -40,7 +40,15 @@ from vlforge import storage
 from vlforge.errors import ModelNotFoundError
 from vlforge.registry import MODEL_ARTIFACT
 from vlforge.settings import Settings
-from vlforge.tracking import TAG_BASE_MODEL, TAG_DATASET, TAG_DATASET_VERSION, TAG_FLOW_RUN, configure
+from vlforge.tracking import (
+    TAG_BASE_MODEL,
+    TAG_DATASET,
+    TAG_DATASET_VERSION,
+    TAG_FLOW_RUN,
+    configure,
+    log_pyfunc_model,
+    set_version_tags,
+)
 
 ADAPTER_ARTIFACT = "adapter"
 TAG_EVAL_PREFIX = "vlforge.eval."
@@ -129,14 +137,13 @@ def pyfunc_model_args(pyfunc: str = "clip"):
 def save_pyfunc(path: str, model_dir: str, *, pyfunc: str = "clip", adapter_dir: str | None = None) -> str:
     """Save ``model_dir`` (a ``save_pretrained`` folder) as the pyfunc model registration logs, at ``path``
     on disk (no tracking server): what a consumer loads, for checks and exports."""
-    import mlflow.pyfunc
+    from vlforge.tracking import save_pyfunc_model
 
     artifacts = {MODEL_ARTIFACT: model_dir}
     if adapter_dir is not None:
         artifacts[ADAPTER_ARTIFACT] = adapter_dir
     with pyfunc_model_args(pyfunc) as args:
-        mlflow.pyfunc.save_model(path, artifacts=artifacts, **args)
-    return path
+        return save_pyfunc_model(path, artifacts, args)
 
 
 def _stage(src: str, parent: str, name: str) -> str:
@@ -210,7 +217,11 @@ def register_model(
             eval_dataset=_eval_dataset(evaluation.eval_data, settings),
             base_model_id=_logged_model_id(base_model, settings),
         )
-        info = _log_into_run(client, run_id, name=name, artifacts=artifacts, links=links, pyfunc=pyfunc)
+        with pyfunc_model_args(pyfunc) as args:
+            info = log_pyfunc_model(
+                settings, run_id, registered_name=name, artifacts=artifacts, model_args=args,
+                metrics=links.metrics, eval_dataset=links.eval_dataset, base_model_id=links.base_model_id,
+            )  # fmt: skip
     version = str(info.registered_model_version)
     metrics = mlflow_metric_names(evaluation.metrics(), prefix="")
     tags = {
@@ -221,8 +232,7 @@ def register_model(
         **{TAG_EVAL_PREFIX + k: f"{v:.6g}" for k, v in metrics.items()},
         **(tags or {}),
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    set_version_tags(settings, name, version, tags)
     decision = promote(
         client,
         name,
@@ -270,19 +280,16 @@ class _ModelLinks:
 
 def _eval_dataset(eval_data: str, settings: Settings):
     """The eval data as a metadata-only MLflow dataset (its source: the dataset version's URI), or None."""
-    from mlflow.data.meta_dataset import MetaDataset
-
     from tasks.train.data import HELDOUT
     from vlforge.datasets import resolve_dataset
     from vlforge.errors import VlforgeError
-    from vlforge.tracking import _dataset_source
+    from vlforge.tracking import meta_dataset
 
     try:
         dv = resolve_dataset(settings, eval_data.partition(HELDOUT)[0])
     except VlforgeError:
         return None
-    uri = dv.uri if "://" in dv.uri else "file://" + dv.uri
-    return MetaDataset(_dataset_source(uri), name=eval_data[:500])
+    return meta_dataset(dv.uri, eval_data)
 
 
 def _logged_model_id(uri: str | None, settings: Settings) -> str | None:
@@ -300,38 +307,6 @@ def _logged_model_id(uri: str | None, settings: Settings) -> str | None:
     # MLflow 3 registers a logged model from its source models:/m-<id> (the version's model_id stays unset).
     source = str(mv.source or "")
     return mv.model_id or (source[len("models:/") :] if source.startswith("models:/m-") else None)
-
-
-def _log_into_run(
-    client, run_id: str, *, name: str, artifacts: dict[str, str], links: _ModelLinks, pyfunc: str = "clip"
-):
-    """``mlflow.pyfunc.log_model`` inside run ``run_id`` with its links, leaving the run's status as it was."""
-    import mlflow
-    from mlflow.entities import LoggedModelInput
-
-    def log_model():
-        with pyfunc_model_args(pyfunc) as args:
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                artifacts=artifacts,
-                registered_model_name=name,
-                await_registration_for=60,
-                **args,
-            )
-        mlflow.log_metrics(links.metrics, model_id=info.model_id, dataset=links.eval_dataset)
-        if links.base_model_id:
-            mlflow.log_input(model=LoggedModelInput(links.base_model_id))
-        return info
-
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        return log_model()
-    status = client.get_run(run_id).info.status
-    with mlflow.start_run(run_id=run_id, nested=active is not None):
-        info = log_model()
-    if status != "FINISHED":  # leaving the context finished the run; its owner finishes it
-        client.update_run(run_id, status=status)
-    return info
 
 
 # NO_CACHE: registering twice must create two versions (and a model bundle is not worth hashing).

@@ -46,6 +46,8 @@ GENERAL_MARGIN = 0.05
 
 # Curation: DataComp's best CLIP-score filter keeps the top 30 % of a pool.
 TOP_FRACTION = 0.3
+# Pairs a CLIP scorer embeds at once (curate, the curation experiment's pool).
+SCORING_BATCH = 64
 
 # Crawl compliance (tasks/ingest: robots, optout, politeness, fetch, blocklist). Per host over the whole run: at
 # most this many requests in flight and request starts a second (a robots.txt Crawl-delay widens the interval).

@@ -1,13 +1,23 @@
-"""MLflow helpers: tracking set-up, experiments with artifacts under the storage root, lineage inputs/tags.
+"""MLflow for vlforge: tracking set-up, experiments with artifacts under the storage root, lineage inputs/tags,
+and every write: runs, params, metrics, artifacts, dataset inputs, models, tags and aliases, from the driver and
+from the training workers alike (``tests/unit/test_tracking_writes.py`` holds every other module to it).
+
+One place for the writes keeps their rules in one place: params made safe (:func:`safe_params`), credentials
+never printed (:func:`keep_credentials_off_stdout`), artifacts under the storage root, a run's status left as
+its owner wants it. Other modules may read through the client :func:`configure` returns.
 
 Call :func:`configure` inside a function (never at import time). Runs created here never write ``./mlruns``:
-each experiment's artifact location lives under ``<storage>/mlflow-artifacts``.
+each experiment's artifact location lives under ``<storage>/mlflow-artifacts``. A write function takes the
+settings, or (in a training worker, which has no settings) the tracking URI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from vlforge.settings import Settings
@@ -47,7 +57,6 @@ _INITIALISED: set[str] = set()
 
 def configure(settings: Settings):
     """Point MLflow at the settings' tracking URI and return a client."""
-    import mlflow
     from mlflow import MlflowClient
 
     uri = settings.tracking_uri
@@ -56,8 +65,7 @@ def configure(settings: Settings):
     # get_settings() in this process would then take that for the user's choice and keep pointing at this
     # storage root's database after VLFORGE_STORAGE changed. Keep the environment as the user left it.
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _point_at(uri)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -68,6 +76,23 @@ def configure(settings: Settings):
         _init_sqlite(uri[len("sqlite:///") :], client)
         _INITIALISED.add(uri)
     return client
+
+
+def _point_at(uri: str) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+def _client(target: Settings | str):
+    """The client of ``target``: settings (:func:`configure`), or a tracking URI (a training worker's: the
+    driver created the database and the run)."""
+    if isinstance(target, Settings):
+        return configure(target)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=target, registry_uri=target)
 
 
 def keep_credentials_off_stdout(tracking_uri: str) -> None:
@@ -141,7 +166,7 @@ def start_stage_run(
 
 
 def log_to_run(
-    settings: Settings,
+    settings: Settings | str,
     run_id: str,
     *,
     params: dict[str, Any] | None = None,
@@ -154,7 +179,7 @@ def log_to_run(
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
-    configure(settings).log_batch(
+    _client(settings).log_batch(
         run_id,
         metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
         params=[Param(k, v) for k, v in safe_params(params or {}).items()],
@@ -182,21 +207,31 @@ def dataset_tags(dataset_version) -> dict[str, str]:
     return {TAG_DATASET: dataset_version.name, TAG_DATASET_VERSION: dataset_version.version}
 
 
-def log_dataset_input(dataset_version, context: str = "training") -> None:
-    """Log a dataset version as an ``mlflow.data`` input of the active run; its source is the version's URI.
+def log_dataset_input(
+    target: Settings | str, run_id: str, dataset_version, context: str = "training"
+) -> None:
+    """Log a dataset version as an ``mlflow.data`` input of run ``run_id``; its source is the version's URI.
 
     The input is a metadata-only dataset (its digest is the manifest's content hash, its kept rows a tag): the
     rows stay in the version's Parquet files, and nothing is inferred from a sample (which warned about
     integer columns)."""
-    import mlflow
-    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     manifest = dataset_version.manifest or {}
-    uri = dataset_version.uri if "://" in dataset_version.uri else "file://" + dataset_version.uri
-    digest = str(manifest.get("content_hash") or "")[:16] or None
-    ds = MetaDataset(_dataset_source(uri), name=dataset_version.ref, digest=digest)
     rows = str(int(manifest.get("counts", {}).get("kept", 0)))
-    mlflow.log_input(ds, context=context, tags={"uri": dataset_version.uri, "rows": rows})
+    ds = meta_dataset(dataset_version.uri, dataset_version.ref, str(manifest.get("content_hash") or "")[:16])
+    tags = {MLFLOW_DATASET_CONTEXT: context, "uri": dataset_version.uri, "rows": rows}
+    entity = DatasetInput(ds._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])
+    _client(target).log_inputs(run_id, datasets=[entity])
+
+
+def meta_dataset(uri: str, name: str, digest: str | None = None):
+    """A metadata-only MLflow dataset whose source is ``uri`` (a dataset version's)."""
+    from mlflow.data.meta_dataset import MetaDataset
+
+    uri = uri if "://" in uri else "file://" + uri
+    return MetaDataset(_dataset_source(uri), name=name[:500], digest=digest or None)
 
 
 def _dataset_source(uri: str):
@@ -226,6 +261,144 @@ def run_url(settings: Settings, run_id: str) -> str:
         run = mlflow.get_run(run_id)
         return redact(f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}")
     return f"runs:/{run_id}"
+
+
+def set_run_tags(target: Settings | str, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    _client(target).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_dict(target: Settings | str, run_id: str, obj: Any, artifact_file: str) -> None:
+    """``obj`` as a JSON (or YAML, by the file's suffix) artifact of the run."""
+    _client(target).log_dict(run_id, obj, artifact_file)
+
+
+def log_files(
+    target: Settings | str, run_id: str, files: dict[str, bytes | str], artifact_path: str | None = None
+) -> None:
+    """Artifacts of the run from memory: ``{file name: content}``, under ``artifact_path``. A file of the same
+    name replaces the earlier one (a re-run records again)."""
+    client = _client(target)
+    with tempfile.TemporaryDirectory(prefix="vlforge-artifacts-") as tmp:
+        for name, data in files.items():
+            path = os.path.join(tmp, name)
+            with open(path, "wb") as fh:
+                fh.write(data.encode() if isinstance(data, str) else data)
+            client.log_artifact(run_id, path, artifact_path=artifact_path)
+
+
+def end_run(
+    target: Settings | str, run_id: str, status: str = "FINISHED", metrics: dict[str, float] | None = None
+) -> None:
+    """The run's last metrics, then its end status (FINISHED, FAILED, KILLED)."""
+    if metrics:
+        log_to_run(target, run_id, metrics=metrics)
+    _client(target).set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def stage_run(settings: Settings, stage: str, **kwargs) -> Iterator[str]:
+    """A stage's run (:func:`start_stage_run`) around a block: FINISHED when the block ends, FAILED (KILLED on
+    Ctrl-C) when it raises."""
+    run_id = start_stage_run(settings, stage, **kwargs)
+    try:
+        yield run_id
+    except BaseException as exc:
+        end_run(settings, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    end_run(settings, run_id)
+
+
+def continue_run_in_worker(tracking_uri: str, run_id: str, params: dict[str, Any], dataset=None) -> None:
+    """Rank 0 of a training continues the driver's run ``run_id`` in this worker process: the run is active
+    here (MLflow samples the worker's system metrics into it), with the training's params and dataset input.
+    End it with :func:`leave_worker_run`."""
+    import mlflow
+
+    keep_credentials_off_stdout(tracking_uri)  # this worker's process prints run links too
+    _point_at(tracking_uri)
+    mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    log_to_run(tracking_uri, run_id, params=params)
+    if dataset is not None:
+        log_dataset_input(tracking_uri, run_id, dataset, "training")
+
+
+def log_metric_batch(target: Settings | str, run_id: str, metrics: list) -> None:
+    """Buffered ``mlflow.entities.Metric`` values (each with its own step) in one write."""
+    if metrics:
+        _client(target).log_batch(run_id, metrics=metrics)
+
+
+def leave_worker_run() -> None:
+    """End the worker's hold on the run and leave it RUNNING: the driver evaluates, registers and ends it."""
+    import mlflow
+
+    mlflow.end_run(status="RUNNING")
+
+
+def log_pyfunc_model(
+    settings: Settings,
+    run_id: str,
+    *,
+    registered_name: str,
+    artifacts: dict[str, str],
+    model_args: dict[str, Any],
+    metrics: dict[str, float],
+    eval_dataset=None,
+    base_model_id: str | None = None,
+):
+    """Log a pyfunc model (``model_args``: ``mlflow.pyfunc.log_model``'s) into run ``run_id`` and register it
+    as ``registered_name``, with MLflow 3's model links (its eval ``metrics`` against ``eval_dataset``, the
+    base model as an input of the run); the run's status is left as it was. Its ``ModelInfo``."""
+    import mlflow
+    from mlflow.entities import LoggedModelInput
+
+    def log_model():
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            artifacts=artifacts,
+            registered_model_name=registered_name,
+            await_registration_for=60,
+            **model_args,
+        )
+        mlflow.log_metrics(metrics, model_id=info.model_id, dataset=eval_dataset)
+        if base_model_id:
+            mlflow.log_input(model=LoggedModelInput(base_model_id))
+        return info
+
+    client = configure(settings)
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        return log_model()
+    status = client.get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id, nested=active is not None):
+        info = log_model()
+    if status != "FINISHED":  # leaving the context finished the run; its owner finishes it
+        client.update_run(run_id, status=status)
+    return info
+
+
+def save_pyfunc_model(path: str, artifacts: dict[str, str], model_args: dict[str, Any]) -> str:
+    """The pyfunc model :func:`log_pyfunc_model` logs, saved at ``path`` on disk (no tracking server)."""
+    import mlflow.pyfunc
+
+    mlflow.pyfunc.save_model(path, artifacts=artifacts, **model_args)
+    return path
+
+
+def set_version_tags(settings: Settings, name: str, version: str, tags: dict[str, Any]) -> None:
+    client = configure(settings)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def set_alias(settings: Settings, name: str, alias: str, version: str) -> None:
+    configure(settings).set_registered_model_alias(name, alias, str(version))
+
+
+def delete_alias(settings: Settings, name: str, alias: str) -> None:
+    configure(settings).delete_registered_model_alias(name, alias)
 
 
 _SECRET_NAMES = ("secret", "password", "passwd", "token", "key_id", "access_key", "credential", "api_key")

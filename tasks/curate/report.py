@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 
 import numpy as np
 
@@ -69,26 +67,22 @@ def example_grid_png(images: list[bytes], titles: list[str], kept: list[bool]) -
 
 
 def start_version_run(settings: Settings, dataset: str, source: str):
-    """Start the version's run in ``vlforge-datasets`` (a context manager; the caller publishes inside it)."""
-    import mlflow
-
+    """The version's run in ``vlforge-datasets`` (a context manager giving its id; the caller publishes inside
+    it): finished when the block ends, failed when it raises."""
     tags = {tracking.TAG_DATASET: dataset, tracking.TAG_SOURCE: source}
-    return mlflow.start_run(run_id=tracking.start_stage_run(settings, "curate", tags=tags))
+    return tracking.stage_run(settings, "curate", tags=tags)
 
 
-def log_version_details(dv: DatasetVersion, params: dict, out) -> None:
+def log_version_details(settings: Settings, run_id: str, dv: DatasetVersion, params: dict, out) -> None:
     """Params, counts per reason, score histogram, example grid, manifest and the version as an output.
 
     ``out``: the curation's aggregates (``tasks.curate.run.CurationOutput``), never the pool's rows."""
     import json
 
-    import mlflow
-
     from tasks.curate.publish import HIST_EDGES
 
-    mlflow.set_tags({**tracking.dataset_tags(dv), "mlflow.runName": dv.ref})
-    mlflow.log_params(tracking.safe_params(params))
-    mlflow.log_metrics(tracking.count_metrics(out.counts))
+    tracking.set_run_tags(settings, run_id, {**tracking.dataset_tags(dv), "mlflow.runName": dv.ref})
+    tracking.log_to_run(settings, run_id, params=params, metrics=tracking.count_metrics(out.counts))
     files = {"manifest.json": json.dumps(dv.manifest, indent=2, default=str).encode()}
     if (out.hist_kept + out.hist_rejected).sum():
         files["score_histogram.png"] = score_histogram_png(HIST_EDGES, out.hist_kept, out.hist_rejected)
@@ -98,13 +92,8 @@ def log_version_details(dv: DatasetVersion, params: dict, out) -> None:
         for e in ex
     ]
     files["examples.png"] = example_grid_png([e["image"] for e in ex], titles, [e["kept"] for e in ex])
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in files.items():
-            path = os.path.join(tmp, name)
-            with open(path, "wb") as fh:
-                fh.write(data)
-            mlflow.log_artifact(path)
-    tracking.log_dataset_input(dv, context="output")
+    tracking.log_files(settings, run_id, files)
+    tracking.log_dataset_input(settings, run_id, dv, context="output")
 
 
 def prefect_artifacts(

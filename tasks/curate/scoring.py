@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.curate.shards import SCORER_KEY_META, read_parquet
-from vlforge import raw, storage
+from vlforge import defaults, raw, storage
 from vlforge.settings import Settings
 
 
@@ -302,7 +302,7 @@ def score_shards(
     scorer_uri: str,
     settings: Settings,
     bundle,
-    batch_size: int = 64,
+    batch_size: int = defaults.SCORING_BATCH,
     num_scorers: int | None = None,
     num_threads: int | None = None,
     progress: bool | None = None,

@@ -113,7 +113,7 @@ def curate(
     min_score: float | None = None,
     top_fraction: float | None = None,
     filters: FilterConfig | None = None,
-    batch_size: int = 64,
+    batch_size: int = defaults.SCORING_BATCH,
     num_scorers: int | None = None,
     progress: bool | None = None,
     force: bool = False,
@@ -220,10 +220,9 @@ def curate(
         )
     run_id = None
     if track:
-        with start_version_run(settings, dataset, source) as run:
-            run_id = run.info.run_id
+        with start_version_run(settings, dataset, source) as run_id:
             dv = writer.publish({**manifest, "mlflow_run_id": run_id}, describe=card_files)
-            log_version_details(dv, params, out)
+            log_version_details(settings, run_id, dv, params, out)
     else:
         dv = writer.publish(manifest, describe=card_files)
     storage.remove(storage.join(dv.uri, DONE_DIR))

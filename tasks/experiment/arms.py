@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
+from vlforge import defaults
 from vlforge.datasets import DatasetVersion, VersionWriter, list_versions, resolve_dataset
 from vlforge.errors import VlforgeError
 from vlforge.hfformat import encoded_images
@@ -98,7 +99,7 @@ def keep_mask(spec: ArmSpec, scores: np.ndarray) -> np.ndarray:
     return np.ones(n, dtype=bool)
 
 
-def score_pool(bundle, table: pa.Table, batch_size: int = 64) -> np.ndarray:
+def score_pool(bundle, table: pa.Table, batch_size: int = defaults.SCORING_BATCH) -> np.ndarray:
     """CLIP score (image-caption cosine) of every row, float32 [N]."""
     from tasks.evaluate import embed_images, embed_texts
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -62,7 +60,7 @@ class CurationExperimentArgs(BaseModel):
     )
     seeds: int = Field(2, gt=0, description="Trainings per arm (seeds 0..K-1), so the spread is visible.")
     top_fraction: float = Field(
-        0.3, gt=0, le=1, description="The top_fraction arm's share (DataComp's best: 0.3)."
+        defaults.TOP_FRACTION, gt=0, le=1, description="The top_fraction arm's share (DataComp's best: 0.3)."
     )
     threshold: float | None = Field(
         None, description="The threshold arm's CLIP score; empty = Otsu's cut of the pool's score histogram."
@@ -226,9 +224,9 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
         out["verdict"] = verdict(out)
         _report(settings, parent, out)
     except BaseException:
-        tracking.configure(settings).set_terminated(parent, "FAILED")
+        tracking.end_run(settings, parent, "FAILED")
         raise
-    tracking.configure(settings).set_terminated(parent, "FINISHED")
+    tracking.end_run(settings, parent)
     if args.output:
         from vlforge import storage
 
@@ -330,15 +328,9 @@ def _report(settings: Settings, run_id: str, out: dict[str, Any]) -> None:
          f"`{out['scorer']['uri']}`; {out['samples_seen']} samples seen per arm."],
         {"Arms": rows},
     )  # fmt: skip
-    client = tracking.configure(settings)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {
-            "results.json": json.dumps(out, indent=2).encode(),
-            "results.md": (md + "\n\n" + markdown_table(rows)).encode(),
-            "arms.png": _chart_png(out),
-        }
-        for name, data in files.items():
-            path = os.path.join(tmp, name)
-            with open(path, "wb") as fh:
-                fh.write(data)
-            client.log_artifact(run_id, path)
+    files = {
+        "results.json": json.dumps(out, indent=2),
+        "results.md": md + "\n\n" + markdown_table(rows),
+        "arms.png": _chart_png(out),
+    }
+    tracking.log_files(settings, run_id, files)

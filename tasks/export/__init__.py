@@ -8,9 +8,10 @@ Ray worker writing a part imports ``parts`` alone.
 from __future__ import annotations
 
 _EXPORTS = {
+    "ExportArgs": "args",
     "ExportError": "stage",
     "ExportResult": "stage",
-    "FORMATS": "stage",
+    "FORMATS": "args",
     "export_dataset": "stage",
 }
 __all__ = sorted(_EXPORTS)

@@ -21,11 +21,12 @@ import json
 import logging
 import os
 import posixpath
-import tempfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow.parquet as pq
 
+from tasks.export.args import ExportArgs
 from tasks.export.parts import (
     PROGRESS_DIR,
     ExportError,
@@ -39,11 +40,9 @@ from vlforge import storage
 from vlforge.datasets import DatasetVersion, resolve_dataset
 from vlforge.errors import VlforgeError
 from vlforge.hfformat import hf_features
-from vlforge.naming import check_name
 from vlforge.settings import Settings
 
 log = logging.getLogger(__name__)
-FORMATS = ("webdataset", "hf")
 MANIFEST = "manifest.json"
 CLAIM = "_export.json"
 RAY_MIN_ROWS = 50_000  # below this (or with one part), the parts are written in this process
@@ -190,21 +189,19 @@ def _part_schema(uri: str):
 def export_dataset(
     dataset: str,
     settings: Settings,
+    args: ExportArgs | None = None,
     *,
-    format: str = "webdataset",
     to: str,
-    shard_size: int = 10_000,
-    prefix: str | None = None,
     use_ray: bool | None = None,
     track: bool = True,
+    **options: Any,
 ) -> ExportResult:
-    """Export ``dataset`` (``NAME`` or ``NAME@VERSION``) to ``to`` (see the module docstring)."""
-    if format not in FORMATS:
-        raise ExportError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
-    if shard_size < 1:
-        raise ExportError(f"--shard-size must be at least 1 row, got {shard_size}")
-    if prefix is not None:
-        check_name("export prefix", prefix, example="'demo'")
+    """Export ``dataset`` (``NAME`` or ``NAME@VERSION``) to ``to`` (see the module docstring) with the settings
+    ``args`` (:class:`~tasks.export.args.ExportArgs`; ``options`` override its fields: ``format="hf"``)."""
+    from tasks.common import typed_args
+
+    a = typed_args(ExportArgs, args, options, ExportError)
+    format, shard_size, prefix = a.format, a.shard_size, a.prefix
     dest = to.rstrip("/") or to
     _check_outside_storage(dest, settings)
     dv = resolve_dataset(settings, dataset)
@@ -279,14 +276,13 @@ def _record_lineage(result: ExportResult, dv: DatasetVersion, settings: Settings
     from vlforge import tracking
 
     try:
-        client = tracking.configure(settings)
-        client.set_tag(run_id, f"vlforge.export.{result.format}", tracking.redact(result.uri))
+        tracking.set_run_tags(
+            settings, run_id, {f"vlforge.export.{result.format}": tracking.redact(result.uri)}
+        )
         # named by the export's content: recording the same export again (a re-run) replaces it
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, f"{result.format}-{result.manifest['content_hash'][:12]}.json")
-            with open(path, "w") as fh:
-                json.dump({**result.manifest, "uri": tracking.redact(result.uri)}, fh, indent=2)
-            client.log_artifact(run_id, path, artifact_path="exports")
+        name = f"{result.format}-{result.manifest['content_hash'][:12]}.json"
+        record = json.dumps({**result.manifest, "uri": tracking.redact(result.uri)}, indent=2)
+        tracking.log_files(settings, run_id, {name: record}, artifact_path="exports")
     except Exception as exc:  # the export is complete either way; running it again records it
         result.lineage_error = f"could not record the export on MLflow run {run_id}: {exc}"
         log.warning("%s", result.lineage_error)

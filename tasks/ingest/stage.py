@@ -14,8 +14,8 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from prefect import task
@@ -23,6 +23,7 @@ from prefect import task
 from tasks.common import retry_unless_user_error
 from tasks.ingest import accounting as acc
 from tasks.ingest import politeness, retry
+from tasks.ingest.args import IngestArgs, ingest_args
 from tasks.ingest.blocklist import BlocklistRef
 from tasks.ingest.blocklist import publish as publish_blocklist
 from tasks.ingest.exif import upright_batch
@@ -40,14 +41,12 @@ from tasks.ingest.staging import (
 )
 from tasks.ingest.urllists import content_hash, find_list_files
 from vlforge import console, defaults, raw, storage
-from vlforge.errors import UrlListError, VlforgeError
+from vlforge.errors import UrlListError
 from vlforge.naming import check_name
 from vlforge.netguard import NetworkPolicy
 from vlforge.settings import Settings
 
 log = logging.getLogger("vlforge.ingest")
-
-DISTRIBUTORS = ("multiprocessing", "ray")
 
 
 @dataclass
@@ -112,34 +111,16 @@ def ingest(
     url_list: str,
     source: str,
     settings: Settings,
+    args: IngestArgs | None = None,
     *,
-    url_col: str = "url",
-    caption_col: str = "caption",
-    shard_size: int = defaults.SHARD_SIZE,
-    processes: int | None = None,
-    threads: int | None = None,
-    distributor: str = defaults.DISTRIBUTOR,
-    allow_private_networks: bool = False,
-    allowed_networks: Sequence[str] | None = None,
-    timeout: float = defaults.DOWNLOAD_TIMEOUT_S,
-    retries: int = defaults.DOWNLOAD_RETRIES,
-    user_agent: str | None = None,
-    image_size: int = defaults.IMAGE_SIZE,
-    min_image_size: int = defaults.MIN_DOWNLOAD_IMAGE_SIZE,
-    max_image_area: float = defaults.MAX_IMAGE_AREA,
-    disallowed_header_directives: list[str] | None = None,
-    ignore_robots_txt: bool = False,
-    opt_out_lists: Sequence[str] | None = None,
-    blocklist: str | None = None,
-    blocklist_distance: int = defaults.BLOCKLIST_DISTANCE,
-    max_connections_per_host: int = defaults.MAX_CONNECTIONS_PER_HOST,
-    max_requests_per_host_per_s: float = defaults.MAX_REQUESTS_PER_HOST_PER_S,
-    rate_limit_tries: int = defaults.RATE_LIMIT_TRIES,
     retry_failed: bool = False,
     force: bool = False,
+    **options: Any,
 ) -> list[IngestResult]:
     """Download every list file at ``url_list`` (file, folder or glob; local or s3://) into raw batches of
-    ``source``. All lists are validated (and staged) before anything is downloaded.
+    ``source``, with the settings ``args`` (:class:`~tasks.ingest.args.IngestArgs`; ``options`` override its
+    fields by name: ``ingest(path, "web", settings, shard_size=500)``). All lists are validated (and staged)
+    before anything is downloaded.
 
     Hosts that are or resolve to private, loopback, link-local, multicast or reserved addresses are refused
     (before download, on every redirect and on every connection) unless ``allow_private_networks`` or their
@@ -150,41 +131,39 @@ def ingest(
     refuse, are never requested; requests share per-host limits over the whole run; images matching the PDQ
     ``blocklist`` within ``blocklist_distance`` bits are dropped where they arrive, before anything is written.
 
+    ``retry_failed``: for a list already ingested, fetch again only the rows that failed transiently.
     ``force``: ingest a list again although its batch is complete (after a bad setting, say): the old batch is
     removed once the list has been read and staged again, then downloaded anew."""
-    _check_args(
-        source, distributor, shard_size=shard_size, processes=processes, threads=threads, timeout=timeout,
-        retries=retries, image_size=image_size, min_image_size=min_image_size, max_image_area=max_image_area,
-    )  # fmt: skip
-    _check_politeness(max_connections_per_host, max_requests_per_host_per_s, rate_limit_tries)
-    network = NetworkPolicy.of(allow_private_networks, allowed_networks)
-    agent = user_agent or settings.user_agent
+    a = ingest_args(args, **options)
+    check_name("source", source, example="'cc3m'")
+    network = NetworkPolicy.of(a.allow_private_networks, a.allowed_networks)
+    agent = a.user_agent or settings.user_agent
     compliance = Compliance(
-        robots_txt=not ignore_robots_txt,
+        robots_txt=not a.ignore_robots_txt,
         user_agent=agent,
-        opt_out=load_opt_out_lists(list(opt_out_lists or ())),
-        blocklist=publish_blocklist(blocklist, storage.join(settings.storage_uri, "blocklists"),
-                                    blocklist_distance) if blocklist else None,
-        max_connections_per_host=max_connections_per_host,
-        max_requests_per_host_per_s=max_requests_per_host_per_s,
-        rate_limit_tries=rate_limit_tries,
+        opt_out=load_opt_out_lists(list(a.opt_out_lists)),
+        blocklist=publish_blocklist(a.blocklist, storage.join(settings.storage_uri, "blocklists"),
+                                    a.blocklist_distance) if a.blocklist else None,
+        max_connections_per_host=a.max_connections_per_host,
+        max_requests_per_host_per_s=a.max_requests_per_host_per_s,
+        rate_limit_tries=a.rate_limit_tries,
     )  # fmt: skip
     opts = DownloadOptions(
-        shard_size=shard_size,
-        processes=processes or os.cpu_count() or 1,
-        threads=threads or defaults.DOWNLOAD_THREADS,
-        distributor=distributor,
-        timeout=timeout,
-        retries=retries,
+        shard_size=a.shard_size,
+        processes=a.processes or os.cpu_count() or 1,
+        threads=a.threads or defaults.DOWNLOAD_THREADS,
+        distributor=a.distributor,
+        timeout=a.timeout,
+        retries=a.retries,
         user_agent_token=user_agent_token(agent),
-        image_size=image_size,
-        min_image_size=min_image_size,
-        max_image_area=max_image_area,
+        image_size=a.image_size,
+        min_image_size=a.min_image_size,
+        max_image_area=a.max_image_area,
+        disallowed_header_directives=list(a.disallowed_header_directives),
         network=network,
     )
-    if disallowed_header_directives is not None:
-        opts.disallowed_header_directives = list(disallowed_header_directives)
-    sites = SiteCheck(agent, opts.user_agent_token, timeout, network, robots=compliance.robots_txt)
+    url_col, caption_col = a.url_col, a.caption_col
+    sites = SiteCheck(agent, opts.user_agent_token, a.timeout, network, robots=compliance.robots_txt)
     plans = [
         _plan(f, source, settings, url_col, caption_col, network, compliance, sites, force)
         for f in find_list_files(url_list)
@@ -210,37 +189,6 @@ def user_agent_token(user_agent: str) -> str:
     ``(compatible; <token>; +...)`` and honours ``X-Robots-Tag: <token>: noai`` addressed to it."""
     token = (user_agent or "vlforge").strip().split()[0].split("/")[0].strip("();,")
     return token.lower() or "vlforge"
-
-
-def _check_politeness(connections: int, rate: float, tries: int) -> None:
-    if connections < 1:
-        raise VlforgeError(f"--max-connections-per-host must be at least 1, got {connections}")
-    if not rate > 0:
-        raise VlforgeError(f"--max-requests-per-host-per-s must be above 0, got {rate}")
-    if tries < 1:
-        raise VlforgeError(f"--rate-limit-tries must be at least 1, got {tries}")
-
-
-# The smallest image img2dataset is asked to resize to: below it every image is a few pixels wide, stored as a
-# success that no model can use.
-MIN_RESIZE = 16
-
-
-def _check_args(source: str, distributor: str, **numbers: float | None) -> None:
-    """The source's name (the one naming rule) and every numeric option's range, named as the CLI spells it."""
-    check_name("source", source, example="'cc3m'")
-    if distributor not in DISTRIBUTORS:
-        raise VlforgeError(f"unknown distributor {distributor!r}: use one of {', '.join(DISTRIBUTORS)}")
-    at_least = {"shard_size": 1, "processes": 1, "threads": 1, "retries": 0, "min_image_size": 0}
-    at_least |= {"image_size": MIN_RESIZE, "max_image_area": 1}
-    for key, value in numbers.items():
-        flag = "--" + key.replace("_", "-")
-        if value is None:
-            continue
-        if key == "timeout" and not (value > 0 and math.isfinite(value)):
-            raise VlforgeError(f"{flag} must be > 0 seconds (got {value:g})")
-        if key in at_least and value < at_least[key]:
-            raise VlforgeError(f"{flag} must be >= {at_least[key]} (got {value:g})")
 
 
 def _plan(
@@ -466,10 +414,9 @@ def _log_mlflow(settings: Settings, result: IngestResult, params: dict, record: 
         **tracking.count_metrics({**dict.fromkeys(acc.COMPLIANCE_REASONS, 0), **result.counts}),
     }
     tracking.log_to_run(settings, run_id, params=params, metrics=metrics)
-    client = tracking.configure(settings)
-    client.log_dict(run_id, {**asdict(result), "mlflow_run_id": run_id}, "ingest_summary.json")
-    client.log_dict(run_id, record, "compliance.json")
-    client.set_terminated(run_id)
+    tracking.log_dict(settings, run_id, {**asdict(result), "mlflow_run_id": run_id}, "ingest_summary.json")
+    tracking.log_dict(settings, run_id, record, "compliance.json")
+    tracking.end_run(settings, run_id)
     return run_id
 
 

@@ -256,12 +256,9 @@ def resolve_use_gpu(use_gpu: bool | None) -> bool:
 
 
 def finish_run(settings: Settings, run_id: str, metrics: dict[str, float], status: str = "FINISHED") -> None:
-    from vlforge.tracking import configure
+    from vlforge.tracking import end_run
 
-    client = configure(settings)
-    for k, v in metrics.items():
-        client.log_metric(run_id, k, float(v))
-    client.set_terminated(run_id, status)
+    end_run(settings, run_id, status, metrics={k: float(v) for k, v in metrics.items()})
 
 
 def finished_result(settings: Settings, tr: TrainingRun, model_name: str) -> TrainResult:

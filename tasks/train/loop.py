@@ -153,21 +153,10 @@ class _MlflowLogger:
         self.buffer: list = []
         if not self.enabled:
             return
-        import mlflow
+        from vlforge.tracking import continue_run_in_worker
 
-        from vlforge.tracking import keep_credentials_off_stdout
-
-        keep_credentials_off_stdout(config.tracking_uri)  # this worker's process prints run links too
-        mlflow.set_tracking_uri(config.tracking_uri)
-        mlflow.set_registry_uri(config.tracking_uri)
-        self.client = mlflow.MlflowClient(config.tracking_uri)
-        self.run_id = config.run_id
-        mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
-        from vlforge.tracking import log_dataset_input, safe_params
-
-        mlflow.log_params(safe_params(config.params))
-        if config.dataset is not None:
-            log_dataset_input(config.dataset, "training")
+        self.tracking_uri, self.run_id = config.tracking_uri, config.run_id
+        continue_run_in_worker(self.tracking_uri, self.run_id, config.params, config.dataset)
 
     def log(self, metrics: dict[str, float], step: int, flush_every: int) -> None:
         if not self.enabled:
@@ -181,17 +170,18 @@ class _MlflowLogger:
 
     def flush(self) -> None:
         if self.enabled and self.buffer:
-            self.client.log_batch(self.run_id, metrics=self.buffer)
+            from vlforge.tracking import log_metric_batch
+
+            log_metric_batch(self.tracking_uri, self.run_id, self.buffer)
             self.buffer = []
 
     def close(self) -> None:
         if not self.enabled:
             return
-        import mlflow
+        from vlforge.tracking import leave_worker_run
 
         self.flush()
-        # Leave the run RUNNING: the driver evaluates, registers and ends it.
-        mlflow.end_run(status="RUNNING")
+        leave_worker_run()  # the run stays RUNNING: the driver evaluates, registers and ends it
 
 
 def _save_checkpoint(bundle, module, optimizer, scheduler, step: int, config: LoopConfig, metrics: dict):

@@ -18,12 +18,13 @@ def test_demo_filters_mismatches_and_promotes_only_on_evidence(settings, ray_loc
     import mlflow
 
     from flows.demo import demo
+    from flows.params import DemoParams
     from vlforge import tracking
 
     # The CLIP line only: the VLM leg's two stages are tests/integration/test_vlm_train.py, its instruction list
     # tests/integration/test_demo_instructions.py (both legs here would add two more Ray Train start-ups).
-    summary = demo(seed_size=200, pool_size=240, eval_size=160, domain_size=240, mismatch_fraction=0.3,
-                   top_fraction=0.6, vlm=False)  # fmt: skip
+    summary = demo(DemoParams(seed_size=200, pool_size=240, eval_size=160, domain_size=240, mismatch_fraction=0.3,
+                              top_fraction=0.6, vlm=False))  # fmt: skip
 
     # Most deliberately mismatched pairs are removed, most matched pairs kept.
     assert summary["mismatched_removed"] > 0.6, summary

@@ -115,7 +115,8 @@ def test_refresh_flow_parameters_take_allowed_networks_and_reject_a_bad_one():
 
     from flows.params import RefreshParams
 
-    assert RefreshParams(location="l", allowed_networks=["10.1.2.0/24"]).allowed_networks == ["10.1.2.0/24"]
+    params = RefreshParams(location="l", ingest={"allowed_networks": ["10.1.2.0/24"]})
+    assert params.ingest.allowed_networks == ["10.1.2.0/24"]
     with pytest.raises(ValidationError, match="'mirror' is not a network"):
         RefreshParams(location="l", allowed_networks=["mirror"])
 
