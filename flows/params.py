@@ -71,6 +71,11 @@ class RefreshParams(BaseModel):
         gt=0,
         description="Requests a second to one host, over all workers.",
     )
+    recaption_model: str | None = Field(
+        None,
+        description="After publishing, recaption the new version with this VLM (e.g. models:/vlforge-vlm@champion): "
+        "a further version with caption_synthetic (docs/recaption.md); empty = no recaption.",
+    )
 
     @field_validator("allowed_networks")
     @classmethod
