@@ -169,9 +169,11 @@ def build_dataset(
 def plain_loop(files: list[str], model_dir: str, *, prompt: str, max_new_tokens: int, batch_size: int) -> int:
     """The baseline ``bench/recaption.py`` compares with: one process reads each part and captions it with the
     same model and batch size (no Ray); returns the rows captioned."""
+    import torch
+
     from tasks.curate.shards import read_parquet
 
-    bundle = load_captioner(model_dir)
+    bundle = load_captioner(model_dir, "cuda" if torch.cuda.is_available() else "cpu")
     rows = 0
     for f in files:
         table = read_parquet(f, ["image"], what="data part")

@@ -163,3 +163,48 @@ def test_clip_trains_on_mixed_synthetic_captions_and_lineage_names_the_captioner
     assert [d.dataset for d in vlm_use.captioned] == [r.dataset_version.ref]
     assert [m.model for m in vlm_use.captioned[0].models] == [result.model_uri]
     assert [d.dataset for d in forward.recaptioned] == [r.dataset_version.ref]
+
+
+@pytest.mark.slow
+def test_the_curation_experiment_adds_recaptioned_and_mixed_arms(settings, ray_local, vlm_dir, tmp_path):
+    """The machinery at equal samples seen (whether the arms win needs a VLM that captions well: BENCHMARKS.md)."""
+    from models.clip import build_clip
+    from tasks.experiment.curation import CurationExperimentArgs, run_curation_experiment
+    from tests.helpers import publish_synthetic_dataset
+
+    publish_pairs(settings, "pool", alt_text_pool(32, seed=8))
+    publish_synthetic_dataset(
+        settings,
+        "heldout",
+        n=24,
+        seed=9,
+        labels=True,
+        prefix="eval",
+    )
+    scorer = build_clip("clip-tiny", [p.caption for p in make_pairs(24, seed=3, size=32)]).save(
+        str(tmp_path / "s")
+    )
+    args = CurationExperimentArgs(
+        pool="pool", eval="heldout", scorer=scorer, recaption_model=vlm_dir, seeds=1, samples_seen=64,
+        recipe="clip-tiny", batch_size=16, warmup_steps=1, top_fraction=0.5,
+    )  # fmt: skip
+    out = run_curation_experiment(args, settings)
+
+    arms = out["arms"]
+    assert list(arms) == ["unfiltered", "threshold", "top_fraction", "recaptioned", "mixed"]
+    recaptioned = resolve_dataset(settings, arms["recaptioned"]["dataset"])
+    assert arms["mixed"]["dataset"] == recaptioned.ref and recaptioned.name == "pool-recaptioned"
+    assert recaptioned.manifest["recaption"]["captioner"]["uri"] == vlm_dir
+    for name in ("recaptioned", "mixed"):
+        arm = arms[name]
+        assert arm["rows"] == 32 and arm["samples_seen"] == arms["unfiltered"]["samples_seen"]
+        lo, hi = arm["zero_shot_ci"]
+        assert lo <= arm["zero_shot_accuracy"] <= hi
+        assert set(out["comparisons"][name]) == {"zero_shot_accuracy", "recall_at_1", "recall_at_5"}
+        assert f"; {name} " in out["verdict"]
+    assert "best arm: " in out["verdict"]
+    runs = tracking.configure(settings).search_runs(
+        [tracking.ensure_experiment(settings, "experiments")], "tags.`vlforge.arm` = 'mixed'"
+    )
+    assert [r.data.params["caption_mix"] for r in runs] == ["0.5"]
+    assert [r.data.params["caption_col"] for r in runs] == ["caption_synthetic"]
