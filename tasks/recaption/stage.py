@@ -173,17 +173,20 @@ def _caption_parts(pending, writer: VersionWriter, captioner: str, settings: Set
 
 
 def _copy_carried(source: DatasetVersion, writer: VersionWriter) -> None:
-    """``rejected/`` and ``embeddings/`` of the source, byte for byte (already copied files are kept)."""
+    """``rejected/`` and ``embeddings/`` of the source, byte for byte (files already copied are kept)."""
     for part in COPIED_PARTS:
-        prefix = storage.join(source.uri, part)
-        for f in storage.glob(storage.join(prefix, "**", "*")):
-            fs, path = storage.filesystem(f)
+        fs, root = storage.filesystem(storage.join(source.uri, part))
+        root = root.rstrip("/")
+        for path in sorted(fs.glob(root + "/**")) if fs.exists(root) else []:
             if fs.isdir(path):
                 continue
-            relpath = part + "/" + f[len(prefix) :].lstrip("/")
+            relpath = part + "/" + path[len(root) :].lstrip("/")
             dest = storage.join(writer.uri, relpath)
-            data = storage.read_bytes(f) if not storage.exists(dest) else storage.read_bytes(dest)
-            if not storage.exists(dest):
+            if storage.exists(dest):
+                data = storage.read_bytes(dest)
+            else:
+                with fs.open(path, "rb") as fh:
+                    data = fh.read()
                 storage.write_bytes_atomic(dest, data)
             writer.add_part(part, relpath, hashlib.sha256(data).hexdigest())
 

@@ -61,6 +61,12 @@ def test_recaption_writes_a_caption_for_every_row_and_names_its_model(settings, 
 
     pairs = alt_text_pool(18)
     pool = publish_pairs(settings, "pool", pairs, files=3)
+    carried = {
+        "rejected/part-00000.parquet": b"rejected rows",
+        "embeddings/img_emb/img_emb_00000.npy": b"npy",
+    }
+    for relpath, data in carried.items():  # what a curated version holds beside data/
+        storage.write_bytes_atomic(storage.join(pool.uri, relpath), data)
     r = recaption("pool", settings, model=vlm_dir, max_new_tokens=4, batch_size=6, progress=False)
 
     dv = r.dataset_version
@@ -75,6 +81,8 @@ def test_recaption_writes_a_caption_for_every_row_and_names_its_model(settings, 
     assert rows["caption_synthetic"] == generate(load_vlm(vlm_dir), images, [PROMPT] * 18, 4, batch_size=6)
     names = pq.read_schema(storage.filesystem(dv.part_files("data")[0])[1]).names
     assert names.index("caption_synthetic") == names.index("caption") + 1
+    for relpath, data in carried.items():
+        assert storage.read_bytes(storage.join(dv.uri, relpath)) == data
 
     info = dv.manifest["recaption"]
     assert info["captioner"]["uri"] == vlm_dir and info["source_version"] == pool.ref == info["base"]
@@ -88,12 +96,18 @@ def test_recaption_writes_a_caption_for_every_row_and_names_its_model(settings, 
     # Recaptioning the newest version (itself a recaption of the same base) with the same model: nothing new.
     again = recaption("pool", settings, model=vlm_dir, max_new_tokens=4, batch_size=6, progress=False)
     assert again.skipped and again.dataset_version.version == dv.version
-    # Into another dataset (--to): the same rows, the source left as it was.
-    other = recaption(pool.ref, settings, model=vlm_dir, max_new_tokens=4, to="pool-recaptioned", track=False)
-    assert other.dataset_version.name == "pool-recaptioned"
-    assert _rows(other.dataset_version, ["caption_synthetic"]) == {
-        "caption_synthetic": rows["caption_synthetic"]
-    }
+    # Into another dataset (--to), from the command line: the same captions, the source left as it was.
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    args = ["recaption", pool.ref, "--model", vlm_dir, "--max-new-tokens", "4", "--batch-size", "6"]
+    result = CliRunner().invoke(app, [*args, "--to", "pool-recaptioned"])
+    assert result.exit_code == 0, result.output
+    other = resolve_dataset(settings, "pool-recaptioned")
+    assert f"published {other.ref}" in result.output and "18 captioned" in result.output
+    assert _rows(other, ["caption_synthetic"]) == {"caption_synthetic": rows["caption_synthetic"]}
+    assert resolve_dataset(settings, "pool").version == dv.version
 
 
 @pytest.mark.slow
