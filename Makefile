@@ -41,7 +41,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	@mkdir -p bench/results
-	@for b in bench/ingest.py bench/netguard.py bench/curate.py bench/train.py bench/scale.py bench/vlm.py; do \
+	@for b in bench/ingest.py bench/netguard.py bench/curate.py bench/train.py bench/scale.py bench/vlm.py bench/recaption.py; do \
 	  if [ -f $$b ]; then echo "== $$b"; $(BIN)/python $$b || exit 1; fi; done
 
 # Does curation pay? Unfiltered vs CLIP-filtered arms of a noisy labelled pool at equal samples seen (~15 min on 2 cores).

@@ -43,7 +43,9 @@ out = _Terminal(stderr=False)
 _verbose = False
 # Commands that run libraries (Ray, MLflow, Prefect, img2dataset): their output goes to a log file. `serve` is
 # a server: its output (Prefect's runner, the flow runs) is what an operator reads, and stays on the console.
-LOGGED_COMMANDS = ("ingest", "curate", "pretrain", "finetune", "demo", "export", "experiment_curation")
+LOGGED_COMMANDS = (
+    "ingest", "curate", "recaption", "pretrain", "finetune", "demo", "export", "experiment_curation"
+)  # fmt: skip
 
 
 def _quiet_environment() -> None:
@@ -251,6 +253,52 @@ def curate(
     out.print("  " + ", ".join(f"{k}: {v}" for k, v in result.counts.items()))
     if result.mlflow_run_id:
         out.print(f"  MLflow run: {result.mlflow_run_id}")
+
+
+@app.command()
+@user_errors
+def recaption(
+    dataset: Annotated[
+        str, typer.Argument(help="Dataset to recaption: NAME (newest version) or NAME@VERSION.")
+    ],
+    model: Annotated[
+        str, typer.Option(help="The captioning VLM: models:/NAME@ALIAS, models:/NAME/N or a folder.")
+    ] = defaults.DEFAULT_VLM_URI,
+    prompt: Annotated[str, typer.Option(help="The instruction the VLM answers for each image.")] = (
+        "Describe the image."
+    ),
+    max_new_tokens: Annotated[int, typer.Option(help="Longest caption, in tokens.")] = 24,
+    batch_size: Annotated[int, typer.Option(help="Images per generate call (one actor batch).")] = 16,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", help="Publish into this dataset (default: a new version of DATASET)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Publish a new version even if nothing changed.")] = False,
+) -> None:
+    """Write a caption_synthetic for every row with a VLM (Ray Data batch inference) and publish a new version
+    beside the original caption (resumable; the card and lineage name the captioning model)."""
+    from tasks.recaption import recaption as run
+
+    with ui.stage(f"recaption {dataset} with {model}"):
+        r = run(
+            dataset, _settings(), model=model, prompt=prompt, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, to=to, force=force,
+        )  # fmt: skip
+    dv = r.dataset_version
+    if r.skipped:
+        out.print(f"nothing new: {dv.ref} already holds captions of {r.source} by this model and prompt")
+        return
+    out.print(f"published {dv.ref} at {dv.uri}")
+    resumed = f", {r.resumed_parts} part(s) kept from an unfinished run" if r.resumed_parts else ""
+    rate = f" at {r.captions_per_s:.1f} captions/s" if r.captioned else ""
+    out.print(
+        f"  {r.rows} rows from {r.source}: {r.rows - r.undecodable} captioned ({r.captioned} now{rate}), "
+        f"{r.undecodable} undecodable{resumed}",
+        highlight=False,
+    )
+    out.print(f"  captioner: {r.captioner['pinned']}", highlight=False)
+    if r.mlflow_run_id:
+        out.print(f"  MLflow run: {r.mlflow_run_id}")
 
 
 DATASET_HELP = "Dataset to train on: NAME (newest version) or NAME@VERSION."

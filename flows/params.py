@@ -47,6 +47,11 @@ class RefreshParams(BaseModel):
         description="How the URL lists are read and downloaded (columns, shard size, networks, crawl "
         "compliance), as `vlforge ingest`'s options.",
     )
+    recaption_model: str | None = Field(
+        None,
+        description="After publishing, recaption the new version with this VLM (e.g. models:/vlforge-vlm@champion): "
+        "a further version with caption_synthetic (docs/recaption.md); empty = no recaption.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -55,6 +55,10 @@ def refresh_dataset(params: RefreshParams) -> dict:
     """Ingest the URL lists at ``params.location`` not ingested yet, curate the source, publish a version."""
     settings = get_settings()
     log = _logger()
+    if params.recaption_model:  # not a VLM: one clear error before anything is downloaded
+        from tasks.recaption.inputs import check_captioner
+
+        check_captioner(params.recaption_model, settings)
     with console.stage(f"ingest {params.location} into source {params.source}"):
         ingested = ingest_task(params.location, params.source, settings, params.ingest)
     new = [r for r in ingested if not r.skipped]
@@ -102,6 +106,12 @@ def refresh_dataset(params: RefreshParams) -> dict:
             if r.mlflow_run_id
         }
     )
+    recaptioned = None
+    if params.recaption_model:  # opt-in: the flywheel's second turn on the new version
+        from tasks.recaption import recaption_task
+
+        with console.stage(f"recaption {dv.ref} with {params.recaption_model}"):
+            recaptioned = recaption_task(dv.ref, settings, model=params.recaption_model).dataset_version.ref
     publish(
         "refresh",
         f"Refresh of {params.dataset}: published {dv.ref}",
@@ -115,6 +125,7 @@ def refresh_dataset(params: RefreshParams) -> dict:
         "counts": result.counts,
         "mlflow_run_id": result.mlflow_run_id,
         "skipped": False,
+        **({"recaptioned_version": recaptioned} if recaptioned else {}),
     }
 
 

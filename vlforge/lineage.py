@@ -7,7 +7,9 @@ from. Forward from a dataset version: every model trained on it, every dataset v
 
 The links are the ones every stage records: training runs carry ``vlforge.dataset`` / ``vlforge.dataset_version``
 (and ``vlforge.base_model`` for fine-tunes), a dataset manifest lists its raw batches and its ``scorer``
-(registry name and version), its curation run in ``vlforge-datasets`` logs ``scorer_name``/``scorer_version``,
+(registry name and version), its curation run in ``vlforge-datasets`` logs ``scorer_name``/``scorer_version``
+(a recaptioned version's manifest names its ``recaption.captioner`` and its run logs ``captioner_name``/
+``captioner_version`` and ``source_dataset``: the VLM's own chain is walked as the scorer's is),
 and each raw batch has one ingest run tagged ``vlforge.raw_batch`` with its ``vlforge.url_list``. A walk stops at
 a model or dataset already on its path (a cycle) and at :data:`MAX_DEPTH`.
 """
@@ -35,6 +37,8 @@ class ModelLineage:
     scorer_uri: str | None = None  # the model that curated the dataset, as curate recorded it
     scorer: ModelLineage | None = None  # that scorer's own lineage, when it is a registered version
     base: ModelLineage | None = None  # the model a fine-tune (or an initialised pretraining) started from
+    captioner_uri: str | None = None  # the VLM that wrote its synthetic captions (vlforge recaption)
+    captioner: ModelLineage | None = None  # that VLM's own lineage, when it is a registered version
     stopped: str | None = None  # why the walk went no further here (cycle, depth)
 
     def lines(self, indent: str = "") -> list[str]:
@@ -48,6 +52,11 @@ class ModelLineage:
             out += self.scorer.lines(indent + "    ")
         elif self.scorer_uri:
             out.append(f"{indent}  curated by scorer {self.scorer_uri} (not a registered version)")
+        if self.captioner is not None:
+            out.append(f"{indent}  captions written by:")
+            out += self.captioner.lines(indent + "    ")
+        elif self.captioner_uri:
+            out.append(f"{indent}  captions written by {self.captioner_uri} (not a registered version)")
         if self.base is not None:
             out.append(f"{indent}  base:")
             out += self.base.lines(indent + "    ")
@@ -92,6 +101,11 @@ def walk_back(uri: str, settings: Settings, _path: tuple[str, ...] = ()) -> Mode
         if scorer.get("name") and scorer.get("version"):
             out.scorer_uri = f"models:/{scorer['name']}/{scorer['version']}"
             out.scorer = _walk_or_none(out.scorer_uri, settings, path)
+        captioner = (manifest.get("recaption") or {}).get("captioner") or {}
+        out.captioner_uri = captioner.get("pinned") or captioner.get("uri")
+        if captioner.get("name") and captioner.get("version"):
+            out.captioner_uri = f"models:/{captioner['name']}/{captioner['version']}"
+            out.captioner = _walk_or_none(out.captioner_uri, settings, path)
     base = tags.get(tracking.TAG_BASE_MODEL)
     if base and base.startswith("models:/"):
         out.base = _walk_or_none(base, settings, path)
@@ -122,6 +136,7 @@ class ModelUse:
     model: str  # models:/NAME/VERSION
     scored: list[DatasetUse] = field(default_factory=list)  # dataset versions it curated
     derived: list[ModelUse] = field(default_factory=list)  # models started from it (fine-tunes)
+    captioned: list[DatasetUse] = field(default_factory=list)  # dataset versions it recaptioned
 
 
 @dataclass
@@ -129,11 +144,15 @@ class DatasetUse:
     dataset: str  # NAME@VERSION
     models: list[ModelUse] = field(default_factory=list)  # trained on it
     stopped: str | None = None
+    recaptioned: list[DatasetUse] = field(default_factory=list)  # versions recaptioned from it
 
     def lines(self, indent: str = "") -> list[str]:
         out = [f"{indent}dataset {self.dataset}" + (f" [{self.stopped}]" if self.stopped else "")]
         for m in self.models:
             out += _model_use_lines(m, indent + "  ", "trained on it:")
+        for d in self.recaptioned:
+            out.append(f"{indent}  recaptioned into:")
+            out += d.lines(indent + "    ")
         return out
 
     def to_dict(self) -> dict:
@@ -144,6 +163,9 @@ def _model_use_lines(use: ModelUse, indent: str, how: str) -> list[str]:
     out = [f"{indent}{how} {use.model}"]
     for d in use.scored:
         out.append(f"{indent}  scored (curated):")
+        out += d.lines(indent + "    ")
+    for d in use.captioned:
+        out.append(f"{indent}  recaptioned:")
         out += d.lines(indent + "    ")
     for m in use.derived:
         out += _model_use_lines(m, indent + "  ", "fine-tuned into")
@@ -159,6 +181,11 @@ def walk_forward(dataset_ref: str, settings: Settings, _path: tuple[str, ...] = 
         return out
     path = (*_path, dv.ref)
     out.models = [_model_use(uri, settings, path) for uri in models_trained_on(dv.ref, settings)]
+    # A version recaptioned from this one also shows under the captioning model; here it is reached from its
+    # rows as well.
+    out.recaptioned = [
+        _forward_or_stop(ref, settings, path) for ref in _datasets_by(settings, "source_dataset", dv.ref)
+    ]
     return out
 
 
@@ -168,6 +195,7 @@ def _model_use(uri: str, settings: Settings, path: tuple[str, ...]) -> ModelUse:
         return use
     path = (*path, uri)
     use.scored = [_forward_or_stop(ref, settings, path) for ref in datasets_scored_by(uri, settings)]
+    use.captioned = [_forward_or_stop(ref, settings, path) for ref in datasets_recaptioned_by(uri, settings)]
     use.derived = [_model_use(u, settings, path) for u in models_derived_from(uri, settings)]
     return use
 
@@ -225,6 +253,29 @@ def datasets_scored_by(uri: str, settings: Settings) -> list[str]:
     query = f"params.scorer_name = '{mv.name}' and params.scorer_version = '{mv.version}'"
     refs = set()
     for run in client.search_runs(exp_ids, query, max_results=1000):
+        tags = run.data.tags
+        if tags.get(tracking.TAG_DATASET) and tags.get(tracking.TAG_DATASET_VERSION):
+            refs.add(f"{tags[tracking.TAG_DATASET]}@{tags[tracking.TAG_DATASET_VERSION]}")
+    return sorted(refs)
+
+
+def datasets_recaptioned_by(uri: str, settings: Settings) -> list[str]:
+    """Dataset versions (``NAME@VERSION``) whose synthetic captions the registered version ``uri`` wrote."""
+    mv = registered_version(uri, settings)
+    if mv is None:
+        return []
+    query = f"params.captioner_name = '{mv.name}' and params.captioner_version = '{mv.version}'"
+    return _datasets_by(settings, query=query)
+
+
+def _datasets_by(settings: Settings, param: str = "", value: str = "", query: str = "") -> list[str]:
+    """Dataset versions whose run in ``vlforge-datasets`` has ``param`` = ``value`` (or matches ``query``)."""
+    client = tracking.configure(settings)
+    exp_ids = _experiment_ids(client, ("datasets",))
+    if not exp_ids:
+        return []
+    refs = set()
+    for run in client.search_runs(exp_ids, query or f"params.{param} = '{value}'", max_results=1000):
         tags = run.data.tags
         if tags.get(tracking.TAG_DATASET) and tags.get(tracking.TAG_DATASET_VERSION):
             refs.add(f"{tags[tracking.TAG_DATASET]}@{tags[tracking.TAG_DATASET_VERSION]}")

@@ -64,6 +64,8 @@ def front_matter(dv: DatasetVersion) -> dict:
             "splits": [{"name": "train", "num_examples": kept}],
         },
     }
+    if m.get("recaption"):
+        meta["tags"].append("synthetic-captions")
     if meta["license"] == "other":
         meta["license_name"] = "mixed" if len(m.get("licenses") or {}) > 1 else "see-card"
     return meta
@@ -166,6 +168,25 @@ def _decontamination(m: dict) -> list[str]:
     return out
 
 
+def _recaption(m: dict) -> list[str]:
+    """A recaptioned version (``vlforge recaption``): the captioning model and what it was asked."""
+    r = m.get("recaption")
+    if not r:
+        return []
+    c = r.get("captioner") or {}
+    return [
+        "## Synthetic captions",
+        "",
+        f"Column `{r.get('column')}` beside the original `caption`: written for {r.get('captioned')} of "
+        f"{r.get('rows')} rows ({r.get('undecodable', 0)} images could not be decoded) from `{r.get('source_version')}` "
+        f"by the VLM `{c.get('pinned') or c.get('uri')}` (registered model {c.get('name') or '-'}, version "
+        f"{c.get('version') or '-'}), greedy decoding of at most {r.get('max_new_tokens')} tokens for the prompt "
+        f"`{r.get('prompt')}`. Train on them with `vlforge pretrain --caption-col {r.get('column')}` (or mix "
+        "them with the originals: `--caption-mix 0.5`).",
+        "",
+    ]
+
+
 def render_card(dv: DatasetVersion) -> str:
     """The version's dataset card (Markdown with YAML front matter) from its manifest."""
     import yaml
@@ -212,6 +233,7 @@ def render_card(dv: DatasetVersion) -> str:
         *_compliance(m),
         "",
     ]
+    body += _recaption(m)
     body += _decontamination(m)
     if m.get("licenses"):
         body += ["## Licences", "", *_table(("licence", "pairs"), sorted(m["licenses"].items())), ""]

@@ -25,6 +25,8 @@ from vlforge.hfformat import encoded_images
 from vlforge.settings import Settings
 
 UNFILTERED, THRESHOLD, TOP_FRACTION = "unfiltered", "threshold", "top_fraction"
+RECAPTIONED, MIXED = "recaptioned", "mixed"  # the whole pool with a VLM's captions (--recaption-model)
+MIX_PROBABILITY = 0.5  # the mixed arm's chance of the synthetic caption per sample (LaCLIP/VeCLIP mix)
 RULE_KEYS = ("min_score", "top_fraction")
 
 
@@ -34,8 +36,20 @@ class ArmSpec:
     min_score: float | None = None  # keep pairs scoring at least this
     top_fraction: float | None = None  # keep this best-scored share of the pool
     rule: str = ""  # how the threshold was chosen, when it was
+    caption_col: str = "caption"  # the recaptioned arms: caption_synthetic, and
+    caption_mix: float | None = None  # its probability per sample when mixed with the original
+
+    @property
+    def recaptioned(self) -> bool:
+        return self.caption_col != "caption" or self.caption_mix is not None
 
     def describe(self) -> str:
+        if self.caption_mix is not None:
+            return (
+                f"the whole pool, the VLM's caption with probability {self.caption_mix:g}, else the original"
+            )
+        if self.recaptioned:
+            return "the whole pool with the VLM's captions"
         if self.min_score is not None:
             return f"CLIP score >= {self.min_score:.4f}" + (f" ({self.rule})" if self.rule else "")
         if self.top_fraction is not None:
@@ -159,3 +173,13 @@ def publish_arm(
         },
     }
     return writer.publish(manifest)
+
+
+def recaption_arms() -> list[ArmSpec]:
+    """``recaptioned`` (synthetic captions only) and ``mixed`` (each sample draws one, p = 0.5)."""
+    from tasks.train.data import SYNTHETIC_CAPTION
+
+    return [
+        ArmSpec(RECAPTIONED, caption_col=SYNTHETIC_CAPTION),
+        ArmSpec(MIXED, caption_col=SYNTHETIC_CAPTION, caption_mix=MIX_PROBABILITY),
+    ]

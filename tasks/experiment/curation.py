@@ -30,6 +30,7 @@ from tasks.experiment.arms import (
     otsu_threshold,
     parse_arm,
     publish_arm,
+    recaption_arms,
     score_pool,
 )
 from tasks.train.args import PretrainArgs
@@ -81,6 +82,11 @@ class CurationExperimentArgs(BaseModel):
     lr: float = Field(_PRETRAIN.lr, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(_PRETRAIN.warmup_steps, ge=0, description="Linear warmup steps.")
     output: str | None = Field(None, description="Also write the results as JSON to this file.")
+    recaption_model: str | None = Field(
+        None,
+        description="A VLM (MLflow URI or folder) that recaptions the pool: adds the arms recaptioned (its captions) "
+        "and mixed (its caption or the original, p = 0.5) at the same samples seen; empty = no such arms.",
+    )
 
 
 def _arms(args: CurationExperimentArgs, scores: np.ndarray) -> list[ArmSpec]:
@@ -91,6 +97,8 @@ def _arms(args: CurationExperimentArgs, scores: np.ndarray) -> list[ArmSpec]:
             THRESHOLD, min_score=otsu_threshold(scores), rule="Otsu's cut of the pool's scores"
         )
     arms = [ArmSpec(UNFILTERED), threshold, ArmSpec(TOP_FRACTION, top_fraction=args.top_fraction)]
+    if args.recaption_model:
+        arms += recaption_arms()
     for text in args.arms:
         spec = parse_arm(text)
         if spec.name in {a.name for a in arms}:
@@ -164,11 +172,16 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
         settings, args.eval, args.label_col, args.prompt_template
     )
     check_model_uri(args.scorer, settings)
+    if args.recaption_model:
+        from tasks.recaption.inputs import check_captioner
+
+        check_captioner(args.recaption_model, settings)  # not a VLM: one clear error before any work
     table = pool.read_table("data", stored_layout=True)  # the arms keep the pool's layout
     with console.stage(f"score {pool.ref} with {args.scorer}"):
         scores = score_pool(load_model(args.scorer, settings), table)
     scorer = scorer_identity(args.scorer, settings).as_dict()
     arms = _arms(args, scores)
+    recaptioned = _recaptioned_pool(args, pool, settings) if args.recaption_model else None
     samples_seen = args.samples_seen or 10 * table.num_rows
     parent = tracking.start_stage_run(
         settings, "experiments", name=f"curation {pool.ref}", tags={"vlforge.experiment": "curation",
@@ -183,9 +196,12 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
     per_arm_hits: dict[str, dict[str, np.ndarray]] = {}
     try:
         for spec in arms:
-            mask = keep_mask(spec, scores)
-            dv = publish_arm(settings, pool, table, spec, mask, scorer)
-            rows = int(mask.sum())
+            if spec.recaptioned:  # every row of the pool, with the VLM's captions beside the originals
+                dv, rows = recaptioned, table.num_rows
+            else:
+                mask = keep_mask(spec, scores)
+                dv = publish_arm(settings, pool, table, spec, mask, scorer)
+                rows = int(mask.sum())
             steps_per_epoch, _ = steps_plan(rows, args.batch_size, 1, 1, 1)
             epochs = max(1, round(samples_seen / (steps_per_epoch * args.batch_size)))
             seed_hits, seed_metrics = [], []
@@ -195,6 +211,7 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
                         recipe=args.recipe, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
                         warmup_steps=args.warmup_steps, seed=seed,
                         eval_fraction=0.0, min_eval_pairs=0, register_model=False,
+                        caption_col=spec.caption_col, caption_mix=spec.caption_mix,
                     )  # fmt: skip
                     result = run_training(
                         PretrainRecipe(train_args), dv.ref, settings, experiment="experiments",
@@ -234,6 +251,18 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
     return out
 
 
+def _recaptioned_pool(args: CurationExperimentArgs, pool, settings: Settings):
+    """The pool recaptioned by ``args.recaption_model``, as a version of ``<pool>-recaptioned`` (reused when the
+    pool, the model and the prompt are unchanged: ``tasks.recaption``)."""
+    from tasks.experiment.arms import RECAPTIONED, arm_dataset_name
+    from tasks.recaption import recaption
+    from vlforge import console
+
+    with console.stage(f"recaption {pool.ref} with {args.recaption_model}"):
+        target = arm_dataset_name(pool.name, RECAPTIONED)
+        return recaption(pool.ref, settings, model=args.recaption_model, to=target).dataset_version
+
+
 def _arm_result(spec, dv, rows, epochs, steps_per_epoch, args, averaged, seed_metrics) -> dict[str, Any]:
     res: dict[str, Any] = {
         "rule": spec.describe(),
@@ -264,6 +293,8 @@ def verdict(out: dict[str, Any]) -> str:
         else:
             word = "does not differ beyond noise from"
         lines.append(f"{name} {word} unfiltered by {d['difference']:+.3f} {key} {ci}")
+    best = max(out["arms"], key=lambda n: out["arms"][n][key])
+    lines.append(f"best arm: {best} ({out['arms'][best][key]:.3f} {key})")
     return "; ".join(lines)
 
 

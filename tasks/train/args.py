@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from models.lora import LoraArgs
 from vlforge import defaults
@@ -138,6 +138,25 @@ class PretrainArgs(TrainArgs):
     init: str | None = Field(
         None, description="Start from this model (MLflow URI, folder, HF id) instead of the recipe."
     )
+    caption_col: str = Field(
+        "caption",
+        description="CLIP recipes: the column of captions to train on (caption_synthetic: the captions "
+        "`vlforge recaption` wrote).",
+    )
+    caption_mix: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="CLIP recipes: each sample, each epoch, trains on the synthetic caption (--caption-col, "
+        "default caption_synthetic) with this probability, else on the original caption; empty = no mixing.",
+    )
+
+    @model_validator(mode="after")
+    def _captions_are_for_clip_recipes(self) -> PretrainArgs:
+        # A VLM recipe (vlm-*) trains on caption; silently ignoring the caption settings would mislead.
+        if self.recipe.startswith("vlm") and (self.caption_col != "caption" or self.caption_mix is not None):
+            raise ValueError("caption_col and caption_mix apply to CLIP recipes, not to a VLM recipe")
+        return self
 
 
 class _FinetuneSettings(TrainArgs):

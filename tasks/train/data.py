@@ -330,28 +330,47 @@ def _preprocessor(model_uri: str):
 
 
 def preprocess_batch(
-    batch: dict[str, np.ndarray], *, model_uri: str, eval_fraction: float
+    batch: dict[str, np.ndarray],
+    *,
+    model_uri: str,
+    eval_fraction: float,
+    caption_col: str = "caption",
+    alt_col: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Drop held-out rows, decode + normalise images, tokenise captions."""
+    """Drop held-out rows, decode + normalise images, tokenise captions (of ``caption_col``; with ``alt_col``
+    that column's too, as ``alt_input_ids``/``alt_attention_mask``, for :func:`augment_batch` to draw from)."""
     bundle = _preprocessor(model_uri)
     keep = ~content_eval_mask(batch, eval_fraction)
     images = [encoded_image(b) for b, k in zip(batch["image"], keep, strict=True) if k]
-    captions = [str(c) for c, k in zip(batch["caption"], keep, strict=True) if k]
+    captions = [str(c) for c, k in zip(batch[caption_col], keep, strict=True) if k]
     size = bundle.image_size
     if not images:
         empty_ids = np.zeros((0, bundle.max_length), dtype=np.int64)
+        alt_keys = [ALT + "input_ids", ALT + "attention_mask"] if alt_col is not None else []
         return {
             "pixel_values": np.zeros((0, 3, size, size), dtype=np.float32),
             "input_ids": empty_ids,
             "attention_mask": empty_ids.copy(),
+            **{k: empty_ids.copy() for k in alt_keys},
         }
     pixels = bundle.preprocess_images(images).numpy()  # [B, 3, S, S]
     tokens = bundle.tokenize(captions, fixed_length=True)
-    return {
+    out = {
         "pixel_values": np.ascontiguousarray(pixels, dtype=np.float32),
         "input_ids": tokens["input_ids"].numpy().astype(np.int64),
         "attention_mask": tokens["attention_mask"].numpy().astype(np.int64),
     }
+    if alt_col is not None:
+        # A row without an alternative caption (an image the captioner could not decode) keeps its own.
+        alts = [
+            str(a if a is not None else c)
+            for a, c, k in zip(batch[alt_col], batch[caption_col], keep, strict=True)
+            if k
+        ]
+        alt = bundle.tokenize(alts, fixed_length=True)
+        out[ALT + "input_ids"] = alt["input_ids"].numpy().astype(np.int64)
+        out[ALT + "attention_mask"] = alt["attention_mask"].numpy().astype(np.int64)
+    return out
 
 
 def version_rows(dv: DatasetVersion) -> int:
@@ -377,13 +396,68 @@ def clip_row_bytes(model_uri: str) -> int:
 
 
 def train_dataset(
-    dv: DatasetVersion, model_uri: str, *, eval_fraction: float, augment: bool = True, seed: int = 0
+    dv: DatasetVersion,
+    model_uri: str,
+    *,
+    eval_fraction: float,
+    augment: bool = True,
+    seed: int = 0,
+    captions: CaptionPlan | None = None,
 ):
-    """A Ray Dataset of preprocessed CLIP training tensors read from the dataset version's parquet parts."""
+    """A Ray Dataset of preprocessed CLIP training tensors read from the dataset version's parquet parts;
+    ``captions``: which caption column(s) it trains on (default: ``caption``)."""
+    plan = captions or CaptionPlan()
+    kwargs = {"model_uri": model_uri, "eval_fraction": eval_fraction, "caption_col": plan.column,
+              "alt_col": plan.alt_column}  # fmt: skip
+    row_bytes = clip_row_bytes(model_uri) * (2 if plan.alt_column else 1)  # an upper bound with alt tokens
     return tensor_dataset(
-        dv, train_columns(dv), preprocess_batch, {"model_uri": model_uri, "eval_fraction": eval_fraction},
-        clip_row_bytes(model_uri), seed=seed, flip=augment,
+        dv, train_columns(dv, ["key", *plan.columns, "image"]), preprocess_batch, kwargs, row_bytes, seed=seed,
+        flip=augment, alt_prob=plan.alt_prob,
     )  # fmt: skip
+
+
+ALT = "alt_"  # prefix of the alternative caption's token columns (dropped by augment_batch after its draw)
+SYNTHETIC_CAPTION = "caption_synthetic"  # what `vlforge recaption` writes
+
+
+@dataclass(frozen=True)
+class CaptionPlan:
+    """The caption a CLIP trains on: ``column``, or (``alt_column`` set) each sample in each epoch draws
+    ``alt_column`` with probability ``alt_prob``, else ``column``."""
+
+    column: str = "caption"
+    alt_column: str | None = None
+    alt_prob: float = 0.0
+
+    @classmethod
+    def of(cls, caption_col: str = "caption", caption_mix: float | None = None) -> CaptionPlan:
+        """``--caption-col C``: train on C. ``--caption-mix P``: draw the synthetic caption (C when C is not
+        ``caption``, else ``caption_synthetic``) with probability P, else the original ``caption``."""
+        if caption_mix is None:
+            return cls(caption_col)
+        synthetic = caption_col if caption_col != "caption" else SYNTHETIC_CAPTION
+        return cls("caption", synthetic, float(caption_mix))
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.column] + ([self.alt_column] if self.alt_column else [])
+
+    def check(self, dv: DatasetVersion) -> None:
+        """Each column exists in the version (its first data file's footer): one clear error otherwise."""
+        from vlforge.errors import VlforgeError
+
+        files = dv.part_files("data")
+        if not files:
+            raise VlforgeError(f"dataset {dv.ref} has no data files to train on")
+        fs, path = storage.filesystem(files[0])
+        with fs.open(path, "rb") as fh:
+            present = pq.ParquetFile(fh).schema_arrow.names
+        for column in self.columns:
+            if column not in present:
+                hint = " (write it with `vlforge recaption`)" if column == SYNTHETIC_CAPTION else ""
+                raise VlforgeError(
+                    f"dataset {dv.ref} has no caption column {column!r}{hint}; its columns: {', '.join(present)}"
+                )
 
 
 def tensor_dataset(
@@ -395,6 +469,7 @@ def tensor_dataset(
     *,
     seed: int,
     flip: bool,
+    alt_prob: float = 0.0,
 ):
     """The training tensors of any recipe: ``columns`` of the version through ``preprocess`` (a Ray Data batch
     function dropping held-out rows, ``fn_kwargs`` its settings; ``row_bytes`` the size of a row it makes), then
@@ -416,8 +491,9 @@ def tensor_dataset(
     # epoch): a new order every epoch, the same orders in every run with the same seed.
     ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=_seed32(seed), reseed_after_execution=True))
     ds = ds.map_batches(
-        augment_batch, batch_format="numpy", batch_size=256, fn_kwargs={"seed": seed, "flip": flip}
-    )
+        augment_batch, batch_format="numpy", batch_size=256,
+        fn_kwargs={"seed": seed, "flip": flip, **({"alt_prob": alt_prob} if alt_prob else {})},
+    )  # fmt: skip
     # No Ray Data progress bars for the per-epoch passes: the training reports its own progress, and a worker
     # redrawing bars every epoch only fills the log (the decode pass above has shown its bar already). This
     # context belongs to the dataset (and its materialised parent), not to the driver: its DataContext keeps bars.
@@ -441,7 +517,12 @@ def read_parquet_dataset(dv: DatasetVersion, columns: list[str]):
 
 
 def augment_batch(
-    batch: dict[str, np.ndarray], *, seed: int = 0, flip: bool = True, epoch: int | None = None
+    batch: dict[str, np.ndarray],
+    *,
+    seed: int = 0,
+    flip: bool = True,
+    epoch: int | None = None,
+    alt_prob: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Shuffle rows (a new order every epoch) and flip images at random: colours and shapes survive a
     horizontal flip (no caption names left or right).
@@ -459,6 +540,11 @@ def augment_batch(
         flips = rng.random(len(pixels)) < 0.5
         pixels[flips] = pixels[flips][..., ::-1]
         out["pixel_values"] = np.ascontiguousarray(pixels)
+    if ALT + "input_ids" in out:  # --caption-mix: each sample draws its caption anew every epoch
+        use_alt = rng.random(len(order)) < alt_prob
+        for name in ("input_ids", "attention_mask"):
+            alt = out.pop(ALT + name)
+            out[name] = np.where(use_alt[:, None], alt, out[name])
     return out
 
 

@@ -34,6 +34,19 @@ class PretrainRecipe(Recipe):
 
             check_model_uri(self.args.init, settings)
 
+    def check_dataset(self, dv) -> None:
+        from tasks.train.data import CaptionPlan
+
+        CaptionPlan.of(self.args.caption_col, self.args.caption_mix).check(dv)  # a missing column, before Ray
+
+    def train_dataset(self, dv, init_uri: str, heldout: float):
+        from tasks.train.data import CaptionPlan, train_dataset
+
+        plan = CaptionPlan.of(self.args.caption_col, self.args.caption_mix)
+        return train_dataset(
+            dv, init_uri, eval_fraction=heldout, augment=True, seed=self.args.seed, captions=plan
+        )
+
     def tags(self) -> dict[str, str]:
         from vlforge.tracking import TAG_RECIPE
 
@@ -47,9 +60,11 @@ class PretrainRecipe(Recipe):
 
             return load_model(args.init, settings)
         from models.clip import build_clip
-        from tasks.train.data import train_captions
+        from tasks.train.data import CaptionPlan, train_captions
 
-        return build_clip(args.recipe, train_captions(dv, heldout), seed=args.seed)
+        # The tokenizer is fitted on every caption the training may draw.
+        columns = CaptionPlan.of(args.caption_col, args.caption_mix).columns
+        return build_clip(args.recipe, train_captions(dv, heldout, columns=columns), seed=args.seed)
 
     def worker_hooks(self):
         from tasks.train.loop import ClipModelHooks
