@@ -1,4 +1,5 @@
-"""Ray Data over a dataset version for training: held-out split, decoding, augmentation, tokenisation.
+"""Training data of a dataset version: held-out split, decoding, augmentation, tokenisation; as a Ray Dataset
+for Ray Train workers, or decoded in the process of a one-worker training in the driver (:class:`TensorPipeline`).
 
 The train loop only sees tensors: ``pixel_values`` [B, 3, S, S] float32, ``input_ids`` and
 ``attention_mask`` [B, L] int64. The held-out split is decided by the image's content: a deterministic hash
@@ -41,7 +42,7 @@ DEFAULT_MIN_EVAL_PAIRS = (
 DEFAULT_MAX_EVAL_PAIRS = defaults.MAX_EVAL_PAIRS  # a web-scale fraction would hold out millions
 MAX_EVAL_SHARE = 0.5  # the minimum never holds out more than half of a small dataset: the rest trains
 MATERIALIZE_BYTES = 4 * 2**30  # training tensors kept in Ray's object store across epochs, at most
-IN_PROCESS_BYTES = 2**30  # training tensors a one-worker training in the driver decodes and keeps itself, at most
+IN_PROCESS_BYTES = 2**30  # tensors a training in the driver decodes and keeps in its own process, at most
 DECODE_BATCH = 64  # rows decoded and tokenised at a time
 AUGMENT_BATCH = 256  # rows shuffled and flipped together (augment_batch)
 TOKENIZER_SAMPLE = 1_000_000  # captions a new tokenizer is fitted on, at most
@@ -404,7 +405,9 @@ def tensor_dataset(
     order and random flips every epoch, drawn from ``seed`` (see :func:`augment_batch`). The driver runs it as a
     Ray Dataset (:meth:`TensorPipeline.ray_dataset`, for Ray Train workers) or in its own process
     (:meth:`TensorPipeline.in_process`, a one-worker training in the driver)."""
-    return TensorPipeline(dv, list(columns), preprocess, dict(fn_kwargs), int(row_bytes), int(seed), bool(flip))
+    return TensorPipeline(
+        dv, list(columns), preprocess, dict(fn_kwargs), int(row_bytes), int(seed), bool(flip)
+    )
 
 
 @dataclass(frozen=True)
@@ -456,7 +459,9 @@ class TensorPipeline:
         # tensor columns on the training process for every batch (it made each step ~3x slower on CPU).
         # The block order is drawn from the seed and Ray Data's execution index of this dataset (one execution per
         # epoch): a new order every epoch, the same orders in every run with the same seed.
-        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=_seed32(self.seed), reseed_after_execution=True))
+        ds = ds.randomize_block_order(
+            seed=RandomSeedConfig(seed=_seed32(self.seed), reseed_after_execution=True)
+        )
         ds = ds.map_batches(
             augment_batch, batch_format="numpy", batch_size=AUGMENT_BATCH,
             fn_kwargs={"seed": self.seed, "flip": self.flip},

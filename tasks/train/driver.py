@@ -7,8 +7,12 @@ changed setting), plan the steps, write the initial model, run Ray Train, evalua
 
 One training = one name = one folder ``<storage>/ray_results/<name>/`` (Ray Train's run folder with its
 checkpoints, plus our ``vlforge_run.json``: the MLflow run id and the initial model) = one MLflow run.
-Running the same name again resumes it: Ray Train V2 restores the latest checkpoint from the run folder and
-the loop logs into the same MLflow run.
+Running the same name again resumes it from the newest checkpoint in the run folder (Ray Train's or the loop's own,
+``tasks.train.checkpoints``) and the loop logs into the same MLflow run.
+
+A one-worker training without a configured Ray cluster runs in this process (:func:`trains_in_driver`: Ray Train's
+local mode, and no Ray at all when its tensors are small), which spares it Ray's start-up, a Ray Data pass and a
+worker actor's start; several workers, or a cluster, run on Ray Train's worker group.
 """
 
 from __future__ import annotations

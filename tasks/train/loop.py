@@ -7,7 +7,8 @@ learnable temperature), what to do after a step, and what a checkpoint holds. Th
 AdamW with a cosine schedule and linear warmup, gradient accumulation, bf16 autocast on GPU, optional gradient
 checkpointing. Rank 0 logs to the MLflow run the driver created and writes the checkpoints (the recipe's files
 plus ``train_state.pt``: optimizer, scheduler, step). A restarted worker group resumes from
-``ray.train.get_checkpoint()``.
+``ray.train.get_checkpoint()``; a training in the driver (Ray Train's local mode) writes its checkpoints to the run
+folder itself (``tasks.train.checkpoints``) and starts from the newest one the driver found there.
 
 The schedule is ours, not transformers' ``get_cosine_schedule_with_warmup``: that one trains its first step at
 learning rate 0, a wasted step that matters in the few-hundred-step trainings of small data.
@@ -90,7 +91,9 @@ class LoopConfig:
     # Set for a training in the driver (Ray Train's local mode, which keeps checkpoints in memory only): the run
     # folder the loop writes its checkpoints to (tasks.train.checkpoints.save).
     checkpoint_root: str | None = None
-    device: str | None = None  # a training in the driver: "cpu" or "cuda" as resolved (local mode defers to torch)
+    device: str | None = (
+        None  # a training in the driver: "cpu" or "cuda", as resolved (local mode asks torch)
+    )
 
 
 @dataclass(frozen=True)
