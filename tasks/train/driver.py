@@ -256,8 +256,6 @@ def _loss_poll(settings: Settings, run_id: str):
 def checkpoint_dir(result, tr: TrainingRun) -> str:
     """A local folder holding the final checkpoint's files: Ray Train's, or for a training in the driver (whose
     checkpoints the loop persists itself) the newest in the run folder."""
-    from tasks.train import checkpoints
-
     ckpt = result.checkpoint
     if ckpt is None:
         saved = checkpoints.latest(tr.root)

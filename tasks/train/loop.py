@@ -173,7 +173,8 @@ class _MlflowLogger:
         mlflow.set_registry_uri(config.tracking_uri)
         self.client = mlflow.MlflowClient(config.tracking_uri)
         self.run_id = config.run_id
-        mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+        # Nested under a run the process has open: a training in the driver shares the caller's process.
+        mlflow.start_run(run_id=self.run_id, nested=mlflow.active_run() is not None, log_system_metrics=True)
         from vlforge.tracking import log_dataset_input, safe_params
 
         mlflow.log_params(safe_params(config.params))
