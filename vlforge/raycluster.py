@@ -18,8 +18,7 @@ def init_ray(settings: Settings, num_cpus: int | None = None):
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # Ray Train V2 is the API we write against.
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    use_train_v2()
     address = settings.ray_address
     kwargs = dict(ignore_reinit_error=True, logging_level=logging.WARNING, log_to_driver=True)
     if address:
@@ -45,6 +44,12 @@ def init_ray(settings: Settings, num_cpus: int | None = None):
         _local_cores = os.cpu_count() or 1
         ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
     return ray
+
+
+def use_train_v2() -> None:
+    """Ray Train V2 is the API we write against: ``ray.train`` reads this when first imported, and Ray's workers
+    inherit it. Called before that import wherever it may come first (a training in the driver starts no Ray)."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 def cluster_logical_cpus() -> float:

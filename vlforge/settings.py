@@ -29,6 +29,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("VLFORGE_RAY_ADDRESS", "RAY_ADDRESS"),
         description="Ray cluster address; unset starts Ray locally.",
     )
+    local_training: bool = Field(
+        True,
+        description="Run a one-worker training in the command's own process (Ray Train's local mode) when no Ray "
+        "cluster address is set; false: on a Ray Train worker actor, as a multi-worker training.",
+    )
     user_agent: str = Field(
         "vlforge/0.1 (+https://github.com/vlforge/vlforge; image-text dataset builder)",
         description="User agent sent with every download.",

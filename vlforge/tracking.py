@@ -318,7 +318,8 @@ def continue_run_in_worker(tracking_uri: str, run_id: str, params: dict[str, Any
 
     keep_credentials_off_stdout(tracking_uri)  # this worker's process prints run links too
     _point_at(tracking_uri)
-    mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    # Nested under a run the process has open: a one-worker training runs in the driver's own process.
+    mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None, log_system_metrics=True)
     log_to_run(tracking_uri, run_id, params=params)
     if dataset is not None:
         log_dataset_input(tracking_uri, run_id, dataset, "training")

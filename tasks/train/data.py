@@ -1,4 +1,5 @@
-"""Ray Data over a dataset version for training: held-out split, decoding, augmentation, tokenisation.
+"""Training data of a dataset version: held-out split, decoding, augmentation, tokenisation; as a Ray Dataset
+for Ray Train workers, or decoded in the process of a one-worker training in the driver (:class:`TensorPipeline`).
 
 The train loop only sees tensors: ``pixel_values`` [B, 3, S, S] float32, ``input_ids`` and
 ``attention_mask`` [B, L] int64. The held-out split is decided by the image's content: a deterministic hash
@@ -19,7 +20,7 @@ import functools
 import hashlib
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,9 @@ DEFAULT_MIN_EVAL_PAIRS = (
 DEFAULT_MAX_EVAL_PAIRS = defaults.MAX_EVAL_PAIRS  # a web-scale fraction would hold out millions
 MAX_EVAL_SHARE = 0.5  # the minimum never holds out more than half of a small dataset: the rest trains
 MATERIALIZE_BYTES = 4 * 2**30  # training tensors kept in Ray's object store across epochs, at most
+IN_PROCESS_BYTES = 2**30  # tensors a training in the driver decodes and keeps in its own process, at most
+DECODE_BATCH = 64  # rows decoded and tokenised at a time
+AUGMENT_BATCH = 256  # rows shuffled and flipped together (augment_batch)
 TOKENIZER_SAMPLE = 1_000_000  # captions a new tokenizer is fitted on, at most
 LOCAL_FILES = 8  # a version with more data files computes its split file by file on Ray
 HELDOUT = "#heldout"
@@ -403,8 +407,8 @@ def train_dataset(
     augment: bool = True,
     seed: int = 0,
     captions: CaptionPlan | None = None,
-):
-    """A Ray Dataset of preprocessed CLIP training tensors read from the dataset version's parquet parts;
+) -> TensorPipeline:
+    """The CLIP training tensors of the dataset version's parquet parts (pixels and caption tokens);
     ``captions``: which caption column(s) it trains on (default: ``caption``)."""
     plan = captions or CaptionPlan()
     kwargs = {"model_uri": model_uri, "eval_fraction": eval_fraction, "caption_col": plan.column,
@@ -470,36 +474,131 @@ def tensor_dataset(
     seed: int,
     flip: bool,
     alt_prob: float = 0.0,
-):
-    """The training tensors of any recipe: ``columns`` of the version through ``preprocess`` (a Ray Data batch
-    function dropping held-out rows, ``fn_kwargs`` its settings; ``row_bytes`` the size of a row it makes), then
-    a new order and random flips every epoch, drawn from ``seed`` (see :func:`augment_batch`)."""
-    from ray.data import RandomSeedConfig
+) -> TensorPipeline:
+    """The training tensors of any recipe: ``columns`` of the version through ``preprocess`` (a batch function
+    dropping held-out rows, ``fn_kwargs`` its settings; ``row_bytes`` the size of a row it makes), then a new
+    order and random flips every epoch, drawn from ``seed`` (see :func:`augment_batch`). The driver runs it as a
+    Ray Dataset (:meth:`TensorPipeline.ray_dataset`, for Ray Train workers) or in its own process
+    (:meth:`TensorPipeline.in_process`, a one-worker training in the driver)."""
+    return TensorPipeline(
+        dv, list(columns), preprocess, dict(fn_kwargs), int(row_bytes), int(seed), bool(flip), float(alt_prob)
+    )
 
-    ds = read_parquet_dataset(dv, columns)
-    # Reproducible from ``seed``: blocks leave every operator in the order they entered it (files, then rows), not
-    # in the order tasks finish, so each map batch below holds the same rows in every run.
-    ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(preprocess, batch_format="numpy", batch_size=64, fn_kwargs=fn_kwargs)
-    # Decoding and tokenising once (not every epoch) matters on small machines; the random augmentation
-    # below runs again on every epoch's pass over the materialised tensors. A version whose tensors would not
-    # fit the budget (a web-scale one: 600 KB a row at 224 px) streams instead, decoded again every epoch.
-    ds = materialize_within_budget(ds, dv, row_bytes)
-    # Per-epoch shuffling here rather than iter_torch_batches' local shuffle buffer, which re-concatenates
-    # tensor columns on the training process for every batch (it made each step ~3x slower on CPU).
-    # The block order is drawn from the seed and Ray Data's execution index of this dataset (one execution per
-    # epoch): a new order every epoch, the same orders in every run with the same seed.
-    ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=_seed32(seed), reseed_after_execution=True))
-    ds = ds.map_batches(
-        augment_batch, batch_format="numpy", batch_size=256,
-        fn_kwargs={"seed": seed, "flip": flip, **({"alt_prob": alt_prob} if alt_prob else {})},
-    )  # fmt: skip
-    # No Ray Data progress bars for the per-epoch passes: the training reports its own progress, and a worker
-    # redrawing bars every epoch only fills the log (the decode pass above has shown its bar already). This
-    # context belongs to the dataset (and its materialised parent), not to the driver: its DataContext keeps bars.
-    ds.context.enable_progress_bars = False
-    ds.context.execution_options.preserve_order = True  # the per-epoch passes too (see above)
-    return ds
+
+@dataclass(frozen=True)
+class TensorPipeline:
+    """What a recipe's training tensors are made of (see :func:`tensor_dataset`), before the driver picks where
+    they are made."""
+
+    dv: DatasetVersion
+    columns: list[str]
+    preprocess: Callable[..., dict[str, np.ndarray]]
+    fn_kwargs: dict
+    row_bytes: int
+    seed: int
+    flip: bool
+    alt_prob: float = (
+        0.0  # --caption-mix: the chance a sample trains on its synthetic caption (augment_batch)
+    )
+
+    def fits_in_process(self) -> bool:
+        """Whether the tensors are small enough to decode and keep in the training process (``IN_PROCESS_BYTES``):
+        beyond that, Ray Data's parallel decoding and its object store are worth Ray's start-up."""
+        return version_rows(self.dv) * self.row_bytes <= IN_PROCESS_BYTES
+
+    def in_process(self) -> InProcessTensors:
+        """Decoded here, block by block (the files' rows in order, ``DECODE_BATCH`` at a time), and kept."""
+        blocks = []
+        for f in self.dv.part_files("data"):
+            table = read_data_file(f, self.columns)
+            for start in range(0, table.num_rows, DECODE_BATCH):
+                batch = _numpy_batch(table.slice(start, DECODE_BATCH))
+                block = self.preprocess(batch, **self.fn_kwargs)
+                if len(next(iter(block.values()))):
+                    blocks.append(block)
+        return InProcessTensors(blocks, seed=self.seed, flip=self.flip, alt_prob=self.alt_prob)
+
+    def ray_dataset(self):
+        """A Ray Dataset of the tensors (what Ray Train workers read)."""
+        from ray.data import RandomSeedConfig
+
+        ds = read_parquet_dataset(self.dv, self.columns)
+        # Reproducible from ``seed``: blocks leave every operator in the order they entered it (files, then rows),
+        # not in the order tasks finish, so each map batch below holds the same rows in every run.
+        ds.context.execution_options.preserve_order = True
+        ds = ds.map_batches(
+            self.preprocess, batch_format="numpy", batch_size=DECODE_BATCH, fn_kwargs=self.fn_kwargs
+        )
+        # Decoding and tokenising once (not every epoch) matters on small machines; the random augmentation
+        # below runs again on every epoch's pass over the materialised tensors. A version whose tensors would not
+        # fit the budget (a web-scale one: 600 KB a row at 224 px) streams instead, decoded again every epoch.
+        ds = materialize_within_budget(ds, self.dv, self.row_bytes)
+        # Per-epoch shuffling here rather than iter_torch_batches' local shuffle buffer, which re-concatenates
+        # tensor columns on the training process for every batch (it made each step ~3x slower on CPU).
+        # The block order is drawn from the seed and Ray Data's execution index of this dataset (one execution per
+        # epoch): a new order every epoch, the same orders in every run with the same seed.
+        ds = ds.randomize_block_order(
+            seed=RandomSeedConfig(seed=_seed32(self.seed), reseed_after_execution=True)
+        )
+        ds = ds.map_batches(
+            augment_batch, batch_format="numpy", batch_size=AUGMENT_BATCH,
+            fn_kwargs={"seed": self.seed, "flip": self.flip, **({"alt_prob": self.alt_prob} if self.alt_prob else {})},
+        )  # fmt: skip
+        # No Ray Data progress bars for the per-epoch passes: the training reports its own progress, and a worker
+        # redrawing bars every epoch only fills the log (the decode pass above has shown its bar already). This
+        # context belongs to the dataset (and its materialised parent), not to the driver: its DataContext keeps
+        # bars.
+        ds.context.enable_progress_bars = False
+        ds.context.execution_options.preserve_order = True  # the per-epoch passes too (see above)
+        return ds
+
+
+def _numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """A table's columns as Ray Data's ``batch_format="numpy"`` hands them to a batch function (structs as
+    dicts, strings as objects)."""
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+
+
+class InProcessTensors:
+    """Training tensors kept in the training process, iterated as the loop iterates a Ray Train dataset shard
+    (``iter_torch_batches``). As in :meth:`TensorPipeline.ray_dataset`, every pass is an epoch with a new block
+    order and new flips, drawn from the seed and the pass's index (the first pass of this process is 0)."""
+
+    def __init__(self, blocks: list[dict[str, np.ndarray]], *, seed: int, flip: bool, alt_prob: float = 0.0):
+        self.columns = {k: np.concatenate([b[k] for b in blocks]) for k in (blocks[0] if blocks else {})}
+        self.bounds = np.cumsum([0] + [len(next(iter(b.values()))) for b in blocks])
+        self.seed, self.flip, self.alt_prob, self.passes = seed, flip, alt_prob, 0
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """int64 [N] row indices of an epoch: whole blocks in an order drawn from the seed and the epoch."""
+        order = np.random.default_rng([_seed32(self.seed), int(epoch)]).permutation(len(self.bounds) - 1)
+        parts = [np.arange(self.bounds[b], self.bounds[b + 1]) for b in order]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def iter_torch_batches(self, *, batch_size: int, drop_last: bool = True, device=None, prefetch_batches=0):
+        """Batches of torch tensors on ``device`` (``prefetch_batches`` is Ray's knob; the tensors are here)."""
+        import torch
+
+        epoch, self.passes = self.passes, self.passes + 1
+        rows, pending = self.epoch_rows(epoch), []
+        for start in range(0, len(rows), AUGMENT_BATCH):
+            chunk = {k: v[rows[start : start + AUGMENT_BATCH]] for k, v in self.columns.items()}
+            pending.append(
+                augment_batch(chunk, seed=self.seed, flip=self.flip, epoch=epoch, alt_prob=self.alt_prob)
+            )
+            # augment_batch's columns: a --caption-mix batch's synthetic tokens have replaced the original's
+            merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[-1]}
+            n, used = len(merged[next(iter(merged))]), 0
+            while n - used >= batch_size:
+                yield {k: torch.from_numpy(v[used : used + batch_size]).to(device) for k, v in merged.items()}
+                used += batch_size
+            pending = [{k: v[used:] for k, v in merged.items()}]
+        left = {k: np.concatenate([p[k] for p in pending]) for k in pending[-1]} if pending else {}
+        if left and len(next(iter(left.values()))) and not drop_last:
+            yield {k: torch.from_numpy(v).to(device) for k, v in left.items()}
 
 
 def read_parquet_dataset(dv: DatasetVersion, columns: list[str]):

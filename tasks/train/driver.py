@@ -7,19 +7,27 @@ changed setting), plan the steps, write the initial model, run Ray Train, evalua
 
 One training = one name = one folder ``<storage>/ray_results/<name>/`` (Ray Train's run folder with its
 checkpoints, plus our ``vlforge_run.json``: the MLflow run id and the initial model) = one MLflow run.
-Running the same name again resumes it: Ray Train V2 restores the latest checkpoint from the run folder and
-the loop logs into the same MLflow run.
+Running the same name again resumes it from the newest checkpoint in the run folder (Ray Train's or the loop's own,
+``tasks.train.checkpoints``) and the loop logs into the same MLflow run.
+
+A one-worker training without a configured Ray cluster runs in this process (:func:`trains_in_driver`: Ray Train's
+local mode, and no Ray at all when its tensors are small), which spares it Ray's start-up, a Ray Data pass and a
+worker actor's start; several workers, or a cluster, run on Ray Train's worker group.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.train import checkpoints
 from tasks.train.args import TrainArgs
 from tasks.train.loop import LoopConfig
 from vlforge import console, storage
@@ -37,6 +45,8 @@ class TrainResult:
     metrics: dict[str, float]
     model_dir: str
     resumed: bool = False
+    # Wall-clock times (time.time()) at which run_training reached each phase (bench/startup.py prints them).
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,18 +146,26 @@ def fit(
     use_gpu: bool,
     max_failures: int,
 ):
-    """Run the TorchTrainer; returns Ray's Result (with the last checkpoint)."""
+    """Run the TorchTrainer; returns Ray's Result (with the last checkpoint). ``num_workers=0`` is Ray Train's
+    local mode: the loop runs in this process (see :func:`trains_in_driver`)."""
+    from vlforge.raycluster import use_train_v2
+
+    use_train_v2()
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tasks.train.loop import train_loop_per_worker
 
+    if num_workers == 0:
+        # LoggingConfig reaches worker actors only; in this process Ray Train's INFO lines (local mode's notice, a
+        # "Reported metrics" per checkpoint) would reach the console.
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
     storage_path, storage_fs = ray_storage(settings)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"loop": loop_config},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu and num_workers > 0),
         run_config=RunConfig(
             name=tr.name,
             storage_path=storage_path,
@@ -172,13 +190,40 @@ def fit(
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if in_main else None
     try:
-        with console.progress(
-            loop_config.total_steps, "steps", "training", poll=_loss_poll(settings, tr.run_id), every=2.0
+        with (
+            console.progress(
+                loop_config.total_steps, "steps", "training", poll=_loss_poll(settings, tr.run_id), every=2.0
+            ),
+            _torch_state_kept() if num_workers == 0 else contextlib.nullcontext(),
         ):
             return trainer.fit()
     finally:
         if in_main:
             signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _torch_state_kept():
+    """A loop in this process sets torch's threads and deterministic algorithms for itself (as a worker process
+    does); the rest of the command (evaluation, the next training of a flow) gets the caller's back."""
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+
+
+def trains_in_driver(settings: Settings, num_workers: int) -> bool:
+    """Whether a training runs in this process (Ray Train's local mode, no worker actor, no Ray when its data is
+    small: seconds to the first step) rather than on Ray Train workers: one worker, no Ray cluster configured (a
+    cluster is where the user wants compute to run), and ``settings.local_training`` (the default)."""
+    return num_workers == 1 and settings.local_training and not settings.ray_address
 
 
 def _ingest_options():
@@ -209,10 +254,16 @@ def _loss_poll(settings: Settings, run_id: str):
 
 
 def checkpoint_dir(result, tr: TrainingRun) -> str:
-    """A local folder holding the final checkpoint's files."""
+    """A local folder holding the final checkpoint's files: Ray Train's, or for a training in the driver (whose
+    checkpoints the loop persists itself) the newest in the run folder."""
     ckpt = result.checkpoint
     if ckpt is None:
-        raise RuntimeError(f"training {tr.name!r} finished without a checkpoint")
+        saved = checkpoints.latest(tr.root)
+        if saved is None:
+            raise RuntimeError(f"training {tr.name!r} finished without a checkpoint")
+        from tasks.train.data import local_dir
+
+        return local_dir(saved.uri)
     if not storage.is_remote(tr.root) and os.path.isdir(ckpt.path):
         return ckpt.path
     return ckpt.to_directory(tempfile.mkdtemp(prefix="vlforge-ckpt-"))
@@ -247,12 +298,25 @@ def torch_threads(num_workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, num_workers))
 
 
-def resolve_use_gpu(use_gpu: bool | None) -> bool:
-    if use_gpu is not None:
-        return use_gpu
-    from vlforge.raycluster import cluster_gpus
+def resolve_use_gpu(use_gpu: bool | None, in_driver: bool = False) -> bool:
+    """``use_gpu``, or when unset whether the trainer has GPUs: this machine's for a training in the driver, the
+    Ray cluster's otherwise."""
+    if not in_driver:
+        if use_gpu is not None:
+            return use_gpu
+        from vlforge.raycluster import cluster_gpus
 
-    return cluster_gpus() > 0
+        return cluster_gpus() > 0
+    import torch
+
+    if use_gpu and not torch.cuda.is_available():
+        from vlforge.errors import VlforgeError
+
+        raise VlforgeError(
+            "--use-gpu, but this machine has no GPU that torch can use; train without it, or on a Ray cluster "
+            "with GPUs (VLFORGE_RAY_ADDRESS)"
+        )
+    return torch.cuda.is_available() if use_gpu is None else use_gpu
 
 
 def finish_run(settings: Settings, run_id: str, metrics: dict[str, float], status: str = "FINISHED") -> None:
@@ -375,6 +439,18 @@ class Recipe:
         raise NotImplementedError
 
 
+def train_data(settings: Settings, pipeline, in_driver: bool):
+    """The recipe's training tensors (a ``tasks.train.data.TensorPipeline``) where the loop reads them: decoded in
+    this process for a training in the driver when they fit ``IN_PROCESS_BYTES`` (no Ray at all), else a Ray
+    Dataset (Ray started or reused)."""
+    if in_driver and pipeline.fits_in_process():
+        return pipeline.in_process()
+    from vlforge.raycluster import init_ray
+
+    init_ray(settings)
+    return pipeline.ray_dataset()
+
+
 def run_training(
     recipe: Recipe,
     dataset: str,
@@ -388,12 +464,13 @@ def run_training(
     no-op. The run goes to the stage's MLflow experiment, or to ``experiment`` with ``run_tags`` (a curation
     experiment's child runs). ``fail_once`` is a test hook (``{"rank", "step", "marker"}``: that rank exits hard
     once at that step)."""
-    from tasks.train.data import SPLIT_RULE, dataset_split, heldout_ref
+    from tasks.train.data import LOCAL_FILES, SPLIT_RULE, dataset_split, heldout_ref
     from vlforge.datasets import resolve_dataset
     from vlforge.raycluster import init_ray
     from vlforge.tracking import TAG_BASE_MODEL
 
     args = recipe.args
+    phases = {"start": time.time()}
     # Every address resolved before Ray starts: a wrong one fails in a second, not after Ray's start-up.
     dv = resolve_dataset(settings, dataset)
     eval_dv = resolve_dataset(settings, args.eval_dataset) if args.eval_dataset else None
@@ -402,9 +479,13 @@ def run_training(
     args = (
         recipe.args
     )  # check may settle what the recipe's defaults mean (a VLM recipe's stage learning rate)
-    init_ray(settings)
+    phases["resolved"] = time.time()
+    in_driver = trains_in_driver(settings, args.num_workers)
+    if not in_driver or len(dv.part_files("data")) > LOCAL_FILES:  # the split of many files runs on Ray
+        init_ray(settings)
+    phases["ray"] = time.time()
     name = args.name or default_name(recipe.stage, dv)
-    gpu = resolve_use_gpu(args.use_gpu)
+    gpu = resolve_use_gpu(args.use_gpu, in_driver)
     heldout, n_train = dataset_split(dv, args.eval_fraction, args.min_eval_pairs, args.max_eval_pairs)
     steps_per_epoch, total = steps_plan(
         n_train, args.batch_size, args.num_workers, args.grad_accum, args.epochs
@@ -426,11 +507,14 @@ def run_training(
         **(run_tags or {}),
     }
     tr = open_training(settings, recipe.stage, name, dv, tags, params, experiment)
+    phases["opened"] = time.time()
     if tr.status == "FINISHED":
         return finished_result(settings, tr, recipe.model_name)
     try:
         if not tr.info.get("initialised"):
             save_init_model(recipe.initial_model(dv, settings, heldout), tr)
+        phases["initial_model"] = time.time()
+        start = checkpoints.latest(tr.root)
         cfg = LoopConfig(
             run_id=tr.run_id, tracking_uri=settings.tracking_uri, init_uri=tr.init_uri,
             model=recipe.worker_hooks(), total_steps=total, steps_per_epoch=steps_per_epoch,
@@ -438,11 +522,16 @@ def run_training(
             grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing,
             checkpoint_every=args.checkpoint_every, log_every=args.log_every, seed=args.seed,
             torch_threads=torch_threads(args.num_workers), params=params, dataset=dv, fail_once=fail_once,
+            resume_from=start.uri if start else None, resume_step=start.step if start else 0,
+            checkpoint_root=tr.root if in_driver else None, device=("cuda" if gpu else "cpu") if in_driver else None,
         )  # fmt: skip
-        ds = recipe.train_dataset(dv, tr.init_uri, heldout)
+        ds = train_data(settings, recipe.train_dataset(dv, tr.init_uri, heldout), in_driver)
+        phases["data"] = time.time()
         result = fit(
-            settings, tr, cfg, ds, num_workers=args.num_workers, use_gpu=gpu, max_failures=args.max_failures
-        )
+            settings, tr, cfg, ds, num_workers=0 if in_driver else args.num_workers, use_gpu=gpu,
+            max_failures=args.max_failures,
+        )  # fmt: skip
+        phases["trained"] = time.time()
         model_dir = output_dir(settings, tr)
         bundle, adapter_dir = recipe.final_model(checkpoint_dir(result, tr), tr, model_dir)
         held = heldout_ref(dv, heldout)
@@ -454,4 +543,5 @@ def run_training(
         finish_run(settings, tr.run_id, {}, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     uri = registered.uri if registered else ""
-    return TrainResult(tr.run_id, uri, registered, metrics, model_dir, resumed=tr.resumed)
+    phases["end"] = time.time()
+    return TrainResult(tr.run_id, uri, registered, metrics, model_dir, resumed=tr.resumed, phases=phases)

@@ -7,7 +7,8 @@ learnable temperature), what to do after a step, and what a checkpoint holds. Th
 AdamW with a cosine schedule and linear warmup, gradient accumulation, bf16 autocast on GPU, optional gradient
 checkpointing. Rank 0 logs to the MLflow run the driver created and writes the checkpoints (the recipe's files
 plus ``train_state.pt``: optimizer, scheduler, step). A restarted worker group resumes from
-``ray.train.get_checkpoint()``.
+``ray.train.get_checkpoint()``; a training in the driver (Ray Train's local mode) writes its checkpoints to the run
+folder itself (``tasks.train.checkpoints``) and starts from the newest one the driver found there.
 
 The schedule is ours, not transformers' ``get_cosine_schedule_with_warmup``: that one trains its first step at
 learning rate 0, a wasted step that matters in the few-hundred-step trainings of small data.
@@ -83,6 +84,16 @@ class LoopConfig:
     params: dict[str, Any] = field(default_factory=dict)  # logged to the run by rank 0
     dataset: Any = None  # DatasetVersion: logged as the run's training input
     fail_once: dict | None = None  # test hook: {"rank", "step", "marker"}
+    # The newest checkpoint the driver found in the run folder (tasks.train.checkpoints.latest) and its step: where
+    # a training starts when Ray Train restores none as new (a training in the driver, or one it wrote before).
+    resume_from: str | None = None
+    resume_step: int = 0
+    # Set for a training in the driver (Ray Train's local mode, which keeps checkpoints in memory only): the run
+    # folder the loop writes its checkpoints to (tasks.train.checkpoints.save).
+    checkpoint_root: str | None = None
+    device: str | None = (
+        None  # a training in the driver: "cpu" or "cuda", as resolved (local mode asks torch)
+    )
 
 
 @dataclass(frozen=True)
@@ -188,16 +199,47 @@ def _save_checkpoint(bundle, module, optimizer, scheduler, step: int, config: Lo
     import ray.train
     from ray.train import Checkpoint
 
+    def write(folder: str) -> None:
+        config.model.save(bundle, module, folder)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+            os.path.join(folder, STATE_FILE),
+        )
+
+    if config.checkpoint_root:  # a training in the driver: the checkpoint is persisted here, not by Ray Train
+        from tasks.train import checkpoints
+
+        checkpoints.save(config.checkpoint_root, step, write, metrics)
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory(prefix="vlforge-ckpt-") as tmp:
         if ray.train.get_context().get_world_rank() == 0:
-            config.model.save(bundle, module, tmp)
-            torch.save(
-                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-                os.path.join(tmp, STATE_FILE),
-            )
+            write(tmp)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics, checkpoint=None)
+
+
+@contextlib.contextmanager
+def _start_checkpoint(config: LoopConfig):
+    """The folder of the checkpoint to start from, or None: Ray Train's (a restarted worker group, or a run Ray
+    Train restored) unless the driver found a newer one in the run folder (``resume_from``, written by a training
+    in the driver), then that one."""
+    import ray.train
+
+    from tasks.train.data import local_dir
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            if not config.resume_step or _checkpoint_step(folder) >= config.resume_step:
+                yield folder
+                return
+    yield local_dir(config.resume_from) if config.resume_from else None
+
+
+def _checkpoint_step(folder: str) -> int:
+    return int(torch.load(os.path.join(folder, STATE_FILE))["step"])
 
 
 def _maybe_fail(config: LoopConfig, rank: int, step: int) -> None:
@@ -246,20 +288,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     # cuBLAS reads this when CUDA starts, i.e. before the first tensor reaches the GPU (deterministic_torch).
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    device = ray.train.torch.get_device()
+    device = torch.device(config.device) if config.device else ray.train.torch.get_device()
     use_gpu = device.type == "cuda"
     if not use_gpu and config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     deterministic_torch(config.seed + rank)
 
-    ckpt = ray.train.get_checkpoint()
-    with ckpt.as_directory() if ckpt else contextlib.nullcontext() as ckpt_dir:
+    with _start_checkpoint(config) as ckpt_dir:
         bundle, module = config.model.build(local_dir(config.init_uri), ckpt_dir)
         state = torch.load(os.path.join(ckpt_dir, STATE_FILE)) if ckpt_dir else None
     if config.grad_checkpointing:
         _clip_model(module).gradient_checkpointing_enable()
     module.train()
-    module = ray.train.torch.prepare_model(module)  # moves to device; DDP when world size > 1
+    module = ray.train.torch.prepare_model(module, move_to_device=device)  # DDP when world size > 1
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = cosine_with_warmup(optimizer, config.warmup_steps, config.total_steps)

@@ -141,14 +141,42 @@ def test_driver_killed_then_same_name_resumes_from_checkpoint(settings, ray_loca
             log_every=2,
             min_eval_pairs=0,
         )
-    # One worker iterates the dataset itself: no split coordinator process beside the training.
-    assert "RayTrainWorker" in started.seen, sorted(started.seen)
-    assert "SplitCoordinator" not in started.seen, sorted(started.seen)
+    # Begun on a Ray Train worker (a cluster address was set), resumed in this process (one worker, none set):
+    # no worker actor, no split coordinator, from the checkpoint Ray Train registered.
+    assert not {"RayTrainWorker", "SplitCoordinator"} & started.seen, sorted(started.seen)
     assert result.resumed and result.run_id == killed.info.run_id
     (run,) = _runs(settings)
     assert run.info.status == "FINISHED"
-    steps = sorted({m.step for m in configure(settings).get_metric_history(run.info.run_id, "loss")})
-    assert steps[-1] == int(run.data.params["total_steps"])
+    logged = [m.step for m in configure(settings).get_metric_history(run.info.run_id, "loss")]
+    steps = sorted(set(logged))
+    assert steps[-1] == int(run.data.params["total_steps"]) and logged.count(1) == 1  # not begun again
     again = pretrain("seed", settings, name="resume-me", register=False)  # finished: a no-op
     assert again.run_id == result.run_id and len(_runs(settings)) == 1
     assert mlflow.get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_a_one_worker_training_in_the_driver_killed_then_resumed_by_name(settings):
+    """No Ray at all: the driver trains, writes its own checkpoints, is killed; the same name resumes from the
+    newest checkpoint in the same MLflow run."""
+    publish_synthetic_dataset(settings, "seed", n=64, seed=4)
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER], env=dict(os.environ), cwd=os.getcwd())
+    manifest = os.path.join(settings.storage_uri, "ray_results", "resume-me", "local_checkpoints.json")
+    deadline = time.time() + 150
+    while not os.path.exists(manifest) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(manifest), "the driver never wrote a checkpoint"
+    (killed,) = _runs(settings)
+    assert killed.info.status == "RUNNING"
+
+    with RayProcessWatcher() as started:
+        result = pretrain("seed", settings, name="resume-me", epochs=10, batch_size=16, register=False,
+                          log_every=2, min_eval_pairs=0)  # fmt: skip
+    assert not {"RayTrainWorker", "SplitCoordinator"} & started.seen, sorted(started.seen)
+    assert result.resumed and result.run_id == killed.info.run_id
+    (run,) = _runs(settings)
+    assert run.info.status == "FINISHED"
+    logged = [m.step for m in configure(settings).get_metric_history(run.info.run_id, "loss")]
+    assert max(logged) == int(run.data.params["total_steps"]) and logged.count(1) == 1
+    assert os.path.isfile(os.path.join(result.model_dir, "model.safetensors"))

@@ -232,7 +232,7 @@ def test_train_dataset_yields_every_train_row_materialised_or_streamed(
     pairs = make_pairs(60, seed=8)
     dv = publish_pairs(settings, "stream", pairs, files=2)
     model = build_clip("clip-tiny", [p.caption for p in pairs]).save(str(tmp_path / "init"))
-    ds = train_dataset(dv, model, eval_fraction=0.2, augment=False)
+    ds = train_dataset(dv, model, eval_fraction=0.2, augment=False).ray_dataset()
     assert data.version_rows(dv) == 60 and data.clip_row_bytes(model) == 3 * 32 * 32 * 4 + 2 * 32 * 8
     for _ in range(2):  # two epochs
         rows = sum(len(b["input_ids"]) for b in ds.iter_batches(batch_size=16, batch_format="numpy"))
