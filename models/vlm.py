@@ -77,6 +77,12 @@ class VlmRecipe:
         """A language model built from scratch has nothing to keep frozen: the tiny recipe trains it in stage 1."""
         return bool(self.stage1.get("train_language_model", False))
 
+    @property
+    def train_vision_tower_in_stage1(self) -> bool:
+        """A tiny CLIP's tower trained on a few hundred pairs tells shapes apart poorly; the tiny recipe trains it
+        in stage 1 too (BENCHMARKS.md "VLM recipe")."""
+        return bool(self.stage1.get("train_vision_tower", False))
+
 
 def list_vlm_recipes() -> list[str]:
     return sorted(p.stem for p in VLM_CONFIG_DIR.glob("*.json"))
