@@ -79,8 +79,8 @@ class VlmRecipe:
 
     @property
     def train_vision_tower_in_stage1(self) -> bool:
-        """A tiny CLIP's tower trained on a few hundred pairs tells shapes apart poorly; the tiny recipe trains it
-        in stage 1 too (BENCHMARKS.md "VLM recipe")."""
+        """Whether stage 1 trains the vision tower too (LLaVA keeps it frozen; on the 30-class task training the
+        tiny tower in stage 1 did not lift shape naming: BENCHMARKS.md "VLM recipe")."""
         return bool(self.stage1.get("train_vision_tower", False))
 
 

@@ -160,9 +160,12 @@ def test_stage1_trains_the_adapter_and_tiny_lm_only(vlm):
     assert n_params(model.model.vision_tower, trainable_only=True) == n_params(model.model.vision_tower)
 
 
-def test_tiny_recipe_trains_its_vision_tower_in_stage_1_and_the_llava_recipe_does_not():
-    assert load_vlm_recipe("vlm-tiny").train_vision_tower_in_stage1
+def test_a_recipe_trains_its_vision_tower_in_stage_1_only_when_it_says_so():
+    tiny = load_vlm_recipe("vlm-tiny")
+    assert not tiny.train_vision_tower_in_stage1  # it did not help (BENCHMARKS.md "VLM recipe")
     assert not load_vlm_recipe("vlm-qwen2.5-0.5b").train_vision_tower_in_stage1
+    stage1 = {**tiny.stage1, "train_vision_tower": True}
+    assert load_vlm_recipe("vlm-tiny", stage1=stage1).train_vision_tower_in_stage1
 
 
 @pytest.mark.parametrize("vlm", ["mlp", "resampler"], indirect=True)
