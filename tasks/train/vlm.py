@@ -265,8 +265,8 @@ def vlm_train_dataset(
 class VlmModelHooks:
     """The worker side of the VLM recipes (the loop's ``model``): stage 1 (``lora is None``) trains the adapter
     (and the language model when ``train_language_model``, the vision tower when ``train_vision_tower``); stage 2
-    puts LoRA on the language model with the settings ``lora`` (``models.vlm_train.LoraSettings`` fields). A checkpoint holds ``model/`` (stage 1) or
-    the peft ``adapter/`` (stage 2)."""
+    puts LoRA on the language model with the settings ``lora`` (``models.vlm_train.LoraSettings`` fields). A
+    checkpoint holds ``model/`` (stage 1) or the peft ``adapter/`` (stage 2)."""
 
     train_language_model: bool = False
     train_vision_tower: bool = False
