@@ -78,6 +78,12 @@ class VlmRecipe:
         """A language model built from scratch has nothing to keep frozen: the tiny recipe trains it in stage 1."""
         return bool(self.stage1.get("train_language_model", False))
 
+    @property
+    def train_vision_tower_in_stage1(self) -> bool:
+        """Whether stage 1 trains the vision tower too (LLaVA keeps it frozen; on the 30-class task training the
+        tiny tower in stage 1 did not lift shape naming: BENCHMARKS.md "VLM recipe")."""
+        return bool(self.stage1.get("train_vision_tower", False))
+
 
 def list_vlm_recipes() -> list[str]:
     return sorted(p.stem for p in VLM_CONFIG_DIR.glob("*.json"))

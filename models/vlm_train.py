@@ -3,6 +3,7 @@
 - :func:`build_batch`: (image, prompt, response) rows -> ``input_ids``, ``attention_mask``, ``pixel_values``,
   ``labels``; the loss sees only the response tokens (and the EOS closing it), everything else is -100.
   Truncation cuts the response's tail, never an image token or the prompt.
+- :func:`with_caption_conversations`: stage-2 rows plus caption conversations for a share of their images.
 - :func:`prepare_stage1`: vision tower and language model frozen, the adapter trained (and the language model
   too when the recipe says so: a from-scratch tiny LM has nothing worth freezing).
 - :func:`prepare_stage2`: peft LoRA on the language model's q/k/v/o and MLP projections only (a regex on the
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -48,6 +50,27 @@ class Example:
 def caption_examples(images: Sequence, captions: Sequence[str], prompt: str) -> list[Example]:
     """Stage-1 rows: the caption is the response to a fixed captioning prompt."""
     return [Example(i, prompt, c) for i, c in zip(images, captions, strict=True)]
+
+
+def caption_conversation_drawn(key: str, share: float) -> bool:
+    """Whether the row ``key`` also gets a caption conversation: a hash of the key below ``share``, so the choice
+    is the same in every epoch, on every worker and however the rows are batched."""
+    digest = hashlib.blake2b(f"caption-conversation:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < share
+
+
+def with_caption_conversations(
+    rows: Sequence[Example], keys: Sequence[str], captions: Sequence[str], prompt: str, share: float
+) -> tuple[list[Example], list[str]]:
+    """Stage-2 rows plus, for ``share`` of them (by key), the same image with the caption prompt answered by its
+    caption: LLaVA's instruction data mixes conversation kinds, and a stage 2 on questions alone forgets how to
+    describe an image (BENCHMARKS.md "VLM recipe")."""
+    out, out_keys = list(rows), list(keys)
+    for row, key, caption in zip(rows, keys, captions, strict=True):
+        if share > 0 and str(caption or "").strip() and caption_conversation_drawn(key, share):
+            out.append(Example(row.image, prompt, str(caption)))
+            out_keys.append(f"{key}#caption")
+    return out, out_keys
 
 
 def _pil(image, row: int = 0) -> Image.Image:
@@ -132,14 +155,19 @@ def projector(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_submodule(f"model.{PROJECTOR}")
 
 
-def prepare_stage1(bundle: VlmBundle, train_language_model: bool) -> torch.nn.Module:
-    """Freeze everything but the adapter (and the language model with its head when asked). Returns the model."""
+def prepare_stage1(
+    bundle: VlmBundle, train_language_model: bool, train_vision_tower: bool = False
+) -> torch.nn.Module:
+    """Freeze everything but the adapter (and the language model with its head, or the vision tower, when asked).
+    Returns the model."""
     model = bundle.model
     model.requires_grad_(False)
     projector(model).requires_grad_(True)
     if train_language_model:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
+    if train_vision_tower:
+        model.model.vision_tower.requires_grad_(True)
     return model
 
 

@@ -123,14 +123,19 @@ def preprocess_vlm_batch(
     max_length: int,
     prompt_col: str | None = None,
     response_col: str | None = None,
+    caption_share: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """Drop held-out rows; build (image, prompt, response) training tensors padded to ``max_length``."""
-    from models.vlm_train import IGNORE_INDEX
+    """Drop held-out rows; build (image, prompt, response) training tensors padded to ``max_length``. With
+    ``prompt_col`` and ``caption_share``, that share of the rows (by key) also gives a caption conversation."""
+    from models.vlm_train import IGNORE_INDEX, with_caption_conversations
     from tasks.train.data import content_eval_mask
 
     bundle = load_vlm_processor(model_uri)
     keep = ~content_eval_mask(batch, eval_fraction)
     rows, keys = _rows(batch, keep, caption_prompt, prompt_col, response_col)
+    if prompt_col and caption_share > 0:
+        captions = [str(c) for c, k in zip(batch["caption"], keep, strict=True) if k]
+        rows, keys = with_caption_conversations(rows, keys, captions, caption_prompt, caption_share)
     image_size = int(bundle.model.config.vision_config.image_size)
     if not rows:
         empty = np.zeros((0, max_length), dtype=np.int64)
@@ -169,13 +174,13 @@ def vlm_train_dataset(
     prompt_col: str | None = None,
     response_col: str | None = None,
     seed: int = 0,
+    caption_share: float = 0.0,
 ):
     """A Ray Dataset of VLM training tensors (the train split), built once and reshuffled every epoch."""
     from tasks.train.data import tensor_dataset, train_columns
 
-    columns = train_columns(
-        dv, ["key", "image", *([prompt_col, response_col] if prompt_col else ["caption"])]
-    )
+    mixed = [prompt_col, response_col, "caption"] if caption_share > 0 else [prompt_col, response_col]
+    columns = train_columns(dv, ["key", "image", *(mixed if prompt_col else ["caption"])])
     settings = {
         "model_uri": model_uri,
         "eval_fraction": eval_fraction,
@@ -183,6 +188,7 @@ def vlm_train_dataset(
         "max_length": max_length,
         "prompt_col": prompt_col,
         "response_col": response_col,
+        "caption_share": caption_share,
     }
     row_bytes = vlm_row_bytes(model_uri, max_length)
     return tensor_dataset(dv, columns, preprocess_vlm_batch, settings, row_bytes, seed=seed, flip=False)
@@ -191,11 +197,12 @@ def vlm_train_dataset(
 @dataclass(frozen=True)
 class VlmModelHooks:
     """The worker side of the VLM recipes (the loop's ``model``): stage 1 (``lora is None``) trains the adapter
-    (and the language model when ``train_language_model``); stage 2 puts LoRA on the language model with the
+    (and the language model when ``train_language_model``, the vision tower when ``train_vision_tower``); stage 2 puts LoRA on the language model with the
     settings ``lora`` (``models.vlm_train.LoraSettings`` fields). A checkpoint holds ``model/`` (stage 1) or
     the peft ``adapter/`` (stage 2)."""
 
     train_language_model: bool = False
+    train_vision_tower: bool = False
     lora: dict | None = None
 
     def build(self, init_dir: str, ckpt_dir: str | None):
@@ -204,7 +211,7 @@ class VlmModelHooks:
 
         if self.lora is None:
             bundle = load_vlm(os.path.join(ckpt_dir, "model") if ckpt_dir else init_dir)
-            return bundle, prepare_stage1(bundle, self.train_language_model)
+            return bundle, prepare_stage1(bundle, self.train_language_model, self.train_vision_tower)
         bundle = load_vlm(init_dir)
         if ckpt_dir:
             return bundle, resume_stage2(bundle, os.path.join(ckpt_dir, "adapter"), trainable=True)

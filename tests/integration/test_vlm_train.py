@@ -10,9 +10,11 @@ import pytest
 from safetensors import safe_open
 
 from models.clip import build_clip
+from tasks.promotion import keeps_general_data
 from tasks.train.finetune import finetune
 from tasks.train.pretrain import pretrain
 from tests.helpers import publish_instructions
+from vlforge.defaults import GENERAL_MARGIN
 from vlforge.demo.synth import INSTRUCTIONS, make_pairs
 from vlforge.tracking import EXPERIMENTS, TAG_BASE_MODEL, TAG_RECIPE, TAG_VISION_MODEL, configure
 
@@ -70,9 +72,13 @@ def test_both_vlm_stages_train_register_and_answer_from_the_registry(settings, r
     assert domain.beats, reg.decision.lines()  # its base only captions: it never answers "red"
     general = reg.decision.comparison("vs_base_general")
     assert general is not None and general.metric == "caption_accuracy"
-    assert reg.alias == ("champion" if general.difference.value >= -0.05 else "challenger"), (
+    # The non-inferiority rule (issue #27): champion only when the interval's lower bound lies above -margin.
+    assert reg.alias == ("champion" if keeps_general_data(general, GENERAL_MARGIN) else "challenger"), (
         reg.decision.lines()
     )
+    # Caption conversations mixed into stage 2 (the recipe's caption_share) keep it describing images: its
+    # caption accuracy stays near its base's instead of falling to 0 (0.21 -> 0.0 without them, docs/vlm.md).
+    assert general.difference.value > -0.1, reg.decision.lines()
     run2 = client.get_run(s2.run_id)
     assert run2.data.params["lr"] == "0.003"  # lr left at its default: the recipe's stage-2 learning rate
     assert run2.data.tags[TAG_BASE_MODEL] == s1.model_uri

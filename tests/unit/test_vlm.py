@@ -156,6 +156,16 @@ def test_stage1_trains_the_adapter_and_tiny_lm_only(vlm):
     lm = {id(p): p for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]}
     assert n_params(model, trainable_only=True) == adapter + sum(p.numel() for p in lm.values())
     assert n_params(model.model.vision_tower, trainable_only=True) == 0
+    prepare_stage1(vlm, train_language_model=True, train_vision_tower=True)
+    assert n_params(model.model.vision_tower, trainable_only=True) == n_params(model.model.vision_tower)
+
+
+def test_a_recipe_trains_its_vision_tower_in_stage_1_only_when_it_says_so():
+    tiny = load_vlm_recipe("vlm-tiny")
+    assert not tiny.train_vision_tower_in_stage1  # it did not help (BENCHMARKS.md "VLM recipe")
+    assert not load_vlm_recipe("vlm-qwen2.5-0.5b").train_vision_tower_in_stage1
+    stage1 = {**tiny.stage1, "train_vision_tower": True}
+    assert load_vlm_recipe("vlm-tiny", stage1=stage1).train_vision_tower_in_stage1
 
 
 @pytest.mark.parametrize("vlm", ["mlp", "resampler"], indirect=True)

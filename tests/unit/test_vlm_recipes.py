@@ -229,3 +229,35 @@ def test_an_eval_sets_name_says_whether_its_rows_are_read_as_instructions_or_cap
     other = VlmEvaluator(settings, "Describe the image.", prompt_col="question")
     with pytest.raises(VlforgeError, match="no column 'question'"):
         other.table(held + MARK)
+
+
+def test_stage2_mixes_caption_conversations_into_a_share_of_the_rows(init_dir):
+    """LLaVA's stage-2 data mixes conversation kinds: a share of the instruction rows (chosen by key, the same in
+    every epoch and batching) also gives the image with the caption prompt answered by its caption."""
+    from models.vlm import load_vlm_recipe
+    from models.vlm_train import Example, with_caption_conversations
+
+    keys = [f"k{i}" for i in range(2000)]
+    rows = [Example(b"img", "What colour is the shape?", "red") for _ in keys]
+    mixed, mixed_keys = with_caption_conversations(rows, keys, ["a red circle"] * 2000, "Describe it.", 0.25)
+    extra = mixed[2000:]
+    assert mixed[:2000] == rows  # every instruction kept
+    assert 0.22 < len(extra) / 2000 < 0.28
+    assert {(e.prompt, e.response) for e in extra} == {("Describe it.", "a red circle")}
+    again, again_keys = with_caption_conversations(rows[::-1], keys[::-1], ["a red circle"] * 2000, "D", 0.25)
+    assert sorted(again_keys) == sorted(mixed_keys)  # the draw follows the key, not the order or the batch
+    assert with_caption_conversations(rows, keys, ["a red circle"] * 2000, "D", 0.0)[0] == rows
+
+    # Through the Ray Data preprocessing: every row answered twice at share 1, the caption on the second.
+    out = preprocess_vlm_batch(
+        _batch(prompt=True), model_uri=init_dir, eval_fraction=0.0, caption_prompt="Describe the image.",
+        max_length=64, prompt_col="q", response_col="a", caption_share=1.0,
+    )  # fmt: skip
+    assert out["input_ids"].shape[0] == 2 * len(PAIRS)
+    from tasks.train.vlm_data import load_vlm_processor
+
+    tok = load_vlm_processor(init_dir).tokenizer
+    second = out["labels"][len(PAIRS)]
+    assert tok.decode(second[second != -100], skip_special_tokens=True).strip() == PAIRS[0].caption
+    # The shipped tiny recipe mixes them in by default.
+    assert load_vlm_recipe("vlm-tiny").stage2.get("caption_share", 0) > 0

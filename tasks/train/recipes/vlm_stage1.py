@@ -96,7 +96,10 @@ class VlmPretrainRecipe(Recipe):
         )  # fmt: skip
 
     def worker_hooks(self):
-        return VlmModelHooks(train_language_model=self.vlm.train_language_model_in_stage1)
+        return VlmModelHooks(
+            train_language_model=self.vlm.train_language_model_in_stage1,
+            train_vision_tower=self.vlm.train_vision_tower_in_stage1,
+        )
 
     def final_model(self, ckpt_dir: str, tr: TrainingRun, model_dir: str):
         from models.vlm import load_vlm

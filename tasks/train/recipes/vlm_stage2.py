@@ -100,7 +100,7 @@ class VlmFinetuneRecipe(Recipe):
         return vlm_train_dataset(
             dv, init_uri, eval_fraction=heldout, caption_prompt=self.vlm.caption_prompt,
             max_length=self.vlm.max_length, prompt_col=self.args.prompt_col, response_col=self.args.response_col,
-            seed=self.args.seed,
+            seed=self.args.seed, caption_share=float(self.vlm.stage2.get("caption_share", 0.0)),
         )  # fmt: skip
 
     def worker_hooks(self):
