@@ -32,7 +32,14 @@ from urllib.parse import urlsplit
 from tasks.ingest.blocklist import BLOCKLISTED, BlocklistRef
 from tasks.ingest.blocklist import match as blocklist_match
 from tasks.ingest.politeness import GateAddress, GateClient
-from tasks.ingest.robots import ROBOTS_DISALLOWED, TDM_RESERVED, SiteRules, fetch_site, site_of, tdm_reserved
+from tasks.ingest.robots import (
+    ROBOTS_DISALLOWED,
+    TDM_RESERVED,
+    SiteRules,
+    fetch_site,
+    site_of,
+    tdm_reserved,
+)
 from vlforge.netguard import REFUSED_PREFIX
 
 RATE_LIMITED = "rate_limited"
@@ -103,23 +110,30 @@ class _SiteAwareRedirect(urllib.request.HTTPRedirectHandler):
         self.policy, self.token, self.timeout = policy, token, timeout
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
+        # urllib's own handling first: the network guard refuses a target it does not permit (its reason, e.g.
+        # private_network, is the row's), before anything is asked of the target site.
+        follow = super().redirect_request(req, fp, code, msg, headers, newurl)
         target = site_of(newurl)
-        if target[0] != site_of(req.full_url)[0] and target[0].startswith(("http://", "https://")):
-            rules = _site_rules(target[0], self.policy, self.timeout)
-            if self.policy.robots and rules.unavailable:
-                raise _RedirectRefused(f"{REFUSED_PREFIX}{ROBOTS_DISALLOWED}: redirect to {newurl[:200]}: "
-                                       f"{rules.unavailable}")  # fmt: skip
-            if (
-                self.policy.robots
-                and rules.robots is not None
-                and not rules.robots.can_fetch(newurl, self.token)
-            ):
-                raise _RedirectRefused(f"{REFUSED_PREFIX}{ROBOTS_DISALLOWED}: redirect to {newurl[:200]}: "
-                                       f"robots.txt of {target[0]} disallows it for {self.token}")  # fmt: skip
-            if tdm_reserved(rules.tdm, target[2]):
-                raise _RedirectRefused(f"{REFUSED_PREFIX}{TDM_RESERVED}: redirect to {newurl[:200]}: "
-                                       f"{target[0]}/.well-known/tdmrep.json reserves it")  # fmt: skip
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        if follow is None or target[0] == site_of(req.full_url)[0]:
+            return follow
+        if not target[0].startswith(("http://", "https://")):
+            return follow
+        rules = _site_rules(target[0], self.policy, self.timeout)
+        where = f"redirect to {newurl[:200]}"
+        if self.policy.robots and rules.unavailable:
+            # as at staging: robots_unavailable (transient: --retry-failed asks again) or the network's reason
+            raise _RedirectRefused(
+                f"{REFUSED_PREFIX}{rules.unavailable_reason}: {where}: {rules.unavailable}"
+            )
+        if self.policy.robots and rules.robots is not None and not rules.robots.can_fetch(newurl, self.token):
+            raise _RedirectRefused(
+                f"{REFUSED_PREFIX}{ROBOTS_DISALLOWED}: {where}: robots.txt of {target[0]} disallows it for {self.token}"
+            )
+        if tdm_reserved(rules.tdm, target[2]):
+            raise _RedirectRefused(
+                f"{REFUSED_PREFIX}{TDM_RESERVED}: {where}: {target[0]}/.well-known/tdmrep.json reserves it"
+            )
+        return follow
 
 
 def _fetch_once(url: str, policy: CrawlPolicy, timeout, token, directives):
