@@ -61,16 +61,7 @@ def configure(settings: Settings):
 
     uri = settings.tracking_uri
     keep_credentials_off_stdout(uri)
-    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (and the registry URI) to os.environ; a later
-    # get_settings() in this process would then take that for the user's choice and keep pointing at this
-    # storage root's database after VLFORGE_STORAGE changed. Keep the environment as the user left it.
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     _point_at(uri)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if uri.startswith("sqlite:///") and uri not in _INITIALISED:
         _init_sqlite(uri[len("sqlite:///") :], client)
@@ -79,10 +70,20 @@ def configure(settings: Settings):
 
 
 def _point_at(uri: str) -> None:
+    """Point this process's MLflow at ``uri``, leaving the environment as the user left it: mlflow.set_tracking_uri
+    also exports MLFLOW_TRACKING_URI (and the registry URI) to os.environ, and a later get_settings() in this
+    process (the next command of a session, or a one-worker training's run continued in the driver) would take
+    that for the user's choice and keep pointing at this database after VLFORGE_STORAGE changed."""
     import mlflow
 
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _client(target: Settings | str):

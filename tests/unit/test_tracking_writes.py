@@ -5,9 +5,12 @@ their imports. Reads (``get_run``, ``search_runs``...) may stay where they are."
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import pytest
+
+from vlforge import tracking
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("vlforge", "models", "tasks", "flows", "bench")
@@ -108,3 +111,20 @@ def test_the_tracking_writes_land_in_the_run(settings, tmp_path):
     assert tracking.configure(settings).get_run(failed).info.status == "FAILED"
     tracking.end_run(settings, failed, "KILLED", metrics={"last": 1.0})
     assert tracking.configure(settings).get_run(failed).data.metrics == {"last": 1.0}
+
+
+def test_a_run_continued_in_this_process_leaves_the_environment_as_it_was(settings, monkeypatch):
+    # A one-worker training continues its run in the driver's process: pointing MLflow at the run's database
+    # must not export MLFLOW_TRACKING_URI, or the next command of the process (the next test) would take the
+    # old database for the user's choice.
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    run_id = tracking.start_stage_run(settings, "pretrain")
+    tracking.continue_run_in_worker(settings.tracking_uri, run_id, {"lr": 0.1})
+    try:
+        assert mlflow.active_run().info.run_id == run_id
+        assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    finally:
+        tracking.leave_worker_run()
