@@ -74,11 +74,17 @@ def field_parameters(model: type[BaseModel], prefix: str = "", exclude: tuple[st
 
 def model_options(model: type[BaseModel], exclude: tuple[str, ...] = ()):
     """Decorate a command ``fn(..., **options)`` so Typer offers every field of ``model`` as an option."""
+    return with_parameters(lambda: field_parameters(model, exclude=exclude))
+
+
+def with_parameters(extra):
+    """Decorate a command ``fn(..., **options)`` so Typer sees ``extra()`` (``inspect.Parameter``s, made when
+    the command is decorated) in place of ``**options``."""
 
     def decorate(fn):
         sig = inspect.signature(fn, eval_str=True)
         own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        params = own + field_parameters(model, exclude=exclude)
+        params = own + extra()
 
         @functools.wraps(fn)
         def command(*args, **kwargs):

@@ -10,7 +10,6 @@ equals.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import typing
 from typing import Annotated, Any
@@ -18,7 +17,13 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from flows.options import FLAG_NAMES, OptionError, describe_validation_error, field_parameters
+from flows.options import (
+    FLAG_NAMES,
+    OptionError,
+    describe_validation_error,
+    field_parameters,
+    with_parameters,
+)
 from tasks.train.args import RECIPE_VALUE
 from tasks.train.recipes import Family, families, family_of, settings_for
 from tasks.train.recipes.catalog import vlm_recipe_stages
@@ -93,20 +98,7 @@ def training_parameters(stage: str) -> list[inspect.Parameter]:
 def training_options(stage: str):
     """Decorate a command ``fn(..., **options)`` so Typer offers every setting of ``stage``'s families."""
 
-    def decorate(fn):
-        sig = inspect.signature(fn, eval_str=True)
-        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        params = own + training_parameters(stage)
-
-        @functools.wraps(fn)
-        def command(*args, **kwargs):
-            return fn(*args, **kwargs)
-
-        command.__signature__ = sig.replace(parameters=params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        return command
-
-    return decorate
+    return with_parameters(lambda: training_parameters(stage))
 
 
 def collect_training(stage: str, options: dict[str, Any]):
