@@ -6,8 +6,9 @@ import ``models.pyfunc``: with our ``models/`` and ``vlforge/`` folders shipped 
 (``'models' is not a package``) or swaps the app's modules for ours. So :func:`stage_pyfunc_code` copies the
 wrapper's import closure (every module of ``models`` and ``vlforge`` it reaches, at import or at call time)
 into ``vlforge_pyfunc_<hash>/models/...`` and ``vlforge_pyfunc_<hash>/vlforge/...``, rewrites those imports to
-the new package, and writes a small entry file that MLflow logs as the model's code ("models from code": no
-pickle). The hash is of the shipped sources, so two models logged by different vlforge versions load side by
+the new package (with :func:`vlforge.relocate.rewrite_imports`, the rewriter the wheel's build uses too), and
+writes a small entry file that MLflow logs as the model's code ("models from code": no pickle). Installed
+from the wheel, ``models`` is ``vlforge.models`` and the closure is all under ``vlforge``. The hash is of the shipped sources, so two models logged by different vlforge versions load side by
 side in one process. The weights need none of this: they are ``save_pretrained`` folders.
 """
 
@@ -16,15 +17,18 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-SHIPPED_ROOTS = ("models", "vlforge")
+from vlforge.relocate import rewrite_imports as _relocate
+
+# The top-level packages the wrapper's closure can reach: `models` and `vlforge` in the repository; from the
+# wheel, where this module is `vlforge.models.pyfunc_code`, `vlforge` alone.
+SHIPPED_ROOTS = tuple(dict.fromkeys((__name__.partition(".")[0], "vlforge")))
 PACKAGE_PREFIX = "vlforge_pyfunc_"
-DATA_DIRS = ("models/configs",)  # recipes (JSON) the model code reads next to its modules
+# recipes (JSON) the model code reads next to its modules: `models/configs` (or `vlforge/models/configs`)
+DATA_DIRS = {"/".join((*__name__.split(".")[:-1], "configs")): Path(__file__).parent / "configs"}
 ENTRY_FILE = "vlforge_model.py"
 
 _ENTRY = '''"""vlforge's {cls}, logged as code; its modules ship in code/{package}/ (models/pyfunc_code.py)."""
@@ -63,29 +67,16 @@ def _module_file(module: str) -> Path | None:
     return Path(locations[0], "__init__.py") if locations else None
 
 
-def _is_ours(node: ast.AST) -> bool:
-    """An absolute ``from models... import`` / ``from vlforge... import`` statement."""
-    return (
-        isinstance(node, ast.ImportFrom)
-        and node.level == 0
-        and bool(node.module)
-        and _root(node.module) in SHIPPED_ROOTS
-    )
-
-
 def _imports(path: Path, module: str) -> set[str]:
     """The ``models``/``vlforge`` modules ``path`` imports anywhere (function bodies too), with the packages
     those imports pass through."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(_source(path), str(path))):
         if isinstance(node, ast.Import):
-            for alias in node.names:
-                if _root(alias.name) in SHIPPED_ROOTS:
-                    raise ValueError(
-                        f"{module}: 'import {alias.name}' cannot be shipped under another package name; "
-                        f"write 'from {alias.name.rpartition('.')[0] or alias.name} import ...'"
-                    )
-        elif _is_ours(node):
+            found.update(a.name for a in node.names if _root(a.name) in SHIPPED_ROOTS)
+        elif (
+            isinstance(node, ast.ImportFrom) and node.level == 0 and _root(node.module or "") in SHIPPED_ROOTS
+        ):
             found.add(node.module)
             # `from models import clip` names a submodule, not an attribute
             found.update(
@@ -111,18 +102,10 @@ def import_closure(entry_module: str) -> dict[str, Path]:
     return files
 
 
-_FROM = re.compile(r"\bfrom(\s+)(" + "|".join(SHIPPED_ROOTS) + r")\b")
-
-
-def rewrite_imports(source: str, package: str) -> str:
+def rewrite_imports(source: str, package: str, where: str = "<source>") -> str:
     """``from models.x import y`` -> ``from <package>.models.x import y`` (and so for ``vlforge``) at each
     absolute import statement the parser finds; docstrings and comments stay as they were."""
-    lines = source.splitlines(keepends=True)
-    for node in ast.walk(ast.parse(source)):
-        if _is_ours(node):
-            i, col = node.lineno - 1, node.col_offset
-            lines[i] = lines[i][:col] + _FROM.sub(rf"from\1{package}.\2", lines[i][col:], count=1)
-    return "".join(lines)
+    return _relocate(source, {root: f"{package}.{root}" for root in SHIPPED_ROOTS}, where=where)
 
 
 def _relative(name: str, path: Path) -> Path:
@@ -134,7 +117,7 @@ def stage_pyfunc_code(entry_module: str, class_name: str, dest: str) -> ShippedC
     """Write the closure of ``entry_module`` (e.g. ``models.pyfunc``) under ``dest/code/<package>/`` and the
     entry file that sets ``class_name`` as the model at ``dest/vlforge_model.py``."""
     files = import_closure(entry_module)
-    data = {d: base for d in DATA_DIRS if (base := _package_dir(d)) is not None}
+    data = {d: base for d, base in DATA_DIRS.items() if base.is_dir()}
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + _source(files[name]).encode())
@@ -150,7 +133,7 @@ def stage_pyfunc_code(entry_module: str, class_name: str, dest: str) -> ShippedC
     for name, path in files.items():
         target = package_dir / _relative(name, path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(rewrite_imports(_source(path), package))
+        target.write_text(rewrite_imports(_source(path), package, where=str(path)))
     for d, base in data.items():
         shutil.copytree(base, package_dir / d, dirs_exist_ok=True)
     entry = Path(dest, ENTRY_FILE)
@@ -160,11 +143,3 @@ def stage_pyfunc_code(entry_module: str, class_name: str, dest: str) -> ShippedC
 
 def _source(path: Path) -> str:
     return path.read_text() if path.is_file() else ""  # a namespace package's missing __init__.py
-
-
-def _package_dir(rel: str) -> Path | None:
-    """``models/configs`` -> that folder inside the ``models`` package, or None."""
-    root, _, rest = rel.partition("/")
-    init = _module_file(root)
-    folder = init.parent / rest if init is not None else None
-    return folder if folder is not None and os.path.isdir(folder) else None

@@ -21,5 +21,5 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(f"tasks.export.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'tasks.export' has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
