@@ -142,10 +142,9 @@ def demo(params: DemoParams | None = None) -> dict:
             pretraining=PretrainArgs(init=defaults.DEFAULT_MODEL_URI, epochs=epochs, **judged),
             finetune_dataset="demo-domain",
             # lr 2e-3, not the fine-tune default 5e-4 (chosen on held-out data to stay within the general margin,
-            # BENCHMARKS.md "LoRA defaults"): at 5e-4 the demo's fine-tune barely moved on its domain (+0.005, one
-            # run at 10 epochs, clip-tiny base); at 2e-3 four full-size runs won their domain, two on a clip-tiny
-            # base (+0.105, +0.130) and two on the clip-conv-64 default (+0.135 [+0.050, +0.215],
-            # +0.085 [+0.010, +0.160]), within the margin on demo-eval. The gate still judges it on both.
+            # BENCHMARKS.md "LoRA defaults"): at the demo's few epochs the default barely moves the fine-tune on its
+            # domain, while 2e-3 wins it and stays within the margin on demo-eval (the runs: BENCHMARKS.md "End to
+            # end"). The gate still judges it on both.
             finetuning=FinetuneArgs(
                 epochs=finetune_epochs, lr=2e-3, class_prompts=prompts, general_eval="demo-eval"
             ),

@@ -129,7 +129,7 @@ def fold_quick_gelu(model: torch.nn.Module) -> int:
 
     ``fc2(h * sigmoid(1.702 h))`` with ``h = fc1(x)`` equals ``fc2'(silu(fc1'(x)))`` where ``fc1'`` is ``fc1``
     scaled by 1.702 and ``fc2'`` has its weight divided by 1.702: the same function, but one elementwise pass
-    over the [tokens, 4 x width] activations instead of three (~8 % of a ViT-B/32 forward on a CPU). The
+    over the [tokens, 4 x width] activations instead of three (its worth: BENCHMARKS.md "Curate"). The
     folded model must not be saved: its config still says ``quick_gelu``. Returns the number of MLPs folded;
     a second call folds nothing.
     """

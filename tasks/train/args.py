@@ -47,10 +47,10 @@ class TrainArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: Epochs = 10
-    # Pretraining's batch, peak rate and warmup, chosen for the default recipe (clip-conv-64) on the shapes30 generator's (vlforge/demo/synth.py)
-    # tuning data (BENCHMARKS.md "Recipes"): small batches give a few hundred pairs enough optimizer steps to learn shapes, and
-    # at a higher rate (1e-3, or 2e-3 at batch 16) runs more often stayed at colours only. clip-tiny was measured at
-    # batch 32, lr 3e-3, 10 warmup steps.
+    # Pretraining's batch, peak rate and warmup, chosen for the default recipe (clip-conv-64) on the shapes30
+    # generator's (vlforge/demo/synth.py) tuning data: small batches give a few hundred pairs enough optimizer
+    # steps to learn shapes, and a higher rate tends to stop at colours. Other recipes may want other values
+    # (the runs and the settings each recipe was measured at: BENCHMARKS.md "Recipes", bench/recipe.py).
     batch_size: BatchSize = 8
     lr: LearningRate = 5e-4
     weight_decay: WeightDecay = 0.1

@@ -178,13 +178,13 @@ def fit(
         ),
         datasets={"train": dataset},
         # One worker has nothing to split: it iterates the dataset itself. A split would add a coordinator
-        # actor that hands the blocks over (measured at ~6 % of a core, taken from training on a small machine).
+        # actor that hands the blocks over, polling on a core the training could use.
         dataset_config=DataConfig(
             datasets_to_split="all" if num_workers > 1 else [], execution_options=_ingest_options()
         ),
     )
     # fit() installs a SIGINT handler that holds the controller actor's handle and is never removed: after
-    # training it kept the controller, its dataset manager and split coordinator alive (~0.8 GB, ~0.03 cores)
+    # training it kept the controller, its dataset manager and split coordinator alive (their memory and polling)
     # until the next training, and sent Ctrl-C during evaluation to the finished run's controller instead of
     # interrupting. Put the previous handler back, which releases the handle and with it those actors.
     in_main = threading.current_thread() is threading.main_thread()
