@@ -7,7 +7,6 @@ single-process loop over the same batches. Writes bench/results/curate.json.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -18,6 +17,8 @@ from typing import Annotated
 import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchkit import write_result  # noqa: E402
 
 
 def encoder_flops(tokens: int, width: int, mlp: int, layers: int) -> float:
@@ -173,11 +174,7 @@ def main(
         "cpus": os.cpu_count(),
         "note": "pairs_per_s includes Ray actor start-up (process, imports, model load); the naive time includes loading the model from the same folder; steady_* counts from the first result batch to the last; FLOPs are 2 x MACs, text at the padded length of each batch",
     }
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "curate.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(json.dumps(result, indent=2))
+    write_result("curate.json", result)
 
 
 if __name__ == "__main__":

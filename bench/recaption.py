@@ -15,41 +15,18 @@ take the cluster's GPUs. Writes bench/results/recaption.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "recaption.json")
+import typer  # noqa: E402
+from benchkit import machine, write_result  # noqa: E402
+
 PROMPT = "Describe the image."
-
-
-def _dataset(settings, rows: int, parts: int, size: int):
-    """A dataset version of synthetic pairs in curate's layout (image as datasets' Image struct)."""
-    import pyarrow as pa
-
-    from vlforge.datasets import VersionWriter
-    from vlforge.demo.synth import make_pairs
-    from vlforge.hfformat import image_struct, with_hf_features
-
-    pairs = make_pairs(rows, seed=0, size=size, prefix="bench")
-    table = pa.table(
-        {
-            "key": [p.key for p in pairs],
-            "caption": [p.caption for p in pairs],
-            "image": image_struct(pa.array([p.image for p in pairs], pa.binary())),
-        }
-    )
-    writer = VersionWriter(settings, "bench")
-    per = -(-rows // parts)
-    for i in range(parts):
-        writer.write_table("data", with_hf_features(table.slice(i * per, per)), index=i)
-    return writer.publish({"counts": {"kept": rows}, "source": "bench", "filters": {}})
 
 
 def _model(folder: str, size: int) -> str:
@@ -71,28 +48,31 @@ def _ray_path(files, model_dir, settings, opts) -> tuple[int, float]:
     return rows, time.perf_counter() - start
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=256)
-    ap.add_argument("--parts", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--model", default=None, help="A saved VLM folder (default: a new vlm-tiny)")
-    args = ap.parse_args()
+def main(
+    rows: int = typer.Option(256, help="Synthetic pairs captioned."),
+    parts: int = typer.Option(4, help="Data files they are written in."),
+    batch_size: int = typer.Option(16, help="Images per generate call."),
+    max_new_tokens: int = typer.Option(16, help="Caption length limit, in tokens."),
+    image_size: int = typer.Option(64, help="Synthetic image side, in pixels."),
+    repeats: int = typer.Option(2, help="Alternated timings of each path; the best of each counts."),
+    model: str | None = typer.Option(None, help="A saved VLM folder (default: a new vlm-tiny)."),
+) -> None:
+    args = SimpleNamespace(**locals())  # the options by name, as the code below reads them
 
     import torch
 
     from tasks.recaption.generate import plain_loop
     from tasks.recaption.stage import recaption
+    from vlforge.demo.datasets import publish_pairs
+    from vlforge.demo.synth import make_pairs
     from vlforge.raycluster import init_ray
     from vlforge.settings import Settings
 
     work = tempfile.mkdtemp(prefix="vlforge-bench-recaption-")
     settings = Settings(storage=os.path.join(work, "store"))
     model_dir = args.model or _model(os.path.join(work, "vlm"), args.image_size)
-    dv = _dataset(settings, args.rows, args.parts, args.image_size)
+    pairs = make_pairs(args.rows, seed=0, size=args.image_size, prefix="bench")
+    dv = publish_pairs(settings, "bench", pairs, files=args.parts)
     files = sorted(dv.part_files("data"))
     opts = {"prompt": PROMPT, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size}
     init_ray(settings)
@@ -123,15 +103,11 @@ def main() -> None:
         "plain_seconds": [round(s, 2) for s in plain],
         "ray_data_seconds": [round(s, 2) for s in ray_times],
         "torch_threads_plain": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "machine": platform.machine(),
+        **machine(),
     }
-    print(json.dumps(result, indent=2))
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_result("recaption.json", result)
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

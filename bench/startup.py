@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,8 +25,8 @@ START = time.time()  # this process's start, before the heavy imports
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import typer  # noqa: E402
+from benchkit import machine, write_result  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "startup.json")
 # (label, from mark, to mark): the driver's marks plus "process" (process start), "imported" (pretrain is called),
 # "first_step", "last_step" and "exited" (Ray shut down, as the process ends).
 PHASES = [
@@ -44,37 +43,6 @@ PHASES = [
     ("evaluate", "trained", "end"),
     ("ray shutdown", "end", "exited"),
 ]
-
-
-def publish_pairs(settings, name: str, n: int, seed: int):
-    """A dataset version of ``n`` synthetic pairs in DESIGN's data contract (one data file)."""
-    import hashlib
-    import io
-
-    import pyarrow as pa
-    from PIL import Image
-
-    from vlforge.datasets import VersionWriter
-    from vlforge.demo.synth import make_pairs
-    from vlforge.hfformat import image_struct, with_hf_features
-
-    pairs = make_pairs(n, 0.0, seed=seed)
-    sizes = [Image.open(io.BytesIO(p.image)).size for p in pairs]
-    table = pa.table({
-        "key": [p.key for p in pairs],
-        "url": [f"http://127.0.0.1/img/{p.key}.jpg" for p in pairs],
-        "caption": [p.caption for p in pairs],
-        "image": image_struct(pa.array([p.image for p in pairs], pa.binary())),
-        "width": [s[0] for s in sizes],
-        "height": [s[1] for s in sizes],
-        "sha256": [hashlib.sha256(p.image).hexdigest() for p in pairs],
-        "clip_score": [1.0] * n,
-        "source": ["synthetic"] * n,
-        "raw_batch": ["synthetic-batch"] * n,
-    })  # fmt: skip
-    writer = VersionWriter(settings, name)
-    writer.write_table("data", with_hf_features(table), index=0)
-    return writer.publish({"counts": {"kept": n, "rejected": 0}, "source": "synthetic", "filters": {}})
 
 
 def train_once(name: str, pairs: int, epochs: int, batch_size: int) -> dict:
@@ -150,10 +118,11 @@ def main(
     store = os.path.join(tempfile.mkdtemp(prefix="vlforge-bench-startup-"), "store")
     os.environ["VLFORGE_STORAGE"] = store
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from vlforge.demo.datasets import publish_synthetic_dataset
     from vlforge.settings import get_settings
     from vlforge.tracking import configure
 
-    publish_pairs(get_settings(), "startup", pairs, seed=0)
+    publish_synthetic_dataset(get_settings(), "startup", n=pairs, seed=0)
     # A warm machine has its MLflow database: its schema is made here, not in the first training (seconds).
     configure(get_settings()).search_experiments(max_results=1)
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
@@ -169,14 +138,9 @@ def main(
         "epochs": epochs,
         "batch_size": batch_size,
         "recipe": "clip-tiny",
-        "cpus": os.cpu_count(),
-        "load_avg_1m": round(os.getloadavg()[0], 1),
-        "platform": platform.platform(),
+        **machine(),
     }
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as fh:
-        json.dump(out, fh, indent=2)
-    print(json.dumps(out))
+    write_result("startup.json", out)
 
 
 if __name__ == "__main__":

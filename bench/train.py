@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train.json")
+from benchkit import machine, write_result  # noqa: E402
 
 
 def mid_recipe(path: str, width: int, layers: int) -> str:
@@ -171,14 +170,9 @@ def main(
         "pretrain_wall_s": [round(w, 1) for w in walls],
         "num_workers": 1,
         "device": "cpu",
-        "cpus": os.cpu_count(),
-        "load_avg_1m": round(os.getloadavg()[0], 1),
-        "platform": platform.platform(),
+        **machine(),
     }
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as fh:
-        json.dump(out, fh, indent=2)
-    print(json.dumps(out, indent=2))
+    write_result("train.json", out)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ figure BENCHMARKS.md asks for). Writes bench/results/vlm.json.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import sys
 import time
 from types import SimpleNamespace
@@ -23,7 +21,7 @@ import typer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vlm.json")
+from benchkit import machine, write_result  # noqa: E402
 
 
 def main(
@@ -90,12 +88,9 @@ def main(
         "samples_per_s": round(args.steps * args.batch_size / seconds, 1),
         "final_loss": round(loss, 3),
         "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        **machine(),
     }
-    print(json.dumps(result, indent=2))
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_result("vlm.json", result)
 
 
 if __name__ == "__main__":

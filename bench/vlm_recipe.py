@@ -19,7 +19,6 @@ run goes to ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import typer  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vlm_recipe.jsonl")
 # The setting the issue measured (vlm-tiny at its defaults, `vlforge pretrain` defaults, 900 pairs) unless the
@@ -306,26 +307,26 @@ def parse_value(text: str):
         return text
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="101,102,103", help="train, instruction and test generator seeds")
-    ap.add_argument("--domain", default="plain", choices=["plain", "noisy"])
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--label", default="")
-    ap.add_argument("--cache", default="/tmp/vlforge-bench-vlm-recipe")
-    ap.add_argument("--out", default=RESULTS)
-    args = ap.parse_args()
-    cfg = {**BASE, "domain": args.domain}
-    for kv in args.set:
+def main(
+    seeds: str = typer.Option("101,102,103", help="Train, instruction and test generator seeds."),
+    domain: str = typer.Option("plain", help="The task's domain: plain or noisy."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override one setting of BASE."),
+    label: str = typer.Option("", help="A label for this run's line in --out."),
+    cache: str = typer.Option("/tmp/vlforge-bench-vlm-recipe", help="Where trained towers are cached."),
+    out: str = typer.Option(RESULTS, help="JSON lines file this run's result is appended to."),
+) -> None:
+    if domain not in ("plain", "noisy"):
+        raise typer.BadParameter(f"{domain!r}: plain or noisy", param_hint="--domain")
+    cfg = {**BASE, "domain": domain}
+    for kv in set_:
         key, _, value = kv.partition("=")
         cfg[key] = parse_value(value)
-    seeds = tuple(int(s) for s in args.seeds.split(","))
-    result = {"label": args.label, **run(cfg, seeds, args.cache)}
+    result = {"label": label, **run(cfg, tuple(int(s) for s in seeds.split(",")), cache)}
     print(json.dumps(result))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as fh:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "a") as fh:
         fh.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)
