@@ -22,7 +22,9 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+# setup.py and vlforge_build.py: the build installs models, tasks and flows as vlforge.models, vlforge.tasks and
+# vlforge.flows (docs/operations.md "Installing vlforge"), so the flows, Ray workers and consumers share one name.
+COPY pyproject.toml README.md setup.py vlforge_build.py ./
 COPY vlforge ./vlforge
 COPY models ./models
 COPY tasks ./tasks
