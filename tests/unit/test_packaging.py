@@ -79,11 +79,16 @@ def test_relocate_name_moves_entry_points_and_leaves_others():
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """The wheel built from a copy of the repository's sources (the build writes build/ and egg-info)."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    src = tmp / "src"
+def source(tmp_path_factory) -> Path:
+    """A copy of the repository's sources: a build writes build/ and egg-info next to them."""
+    src = tmp_path_factory.mktemp("build") / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*NOT_SOURCES))
+    return src
+
+
+@pytest.fixture(scope="module")
+def wheel(source) -> Path:
+    out = source.parent / "wheel"
     subprocess.run(
         [
             sys.executable,
@@ -94,14 +99,14 @@ def wheel(tmp_path_factory) -> Path:
             "--no-deps",
             "--no-build-isolation",
             "-w",
-            str(tmp),
-            str(src),
+            str(out),
+            str(source),
         ],
         check=True,
         capture_output=True,
         text=True,
     )
-    (path,) = tmp.glob("vlforge-*.whl")
+    (path,) = out.glob("vlforge-*.whl")
     return path
 
 
@@ -138,6 +143,32 @@ def test_wheel_claims_the_vlforge_name_only(wheel):
     assert (
         "'vlforge.models.pyfunc'" in sources["vlforge/tasks/register.py"]
     )  # a module path given to importlib
+
+
+EDITABLE = """
+import sys, vlforge_build
+out = sys.argv[1]  # setuptools' hooks rewrite sys.argv
+meta = vlforge_build.prepare_metadata_for_build_editable(out)
+print(vlforge_build.build_editable(out, metadata_directory=f"{out}/{meta}"))
+"""
+
+
+@pytest.mark.slow
+def test_editable_install_keeps_the_repository_names(source):
+    """What `make install` and CI get (`pip install -e`): the folders mapped as they are, the script unchanged."""
+    out = source.parent / "editable"
+    out.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-c", EDITABLE, str(out)], cwd=source, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    with zipfile.ZipFile(out / run.stdout.strip().splitlines()[-1]) as z:
+        names = z.namelist()
+        finder = next(z.read(n).decode() for n in names if n.endswith("_finder.py"))
+        entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    mapping = ast.literal_eval(finder.split("MAPPING: dict[str, str] = ", 1)[1].splitlines()[0])
+    assert mapping == {name: str(source / name) for name in ("flows", "models", "tasks", "vlforge")}
+    assert "vlforge = flows.main:main" in entry_points
 
 
 APP = {
