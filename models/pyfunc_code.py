@@ -7,9 +7,10 @@ import ``models.pyfunc``: with our ``models/`` and ``vlforge/`` folders shipped 
 wrapper's import closure (every module of ``models`` and ``vlforge`` it reaches, at import or at call time)
 into ``vlforge_pyfunc_<hash>/models/...`` and ``vlforge_pyfunc_<hash>/vlforge/...``, rewrites those imports to
 the new package (with :func:`vlforge.relocate.rewrite_imports`, the rewriter the wheel's build uses too), and
-writes a small entry file that MLflow logs as the model's code ("models from code": no pickle). Installed
-from the wheel, ``models`` is ``vlforge.models`` and the closure is all under ``vlforge``. The hash is of the shipped sources, so two models logged by different vlforge versions load side by
-side in one process. The weights need none of this: they are ``save_pretrained`` folders.
+writes a small entry file that MLflow logs as the model's code ("models from code": no pickle). Installed from
+the wheel, ``models`` is ``vlforge.models`` and the closure is all under ``vlforge``. The hash is of the
+shipped sources, so two models logged by different vlforge versions load side by side in one process. The
+weights need none of this: they are ``save_pretrained`` folders.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _module_file(module: str) -> Path | None:
     return Path(locations[0], "__init__.py") if locations else None
 
 
-def _imports(path: Path, module: str) -> set[str]:
+def _imports(path: Path) -> set[str]:
     """The ``models``/``vlforge`` modules ``path`` imports anywhere (function bodies too), with the packages
     those imports pass through."""
     found: set[str] = set()
@@ -98,7 +99,7 @@ def import_closure(entry_module: str) -> dict[str, Path]:
         if path is None:
             raise ValueError(f"cannot ship {name!r}: no Python source found for it")
         files[name] = path
-        todo.extend(_imports(path, name))
+        todo.extend(_imports(path))
     return files
 
 
