@@ -1,4 +1,4 @@
-"""What the wheel holds: ``models``, ``tasks`` and ``flows`` as ``vlforge.models``, ``vlforge.tasks``, ``vlforge.flows``.
+"""What the wheel holds: the repository's ``models``, ``tasks`` and ``flows`` under the ``vlforge`` package.
 
 The repository keeps its top-level folders (and the editable install that ``make install`` and CI use maps
 them as they are), but an installed vlforge must claim one import name only: an app in the same environment
@@ -8,8 +8,9 @@ wheel build does (the build backend, ``vlforge_build.py``, sets ``VLFORGE_WHEEL_
 - the packages ``models...``, ``tasks...``, ``flows...`` become ``vlforge.models...`` etc., read from the same
   folders (``package_dir``), with their package data and the console script's target moved alike;
 - each module's absolute imports of those packages, anywhere in the file, and the strings that name one of
-  their modules (``"models.pyfunc"`` given to ``importlib``) are rewritten by :func:`vlforge.relocate.rewrite_imports`,
-  the rewriter that also ships a registered model's code (``models/pyfunc_code.py``).
+  their modules (``"models.pyfunc"`` given to ``importlib``) are rewritten by
+  :func:`vlforge.relocate.rewrite_imports`, the rewriter that also ships a registered model's code
+  (``models/pyfunc_code.py``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the benches share: where a result is written, and the machine it was measured on.
 
-A bench runs as ``python bench/NAME.py``, so this folder is first on ``sys.path`` and ``import benchkit`` finds
-this module; the product is imported from the repository root, which each bench puts on ``sys.path``.
+A bench runs as ``python bench/NAME.py``, so this folder is first on ``sys.path`` and ``import benchkit``
+finds this module; the product is imported from the repository root, which each bench puts on ``sys.path``.
 """
 
 from __future__ import annotations

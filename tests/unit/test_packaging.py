@@ -1,6 +1,6 @@
 """vlforge installs under one import name: the wheel holds ``models``, ``tasks`` and ``flows`` as
-``vlforge.models``, ``vlforge.tasks`` and ``vlforge.flows`` (setup.py, vlforge_build.py), so an app with its own
-``models.py``, ``tasks/`` and ``flows/`` keeps them, and the installed console script and stages work.
+``vlforge.models``, ``vlforge.tasks`` and ``vlforge.flows`` (setup.py, vlforge_build.py), so an app with its
+own ``models.py``, ``tasks/`` and ``flows/`` keeps them, and the installed console script and stages work.
 
 The installed copy runs in ``python -I -S`` with ``sys.path`` set by hand (the app, the install target, the
 environment's site-packages): neither the repository nor its editable install can stand in for it."""
@@ -155,7 +155,7 @@ print(vlforge_build.build_editable(out, metadata_directory=f"{out}/{meta}"))
 
 @pytest.mark.slow
 def test_editable_install_keeps_the_repository_names(source):
-    """What `make install` and CI get (`pip install -e`): the folders mapped as they are, the script unchanged."""
+    """What `make install` and CI get (`pip install -e`): the folders mapped as they are, the same script."""
     out = source.parent / "editable"
     out.mkdir()
     run = subprocess.run(
@@ -236,7 +236,7 @@ def test_installed_vlforge_runs_beside_an_apps_own_modules(installed, tmp_path):
     assert out["kinds"] == ["app models", "app tasks", "app flows"] and out["same_modules"]
     assert out["ours_under_top_level_names"] == []
     assert out["export_args"] == "vlforge.tasks.export.args"  # the lazy export resolves under vlforge
-    # a registered model's code, staged from the installed layout: everything under vlforge_pyfunc_<hash>/vlforge
+    # a registered model's code staged from the installed layout: all under vlforge_pyfunc_<hash>/vlforge
     assert out["shipped_roots"] == ["vlforge"]
     shipped = Path(out["code"])
     assert sorted(p.name for p in shipped.iterdir()) == ["__init__.py", "vlforge"]
