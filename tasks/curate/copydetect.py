@@ -1,24 +1,33 @@
 """Copy detection against an eval set: is a pool image the same as, or a near copy of, an eval image?
 
 A near copy is the eval image re-encoded (another JPEG quality, another format), rescaled, or with a border
-cropped off (either image may be the cropped one). Embeddings of our small CLIPs cannot tell such a copy from
-another image of the same class (on synthetic data every red circle embeds alike), so this is copy detection
-proper, two steps:
+cropped off (either image may be the cropped one), or all of these at once. Embeddings of our small CLIPs cannot
+tell such a copy from another image of the same class (on synthetic data every red circle embeds alike), so
+this is copy detection proper, two steps:
 
-1. **candidates**: the eval images whose 8x8 colour descriptor (``vlforge.imagehash.descriptor_of``) lies
-   within :data:`CANDIDATE_RADIUS` of the pool image's (faiss, the :data:`CANDIDATES` nearest), plus any eval
-   image with the very same phash;
-2. **verification**: the pool image and a candidate compared pixel by pixel at 32x32 after aligning them: the
-   crop box of the larger one that best matches the other is searched (coordinate descent over its four
-   sides, at most :data:`MAX_CROP` of a side each), in both directions. A mean absolute difference (0-255)
-   of at most :data:`MATCH_MAD` as they are, or :data:`CROP_MAD` after cropping, together with a
-   correlation of their fine detail (:func:`detail_corr`) of at least :data:`MIN_DETAIL_CORR`, is a copy.
-   Plain images (flat colours, :func:`texture` below :data:`PLAIN_TEXTURE`) must match far closer after a
-   crop (:data:`PLAIN_CROP_MAD`, :data:`PLAIN_CROP_CORR`): a cropped plain drawing can equal another drawing.
+1. **candidates, with their crop geometry**: every eval image is indexed (faiss) by the 8x8 colour descriptor
+   (``vlforge.imagehash.descriptor_of``) of itself and of :data:`VARIANT_CUTS` crops of it (every combination
+   of those shares cut off each side), so a border-cropped pool image finds its original by one lookup of its
+   own descriptor, with the crop already known to within half a step; the eval images within
+   :data:`CANDIDATE_RADIUS` are candidates (at most :data:`CANDIDATES`), plus any with the very same phash. For
+   the reverse case, a few central crops of the pool image (:data:`REVERSE_CUTS`) are looked up among the eval
+   images as they are. The pool side costs a handful of descriptors a row; the eval side is small (thousands).
+2. **verification**: the pool image and a candidate compared pixel by pixel at 32x32, as they are (a mean
+   absolute difference, 0-255, of at most :data:`MATCH_MAD`) or at the candidate's crop, refined locally by
+   coordinate descent over the four sides (at most :data:`MAX_CROP` of a side each; a pair further than
+   :data:`GIVE_UP` apart at the looked-up crop is not refined), within :data:`CROP_MAD`. Either way their fine
+   detail must correlate (:func:`detail_corr`, :data:`MIN_DETAIL_CORR`), after a crop also where neither image
+   has an edge (:data:`CROP_FLAT_CORR`): a crop can align the outlines of two drawings of one shape, not their
+   noise or grain. A plain eval image (flat colours, :func:`texture` below :data:`PLAIN_TEXTURE`) has no such
+   detail, and a cropped plain drawing can equal another drawing of the same shape at another size and place:
+   its crops must match far closer (:data:`PLAIN_CROP_MAD`, :data:`PLAIN_CROP_CORR`), so some cropped copies of
+   plain drawings are missed rather than other drawings removed.
 
-The thresholds were tuned on generator seed 1 of ``bench/decontam.py`` and are reported there on seed 2
-(BENCHMARKS.md, Decontamination). The eval side (:class:`EvalIndex`) is small (12 KB a row) and goes to every
-Ray task once; pool rows are decoded where the task runs.
+Crops are resampled by two small matrix products (a triangle filter, as PIL resizes a box), so the refinement
+costs microseconds a step. The thresholds were tuned on generator seed 1 of ``bench/decontam.py`` and are
+reported there on seed 2 (BENCHMARKS.md, Decontamination). The eval side (:class:`EvalIndex`, 12 KB a row) goes
+to every Ray task once; each worker process builds the variant index from it once (:func:`_prepared`) and pool
+rows are decoded where the task runs.
 """
 
 from __future__ import annotations
