@@ -44,10 +44,9 @@ CANDIDATE_RADIUS = 6.0  # squared L2 between descriptors (192 values in 0-1) of 
 COMPARE = 32  # verification compares images at this size
 MAX_CROP = 0.10  # the largest border (of a side) a copy may have lost
 MATCH_MAD = 7.0  # mean absolute difference (0-255) of a copy compared as it is, at most
-MIN_DETAIL_CORR = (
-    0.38  # ... and the correlation of the two images' fine detail (image minus its 3x3 blur), at
-)
-# least: a copy keeps its original's noise, grain and edges where they were; another drawing of the shape does not
+# ... and the correlation of the two images' fine detail (image minus its 3x3 blur), at least: a copy keeps its
+# original's noise, grain and edges where they were; another drawing of the shape does not
+MIN_DETAIL_CORR = 0.38
 CROP_MAD = 8.0  # a copy found by cropping: looser in difference (a crop that was also rescaled and re-encoded
 CROP_CORR = 0.38  # loses sharpness), and its detail must correlate also where neither image has an edge:
 CROP_FLAT_CORR = 0.15  # a crop can align the outlines of two drawings of one shape, not their noise or grain
@@ -148,11 +147,6 @@ def detail_corr(a: np.ndarray, b: np.ndarray, flat_only: bool = False) -> float:
     da, db = da - da.mean(), db - db.mean()
     denom = float(np.sqrt((da * da).sum() * (db * db).sum()))
     return float((da * db).sum() / denom) if denom > 1e-9 else 1.0  # two flat images: nothing differs
-
-
-def _box(p: np.ndarray) -> tuple[float, float, float, float]:
-    """Crop (left, top, right, bottom cut off, canonical px) -> a PIL box."""
-    return (float(p[0]), float(p[1]), CANON - float(p[2]), CANON - float(p[3]))
 
 
 def _aligned_mad(
