@@ -9,7 +9,7 @@ classes). Tune on one ``--seed`` and report on another (the thresholds in ``task
 tuned on seed 1; BENCHMARKS.md reports seed 2).
 
     .venv/bin/python bench/decontam.py [--seed 2] [--eval 200] [--distinct 600]
-    .venv/bin/python bench/decontam.py --kinds "" --scale 2000,8000   # curate cost per row, driver peak RSS
+    .venv/bin/python bench/decontam.py --kinds "" --scale 8000,32000   # curate cost per row, driver peak RSS
 """
 
 from __future__ import annotations

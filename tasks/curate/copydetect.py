@@ -1,52 +1,70 @@
 """Copy detection against an eval set: is a pool image the same as, or a near copy of, an eval image?
 
 A near copy is the eval image re-encoded (another JPEG quality, another format), rescaled, or with a border
-cropped off (either image may be the cropped one). Embeddings of our small CLIPs cannot tell such a copy from
-another image of the same class (on synthetic data every red circle embeds alike), so this is copy detection
-proper, two steps:
+cropped off (either image may be the cropped one), or all of these at once. Embeddings of our small CLIPs cannot
+tell such a copy from another image of the same class (on synthetic data every red circle embeds alike), so
+this is copy detection proper, two steps:
 
-1. **candidates**: the eval images whose 8x8 colour descriptor (``vlforge.imagehash.descriptor_of``) lies
-   within :data:`CANDIDATE_RADIUS` of the pool image's (faiss, the :data:`CANDIDATES` nearest), plus any eval
-   image with the very same phash;
-2. **verification**: the pool image and a candidate compared pixel by pixel at 32x32 after aligning them: the
-   crop box of the larger one that best matches the other is searched (coordinate descent over its four
-   sides, at most :data:`MAX_CROP` of a side each), in both directions. A mean absolute difference (0-255)
-   of at most :data:`MATCH_MAD` as they are, or :data:`CROP_MAD` after cropping, together with a
-   correlation of their fine detail (:func:`detail_corr`) of at least :data:`MIN_DETAIL_CORR`, is a copy.
-   Plain images (flat colours, :func:`texture` below :data:`PLAIN_TEXTURE`) must match far closer after a
-   crop (:data:`PLAIN_CROP_MAD`, :data:`PLAIN_CROP_CORR`): a cropped plain drawing can equal another drawing.
+1. **candidates, with their crop geometry**: every eval image is indexed (faiss) by the 8x8 colour descriptor
+   (``vlforge.imagehash.descriptor_of``) of itself and of :data:`VARIANT_CUTS` crops of it (every combination
+   of those shares cut off each side), so a border-cropped pool image finds its original by one lookup of its
+   own descriptor, with the crop already known to within half a step; the eval images within
+   :data:`CANDIDATE_RADIUS` are candidates (at most :data:`CANDIDATES`), plus any with the very same phash. For
+   the reverse case, a few central crops of the pool image (:data:`REVERSE_CUTS`) are looked up among the eval
+   images as they are. The pool side costs a handful of descriptors a row; the eval side is small (thousands).
+2. **verification**: the pool image and a candidate compared pixel by pixel at 32x32, as they are (a mean
+   absolute difference, 0-255, of at most :data:`MATCH_MAD`) or at the candidate's crop, refined locally by
+   coordinate descent over the four sides (at most :data:`MAX_CROP` of a side each; a pair further than
+   :data:`GIVE_UP` apart at the looked-up crop is not refined), within :data:`CROP_MAD`. Either way their fine
+   detail must correlate (:func:`detail_corr`, :data:`MIN_DETAIL_CORR`), after a crop also where neither image
+   has an edge (:data:`CROP_FLAT_CORR`): a crop can align the outlines of two drawings of one shape, not their
+   noise or grain. A plain eval image (flat colours, :func:`texture` below :data:`PLAIN_TEXTURE`) has no such
+   detail, and a cropped plain drawing can equal another drawing of the same shape at another size and place:
+   its crops must match far closer (:data:`PLAIN_CROP_MAD`, :data:`PLAIN_CROP_CORR`), so some cropped copies of
+   plain drawings are missed rather than other drawings removed.
 
-The thresholds were tuned on generator seed 1 of ``bench/decontam.py`` and are reported there on seed 2
-(BENCHMARKS.md, Decontamination). The eval side (:class:`EvalIndex`) is small (12 KB a row) and goes to every
-Ray task once; pool rows are decoded where the task runs.
+Crops are resampled by two small matrix products (a triangle filter, as PIL resizes a box), so the refinement
+costs microseconds a step. The thresholds were tuned on generator seed 1 of ``bench/decontam.py`` and are
+reported there on seed 2 (BENCHMARKS.md, Decontamination). The eval side (:class:`EvalIndex`, 12 KB a row) goes
+to every Ray task once; each worker process builds the variant index from it once (:func:`_prepared`) and pool
+rows are decoded where the task runs.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from vlforge.imagehash import CANON, descriptor_of
+from vlforge.imagehash import CANON, DESCRIPTOR, descriptor_of
 
 CANDIDATES = 4  # eval images verified per pool image, at most
 CANDIDATE_RADIUS = 6.0  # squared L2 between descriptors (192 values in 0-1) of a candidate, at most
 COMPARE = 32  # verification compares images at this size
 MAX_CROP = 0.10  # the largest border (of a side) a copy may have lost
-MATCH_MAD = 7.0  # mean absolute difference (0-255) of a copy compared as it is, at most (JPEG q20-60: 3-5.6)
-CROP_MAD = 4.0  # ... of a copy found by cropping one image: stricter, since a crop can also align two
-# different drawings of one plain synthetic shape (BENCHMARKS.md, Decontamination)
-MIN_DETAIL_CORR = 0.38  # correlation of the two images' fine detail (image minus its 3x3 blur), at least:
-# a copy keeps its original's noise, grain and edges where they were (JPEG and rescaled copies 0.41-1.0 on
-# seed 1); another drawing of the same shape does not (at most 0.34 among candidates on seed 1)
-# A plain image (flat colours: a drawing without noise) has no fine detail away from its edges to tell a cropped
-# copy from another drawing of the same shape at another size and place: its crops must match far closer.
+MATCH_MAD = 7.0  # mean absolute difference (0-255) of a copy compared as it is, at most
+# ... and the correlation of the two images' fine detail (image minus its 3x3 blur), at least: a copy keeps its
+# original's noise, grain and edges where they were; another drawing of the shape does not
+MIN_DETAIL_CORR = 0.38
+CROP_MAD = 8.0  # a copy found by cropping: looser in difference (a crop that was also rescaled and re-encoded
+CROP_CORR = 0.38  # loses sharpness), and its detail must correlate also where neither image has an edge:
+CROP_FLAT_CORR = 0.15  # a crop can align the outlines of two drawings of one shape, not their noise or grain
+# A plain eval image (flat colours: a drawing without noise) has no fine detail away from its edges to tell a
+# cropped copy from another drawing of the same shape at another size and place: its crops must match far closer.
 PLAIN_TEXTURE = 0.7  # mean fine detail (0-255) in the flat parts of an image below which it is plain
-PLAIN_CROP_MAD = (
-    1.2  # seed 1: cropped copies of plain drawings 0.7-1.8, other drawings aligned by a crop 1.1-4
-)
+PLAIN_CROP_MAD = 1.2
 PLAIN_CROP_CORR = 0.85
-_STEPS = (4.0, 2.0, 1.0, 0.5)  # coordinate-descent steps (pixels of the canonical image)
+# Crop geometry. The eval side is indexed as it is and cropped: every combination of these shares of each side
+# cut off, so a border-cropped pool image finds its original by descriptor lookup with the crop already known
+# to within half a step; verification refines it locally instead of searching. The pool side stays one
+# descriptor a row, plus a few central crops of it for the reverse case (the eval image is the cropped one).
+VARIANT_CUTS = (0.0, 0.05, 0.10)
+REVERSE_CUTS = (0.05, 0.10)
+VARIANT_NEIGHBOURS = 24  # nearest indexed variants looked at per pool descriptor (several are one eval image)
+GIVE_UP = 24.0  # a candidate whose mean difference at its variant's crop exceeds this is not refined
+_REFINE_STEPS = (2.0, 1.0, 0.5)  # coordinate-descent steps from a known crop (canonical px)
+_SEARCH_STEPS = (4.0, 2.0, 1.0, 0.5)  # ... from no crop (copy_distance, no geometry known)
 
 
 @dataclass
@@ -71,11 +89,36 @@ class EvalIndex:
         return f"{self.refs[i]} key {self.keys[i]}"
 
 
-def _small(canon: np.ndarray, box=None) -> np.ndarray:
-    from PIL import Image
+@functools.lru_cache(maxsize=8192)
+def _weights(lo: float, hi: float, size: int = COMPARE) -> np.ndarray:
+    """float32 [size, CANON]: resampling [lo, hi) of a CANON-px axis to ``size`` px with a triangle filter
+    widened by the scale (antialiased bilinear, as PIL resizes with a box)."""
+    scale = (hi - lo) / size
+    support = max(scale, 1.0)
+    centre = lo + (np.arange(size) + 0.5) * scale
+    x = (np.arange(CANON) + 0.5)[None, :]
+    w = np.clip(1.0 - np.abs(x - centre[:, None]) / support, 0.0, None)
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    img = Image.fromarray(canon)
-    return np.asarray(img.resize((COMPARE, COMPARE), Image.Resampling.BILINEAR, box=box), np.float32)
+
+def _rows(img: np.ndarray, top: float, bottom: float) -> np.ndarray:
+    """float [COMPARE * 3, CANON]: ``img`` (float [CANON, CANON, 3]) resampled down its rows with ``top`` and
+    ``bottom`` px cut off, laid out (row, channel) x column for the column pass."""
+    w = _weights(round(float(top), 4), round(CANON - float(bottom), 4))
+    out = w @ img.reshape(CANON, -1)  # [COMPARE, CANON * 3]
+    return out.reshape(COMPARE, CANON, 3).transpose(0, 2, 1).reshape(COMPARE * 3, CANON)
+
+
+def _cols(rows: np.ndarray, left: float, right: float) -> np.ndarray:
+    w = _weights(round(float(left), 4), round(CANON - float(right), 4))
+    return (rows @ w.T).reshape(COMPARE, 3, COMPARE).transpose(0, 2, 1)
+
+
+def _small(canon: np.ndarray, cut=None) -> np.ndarray:
+    """float32 [COMPARE, COMPARE, 3]: a canonical thumbnail (uint8 or float), ``cut`` (left, top, right,
+    bottom px; None: nothing) cut off, at the comparison size."""
+    c = np.zeros(4) if cut is None else cut
+    return _cols(_rows(np.asarray(canon, np.float32), c[1], c[3]), c[0], c[2])
 
 
 def _detail(x: np.ndarray) -> np.ndarray:
@@ -86,27 +129,52 @@ def _detail(x: np.ndarray) -> np.ndarray:
     return g - blur
 
 
-def detail_corr(a: np.ndarray, b: np.ndarray) -> float:
-    """Correlation of the fine detail of two aligned [32, 32, 3] float images (1: the same detail)."""
+def _flat(x: np.ndarray) -> np.ndarray:
+    """bool [32, 32]: where a [32, 32, 3] image has no edge."""
+    gy, gx = np.gradient(x.mean(axis=2))
+    return np.hypot(gx, gy) < 4.0
+
+
+def detail_corr(a: np.ndarray, b: np.ndarray, flat_only: bool = False) -> float:
+    """Correlation of the fine detail of two aligned [32, 32, 3] float images (1: the same detail); with
+    ``flat_only``, only where neither has an edge (noise and grain, not the outlines of a drawing)."""
     da, db = _detail(a), _detail(b)
+    if flat_only:
+        where = _flat(a) & _flat(b)
+        if where.sum() < 16:
+            return 0.0
+        da, db = da[where], db[where]
     da, db = da - da.mean(), db - db.mean()
     denom = float(np.sqrt((da * da).sum() * (db * db).sum()))
     return float((da * db).sum() / denom) if denom > 1e-9 else 1.0  # two flat images: nothing differs
 
 
-def _aligned_mad(big: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
+def _aligned_mad(
+    big: np.ndarray, target: np.ndarray, start: np.ndarray, steps: tuple[float, ...], give_up: float
+) -> tuple[float, np.ndarray | None]:
     """The least mean absolute difference between ``target`` (float [32, 32, 3]) and a crop of ``big``
-    (uint8 canonical) whose sides each lose at most MAX_CROP, found by coordinate descent from no crop;
-    and that crop (float [32, 32, 3])."""
+    (float canonical) whose sides each lose at most MAX_CROP, found by coordinate descent from the crop
+    ``start`` (left, top, right, bottom px cut off); and that crop (float [32, 32, 3]). A start farther than
+    ``give_up`` is not refined (None): the candidate came with its crop geometry, so a pair that far apart
+    there is another image."""
     limit = MAX_CROP * CANON
+    big = np.asarray(big, np.float32)
+    rows_cache: dict[tuple[float, float], np.ndarray] = {}
+
+    def crop(p: np.ndarray) -> np.ndarray:
+        key = (float(p[1]), float(p[3]))
+        if key not in rows_cache:
+            rows_cache[key] = _rows(big, p[1], p[3])
+        return _cols(rows_cache[key], p[0], p[2])
 
     def mad(p: np.ndarray) -> float:
-        box = (p[0], p[1], CANON - p[2], CANON - p[3])
-        return float(np.abs(_small(big, box) - target).mean())
+        return float(np.abs(crop(p) - target).mean())
 
-    best_p = np.zeros(4)
+    best_p = np.clip(np.asarray(start, np.float64), 0.0, limit)
     best = mad(best_p)
-    for step in _STEPS:
+    if best > give_up:
+        return best, None
+    for step in steps:
         improved = True
         while improved and best > 0:
             improved = False
@@ -119,54 +187,127 @@ def _aligned_mad(big: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray
                     value = mad(p)
                     if value < best:
                         best, best_p, improved = value, p, True
-    return best, _small(big, (best_p[0], best_p[1], CANON - best_p[2], CANON - best_p[3]))
+    return best, crop(best_p)
+
+
+def crop_rule(eval_texture: float) -> tuple[float, float, float]:
+    """The (mean difference, detail correlation) a crop must reach, by the eval image's :func:`texture`: far
+    closer for a plain eval image (see the module docstring). The eval image decides because its detail is
+    what a distinct pool image cannot reproduce; a copy may have lost its detail to re-encoding."""
+    if eval_texture < PLAIN_TEXTURE:
+        return PLAIN_CROP_MAD, PLAIN_CROP_CORR, -1.0
+    return CROP_MAD, CROP_CORR, CROP_FLAT_CORR
+
+
+def direct_distance(small_a: np.ndarray, small_b: np.ndarray) -> float:
+    """Copy distance of two [32, 32, 3] float images compared as they are (re-encoded or rescaled copies)."""
+    return _scored(float(np.abs(small_a - small_b).mean()) / MATCH_MAD, small_a, small_b)
+
+
+def crop_distance(
+    big: np.ndarray, small_other: np.ndarray, start, rule: tuple[float, float, float], search: bool = False
+) -> float:
+    """Copy distance of ``small_other`` (float [32, 32, 3]) as a border-cropped copy of ``big`` (canonical),
+    under ``rule`` (:func:`crop_rule`), aligned from the crop ``start`` (px cut off each side) by a short
+    local refinement, or by a full search from no crop (``search``: for a pair without known geometry)."""
+    limit, corr, flat = rule
+    steps = _SEARCH_STEPS if search else _REFINE_STEPS
+    mad, crop = _aligned_mad(big, small_other, start, steps, np.inf if search else GIVE_UP)
+    if crop is None:
+        return 1.0 + mad / limit
+    return _scored(mad / limit, crop, small_other, corr, flat)
 
 
 def copy_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """How far apart two canonical thumbnails are as copies, in units of the match threshold: the mean
-    absolute difference (0-255) as they are over :data:`MATCH_MAD`, or after the best crop of either over
-    :data:`CROP_MAD`, whichever is less. At most 1: a copy (0 for identical images)."""
+    """How far apart two canonical thumbnails are as copies, in units of the match threshold, without a
+    known crop geometry (full search, both ways): at most 1 is a copy (0 for identical images).
+    :class:`CopyMatcher` does the same from the geometry its candidates come with, far cheaper."""
     small_a, small_b = _small(a), _small(b)
-    direct = _scored(float(np.abs(small_a - small_b).mean()) / MATCH_MAD, small_a, small_b)
-    if direct <= 1.0:  # re-encoded or rescaled: no crop to look for
+    direct = direct_distance(small_a, small_b)
+    if direct <= 1.0:
         return direct
-    plain = min(texture(small_a), texture(small_b)) < PLAIN_TEXTURE
-    limit, corr = (PLAIN_CROP_MAD, PLAIN_CROP_CORR) if plain else (CROP_MAD, MIN_DETAIL_CORR)
-    mad_a, crop_a = _aligned_mad(a, small_b)
-    mad_b, crop_b = _aligned_mad(b, small_a)
+    zero, rule = np.zeros(4), crop_rule(min(texture(small_a), texture(small_b)))
     return min(
-        direct, _scored(mad_a / limit, crop_a, small_b, corr), _scored(mad_b / limit, crop_b, small_a, corr)
+        direct, crop_distance(a, small_b, zero, rule, True), crop_distance(b, small_a, zero, rule, True)
     )
 
 
 def texture(x: np.ndarray) -> float:
     """Mean fine detail (0-255) of a [32, 32, 3] image where it is flat (no edge): noise, grain, texture."""
-    g = x.mean(axis=2)
-    gy, gx = np.gradient(g)
-    flat = np.hypot(gx, gy) < 4.0
+    flat = _flat(x)
     return float(np.abs(_detail(x))[flat].mean()) if flat.any() else 0.0
 
 
-def _scored(distance: float, x: np.ndarray, y: np.ndarray, min_corr: float = MIN_DETAIL_CORR) -> float:
-    """``distance``, or above 1 (not a copy) when the two aligned images' fine detail does not correlate."""
+def _scored(
+    distance: float, x: np.ndarray, y: np.ndarray, min_corr: float = MIN_DETAIL_CORR, min_flat: float = -1.0
+) -> float:
+    """``distance``, or above 1 (not a copy) when the two aligned images' fine detail does not correlate
+    (at least ``min_corr`` in all, ``min_flat`` where neither has an edge)."""
     if distance > 1.0:
         return distance
-    return distance if detail_corr(x, y) >= min_corr else 1.0 + distance
+    if detail_corr(x, y) < min_corr or (min_flat > -1.0 and detail_corr(x, y, True) < min_flat):
+        return 1.0 + distance
+    return distance
 
 
-class CopyMatcher:
-    """Matches pool thumbnails against an :class:`EvalIndex` (candidates, then verification)."""
+def _cuts(shares: tuple[float, ...]) -> np.ndarray:
+    """float [K, 4]: every combination of ``shares`` cut off each side, in canonical px."""
+    grid = np.array(np.meshgrid(*[shares] * 4, indexing="ij")).reshape(4, -1).T
+    return grid * CANON
+
+
+def _descriptor(canon: np.ndarray, cut: np.ndarray) -> np.ndarray:
+    """The 8x8 colour descriptor (as ``descriptor_of``) of a canonical thumbnail with ``cut`` px cut off."""
+    if not cut.any():
+        return descriptor_of(canon)
+    d = DESCRIPTOR
+    wy = _weights(round(float(cut[1]), 4), round(CANON - float(cut[3]), 4), d)
+    wx = _weights(round(float(cut[0]), 4), round(CANON - float(cut[2]), 4), d)
+    rows = (wy @ np.asarray(canon, np.float32).reshape(CANON, -1)).reshape(d, CANON, 3)
+    return (np.einsum("lk,ikc->ilc", wx, rows).reshape(-1) / 255.0).astype(np.float32)
+
+
+class _Prepared:
+    """What matching needs of an eval index, built once per process (a task may see the same index often)."""
 
     def __init__(self, index: EvalIndex):
         import faiss
 
-        self.index = index
-        self.knn = faiss.IndexFlatL2(3 * 64)
+        self.cuts = _cuts(VARIANT_CUTS)
+        self.reverse_cuts = np.array([[c * CANON] * 4 for c in REVERSE_CUTS])
+        self.small = np.stack([_small(c) for c in index.canon]) if index.size else np.zeros((0,))
+        self.texture = [texture(x) for x in self.small]
+        self.variants = faiss.IndexFlatL2(3 * 64)  # row e * K + k: eval image e cut by self.cuts[k]
+        self.plain = faiss.IndexFlatL2(3 * 64)  # row e: eval image e as it is
         if index.size:
-            self.knn.add(np.ascontiguousarray(index.descriptors()))
+            desc = [[_descriptor(c, cut) for cut in self.cuts] for c in index.canon]
+            self.variants.add(np.ascontiguousarray(np.asarray(desc, np.float32).reshape(-1, 3 * 64)))
+            self.plain.add(np.ascontiguousarray(index.descriptors()))
         self.by_hash: dict[int, list[int]] = {}
         for i, h in enumerate(index.phash.tolist()):
             self.by_hash.setdefault(int(h), []).append(i)
+
+
+_PREPARED: dict[bytes, _Prepared] = {}
+
+
+def _prepared(index: EvalIndex) -> _Prepared:
+    import hashlib
+
+    key = hashlib.sha1(index.phash.tobytes() + index.canon.tobytes()).digest()
+    if key not in _PREPARED:
+        _PREPARED.clear()  # one eval index at a time per process
+        _PREPARED[key] = _Prepared(index)
+    return _PREPARED[key]
+
+
+class CopyMatcher:
+    """Matches pool thumbnails against an :class:`EvalIndex`: candidates with their crop geometry from the
+    variant lookup, then verification at that geometry."""
+
+    def __init__(self, index: EvalIndex):
+        self.index = index
+        self.prep = _prepared(index)
 
     def match(
         self, phashes: list[int | None], canons: list[np.ndarray | None]
@@ -177,14 +318,52 @@ class CopyMatcher:
         rows = [i for i, c in enumerate(canons) if c is not None]
         if not rows or self.index.size == 0:
             return found, dist
+        p = self.prep
         desc = np.stack([descriptor_of(canons[i]) for i in rows])
-        k = min(CANDIDATES, self.index.size)
-        d2, near = self.knn.search(desc, k)
+        d2, near = p.variants.search(desc, min(VARIANT_NEIGHBOURS, p.variants.ntotal))
+        # as they are (re-encoded or rescaled copies); the reverse case: central crops of the pool image
+        kr = min(CANDIDATES, p.plain.ntotal)
+        as_is = p.plain.search(desc, kr)
+        reverse = [
+            p.plain.search(np.stack([_descriptor(canons[i], c) for i in rows]), kr) for c in p.reverse_cuts
+        ]
+        n_cuts, zero = len(p.cuts), np.zeros(4)
         for j, i in enumerate(rows):
-            cands = [int(e) for e, d in zip(near[j], d2[j], strict=True) if e >= 0 and d <= CANDIDATE_RADIUS]
-            cands = list(dict.fromkeys(self.by_hash.get(phashes[i], []) + cands))
-            for e in cands:
-                score = copy_distance(self.index.canon[e], canons[i])
-                if score <= 1.0 and (found[i] < 0 or score < dist[i]):
-                    found[i], dist[i] = e, score
+            same = p.by_hash.get(phashes[i], [])
+            near_as_is = [
+                int(e)
+                for e, d in zip(as_is[1][j], as_is[0][j], strict=True)
+                if e >= 0 and d <= CANDIDATE_RADIUS
+            ]
+            direct = list(dict.fromkeys(same + near_as_is))
+            forward: dict[int, np.ndarray] = {e: zero for e in same}
+            for v, d in zip(near[j], d2[j], strict=True):
+                if v >= 0 and d <= CANDIDATE_RADIUS and len(forward) < CANDIDATES:
+                    forward.setdefault(int(v) // n_cuts, p.cuts[int(v) % n_cuts])
+            backward: dict[int, np.ndarray] = {}
+            for cut, (rd2, rnear) in zip(p.reverse_cuts, reverse, strict=True):
+                for e, d in zip(rnear[j], rd2[j], strict=True):
+                    if e >= 0 and d <= CANDIDATE_RADIUS:
+                        backward.setdefault(int(e), cut)
+            found[i], dist[i] = self._verify(canons[i], direct, forward, backward)
         return found, dist
+
+    def _verify(
+        self, canon: np.ndarray, direct: list[int], forward: dict, backward: dict
+    ) -> tuple[int, float]:
+        """The eval row a pool image copies and the copy distance, or (-1, NaN): the ``direct`` candidates
+        compared as they are first (the closest such copy wins), else the others at their crop geometry,
+        nearest first."""
+        p = self.prep
+        small = _small(canon)
+        scores = [direct_distance(p.small[e], small) for e in direct]
+        if scores and min(scores) <= 1.0:
+            best = int(np.argmin(scores))
+            return direct[best], scores[best]
+        for e in dict.fromkeys([*forward, *backward]):
+            rule = crop_rule(p.texture[e])
+            if e in forward and (d := crop_distance(self.index.canon[e], small, forward[e], rule)) <= 1.0:
+                return e, d
+            if e in backward and (d := crop_distance(canon, p.small[e], backward[e], rule)) <= 1.0:
+                return e, d
+        return -1, np.nan

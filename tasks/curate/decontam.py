@@ -4,7 +4,8 @@
 dataset whose newest version is marked an eval set (``vlforge curate --eval-set``, manifest ``eval_set: true``)
 other than the one being curated; ``none`` turns it off. The eval versions' images are fingerprinted once in
 the driver (eval sets are small: 12 KB a row) into an :class:`~tasks.curate.copydetect.EvalIndex` that goes to
-every scan task through the object store; each task decodes its shard's rows and runs
+every scan task through the object store (each worker process builds its crop-variant lookup from it once:
+``copydetect``); each task decodes its shard's rows and runs
 :func:`keep_uncontaminated` (a filter: ``keep(batch) -> Verdict``) on the rows the per-row filters kept. The
 contaminated rows come back as per-shard metadata (their positions and the eval row each copies), so the
 driver's memory does not grow with the pool.

@@ -1,6 +1,7 @@
 """Decontamination end to end: an eval set curated with --eval-set, a pool holding copies of its images
-(the same bytes, re-encoded, rescaled, border-cropped) curated on Ray: the copies go to rejected/ as
-``contaminated`` with the eval row they copy, distinct images of the same classes stay."""
+(the same bytes, re-encoded, rescaled, border-cropped, or cropped, rescaled and re-encoded at once) curated on
+Ray: the copies go to rejected/ as ``contaminated`` with the eval row they copy, distinct images of the same
+classes stay."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ from vlforge.demo.synth import make_shape_pairs
 def _variant(data: bytes, how: str) -> bytes:
     img = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = img.size
-    if how == "crop":
+    if how in ("crop", "triple"):
         img = img.crop((3, 2, w - 3, h - 4))
-    elif how == "rescale":
+    if how == "rescale":
         img = img.resize((w * 3 // 5, h * 3 // 5), Image.Resampling.BICUBIC)
+    elif how == "triple":  # cropped, enlarged and re-encoded at once
+        img = img.resize((img.width * 3 // 2, img.height * 3 // 2), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=40 if how == "jpeg" else 90)
+    img.save(buf, format="JPEG", quality=40 if how in ("jpeg", "triple") else 90)
     return buf.getvalue()
 
 
@@ -41,21 +44,21 @@ def test_pool_copies_of_eval_images_are_dropped_as_contaminated(settings, ray_lo
     assert ev.manifest["eval_set"] is True and ev.manifest["decontamination"]["against"] == []
 
     distinct = make_shape_pairs(40, seed=60, prefix="px")
-    kinds = ("same", "jpeg", "rescale", "crop")
+    kinds = ("same", "jpeg", "rescale", "crop", "triple")
     copies = [
         dataclasses.replace(
             evals[i], key=f"copy{i}", image=evals[i].image if k == "same" else _variant(evals[i].image, k)
         )
-        for i, k in zip(range(12), kinds * 3, strict=True)
+        for i, k in zip(range(15), kinds * 3, strict=True)
     ]
     write_raw_batch(settings, "web", "b1", distinct + copies, shard_size=20)
     res = curate("web", "pool", settings)  # default: against every eval set
     dv = res.dataset_version
-    assert res.counts["contaminated"] >= 11  # >= 90% of the 12 copies
+    assert res.counts["contaminated"] >= 14  # >= 90% of the 15 copies
     rejected = dv.read_table("rejected").to_pylist()
     caught = [r for r in rejected if r["reason"] == "contaminated"]
     copy_captions = {p.caption for p in copies}
-    assert sum(r["caption"] in copy_captions for r in caught) >= 11
+    assert sum(r["caption"] in copy_captions for r in caught) >= 14
     assert len(caught) - sum(r["caption"] in copy_captions for r in caught) <= 1  # distinct images stay
     assert all(f"eval image {ev.ref} key " in r["reason_detail"] for r in caught)
     m = dv.manifest

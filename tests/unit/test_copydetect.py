@@ -1,6 +1,7 @@
 """The copy detector behind decontamination (tasks.curate.copydetect) on synthetic and photo-like images:
-exact, re-encoded, rescaled and border-cropped copies of an eval image are found, and other images of the same
-class are not (the thresholds were tuned on bench/decontam.py's seed 1; these images use other seeds)."""
+exact, re-encoded, rescaled and border-cropped copies of an eval image (also all three at once, and an eval
+image that is itself a crop of the pool image) are found, and other images of the same class are not (the
+thresholds were tuned on bench/decontam.py's seed 1; these images use other seeds)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from tasks.curate.copydetect import CopyMatcher, EvalIndex
+from tasks.curate.copydetect import CopyMatcher, EvalIndex, _small
 from vlforge.demo.synth import make_pairs, make_shape_pairs, photo_like
 from vlforge.imagehash import fingerprint
 
@@ -51,6 +52,17 @@ def _copies(data: bytes) -> dict[str, bytes]:
     }
 
 
+def _triple(data: bytes, i: int) -> bytes:
+    """Cropped (3-9% of each side), rescaled (x0.7 or x1.6) and re-encoded as JPEG at quality 30, at once."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    cut = [(3 + (i * k) % 7) / 100 for k in (1, 2, 3, 5)]
+    img = img.crop((round(cut[0] * w), round(cut[1] * h), w - round(cut[2] * w), h - round(cut[3] * h)))
+    f = 0.7 if i % 2 else 1.6
+    img = img.resize((round(img.width * f), round(img.height * f)), Image.Resampling.BICUBIC)
+    return _save(img, "JPEG", quality=30)
+
+
 def _check_copies_found(evals: list[bytes], kinds: tuple[str, ...] | None = None) -> None:
     matcher = _index(evals)
     for i in range(len(evals)):
@@ -89,3 +101,34 @@ def test_other_images_of_the_same_class_are_not_copies():
     assert (found >= 0).mean() <= 0.05
     photos = photo_like(60, seed=106)
     assert (_match(_index(photos[:30]), photos[30:]) >= 0).sum() == 0
+
+
+def test_cropped_rescaled_and_reencoded_copies_are_found():
+    photos = photo_like(12, seed=107)
+    found = _match(_index(photos), [_triple(b, i) for i, b in enumerate(photos)])
+    assert (found == np.arange(12)).all()
+    noisy = [p.image for p in make_shape_pairs(20, seed=108)]
+    found = _match(_index(noisy), [_triple(b, i) for i, b in enumerate(noisy)])
+    assert ((found == np.arange(20)) | (found < 0)).all()  # never another image
+    assert (
+        found >= 0
+    ).mean() >= 0.7  # halving a noisy drawing can wash out the noise that tells a copy apart
+
+
+def test_an_eval_image_that_is_a_crop_of_the_pool_image_is_found():
+    photos = photo_like(8, seed=109)
+    crops = []
+    for b in photos:
+        img = Image.open(io.BytesIO(b)).convert("RGB")
+        w, h = img.size
+        crops.append(_save(img.crop((w * 7 // 100, h * 6 // 100, w - w * 7 // 100, h - h * 8 // 100))))
+    assert (_match(_index(crops), photos) == np.arange(8)).all()
+
+
+def test_crops_are_resampled_as_pil_resizes_a_box():
+    canon = np.asarray(Image.open(io.BytesIO(photo_like(1, seed=110)[0])).convert("RGB").resize((64, 64)))
+    cut = np.array([3.5, 0.0, 6.0, 2.5])
+    ours = _small(canon, cut)
+    box = (cut[0], cut[1], 64 - cut[2], 64 - cut[3])
+    pil = np.asarray(Image.fromarray(canon).resize((32, 32), Image.Resampling.BILINEAR, box=box), np.float32)
+    assert np.abs(ours - pil).mean() < 1.0  # the same filter; PIL rounds to whole grey levels
