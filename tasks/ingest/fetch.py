@@ -148,12 +148,28 @@ class _SiteAwareRedirect(urllib.request.HTTPRedirectHandler):
         return follow
 
 
+_openers: dict[tuple[str, object], tuple[CrawlPolicy, urllib.request.OpenerDirector]] = {}
+_openers_lock = threading.Lock()
+
+
+def _opener(policy: CrawlPolicy, token: str, timeout) -> urllib.request.OpenerDirector:
+    """The opener for ``policy`` in this process, shared by its threads (as urlopen's own is): building one per
+    request would read the proxy settings from the whole environment each time, a cost comparable to the request.
+    One is kept per token and timeout, for the latest policy (each shard brings its own unpickled copy)."""
+    with _openers_lock:
+        entry = _openers.get((token, timeout))
+        if entry is None or (entry[0] is not policy and entry[0] != policy):
+            handler = _SiteAwareRedirect(policy, token, timeout)
+            entry = _openers[(token, timeout)] = (policy, urllib.request.build_opener(handler))
+        return entry[1]
+
+
 def _fetch_once(url: str, policy: CrawlPolicy, timeout, token, directives):
     """``(bytes, None)`` or ``(None, error_message)``; raises _RateLimited on 429/503."""
     from img2dataset.downloader import is_disallowed
 
     request = urllib.request.Request(url, data=None, headers={"User-Agent": policy.user_agent})
-    opener = urllib.request.build_opener(_SiteAwareRedirect(policy, token or "vlforge", timeout))
+    opener = _opener(policy, token or "vlforge", timeout)
     try:
         with opener.open(request, timeout=timeout) as response:
             if directives and is_disallowed(response.headers, token, directives):
