@@ -100,7 +100,16 @@ def nearest(hashes: np.ndarray, hashed: np.ndarray) -> int:
     """Smallest Hamming distance from ``hashed`` (uint64[4]) to any row of ``hashes`` (uint64[N, 4])."""
     if not len(hashes):
         return 257
-    return int(np.bitwise_count(hashes ^ hashed).sum(axis=1, dtype=np.int64).min())
+    return _scan(hashes.T, hashed)
+
+
+def _scan(words: np.ndarray, hashed: np.ndarray) -> int:
+    """``nearest`` over the hashes as four word columns (uint64[4, N], contiguous for a listed scan): summing
+    one column at a time into a small integer type avoids the (N, 4) temporaries and the wide row sums."""
+    distance = np.bitwise_count(words[0] ^ hashed[0]).astype(np.uint16)
+    for w in range(1, 4):
+        distance += np.bitwise_count(words[w] ^ hashed[w])
+    return int(distance.min())
 
 
 class HashIndex:
@@ -121,6 +130,7 @@ class HashIndex:
         radius = distance // self.CHUNKS
         self.indexed = len(hashes) >= self._INDEXED and radius <= 2
         if not self.indexed:
+            self._words = np.ascontiguousarray(hashes.T)  # the plain scan reads one word column at a time
             return
         # One sorted key per (chunk, value): chunk * 2**16 + value, so all probes are one searchsorted.
         self._offsets = np.arange(self.CHUNKS, dtype=np.uint32) << 16
@@ -133,7 +143,7 @@ class HashIndex:
     def nearest_within(self, hashed: np.ndarray) -> int | None:
         """The distance to the nearest listed hash when it is within ``distance``, else None."""
         if not self.indexed:
-            best = nearest(self.hashes, hashed)
+            best = _scan(self._words, hashed) if len(self.hashes) else 257
             return best if best <= self.distance else None
         query = _chunks(hashed[None])[0].astype(np.uint32)
         probes = (query[:, None] ^ self._flips[None, :]) + self._offsets[:, None]

@@ -9,8 +9,10 @@ worker process, while a :func:`compliant` block is active, with :func:`download_
 - on 429 or 503 with ``Retry-After`` (429 without one: 1 s, doubling), holds the host back for every worker, waits
   and tries again, at most ``rate_limit_tries`` times, then ends the row ``rate_limited``;
 - does not retry other 4xx answers (they will not change), retries the rest ``retries`` times as img2dataset does;
-- follows a redirect to another site only when that site's robots.txt and tdmrep.json allow the target (read
-  once per site per worker process, with staging's conventions; reason ``robots_disallowed`` or ``tdm_reserved``);
+- follows no redirect to a URL the opt-out lists cover (reason ``opted_out``; the target is not contacted at all,
+  not even for its robots.txt), and a redirect to another site only when that site's robots.txt and tdmrep.json
+  allow the target (read once per site per worker process, with staging's conventions; reason
+  ``robots_disallowed`` or ``tdm_reserved``);
 - hashes the bytes against the PDQ blocklist (:mod:`tasks.ingest.blocklist`) and drops them on a match: img2dataset
   gets no bytes, only ``refused by vlforge: blocklisted: distance N``, so nothing of the image is ever written.
 """
@@ -31,6 +33,7 @@ from urllib.parse import urlsplit
 
 from tasks.ingest.blocklist import BLOCKLISTED, BlocklistRef
 from tasks.ingest.blocklist import match as blocklist_match
+from tasks.ingest.optout import OptOutList
 from tasks.ingest.politeness import GateAddress, GateClient
 from tasks.ingest.robots import (
     ROBOTS_DISALLOWED,
@@ -40,6 +43,7 @@ from tasks.ingest.robots import (
     site_of,
     tdm_reserved,
 )
+from vlforge import netguard
 from vlforge.netguard import REFUSED_PREFIX
 
 RATE_LIMITED = "rate_limited"
@@ -59,6 +63,7 @@ class CrawlPolicy:
     rate_limit_tries: int = 3
     max_retry_after_s: float = 60.0  # a longer Retry-After is capped (the row then ends rate_limited sooner)
     robots: bool = True  # off with --ignore-robots-txt: a redirect's target site is then not asked either
+    opt_out: OptOutList | None = None  # staging checks the listed URLs; the workers, redirect targets
 
 
 class _RateLimited(Exception):
@@ -86,7 +91,8 @@ def _authority(url: str) -> str:
 
 
 class _RedirectRefused(Exception):
-    """A redirect whose target site's robots.txt or tdmrep.json refuses it (the text is the row's reason)."""
+    """A redirect whose target an opt-out list covers, or whose target site's robots.txt or tdmrep.json refuses it
+    (the text is the row's reason)."""
 
 
 _sites: dict[tuple[str, bool], SiteRules] = {}
@@ -103,8 +109,9 @@ def _site_rules(site: str, policy: CrawlPolicy, timeout) -> SiteRules:
 
 
 class _SiteAwareRedirect(urllib.request.HTTPRedirectHandler):
-    """urllib's redirect handling (with the network guard's check), asking the target site first when the
-    redirect leaves the site the list named."""
+    """urllib's redirect handling (with the network guard's check), then the opt-out lists on every redirect
+    target (a prefix may cover another path of the same site), then, when the redirect leaves the site the list
+    named, the target site's robots.txt and tdmrep.json."""
 
     def __init__(self, policy: CrawlPolicy, token: str, timeout):
         self.policy, self.token, self.timeout = policy, token, timeout
@@ -113,6 +120,11 @@ class _SiteAwareRedirect(urllib.request.HTTPRedirectHandler):
         # urllib's own handling first: the network guard refuses a target it does not permit (its reason, e.g.
         # private_network, is the row's), before anything is asked of the target site.
         follow = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if follow is not None and self.policy.opt_out:
+            host, _ = netguard.parse_host(newurl)
+            opted = self.policy.opt_out.refusal(newurl, host) if host else None
+            if opted is not None:  # before anything, even its robots.txt, is asked of the target
+                raise _RedirectRefused(f"{REFUSED_PREFIX}{opted}: redirect to {newurl[:200]}")
         target = site_of(newurl)
         if follow is None or target[0] == site_of(req.full_url)[0]:
             return follow
@@ -136,12 +148,28 @@ class _SiteAwareRedirect(urllib.request.HTTPRedirectHandler):
         return follow
 
 
+_openers: dict[tuple[str, object], tuple[CrawlPolicy, urllib.request.OpenerDirector]] = {}
+_openers_lock = threading.Lock()
+
+
+def _opener(policy: CrawlPolicy, token: str, timeout) -> urllib.request.OpenerDirector:
+    """The opener for ``policy`` in this process, shared by its threads (as urlopen's own is): building one per
+    request would read the proxy settings from the whole environment each time, a cost comparable to the request.
+    One is kept per token and timeout, for the latest policy (each shard brings its own unpickled copy)."""
+    with _openers_lock:
+        entry = _openers.get((token, timeout))
+        if entry is None or (entry[0] is not policy and entry[0] != policy):
+            handler = _SiteAwareRedirect(policy, token, timeout)
+            entry = _openers[(token, timeout)] = (policy, urllib.request.build_opener(handler))
+        return entry[1]
+
+
 def _fetch_once(url: str, policy: CrawlPolicy, timeout, token, directives):
     """``(bytes, None)`` or ``(None, error_message)``; raises _RateLimited on 429/503."""
     from img2dataset.downloader import is_disallowed
 
     request = urllib.request.Request(url, data=None, headers={"User-Agent": policy.user_agent})
-    opener = urllib.request.build_opener(_SiteAwareRedirect(policy, token or "vlforge", timeout))
+    opener = _opener(policy, token or "vlforge", timeout)
     try:
         with opener.open(request, timeout=timeout) as response:
             if directives and is_disallowed(response.headers, token, directives):

@@ -281,7 +281,8 @@ def _fetch_shards(plan: _Plan, settings: Settings, opts: DownloadOptions, compli
         console.progress(staged.allowed, "rows", f"downloading {name}", poll=acc.DoneRows(plan.uri)),
     ):
         crawl = CrawlPolicy(compliance.user_agent, address, compliance.blocklist, compliance.rate_limit_tries,
-                            robots=compliance.robots_txt)  # fmt: skip
+                            robots=compliance.robots_txt,
+                            opt_out=compliance.opt_out or None)  # fmt: skip
         for attempt in range(2):  # a second pass picks up shards img2dataset gave up on
             if acc.done_shards(plan.uri) >= set(range(n_shards)):
                 break

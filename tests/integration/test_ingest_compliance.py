@@ -222,6 +222,35 @@ def test_opt_out_lists_by_domain_and_prefix_are_applied_before_any_request(setti
     assert f"`{first}` (sha256 `{digest}`)" in card and "| respected | respected |" in card
 
 
+def test_a_redirect_to_an_opted_out_domain_or_prefix_is_not_followed(settings, tmp_path):
+    image = make_pairs(1, seed=3)[0].image
+    with (
+        ImageServer("127.0.0.2") as origin,
+        ImageServer("127.0.0.3") as target,
+        ImageServer("127.0.0.4") as other,
+    ):
+        urls = []
+        for i in range(2):
+            for n, (site, folder) in enumerate(((target, "any"), (other, "gallery"), (other, "public"),
+                                                (origin, "gallery"))):  # fmt: skip
+                there = site.add(f"/{folder}/{i}.jpg", Response(image))
+                urls.append(origin.add(f"/go/{n}/{folder}/{i}.jpg",
+                                       Response(b"", status=302, headers={"Location": there})))  # fmt: skip
+        listed = tmp_path / "opt-out.txt"  # the list names none of the listed URLs: only where they redirect
+        listed.write_text(f"127.0.0.3\n{other.base_url}/gallery/\n{origin.base_url}/gallery/\n")
+        [result] = ingest(_csv(tmp_path / "l.csv", urls), "web", settings, processes=1, threads=4,
+                          opt_out_lists=[str(listed)], **LOOPBACK)  # fmt: skip
+
+        assert target.hits == {}, "an opted-out redirect target was contacted (not even robots.txt may be)"
+        assert not any(p.startswith("/gallery/") for p in other.hits | origin.hits), (other.hits, origin.hits)
+        assert sum(n for p, n in other.hits.items() if p.startswith("/public/")) == 2
+    assert result.counts == {"success": 2, "opted_out": 6}
+    rows = _rows(result.uri)
+    refused = [r["error_message"] for r in rows.values() if r["status"] != "success"]
+    assert all("redirect to" in m and "opt-out list" in m for m in refused), refused
+    assert all(r["jpg"] is None for r in rows.values() if r["status"] != "success")
+
+
 def _card(settings, batch_id: str) -> str:
     from tasks.curate.card import render_card
     from vlforge.datasets import DatasetVersion

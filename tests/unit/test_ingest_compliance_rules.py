@@ -116,6 +116,23 @@ def test_the_blocklist_index_finds_exactly_what_the_full_scan_finds(distance):
     assert found > 0
 
 
+def test_the_plain_scan_is_the_smallest_hamming_distance_over_all_256_bits():
+    rng = np.random.default_rng(7)
+    listed = rng.integers(0, 2**64, size=(300, 4), dtype=np.uint64)
+    listed[0] = ~np.uint64(0)  # all ones: 256 bits away from the all-zero query, past a uint8's range
+
+    def bits(rows: np.ndarray) -> np.ndarray:
+        return np.unpackbits(rows.astype(">u8").view(np.uint8).reshape(len(rows), 32), axis=1)
+
+    for query in [np.zeros(4, np.uint64), *rng.integers(0, 2**64, size=(20, 4), dtype=np.uint64)]:
+        expected = (bits(listed) != bits(query[None])).sum(axis=1)
+        assert nearest(listed, query) == expected.min()
+        for distance in (31, int(expected.min()), int(expected.min()) - 1):
+            want = int(expected.min()) if expected.min() <= distance else None
+            assert HashIndex(listed, distance).nearest_within(query) == want
+    assert nearest(listed[:1], np.zeros(4, np.uint64)) == 256
+
+
 def test_retry_after_and_transient_reasons():
     assert retry_after_seconds("3") == 3.0 and retry_after_seconds(None) is None
     assert retry_after_seconds("soon") is None
