@@ -20,6 +20,9 @@ DEFAULT_PROMPT = "Describe the image."
 DEFAULT_MAX_NEW_TOKENS = 24
 DEFAULT_BATCH_SIZE = 16
 CAPTION_COLUMN = "caption_synthetic"
+# Rows per actor call: the actor still generates in batches of ``batch_size``, but Ray Data's per-call cost
+# (moving the batch in and the captions out through the object store) is paid once per this many rows.
+ROWS_PER_CALL = 1024
 
 
 def decode_images(values) -> tuple[list, np.ndarray]:
@@ -150,7 +153,7 @@ def build_dataset(
     plan = captioner_plan(num_captioners)
     return ds.map_batches(
         Captioner,
-        batch_size=batch_size,
+        batch_size=max(batch_size, ROWS_PER_CALL),
         batch_format="numpy",
         fn_constructor_kwargs={
             "model_uri": model_uri,
