@@ -15,6 +15,7 @@ wheel build does (the build backend, ``vlforge_build.py``, sets ``VLFORGE_WHEEL_
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -23,21 +24,22 @@ from setuptools.command.build_py import build_py
 from setuptools.dist import Distribution
 
 from vlforge.relocate import relocate_name, rewrite_imports
+from vlforge_build import WHEEL_LAYOUT
 
-WHEEL_LAYOUT = "VLFORGE_WHEEL_LAYOUT"
 MOVED = ("models", "tasks", "flows")
 ROOTS = {name: f"vlforge.{name}" for name in MOVED}
 HERE = Path(__file__).resolve().parent
 
 
-def _moved_modules() -> set[str]:
+@functools.cache  # the tree does not change during a build; build_module asks once per module
+def _moved_modules() -> frozenset[str]:
     """Every module of the moved packages, by its repository name (``tasks.export.stage``)."""
     names = set()
     for root in MOVED:
         for path in (HERE / root).rglob("*.py"):
             parts = path.relative_to(HERE).with_suffix("").parts
             names.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
-    return {n for n in names if "." in n}
+    return frozenset(n for n in names if "." in n)
 
 
 class RelocatingBuildPy(build_py):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from setuptools import build_meta as _setuptools
 from setuptools.build_meta import *  # noqa: F403 (the hooks this module does not change)
 
-WHEEL_LAYOUT = "VLFORGE_WHEEL_LAYOUT"  # read by setup.py
+WHEEL_LAYOUT = "VLFORGE_WHEEL_LAYOUT"  # set here, read by setup.py (which imports the name from here)
 
 
 def _in_wheel_layout(hook: Callable) -> Callable:
