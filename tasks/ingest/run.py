@@ -161,9 +161,11 @@ def _download(
         from vlforge.raycluster import init_ray
 
         init_ray(Settings(storage="/tmp/unused", ray_address=ray_address))
+    from tasks.ingest.workers import forked_processes
+
     previous = signal.getsignal(signal.SIGINT)
     try:
-        with guarded_downloads(policy, crawl):
+        with guarded_downloads(policy, crawl), forked_processes():
             img2dataset.download(**kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,62 @@
+"""img2dataset's download processes are forked from one warm server (tasks/ingest/workers.py), and each still gets
+the environment and the standard streams of the list it works for, as a spawned process would."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _report(_):
+    os.write(1, f"worker {os.getpid()} says A={os.environ.get('VLF_TEST_A')}\n".encode())
+    return (
+        os.getppid(),
+        os.environ.get("VLF_TEST_A"),
+        os.environ.get("VLF_TEST_B"),
+        "img2dataset" in sys.modules,
+    )
+
+
+def _pool_reports(distributor) -> list[tuple]:
+    # What img2dataset's multiprocessing distributor does: get_context("spawn").Pool(n, maxtasksperchild=5).
+    with distributor.get_context("spawn").Pool(2, maxtasksperchild=5) as pool:
+        return pool.map(_report, range(4))
+
+
+def _with_stdout_to(path, fn):
+    """``fn()`` with this process's fd 1 on ``path`` (as a vlforge command puts it on its log file)."""
+    saved = os.dup(1)
+    with open(path, "wb") as target:
+        os.dup2(target.fileno(), 1)
+        try:
+            return fn()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def test_forked_workers_take_the_environment_and_streams_of_each_list_and_come_warm(monkeypatch, tmp_path):
+    import multiprocessing
+
+    import img2dataset.distributor as distributor
+
+    from tasks.ingest.workers import forked_processes
+
+    monkeypatch.setenv("VLF_TEST_A", "first")
+    monkeypatch.setenv("VLF_TEST_B", "only the first")
+    with forked_processes():
+        first = _with_stdout_to(tmp_path / "first.log", lambda: _pool_reports(distributor))
+    # A later list, once the server runs: a changed variable and a removed one reach its workers as they are now.
+    monkeypatch.setenv("VLF_TEST_A", "second")
+    monkeypatch.delenv("VLF_TEST_B")
+    with forked_processes():
+        second = _with_stdout_to(tmp_path / "second.log", lambda: _pool_reports(distributor))
+
+    assert {r[1:] for r in first} == {("first", "only the first", True)}, first
+    assert {r[1:] for r in second} == {("second", None, True)}, second
+    # Forked from the server (img2dataset already imported there), not started by this process.
+    assert {r[0] for r in first + second} != {os.getpid()}
+    # Each list's workers wrote to the caller's fd 1 of that time, not to the one the server started with.
+    assert (tmp_path / "first.log").read_text().count("says A=first") == 4
+    assert (tmp_path / "second.log").read_text().count("says A=second") == 4
+    assert distributor.get_context is multiprocessing.get_context  # img2dataset as it was, afterwards
