@@ -264,13 +264,18 @@ class SeaweedFS:
 
 @contextlib.contextmanager
 def seaweedfs_server(
-    data: Path, config_dir: Path, env: dict[str, str], bucket: str, timeout: float = 90
+    data: Path,
+    config_dir: Path,
+    env: dict[str, str],
+    bucket: str,
+    timeout: float = 90,
+    s3_port: int | None = None,
 ) -> Iterator[SeaweedFS]:
     """SeaweedFS (master, volume, filer, S3) on 127.0.0.1 started by compose's ``infra/seaweedfs/entrypoint.sh``
     with the S3 identity in ``env`` (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), and ``bucket`` created by
-    compose's ``infra/seaweedfs/create-buckets.sh``. Every port is chosen here: the defaults (and their gRPC
-    ports, +10000) may be taken."""
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+    compose's ``infra/seaweedfs/create-buckets.sh``. Every port is chosen here (the defaults and their gRPC ports,
+    +10000, may be taken), but the S3 port may be given, for services started beside it that need its endpoint."""
+    ports = {name: free_port() for name in ("master", "volume", "filer")} | {"s3": s3_port or free_port()}
     grpc = {name: free_port() for name in ports}
     args = ["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3.port.iceberg=0", "-s3.port.lance=0"]
     args += ["-volume.max=0", "-master.volumeSizeLimitMB=64"]
@@ -286,7 +291,8 @@ def seaweedfs_server(
     }
     data.mkdir(parents=True, exist_ok=True)
     cmd = ["sh", str(ROOT / "infra/seaweedfs/entrypoint.sh"), *args]
-    with background("seaweedfs", cmd, server_env, data / "seaweedfs.log", grace=10) as server:
+    # Its data goes with the test, so no clean shutdown is waited for (SeaweedFS's is slow).
+    with background("seaweedfs", cmd, server_env, data / "seaweedfs.log", grace=2) as server:
         sw = SeaweedFS(f"http://127.0.0.1:{ports['s3']}", f"127.0.0.1:{ports['master']}.{grpc['master']}")
         server.wait_http(f"http://127.0.0.1:{ports['s3']}/healthz", timeout)
         init = subprocess.run(

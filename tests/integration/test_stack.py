@@ -156,65 +156,73 @@ def _run_pipeline_on_the_stack(tmp: Path, work: Path):
         "--include-dashboard=false", "--dashboard-port", str(free_port()), "--disable-usage-stats",
         "--temp-dir", str(ray_temp_dir), "--block",
     ]  # fmt: skip
+    # The S3 endpoint is chosen before SeaweedFS is up, so the services start at once rather than one by one.
+    s3_port = free_port()
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    env = base_env(**S3_ENV, **ray_auth, VLFORGE_S3_ENDPOINT_URL=endpoint, MLFLOW_S3_ENDPOINT_URL=endpoint)
+    mlflow_cmd = ["sh", str(ROOT / "infra/mlflow/entrypoint.sh")]
     with (
+        # A Ray node drains for up to 30 s on SIGTERM; nothing here needs draining.
+        background("ray head", ray_cmd, env, tmp / "ray.log", grace=3) as ray_head,
         # Postgres's data folder is under `work`: the secrets search reads it.
         postgres_server(work / "pg", PG_USER, PG_PASSWORD) as pg,
+        # compose's MLflow service (its entrypoint and environment, on loopback): it needs Postgres up, and S3 only
+        # once an artifact is written.
+        background(
+            "mlflow server", mlflow_cmd, _mlflow_env(env, pg, mlflow_port), tmp / "mlflow.log"
+        ) as mlflow_server,
         # SeaweedFS's data and its credentials file stay outside: the bucket is searched through S3.
-        seaweedfs_server(tmp / "seaweedfs", tmp / "seaweedfs-config", base_env(**S3_ENV), BUCKET) as sw,
+        seaweedfs_server(
+            tmp / "seaweedfs", tmp / "seaweedfs-config", base_env(**S3_ENV), BUCKET, s3_port=s3_port
+        ) as sw,
         prefect_server(work / "prefect", database_url=pg.url("prefect", "postgresql+asyncpg")) as prefect_api,
     ):
-        env = base_env(
-            **S3_ENV, **ray_auth, VLFORGE_S3_ENDPOINT_URL=sw.endpoint, MLFLOW_S3_ENDPOINT_URL=sw.endpoint
-        )
-        # compose's MLflow service: its entrypoint and environment, on loopback.
-        mlflow_env = dict(
+        assert sw.endpoint == endpoint
+        s3 = s3_client(sw.endpoint)
+        mlflow_server.wait_http(f"{tracking_uri}/health", 120)
+        wait_for_ray(ray_port, env, ray_head)
+        run_env = dict(
             env,
-            PATH=str(BIN) + os.pathsep + env.get("PATH", ""),
-            POSTGRES_USER=PG_USER,
-            POSTGRES_PASSWORD=PG_PASSWORD,
-            POSTGRES_HOST=pg.host,
-            POSTGRES_PORT=str(pg.port),
-            MLFLOW_DB="mlflow",
-            S3_BUCKET=BUCKET,
-            MLFLOW_HOST="127.0.0.1",
-            MLFLOW_PORT=str(mlflow_port),
-            MLFLOW_WORKERS="2",
+            PREFECT_API_URL=prefect_api,
+            PREFECT_HOME=str(work / "run-home"),
+            VLFORGE_STORAGE=f"s3://{BUCKET}/vlforge",
+            MLFLOW_TRACKING_URI=secret_tracking_uri,
+            VLFORGE_RAY_ADDRESS=f"127.0.0.1:{ray_port}",
         )
-        mlflow_cmd = ["sh", str(ROOT / "infra/mlflow/entrypoint.sh")]
-        with (
-            background("mlflow server", mlflow_cmd, mlflow_env, tmp / "mlflow.log") as mlflow_server,
-            # A Ray node drains for up to 30 s on SIGTERM; nothing here needs draining.
-            background("ray head", ray_cmd, env, tmp / "ray.log", grace=3) as ray_head,
-        ):
-            s3 = s3_client(sw.endpoint)
-            mlflow_server.wait_http(f"{tracking_uri}/health", 120)
-            wait_for_ray(ray_port, env, ray_head)
-            run_env = dict(
-                env,
-                PREFECT_API_URL=prefect_api,
-                PREFECT_HOME=str(work / "run-home"),
-                VLFORGE_STORAGE=f"s3://{BUCKET}/vlforge",
-                MLFLOW_TRACKING_URI=secret_tracking_uri,
-                VLFORGE_RAY_ADDRESS=f"127.0.0.1:{ray_port}",
-            )
-            # A URL list on S3 pointing at images served on loopback.
-            pairs = make_pairs(48, 0.0, seed=11, prefix="stack")
-            with ImageServer() as images:
-                local_list = write_url_list(str(tmp / "list.csv"), pairs, images.add_pairs(pairs))
-                s3.upload_file(local_list, BUCKET, "incoming/list.csv")
-                consoles, results = _run_pipelines_at_once(run_env, work)
-            yield StackRun(
-                sw.endpoint,
-                tracking_uri,
-                run_env,
-                prefect_api,
-                work,
-                ray_temp_dir,
-                len(images.hits),
-                "\n".join(consoles.values()),
-                results,
-                pg,
-            )
+        # A URL list on S3 pointing at images served on loopback.
+        pairs = make_pairs(48, 0.0, seed=11, prefix="stack")
+        with ImageServer() as images:
+            local_list = write_url_list(str(tmp / "list.csv"), pairs, images.add_pairs(pairs))
+            s3.upload_file(local_list, BUCKET, "incoming/list.csv")
+            consoles, results = _run_pipelines_at_once(run_env, work)
+        yield StackRun(
+            sw.endpoint,
+            tracking_uri,
+            run_env,
+            prefect_api,
+            work,
+            ray_temp_dir,
+            len(images.hits),
+            "\n".join(consoles.values()),
+            results,
+            pg,
+        )
+
+
+def _mlflow_env(env: dict, pg, port: int) -> dict:
+    return dict(
+        env,
+        PATH=str(BIN) + os.pathsep + env.get("PATH", ""),
+        POSTGRES_USER=PG_USER,
+        POSTGRES_PASSWORD=PG_PASSWORD,
+        POSTGRES_HOST=pg.host,
+        POSTGRES_PORT=str(pg.port),
+        MLFLOW_DB="mlflow",
+        S3_BUCKET=BUCKET,
+        MLFLOW_HOST="127.0.0.1",
+        MLFLOW_PORT=str(port),
+        MLFLOW_WORKERS="2",
+    )
 
 
 def _run_pipelines_at_once(run_env: dict, work: Path) -> tuple[dict[str, str], dict[str, dict]]:
