@@ -26,7 +26,7 @@ from tasks.train.inprocess import train_in_process
 from vlforge.defaults import GENERAL_MARGIN
 from vlforge.demo.synth import HELDOUT_COLOURS, HELDOUT_SEEDS, make_shape_pairs, shapes30_task
 
-pytestmark = pytest.mark.slow  # about 22 s on one thread: the base (15 s), then a fine-tune per test
+pytestmark = pytest.mark.slow  # 15-23 s on one thread here: the base (most of it), then a fine-tune per test
 
 # bench/lora.py's new domain: the same classes on dark backgrounds with more pixel noise; its --heldout seeds.
 DOMAIN = dict(
