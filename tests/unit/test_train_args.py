@@ -81,7 +81,7 @@ def test_help_shows_each_familys_own_defaults():
     assert "Default: CLIP: 8; VLM: the recipe's (vlm-qwen2.5-0.5b 32, vlm-tiny 32)" in pretrain
     assert "Default: CLIP: 80; VLM: the recipe's (vlm-qwen2.5-0.5b 10, vlm-tiny 10)" in pretrain
     finetune = " ".join(runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "400"}).output.split())
-    assert "Default: CLIP: 0.0005; VLM: the recipe's (vlm-qwen2.5-0.5b 0.0002, vlm-tiny 0.003)" in finetune
+    assert "Default: CLIP: 5e-05; VLM: the recipe's (vlm-qwen2.5-0.5b 0.0002, vlm-tiny 0.003)" in finetune
     assert "Default: CLIP: models:/vlforge-clip@champion; VLM: models:/vlforge-vlm@champion" in finetune
     assert "LoRA rank. Default: CLIP: 8; VLM: the recipe's (vlm-qwen2.5-0.5b 16, vlm-tiny 8)" in finetune
 
@@ -147,7 +147,7 @@ def test_prefect_form_shows_the_models_defaults_and_help(group, model):
 
 def test_recipes_set_their_own_defaults_for_shared_settings():
     assert (PretrainArgs().epochs, PretrainArgs().lr) == (TrainArgs().epochs, TrainArgs().lr)
-    assert (FinetuneArgs().epochs, FinetuneArgs().lr, FinetuneArgs().warmup_steps) == (5, 5e-4, 5)
+    assert (FinetuneArgs().epochs, FinetuneArgs().lr, FinetuneArgs().warmup_steps) == (5, 5e-5, 5)
     # The help text of a shared setting is the same in both recipes.
     assert PretrainArgs.model_fields["lr"].description == FinetuneArgs.model_fields["lr"].description
 
