@@ -7,9 +7,12 @@ the adapter folder is kept beside it, so either form can be consumed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # the settings are read where torch is not needed (the CLI's options, the forms)
+    import torch
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 # Small heads that map each tower into the shared space: cheap to train fully and they adapt the geometry.

@@ -175,8 +175,8 @@ class _FinetuneSettings(TrainArgs):
     )
     epochs: Epochs = 5
     batch_size: BatchSize = 32
-    # Passes both checks of the fine-tune gate where the base has a foothold on the new domain; 5e-4 lost 0.2-0.5
-    # on general data with the default recipe: BENCHMARKS.md "LoRA defaults", "Under the non-inferiority gate".
+    # Passes both checks of the fine-tune gate where the base has a foothold on the new domain; higher rates made
+    # the default recipe forget general data: BENCHMARKS.md "LoRA defaults", "Under the non-inferiority gate".
     lr: LearningRate = 5e-5
     weight_decay: WeightDecay = 0.0
     warmup_steps: WarmupSteps = 5
