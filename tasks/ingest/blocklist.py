@@ -206,11 +206,13 @@ class HashIndex:
     CHUNKS = 16
     _INDEXED = 20_000  # rows below which the plain scan is as fast (bench/blocklist.py)
 
-    def __init__(self, hashes: np.ndarray, distance: int):
+    def __init__(self, hashes: np.ndarray, distance: int, indexed: bool | None = None):
+        """``indexed``: None chooses by the list's size (a benchmark forces either way)."""
         self.hashes = hashes
         self.distance = distance
         radius = distance // self.CHUNKS
-        self.indexed = len(hashes) >= self._INDEXED and radius <= 2
+        wanted = len(hashes) >= self._INDEXED if indexed is None else indexed
+        self.indexed = wanted and radius <= 2
         if not self.indexed:
             self._words = np.ascontiguousarray(hashes.T)  # the plain scan reads one word column at a time
             return
