@@ -4,15 +4,15 @@ second to any one host (``host:port``), whichever process, thread or Ray worker 
 back for everyone.
 
 One :class:`HostGate` lives in the ingest driver and answers over a TCP socket (``multiprocessing.connection``'s
-framing and key check, with a per-run random key): img2dataset's workers are separate processes (spawned, or Ray tasks that may run on other
+key check, with a per-run random key): img2dataset's workers are separate processes (spawned, or Ray tasks that may run on other
 nodes), so no in-process lock could bound them together. A worker thread asks ``acquire`` before each request and
 says ``release`` after; an answer is either "go" or "ask again in t seconds" (the gate never blocks a socket), so
 a request costs one small round trip to the driver and one message back (the release, unanswered).
 
 After the key check the messages are fixed-size binary records on the raw socket (an op byte, a Retry-After, the
 host's length, then the host; the answer is one double), not pickles over ``multiprocessing.connection``: its
-framing, pickler set-up and ``poll`` cost more CPU per request, in the worker and in the driver, than the
-request itself does on a fast link (measured in BENCHMARKS.md, ingest).
+framing, pickler set-up and ``poll`` cost a worker about as much CPU per request as the request itself on a fast
+link (``bench/ingest_request.py``), and the driver's gate threads as much again.
 """
 
 from __future__ import annotations
