@@ -204,7 +204,7 @@ class HashIndex:
     """
 
     CHUNKS = 16
-    _INDEXED = 20_000  # rows below which the plain scan is as fast (bench/blocklist.py)
+    _INDEXED = 35_000  # below it the plain scan is faster (bench/blocklist.py, 2026-12-03)
 
     def __init__(self, hashes: np.ndarray, distance: int, indexed: bool | None = None):
         """``indexed``: None chooses by the list's size (a benchmark forces either way)."""
