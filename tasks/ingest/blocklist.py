@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+import struct
 import threading
 from dataclasses import dataclass
 
@@ -77,19 +78,100 @@ def pdq_hash(data: bytes) -> np.ndarray | None:
     """The PDQ hash of encoded image bytes as uint64[4] (big-endian words of the 64-hex form), or None when
     the bytes do not decode."""
     import pdqhash
-    from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (HASH_SIDE, HASH_SIDE))  # JPEG: decode at a reduced scale
-            img = img.convert("RGB")
-            if max(img.size) > 2 * HASH_SIDE:
-                img.thumbnail((2 * HASH_SIDE, 2 * HASH_SIDE), Image.Resampling.BILINEAR)
-            pixels = np.asarray(img, dtype=np.uint8)
+        pixels = _reduced_rgb(data)
     except Exception:
         return None
-    bits, _quality = pdqhash.compute(np.ascontiguousarray(pixels))
-    return np.frombuffer(np.packbits(bits.astype(np.uint8)).tobytes(), dtype=">u8").astype(np.uint64)
+    if pixels is None:
+        return None
+    # pdqhash.compute builds its bit vector in a 256-step Python loop; compute_float gives the same 16x16 DCT
+    # output, and PDQ's bit k is "coefficient k > the lower median" (torben's median of 256 values).
+    values, _quality = pdqhash.compute_float(pixels)
+    bits = values > np.partition(values, 127)[127]
+    return np.frombuffer(np.packbits(bits).tobytes(), dtype=">u8").astype(np.uint64)
+
+
+# Up to about 150x150 decoded pixels OpenCV's decode costs less (PIL's per-image overhead is ~0.1 ms here);
+# past it PIL's decode is faster per pixel. Both give the same pixels, so the choice is cost only.
+_CV2_MAX_PIXELS = 150 * 150
+_CV2_REDUCED = {1: 1, 2: 16, 4: 32, 8: 64}  # scale -> cv2.IMREAD_REDUCED_COLOR_<scale> - IMREAD_COLOR
+
+
+def _reduced_rgb(data: bytes) -> np.ndarray | None:
+    """The image's RGB pixels, decoded at a reduced scale: at least HASH_SIDE on each side where the image is
+    (JPEG draft mode's rule), at most 2 * HASH_SIDE on the longer side. A plain 8-bit RGB or greyscale JPEG
+    (nearly every photo; its frame header read here, not by PIL's parser) that is small at that scale is decoded
+    by OpenCV at the scale PIL's draft mode would pick (the same libjpeg scaled IDCT, the same pixels;
+    img2dataset has OpenCV loaded in the worker already): a fraction of PIL's per-image overhead, which is
+    most of the cost for small images. Anything else takes PIL's path."""
+    frame = _jpeg_frame(data)
+    if frame is not None:
+        width, height = frame
+        scale = next((s for s in (8, 4, 2) if min(width // HASH_SIDE, height // HASH_SIDE) >= s), 1)
+        shape = (-(-height // scale), -(-width // scale))
+        if shape[0] * shape[1] <= _CV2_MAX_PIXELS:
+            pixels = _cv2_decode(data, scale)
+            if pixels is not None and pixels.shape[:2] == shape:
+                return pixels
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (HASH_SIDE, HASH_SIDE))  # JPEG: decode at a reduced scale
+        img = img.convert("RGB")
+        if max(img.size) > 2 * HASH_SIDE:
+            img.thumbnail((2 * HASH_SIDE, 2 * HASH_SIDE), Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (not DHT, JPG, DAC)
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of an 8-bit JPEG with 1 or 3 components (PIL's modes L and RGB), from its frame
+    header; None for anything else (another format, CMYK, 12-bit, a header cut short)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    at, end = 2, len(data)
+    while at + 4 <= end:
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _SOF:
+            if at + 10 > end:
+                return None
+            precision, height, width, components = (
+                data[at + 4],
+                *struct.unpack(">HH", data[at + 5 : at + 9]),
+                data[at + 9],
+            )
+            ok = precision == 8 and components in (1, 3) and width and height
+            return (width, height) if ok else None
+        if marker == 0xD8 or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length field
+            at += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return None
+
+
+def _cv2_decode(data: bytes, scale: int) -> np.ndarray | None:
+    """RGB pixels at 1/``scale``, EXIF orientation ignored (as PIL's decode does), or None (then PIL decodes:
+    OpenCV's pixel limit, a codec it lacks)."""
+    import cv2
+
+    flags = cv2.IMREAD_COLOR | _CV2_REDUCED[scale] | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:
+        return None
+    if bgr is None or bgr.ndim != 3:
+        return None
+    return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
 def hash_hex(hashed: np.ndarray) -> str:
@@ -122,13 +204,15 @@ class HashIndex:
     """
 
     CHUNKS = 16
-    _INDEXED = 20_000  # rows below which the plain scan is as fast (bench/blocklist.py)
+    _INDEXED = 35_000  # below it the plain scan is faster (bench/blocklist.py, 2026-12-03)
 
-    def __init__(self, hashes: np.ndarray, distance: int):
+    def __init__(self, hashes: np.ndarray, distance: int, indexed: bool | None = None):
+        """``indexed``: None chooses by the list's size (a benchmark forces either way)."""
         self.hashes = hashes
         self.distance = distance
         radius = distance // self.CHUNKS
-        self.indexed = len(hashes) >= self._INDEXED and radius <= 2
+        wanted = len(hashes) >= self._INDEXED if indexed is None else indexed
+        self.indexed = wanted and radius <= 2
         if not self.indexed:
             self._words = np.ascontiguousarray(hashes.T)  # the plain scan reads one word column at a time
             return

@@ -158,9 +158,12 @@ def _opener(policy: CrawlPolicy, token: str, timeout) -> urllib.request.OpenerDi
     One is kept per token and timeout, for the latest policy (each shard brings its own unpickled copy)."""
     with _openers_lock:
         entry = _openers.get((token, timeout))
-        if entry is None or (entry[0] is not policy and entry[0] != policy):
-            handler = _SiteAwareRedirect(policy, token, timeout)
-            entry = _openers[(token, timeout)] = (policy, urllib.request.build_opener(handler))
+        if entry is None or entry[0] is not policy:
+            if entry is None or entry[0] != policy:
+                entry = (policy, urllib.request.build_opener(_SiteAwareRedirect(policy, token, timeout)))
+            else:  # an equal copy (the next shard's): compared in full once, not on every request
+                entry = (policy, entry[1])
+            _openers[(token, timeout)] = entry
         return entry[1]
 
 

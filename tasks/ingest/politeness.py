@@ -4,17 +4,24 @@ second to any one host (``host:port``), whichever process, thread or Ray worker 
 back for everyone.
 
 One :class:`HostGate` lives in the ingest driver and answers over a TCP socket (``multiprocessing.connection``'s
-framing and key check, with a per-run random key): img2dataset's workers are separate processes (spawned, or Ray tasks that may run on other
+key check, with a per-run random key): img2dataset's workers are separate processes (spawned, or Ray tasks that may run on other
 nodes), so no in-process lock could bound them together. A worker thread asks ``acquire`` before each request and
 says ``release`` after; an answer is either "go" or "ask again in t seconds" (the gate never blocks a socket), so
 a request costs one small round trip to the driver and one message back (the release, unanswered).
+
+After the key check the messages are fixed-size binary records on the raw socket (an op byte, a Retry-After, the
+host's length, then the host; the answer is one double), not pickles over ``multiprocessing.connection``: its
+framing, pickler set-up and ``poll`` cost a worker about as much CPU per request as the request itself on a fast
+link (``bench/ingest_request.py``), and the driver's gate threads as much again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +32,11 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 POLL_S = 0.5  # the longest a worker sleeps before asking again (a slot freed by a release is seen soon)
 ACCEPT_POLL_S = 0.2  # how soon the accepting thread notices the run is over
 ANSWER_TIMEOUT_S = 120.0  # a gate that does not answer within this fails the request (never a silent hang)
+_ASK = struct.Struct(
+    "!cdH"
+)  # op (b"a"cquire, b"r"elease, b"h"old), seconds (hold), host length; then the host
+_ANSWER = struct.Struct("!d")  # acquire's answer: 0.0 go, else seconds to wait
+_OPS = {"acquire": b"a", "release": b"r", "hold": b"h"}
 
 
 @dataclass(frozen=True)
@@ -85,23 +97,39 @@ class HostGate:
 
 def _answer(gate: HostGate, sock: socket.socket, authkey: bytes) -> None:
     sock.setblocking(True)
-    with Connection(sock.detach()) as conn:
-        try:  # the key check, in this connection's thread: a slow client holds up no one else
-            deliver_challenge(conn, authkey)
-            answer_challenge(conn, authkey)
-        except (AuthenticationError, OSError, EOFError):
+    conn = Connection(sock.detach())
+    try:  # the key check, in this connection's thread: a slow client holds up no one else
+        deliver_challenge(conn, authkey)
+        answer_challenge(conn, authkey)
+    except (AuthenticationError, OSError, EOFError):
+        conn.close()
+        return
+    with _raw_socket(conn) as raw, raw.makefile("rb") as reader:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # an answer leaves at once
+        try:
+            while True:
+                header = reader.read(_ASK.size)
+                if len(header) < _ASK.size:
+                    return  # the worker closed its end
+                op, arg, length = _ASK.unpack(header)
+                host = reader.read(length).decode()
+                if op == b"a":
+                    raw.sendall(_ANSWER.pack(gate.try_acquire(host)))
+                elif op == b"r":  # no answer: the worker does not wait for it
+                    gate.release(host)
+                elif op == b"h":
+                    gate.hold(host, arg)
+        except OSError:  # the worker's process ended
             return
-        while True:
-            try:
-                op, host, arg = conn.recv()
-            except (EOFError, OSError):
-                return
-            if op == "acquire":
-                conn.send(gate.try_acquire(host))
-            elif op == "release":  # no answer: the worker does not wait for it
-                gate.release(host)
-            elif op == "hold":
-                gate.hold(host, float(arg))
+
+
+def _raw_socket(conn: Connection) -> socket.socket:
+    """The connection's socket as a plain socket object (a duplicate descriptor; ``conn`` is closed), once the key
+    check is done: the messages after it are raw records."""
+    try:
+        return socket.socket(fileno=os.dup(conn.fileno()))
+    finally:
+        conn.close()
 
 
 @contextlib.contextmanager
@@ -144,28 +172,45 @@ class GateClient:
         self.address = address
         self.local = threading.local()
 
-    def _connect(self) -> Connection:
+    def _connect(self) -> socket.socket:
         sock = socket.create_connection((self.address.host, self.address.port), timeout=ANSWER_TIMEOUT_S)
         sock.setblocking(True)
         conn = Connection(sock.detach())
-        answer_challenge(conn, self.address.authkey)
-        deliver_challenge(conn, self.address.authkey)
-        return conn
+        try:
+            answer_challenge(conn, self.address.authkey)
+            deliver_challenge(conn, self.address.authkey)
+        except BaseException:
+            conn.close()
+            raise
+        raw = _raw_socket(conn)
+        raw.settimeout(ANSWER_TIMEOUT_S)  # the driver gone or stuck: the request fails, never hangs the shard
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return raw
 
-    def _tell(self, op: str, host: str, arg: float = 0.0) -> Connection:
-        conn = getattr(self.local, "conn", None)
-        if conn is None:
-            conn = self.local.conn = self._connect()
-        conn.send((op, host, arg))
-        return conn
+    def _tell(self, op: str, host: str, arg: float = 0.0) -> socket.socket:
+        sock = getattr(self.local, "sock", None)
+        if sock is None:
+            sock = self.local.sock = self._connect()
+        name = host.encode()
+        sock.sendall(_ASK.pack(_OPS[op], arg, len(name)) + name)
+        return sock
 
     def _call(self, op: str, host: str, arg: float = 0.0) -> float:
-        conn = self._tell(op, host, arg)
-        if not conn.poll(ANSWER_TIMEOUT_S):  # the driver is gone or stuck: fail the row, never hang the shard
-            self.local.conn = None
-            conn.close()
-            raise TimeoutError(f"vlforge's per-host gate did not answer within {ANSWER_TIMEOUT_S:.0f} s")
-        return conn.recv()
+        sock = self._tell(op, host, arg)
+        answer = b""
+        try:
+            while len(answer) < _ANSWER.size:
+                chunk = sock.recv(_ANSWER.size - len(answer))
+                if not chunk:
+                    raise ConnectionError("vlforge's per-host gate closed the connection")
+                answer += chunk
+        except OSError as exc:  # TimeoutError included
+            self.local.sock = None
+            sock.close()
+            raise TimeoutError(
+                f"vlforge's per-host gate did not answer within {ANSWER_TIMEOUT_S:.0f} s ({exc})"
+            ) from None
+        return _ANSWER.unpack(answer)[0]
 
     @contextlib.contextmanager
     def slot(self, host: str) -> Iterator[None]:

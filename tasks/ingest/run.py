@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 
 from vlforge import defaults, netguard
 from vlforge.netguard import NetworkPolicy
-from vlforge.settings import Settings
 
 if TYPE_CHECKING:
     from tasks.ingest.fetch import CrawlPolicy
     from tasks.ingest.staging import StagedList
+    from vlforge.settings import Settings  # not at run time: every download worker imports this module
 
 
 @dataclass
@@ -159,6 +159,7 @@ def _download(
 
     if kwargs["distributor"] == "ray":
         from vlforge.raycluster import init_ray
+        from vlforge.settings import Settings
 
         init_ray(Settings(storage="/tmp/unused", ray_address=ray_address))
     from tasks.ingest.workers import forked_processes

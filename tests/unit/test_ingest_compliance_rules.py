@@ -97,7 +97,7 @@ def test_pdq_of_a_reduced_decode_matches_resized_and_reencoded_copies_not_other_
 @pytest.mark.parametrize("distance", [0, 31, 40, 60])
 def test_the_blocklist_index_finds_exactly_what_the_full_scan_finds(distance):
     rng = np.random.default_rng(distance)
-    listed = rng.integers(0, 2**64, size=(20_000, 4), dtype=np.uint64)
+    listed = rng.integers(0, 2**64, size=(HashIndex._INDEXED, 4), dtype=np.uint64)  # shortest indexed
     index = HashIndex(listed, distance)
     assert index.indexed == (distance <= 47)
 
