@@ -11,13 +11,12 @@ bench/results/blocklist.json.
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import time
 
 import numpy as np
 import typer
+from benchkit import machine, write_result
 
 from tasks.ingest.blocklist import HashIndex, nearest
 
@@ -81,9 +80,7 @@ def main(
         )
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {rss_mb:.0f} MB")
-    os.makedirs("bench/results", exist_ok=True)
-    with open("bench/results/blocklist.json", "w") as f:
-        json.dump({"results": results, "peak_rss_mb": round(rss_mb)}, f, indent=1)
+    write_result("blocklist.json", {"results": results, "peak_rss_mb": round(rss_mb), "machine": machine()})
 
 
 if __name__ == "__main__":

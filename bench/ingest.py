@@ -30,6 +30,7 @@ from types import SimpleNamespace
 from typing import Annotated
 
 import typer
+from benchkit import machine, write_result
 
 
 def _raw_run(list_path: str, out: str, opts) -> float:
@@ -195,9 +196,8 @@ def main(
             "blocklist_hashes": args.blocklist_hashes,
         },
     }
-    os.makedirs("bench/results", exist_ok=True)
-    with open("bench/results/ingest.json", "w") as f:
-        json.dump(result, f, indent=2)
+    result["machine"] = machine()
+    write_result("ingest.json", result)
     print(
         f"ingest: vlforge {images_per_s:.1f} images/s ({images_per_s / cores:.1f}/core), "
         f"img2dataset {raw_per_s:.1f} images/s, ratio {result['ratio']:.3f} (target >= 0.90)"
