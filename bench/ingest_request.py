@@ -12,7 +12,6 @@ Prints the median and the smallest of ``--reps`` passes for each variant; writes
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import statistics
@@ -20,6 +19,7 @@ import tempfile
 import time
 
 import typer
+from benchkit import machine, write_result
 
 VARIANTS = ("img2dataset", "vlforge", "no_gate", "no_blocklist", "neither")
 
@@ -108,9 +108,8 @@ def main(images: int = 200, reps: int = 5) -> None:
         median, best = statistics.median(runs[variant]), min(runs[variant])
         result["cpu_ms_per_request"][variant] = {"median": median, "min": best, "runs": runs[variant]}
         print(f"{variant:>13}: {median:.3f} ms CPU per request (min {best:.3f})")
-    os.makedirs("bench/results", exist_ok=True)
-    with open("bench/results/ingest_request.json", "w") as f:
-        json.dump(result, f, indent=2)
+    result["machine"] = machine()
+    write_result("ingest_request.json", result)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,12 @@ Prints microseconds per request (medians over short alternating blocks) and the 
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import time
 import urllib.request
 
 import typer
+from benchkit import machine, write_result
 
 
 def _per_request_us(url: str, n: int) -> float:
@@ -82,9 +81,8 @@ def main(
         f"(+{result['guard_us_per_redirected_request']:.0f} us)"
     )
     print(f"  the check of one URL alone (parse + policy, IP literal): {result['check_only_us']:.1f} us")
-    os.makedirs("bench/results", exist_ok=True)
-    with open("bench/results/netguard.json", "w") as f:
-        json.dump(result, f, indent=2)
+    result["machine"] = machine()
+    write_result("netguard.json", result)
 
 
 if __name__ == "__main__":
