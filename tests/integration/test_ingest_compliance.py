@@ -87,6 +87,11 @@ def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def _redirect(origin, path: str, there: str) -> str:
+    """The URL of ``path`` on ``origin``, which answers with a 302 to ``there``."""
+    return origin.add(path, Response(b"", status=302, headers={"Location": there}))
+
+
 def test_a_redirect_to_another_site_asks_that_sites_robots_txt_first(settings, tmp_path):
     image = make_pairs(1, seed=2)[0].image
     with ImageServer("127.0.0.2") as origin, ImageServer("127.0.0.3") as target:
@@ -97,8 +102,7 @@ def test_a_redirect_to_another_site_asks_that_sites_robots_txt_first(settings, t
         for i in range(3):
             for folder in ("private", "reserved", "open"):
                 there = target.add(f"/{folder}/{i}.jpg", Response(image))
-                urls.append(origin.add(f"/go/{folder}/{i}.jpg", Response(b"", status=302,
-                                                                         headers={"Location": there})))  # fmt: skip
+                urls.append(_redirect(origin, f"/go/{folder}/{i}.jpg", there))
         path = _csv(tmp_path / "list.csv", urls)
         [result] = ingest(path, "web", settings, processes=1, threads=4, **LOOPBACK)
 
@@ -234,8 +238,7 @@ def test_a_redirect_to_an_opted_out_domain_or_prefix_is_not_followed(settings, t
             for n, (site, folder) in enumerate(((target, "any"), (other, "gallery"), (other, "public"),
                                                 (origin, "gallery"))):  # fmt: skip
                 there = site.add(f"/{folder}/{i}.jpg", Response(image))
-                urls.append(origin.add(f"/go/{n}/{folder}/{i}.jpg",
-                                       Response(b"", status=302, headers={"Location": there})))  # fmt: skip
+                urls.append(_redirect(origin, f"/go/{n}/{folder}/{i}.jpg", there))
         listed = tmp_path / "opt-out.txt"  # the list names none of the listed URLs: only where they redirect
         listed.write_text(f"127.0.0.3\n{other.base_url}/gallery/\n{origin.base_url}/gallery/\n")
         [result] = ingest(_csv(tmp_path / "l.csv", urls), "web", settings, processes=1, threads=4,
