@@ -48,9 +48,8 @@ def run(size: int, queries: int, distance: int, seed: int = 0) -> dict:
         best = nearest(listed, q)
         return best if best <= distance else None
 
-    plain = HashIndex(
-        listed, distance, indexed=False
-    )  # the scan as HashIndex runs it: word columns contiguous
+    # the scan as HashIndex runs it: word columns contiguous
+    plain = HashIndex(listed, distance, indexed=False)
     index = HashIndex(listed, distance, indexed=True)
     scan_ms, expected = _per_query_ms(scan, asked)
     plain_ms, plain_got = _per_query_ms(plain.nearest_within, asked)

@@ -180,14 +180,15 @@ def hash_hex(hashed: np.ndarray) -> str:
 
 def nearest(hashes: np.ndarray, hashed: np.ndarray) -> int:
     """Smallest Hamming distance from ``hashed`` (uint64[4]) to any row of ``hashes`` (uint64[N, 4])."""
-    if not len(hashes):
-        return 257
     return _scan(hashes.T, hashed)
 
 
 def _scan(words: np.ndarray, hashed: np.ndarray) -> int:
     """``nearest`` over the hashes as four word columns (uint64[4, N], contiguous for a listed scan): summing
-    one column at a time into a small integer type avoids the (N, 4) temporaries and the wide row sums."""
+    one column at a time into a small integer type avoids the (N, 4) temporaries and the wide row sums. 257 (more
+    than any distance) when there are none."""
+    if not words.shape[1]:
+        return 257
     distance = np.bitwise_count(words[0] ^ hashed[0]).astype(np.uint16)
     for w in range(1, 4):
         distance += np.bitwise_count(words[w] ^ hashed[w])
@@ -227,7 +228,7 @@ class HashIndex:
     def nearest_within(self, hashed: np.ndarray) -> int | None:
         """The distance to the nearest listed hash when it is within ``distance``, else None."""
         if not self.indexed:
-            best = _scan(self._words, hashed) if len(self.hashes) else 257
+            best = _scan(self._words, hashed)
             return best if best <= self.distance else None
         query = _chunks(hashed[None])[0].astype(np.uint32)
         probes = (query[:, None] ^ self._flips[None, :]) + self._offsets[:, None]

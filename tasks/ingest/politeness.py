@@ -32,9 +32,8 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 POLL_S = 0.5  # the longest a worker sleeps before asking again (a slot freed by a release is seen soon)
 ACCEPT_POLL_S = 0.2  # how soon the accepting thread notices the run is over
 ANSWER_TIMEOUT_S = 120.0  # a gate that does not answer within this fails the request (never a silent hang)
-_ASK = struct.Struct(
-    "!cdH"
-)  # op (b"a"cquire, b"r"elease, b"h"old), seconds (hold), host length; then the host
+# op (b"a"cquire, b"r"elease, b"h"old), seconds (hold), host length; then the host
+_ASK = struct.Struct("!cdH")
 _ANSWER = struct.Struct("!d")  # acquire's answer: 0.0 go, else seconds to wait
 _OPS = {"acquire": b"a", "release": b"r", "hold": b"h"}
 
