@@ -38,6 +38,11 @@ def init_ray(settings: Settings, num_cpus: int | None = None):
         # among them) preempts it, and a plain loop it is compared with runs at 0 (BENCHMARKS.md, Train).
         # RAY_worker_niceness set in the environment still wins.
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # Ray Train starts a preemption watcher actor (one more Python process importing Ray Train) for every
+        # training, to act on a cloud provider's notice that a node is about to go. A Ray started here lives
+        # on this machine alone: no notice can come, and on a small machine the process delays the training.
+        # A cluster (``address`` above) keeps Ray's default.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # Logical CPUs may exceed the cores: Ray Data tasks and Train workers share a small machine.
         cpus = num_cpus or max(4, os.cpu_count() or 1)
         global _local_cores

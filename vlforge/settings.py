@@ -34,6 +34,12 @@ class Settings(BaseSettings):
         description="Run a one-worker training in the command's own process (Ray Train's local mode) when no Ray "
         "cluster address is set; false: on a Ray Train worker actor, as a multi-worker training.",
     )
+    driver_decode_rows: int = Field(
+        4096,
+        ge=0,
+        description="A dataset version of at most this many rows is decoded by the training's driver and handed "
+        "to Ray Train workers from memory; a larger one is read and decoded by Ray Data tasks (0: always).",
+    )
     user_agent: str = Field(
         "vlforge/0.1 (+https://github.com/vlforge/vlforge; image-text dataset builder)",
         description="User agent sent with every download.",

@@ -508,6 +508,10 @@ class TensorPipeline:
 
     def in_process(self) -> InProcessTensors:
         """Decoded here, block by block (the files' rows in order, ``DECODE_BATCH`` at a time), and kept."""
+        return InProcessTensors(self.decoded_blocks(), seed=self.seed, flip=self.flip, alt_prob=self.alt_prob)
+
+    def decoded_blocks(self) -> list[dict[str, np.ndarray]]:
+        """The tensors decoded in this process: the files' rows in order, ``DECODE_BATCH`` at a time."""
         blocks = []
         for f in self.dv.part_files("data"):
             table = read_data_file(f, self.columns)
@@ -516,23 +520,31 @@ class TensorPipeline:
                 block = self.preprocess(batch, **self.fn_kwargs)
                 if len(next(iter(block.values()))):
                     blocks.append(block)
-        return InProcessTensors(blocks, seed=self.seed, flip=self.flip, alt_prob=self.alt_prob)
+        return blocks
 
-    def ray_dataset(self):
-        """A Ray Dataset of the tensors (what Ray Train workers read)."""
+    def ray_dataset(self, driver_rows: int = 0):
+        """A Ray Dataset of the tensors (what Ray Train workers read). A version of at most ``driver_rows`` rows
+        (``Settings.driver_decode_rows``) is decoded here and handed over from memory: sooner, for a small one,
+        than starting Ray Data's parquet readers and decode tasks that each import the model's code."""
+        import ray.data
         from ray.data import RandomSeedConfig
+        from ray.data.block import BlockAccessor
 
-        ds = read_parquet_dataset(self.dv, self.columns)
-        # Reproducible from ``seed``: blocks leave every operator in the order they entered it (files, then rows),
-        # not in the order tasks finish, so each map batch below holds the same rows in every run.
-        ds.context.execution_options.preserve_order = True
-        ds = ds.map_batches(
-            self.preprocess, batch_format="numpy", batch_size=DECODE_BATCH, fn_kwargs=self.fn_kwargs
-        )
-        # Decoding and tokenising once (not every epoch) matters on small machines; the random augmentation
-        # below runs again on every epoch's pass over the materialised tensors. A version whose tensors would not
-        # fit the budget (a web-scale one: 600 KB a row at 224 px) streams instead, decoded again every epoch.
-        ds = materialize_within_budget(ds, self.dv, self.row_bytes)
+        if version_rows(self.dv) <= driver_rows and self.fits_in_process():
+            # The blocks (in file and row order, as below) go to the object store from here: materialised.
+            ds = ray.data.from_blocks([BlockAccessor.batch_to_block(b) for b in self.decoded_blocks()])
+        else:
+            ds = read_parquet_dataset(self.dv, self.columns)
+            # Reproducible from ``seed``: blocks leave every operator in the order they entered it (files, then
+            # rows), not in the order tasks finish, so each map batch below holds the same rows in every run.
+            ds.context.execution_options.preserve_order = True
+            ds = ds.map_batches(
+                self.preprocess, batch_format="numpy", batch_size=DECODE_BATCH, fn_kwargs=self.fn_kwargs
+            )
+            # Decoding and tokenising once (not every epoch) matters on small machines; the random augmentation
+            # below runs again on every epoch's pass over the materialised tensors. A version whose tensors would
+            # not fit the budget (a web-scale one: 600 KB a row at 224 px) streams instead, decoded every epoch.
+            ds = materialize_within_budget(ds, self.dv, self.row_bytes)
         # Per-epoch shuffling here rather than iter_torch_batches' local shuffle buffer, which re-concatenates
         # tensor columns on the training process for every batch (a copy of every batch, on the training's cores).
         # The block order is drawn from the seed and Ray Data's execution index of this dataset (one execution per

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import tempfile
 import threading
@@ -163,7 +164,9 @@ def fit(
     storage_path, storage_fs = ray_storage(settings)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"loop": loop_config},
+        # As bytes: Ray Train's controller actor receives this config and would otherwise unpickle it, importing
+        # torch and the recipe's hooks in a process that never trains (seconds on the way to the first step).
+        train_loop_config={"loop": pickle.dumps(loop_config)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu and num_workers > 0),
         run_config=RunConfig(
@@ -442,13 +445,13 @@ class Recipe:
 def train_data(settings: Settings, pipeline, in_driver: bool):
     """The recipe's training tensors (a ``tasks.train.data.TensorPipeline``) where the loop reads them: decoded in
     this process for a training in the driver when they fit ``IN_PROCESS_BYTES`` (no Ray at all), else a Ray
-    Dataset (Ray started or reused)."""
+    Dataset (Ray started or reused; a small version decoded here, ``Settings.driver_decode_rows``)."""
     if in_driver and pipeline.fits_in_process():
         return pipeline.in_process()
     from vlforge.raycluster import init_ray
 
     init_ray(settings)
-    return pipeline.ray_dataset()
+    return pipeline.ray_dataset(driver_rows=settings.driver_decode_rows)
 
 
 def run_training(

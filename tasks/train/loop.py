@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -282,7 +283,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from tasks.train.data import local_dir
 
-    config: LoopConfig = loop_config["loop"]
+    config: LoopConfig = pickle.loads(loop_config["loop"])  # bytes (see tasks.train.driver.fit)
     _quiet_report_log()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()

@@ -270,3 +270,38 @@ def test_content_split_puts_the_same_image_on_the_same_side_whatever_its_key_bat
         eval_mask(other_keys.column("key").to_pylist(), 0.5)
         == eval_mask(table.column("key").to_pylist(), 0.5)
     ).all()
+
+
+@pytest.mark.slow
+def test_a_small_version_decoded_by_the_driver_gives_ray_train_the_same_rows(settings, tmp_path, request):
+    """Below ``driver_decode_rows`` the driver decodes the version and hands Ray Data the tensors: every train
+    row once an epoch, the same rows as Ray Data's own decode, a new order each epoch drawn from the seed."""
+    from tasks.train.data import count_train_rows, train_dataset
+    from tests.helpers import publish_pairs
+
+    request.getfixturevalue("ray_local")
+    pairs = make_pairs(80, seed=9)
+    dv = publish_pairs(settings, "small", pairs, files=4)
+    model = build_clip("clip-tiny", [p.caption for p in pairs]).save(str(tmp_path / "init"))
+
+    plans = {}
+
+    def epochs(driver_rows: int, seed: int = 0) -> list[list[tuple]]:
+        pipeline = train_dataset(dv, model, eval_fraction=0.2, augment=False, seed=seed)
+        ds = pipeline.ray_dataset(driver_rows=driver_rows)
+        rows = [
+            [tuple(ids) for b in ds.iter_batches(batch_size=16, batch_format="numpy") for ids in b["input_ids"]]
+            for _ in range(2)
+        ]
+        plans[driver_rows] = ds.stats()  # the operators that ran, the parent's decode included
+        return rows
+
+    from_driver, from_ray_data = epochs(driver_rows=80), epochs(driver_rows=0)
+    # Ray Data read the files itself only when asked to (its readers list and read them).
+    assert "FromBlocks" in plans[80] and "ReadFiles" not in plans[80], plans[80]
+    assert "ReadFiles" in plans[0] and "FromBlocks" not in plans[0], plans[0]
+    assert len(from_driver[0]) == count_train_rows(dv, 0.2) > 0
+    for mine, theirs in zip(from_driver, from_ray_data, strict=True):
+        assert sorted(mine) == sorted(theirs)  # every train row once an epoch, as Ray Data decodes them
+    assert from_driver[0] != from_driver[1]  # a new block order in the second epoch
+    assert epochs(driver_rows=80) == from_driver  # drawn from the seed: the same in another run
