@@ -83,6 +83,7 @@ class _Table:
 
     def __init__(self, path: str, fd: int):
         self.path, self.fd = path, fd
+        self._closed = weakref.finalize(self, os.close, fd)  # the mapping closes with the object
         self.map = mmap.mmap(fd, _TABLE_BYTES)
         self.connections, self.rate = _HEADER.unpack_from(self.map, 0)
         self.thread_lock = threading.Lock()
@@ -92,13 +93,9 @@ class _Table:
     def create(cls, connections: int, rate: float) -> _Table:
         fd, path = tempfile.mkstemp(prefix="vlforge-gate-", dir=_table_dir())  # mode 0600: this user only
         os.ftruncate(fd, _TABLE_BYTES)  # zeros: every entry free
-        table = cls.__new__(cls)
-        table.path, table.fd = path, fd
-        table.map = mmap.mmap(fd, _TABLE_BYTES)
-        _HEADER.pack_into(table.map, 0, connections, rate)
-        table.connections, table.rate = connections, rate
-        table.thread_lock, table.offsets = threading.Lock(), {}
-        return table
+        with open(fd, "r+b", closefd=False) as f:
+            f.write(_HEADER.pack(connections, rate))
+        return cls(path, fd)
 
     @classmethod
     def open(cls, path: str) -> _Table | None:
@@ -141,7 +138,7 @@ class _Table:
 
     def close(self) -> None:
         self.map.close()
-        os.close(self.fd)
+        self._closed()
 
 
 def _unlink(path: str) -> None:
