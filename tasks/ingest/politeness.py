@@ -18,8 +18,8 @@ asks ``acquire`` before each request and says ``release`` after; an answer is ei
 seconds" (the gate never blocks).
 
 The table has 65,536 entries: a host takes the first free one of eight after its hash. Where all eight hold
-other hosts (a run over more hosts than that), it shares the first: the two hosts' requests are then counted
-together, so each host's limits still hold and one may wait for the other, never the reverse.
+other hosts (rare until a run nears tens of thousands of hosts), it shares the first: the two hosts' requests are
+then counted together, so each host's limits still hold and one may wait for the other; no limit is loosened.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ _ASK = struct.Struct("!cdH")
 _ANSWER = struct.Struct("!d")  # acquire's answer: 0.0 go, else seconds to wait
 _OPS = {"acquire": b"a", "release": b"r", "hold": b"h"}
 _HEADER = struct.Struct("<id")  # the table's: connections, rate
-_ENTRY = struct.Struct(
-    "<Qiidd"
-)  # a host's: key (0: free), active, limit, next_start (monotonic), crawl_delay
+_FIRST_ENTRY = 64  # the header's room
+# a host's entry: key (0: free), active, limit, next_start (monotonic), crawl_delay
+_ENTRY = struct.Struct("<Qiidd")
 ENTRIES = 1 << 16
 PROBES = 8
-_TABLE_BYTES = 64 + ENTRIES * _ENTRY.size
+_TABLE_BYTES = _FIRST_ENTRY + ENTRIES * _ENTRY.size
 
 
 @dataclass(frozen=True)
@@ -120,10 +120,10 @@ class _Table:
         if offset is not None:
             return offset
         key = _key(host)
-        first = 64 + (key % ENTRIES) * _ENTRY.size
+        first = _FIRST_ENTRY + (key % ENTRIES) * _ENTRY.size
         offset = first
         for probe in range(PROBES):
-            at = 64 + ((key + probe) % ENTRIES) * _ENTRY.size
+            at = _FIRST_ENTRY + ((key + probe) % ENTRIES) * _ENTRY.size
             held = _ENTRY.unpack_from(self.map, at)[0]
             if held == key:
                 offset = at
