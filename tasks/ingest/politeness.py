@@ -20,6 +20,8 @@ seconds" (the gate never blocks).
 The table has 65,536 entries: a host takes the first free one of eight after its hash. Where all eight hold
 other hosts (rare until a run nears tens of thousands of hosts), it shares the first: the two hosts' requests are
 then counted together, so each host's limits still hold and one may wait for the other; no limit is loosened.
+The run removes its table's file when it ends; a run killed before then cannot, and the next gate created on the
+machine removes the tables whose creating process is gone.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ _FIRST_ENTRY = 64  # the header's room
 _ENTRY = struct.Struct("<Qiidd")
 ENTRIES = 1 << 16
 PROBES = 8
+_PREFIX = "vlforge-gate-"
 _TABLE_BYTES = _FIRST_ENTRY + ENTRIES * _ENTRY.size
 
 
@@ -91,7 +94,9 @@ class _Table:
 
     @classmethod
     def create(cls, connections: int, rate: float) -> _Table:
-        fd, path = tempfile.mkstemp(prefix="vlforge-gate-", dir=_table_dir())  # mode 0600: this user only
+        _remove_orphans()
+        # mode 0600: this user only; the creator's pid in the name, so that a later run can tell it is orphaned
+        fd, path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=_table_dir())
         os.ftruncate(fd, _TABLE_BYTES)  # zeros: every entry free
         with open(fd, "r+b", closefd=False) as f:
             f.write(_HEADER.pack(connections, rate))
@@ -144,6 +149,24 @@ class _Table:
 def _unlink(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+def _remove_orphans() -> None:
+    """Remove the tables of runs whose driver is gone (killed: a run that ends removes its own), so that killed
+    runs do not pile up in memory. A table whose creator's pid is alive (or reused) is left alone; removing a live
+    one by mistake (another pid namespace sharing the directory) would only send its new workers to TCP."""
+    folder = _table_dir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            pid = name[len(_PREFIX) :].split("-", 1)[0]
+            if not (name.startswith(_PREFIX) and pid.isdigit()):
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                _unlink(os.path.join(folder, name))
+            except OSError:  # alive, someone else's
+                pass
 
 
 class HostGate:

@@ -195,6 +195,29 @@ def test_gate_hosts_beyond_the_tables_probes_share_an_entry_and_keep_their_limit
     assert not os.path.exists(gate.path)
 
 
+def test_gate_table_of_a_killed_run_is_removed_by_the_next_run():
+    """A run that ends removes its table; one killed with SIGKILL cannot, so the next run's gate removes it (its
+    creator is gone) and leaves a live run's alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal; from tasks.ingest.politeness import HostGate; "
+        "gate = HostGate(2, 5.0); print(gate.path, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    orphan = killed.stdout.strip()
+    assert killed.returncode == -9 and os.path.exists(orphan), killed.stderr
+    live = HostGate(1, 1.0)
+    try:
+        assert not os.path.exists(orphan)
+        assert os.path.exists(live.path)  # this process's own, alive
+        HostGate(1, 1.0).close()
+        assert os.path.exists(live.path)
+    finally:
+        live.close()
+
+
 def test_cli_compliance_options_reject_bad_input_in_one_line(settings, tmp_path):
     from typer.testing import CliRunner
 
