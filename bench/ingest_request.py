@@ -3,7 +3,8 @@ one (``tasks.ingest.fetch``), and vlforge's without the per-host gate, without t
 serial requests from one thread for ``--images`` synthetic 64 px JPEGs; the image server and the gate (64
 connections, 10,000 requests/s per host: loose, as in bench/ingest.py) run in their own spawned processes, so the
 figure is this process's CPU (``time.process_time``) per request, the cost a worker pays for each image before
-img2dataset resizes it. The blocklist is 10,000 random hashes, the opt-out list 1000 entries matching nothing.
+img2dataset resizes it (the gate's table is on this machine: this process maps it and asks it itself, as a
+download worker on the driver's machine does). The blocklist is 10,000 random hashes, the opt-out list 1000 entries matching nothing.
 
     .venv/bin/python bench/ingest_request.py [--images 200] [--reps 5]
 

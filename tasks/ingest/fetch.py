@@ -245,6 +245,7 @@ def _fetch(url, timeout, retries, user_agent_token, disallowed_header_directives
 
 _active: CrawlPolicy | None = None
 _clients: dict[GateAddress, GateClient] = {}
+_KEPT_CLIENTS = 4
 _install_lock = threading.Lock()
 _original = None
 
@@ -255,6 +256,10 @@ def _gate() -> GateClient | None:
         return None
     with _install_lock:
         if address not in _clients:
+            # A long-lived process (a Ray worker) sees a new gate each run: the clients of the oldest runs are let
+            # go (their table's mapping and connections close once no request of theirs still holds them).
+            while len(_clients) >= _KEPT_CLIENTS:
+                del _clients[next(iter(_clients))]
             _clients[address] = GateClient(address)
         return _clients[address]
 

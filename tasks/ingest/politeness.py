@@ -3,27 +3,41 @@ second to any one host (``host:port``), whichever process, thread or Ray worker 
 ``Crawl-delay`` widens its interval (and allows one request at a time); a ``Retry-After`` answer holds the host
 back for everyone.
 
-One :class:`HostGate` lives in the ingest driver and answers over a TCP socket (``multiprocessing.connection``'s
-key check, with a per-run random key): img2dataset's workers are separate processes (spawned, or Ray tasks that may run on other
-nodes), so no in-process lock could bound them together. A worker thread asks ``acquire`` before each request and
-says ``release`` after; an answer is either "go" or "ask again in t seconds" (the gate never blocks a socket), so
-a request costs one small round trip to the driver and one message back (the release, unanswered).
+One :class:`HostGate` lives in the ingest driver for the run. Its state is a table of hosts in a file under
+``/dev/shm`` (memory, not disk) that every process on the driver's machine maps: img2dataset's worker processes
+read and update it themselves, under a lock (``flock`` on the file, plus a thread lock within a process), so a
+request costs a few microseconds of the worker's own CPU and waits for no other process. Asking the driver over a
+socket instead cost a worker about as much CPU per request as img2dataset's whole request, and a wait for the
+driver's gate thread to be scheduled on a busy machine (``bench/ingest_request.py``, py-spy in BENCHMARKS.md).
 
-After the key check the messages are fixed-size binary records on the raw socket (an op byte, a Retry-After, the
-host's length, then the host; the answer is one double), not pickles over ``multiprocessing.connection``: its
-framing, pickler set-up and ``poll`` cost a worker about as much CPU per request as the request itself on a fast
-link (``bench/ingest_request.py``), and the driver's gate threads as much again.
+Ray workers on other nodes cannot map the file: for them the driver also serves the gate over TCP
+(``multiprocessing.connection``'s key check with a per-run random key, then fixed-size binary records: an op
+byte, a Retry-After, the host's length, then the host; the answer to an acquire is one double), and its threads
+answer from the same table, so the limits hold over every process of the run, whichever way it asks. A worker
+asks ``acquire`` before each request and says ``release`` after; an answer is either "go" or "ask again in t
+seconds" (the gate never blocks).
+
+The table has 65,536 entries: a host takes the first free one of eight after its hash. Where all eight hold
+other hosts (rare until a run nears tens of thousands of hosts), it shares the first: the two hosts' requests are
+then counted together, so each host's limits still hold and one may wait for the other; no limit is loosened.
+The run removes its table's file when it ends; a run killed before then cannot, and the next gate created on the
+machine removes the tables whose creating process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import mmap
 import os
 import secrets
 import socket
 import struct
+import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing import AuthenticationError
@@ -36,6 +50,14 @@ ANSWER_TIMEOUT_S = 120.0  # a gate that does not answer within this fails the re
 _ASK = struct.Struct("!cdH")
 _ANSWER = struct.Struct("!d")  # acquire's answer: 0.0 go, else seconds to wait
 _OPS = {"acquire": b"a", "release": b"r", "hold": b"h"}
+_HEADER = struct.Struct("<id")  # the table's: connections, rate
+_FIRST_ENTRY = 64  # the header's room
+# a host's entry: key (0: free), active, limit, next_start (monotonic), crawl_delay
+_ENTRY = struct.Struct("<Qiidd")
+ENTRIES = 1 << 16
+PROBES = 8
+_PREFIX = "vlforge-gate-"
+_TABLE_BYTES = _FIRST_ENTRY + ENTRIES * _ENTRY.size
 
 
 @dataclass(frozen=True)
@@ -45,53 +67,171 @@ class GateAddress:
     host: str
     port: int
     authkey: bytes = field(repr=False)
+    table: str | None = None  # the table's file: mapped where it exists (the driver's machine), else TCP
 
 
-@dataclass
-class _Host:
-    active: int = 0
-    next_start: float = 0.0  # monotonic time before which no request may start
+def _key(host: str) -> int:
+    """A host's 64-bit key in the table, the same in every process (``hash`` is salted per process); never 0."""
+    return int.from_bytes(hashlib.blake2b(host.encode(), digest_size=8).digest(), "little") | 1
+
+
+def _table_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class _Table:
+    """The per-host state in a mapped file, shared by the processes of one machine; each process opens it once
+    (its own open file, so ``flock`` excludes the other processes; a thread lock, this process's other threads).
+    A process that dies holding the lock releases it with its file."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self.fd = path, fd
+        self._closed = weakref.finalize(self, os.close, fd)  # the mapping closes with the object
+        self.map = mmap.mmap(fd, _TABLE_BYTES)
+        self.connections, self.rate = _HEADER.unpack_from(self.map, 0)
+        self.thread_lock = threading.Lock()
+        self.offsets: dict[str, int] = {}  # host -> its entry, found once per process
+
+    @classmethod
+    def create(cls, connections: int, rate: float) -> _Table:
+        _remove_orphans()
+        # mode 0600: this user only; the creator's pid in the name, so that a later run can tell it is orphaned
+        fd, path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=_table_dir())
+        os.ftruncate(fd, _TABLE_BYTES)  # zeros: every entry free
+        with open(fd, "r+b", closefd=False) as f:
+            f.write(_HEADER.pack(connections, rate))
+        return cls(path, fd)
+
+    @classmethod
+    def open(cls, path: str) -> _Table | None:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:  # another machine (a Ray node), or the run is over
+            return None
+        return cls(path, fd)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with self.thread_lock:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def offset(self, host: str) -> int:
+        """The entry of ``host`` (under the lock): its own, a free one it takes, or its first one shared."""
+        offset = self.offsets.get(host)
+        if offset is not None:
+            return offset
+        key = _key(host)
+        first = _FIRST_ENTRY + (key % ENTRIES) * _ENTRY.size
+        offset = first
+        for probe in range(PROBES):
+            at = _FIRST_ENTRY + ((key + probe) % ENTRIES) * _ENTRY.size
+            held = _ENTRY.unpack_from(self.map, at)[0]
+            if held == key:
+                offset = at
+                break
+            if held == 0:
+                _ENTRY.pack_into(self.map, at, key, 0, self.connections, 0.0, 0.0)
+                offset = at
+                break
+        if len(self.offsets) < 1 << 20:
+            self.offsets[host] = offset
+        return offset
+
+    def close(self) -> None:
+        self.map.close()
+        self._closed()
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _remove_orphans() -> None:
+    """Remove the tables of runs whose driver is gone (killed: a run that ends removes its own), so that killed
+    runs do not pile up in memory. A table whose creator's pid is alive (or reused) is left alone; removing a live
+    one by mistake (another pid namespace sharing the directory) would only send its new workers to TCP."""
+    folder = _table_dir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            pid = name[len(_PREFIX) :].split("-", 1)[0]
+            if not (name.startswith(_PREFIX) and pid.isdigit()):
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                _unlink(os.path.join(folder, name))
+            except OSError:  # alive, someone else's
+                pass
 
 
 class HostGate:
-    """The per-host limits (thread-safe; served by :func:`serve`)."""
+    """The per-host limits, in a :class:`_Table` this process created (thread-safe, and process-safe with the
+    processes that open the table's file; served over TCP by :func:`serve`)."""
 
     def __init__(self, connections: int, rate: float, crawl_delays: dict[str, float] | None = None):
         self.connections, self.rate = max(1, int(connections)), float(rate)
-        self.crawl_delays = dict(crawl_delays or {})
-        self.hosts: dict[str, _Host] = {}
-        self.lock = threading.Lock()
+        self.table = _Table.create(self.connections, self.rate)
+        self._cleanup = weakref.finalize(self, _unlink, self.table.path)
+        with self.table.locked():
+            for host, delay in (crawl_delays or {}).items():  # Crawl-delay: one request at a time, spaced
+                at = self.table.offset(host)
+                key, active, _, next_start, shared_delay = _ENTRY.unpack_from(self.table.map, at)
+                _ENTRY.pack_into(self.table.map, at, key, active, 1, next_start, max(delay, shared_delay))
 
-    def interval(self, host: str) -> float:
-        base = 1.0 / self.rate if self.rate > 0 else 0.0
-        return max(base, self.crawl_delays.get(host, 0.0))
+    @property
+    def path(self) -> str:
+        return self.table.path
+
+    def close(self) -> None:
+        """Remove the table's file (workers that have it open keep it until they close it)."""
+        self._cleanup()
 
     def try_acquire(self, host: str) -> float:
-        """0.0: a request to ``host`` may start now (counted until :meth:`release`); else seconds to wait."""
-        now = time.monotonic()
-        limit = 1 if host in self.crawl_delays else self.connections
-        with self.lock:
-            state = self.hosts.setdefault(host, _Host())
-            if state.active >= limit:
-                return POLL_S / 10
-            if now < state.next_start:
-                return state.next_start - now
-            state.active += 1
-            state.next_start = now + self.interval(host)
-            return 0.0
+        return try_acquire(self.table, host)
 
     def release(self, host: str) -> None:
-        with self.lock:
-            state = self.hosts.setdefault(host, _Host())
-            state.active = max(0, state.active - 1)
-            if host in self.crawl_delays:  # Crawl-delay: also between one request's end and the next start
-                state.next_start = max(state.next_start, time.monotonic() + self.crawl_delays[host])
+        release(self.table, host)
 
     def hold(self, host: str, seconds: float) -> None:
-        """No request to ``host`` starts for ``seconds`` (a Retry-After)."""
-        with self.lock:
-            state = self.hosts.setdefault(host, _Host())
-            state.next_start = max(state.next_start, time.monotonic() + seconds)
+        hold(self.table, host, seconds)
+
+
+def try_acquire(table: _Table, host: str) -> float:
+    """0.0: a request to ``host`` may start now (counted until :func:`release`); else seconds to wait."""
+    with table.locked():
+        at = table.offset(host)
+        key, active, limit, next_start, delay = _ENTRY.unpack_from(table.map, at)
+        if active >= limit:
+            return POLL_S / 10
+        now = time.monotonic()  # one clock for all processes of the machine (CLOCK_MONOTONIC)
+        if now < next_start:
+            return next_start - now
+        base = 1.0 / table.rate if table.rate > 0 else 0.0
+        _ENTRY.pack_into(table.map, at, key, active + 1, limit, now + max(base, delay), delay)
+        return 0.0
+
+
+def release(table: _Table, host: str) -> None:
+    with table.locked():
+        at = table.offset(host)
+        key, active, limit, next_start, delay = _ENTRY.unpack_from(table.map, at)
+        if delay:  # Crawl-delay: also between one request's end and the next start
+            next_start = max(next_start, time.monotonic() + delay)
+        _ENTRY.pack_into(table.map, at, key, max(0, active - 1), limit, next_start, delay)
+
+
+def hold(table: _Table, host: str, seconds: float) -> None:
+    """No request to ``host`` starts for ``seconds`` (a Retry-After)."""
+    with table.locked():
+        at = table.offset(host)
+        key, active, limit, next_start, delay = _ENTRY.unpack_from(table.map, at)
+        next_start = max(next_start, time.monotonic() + seconds)
+        _ENTRY.pack_into(table.map, at, key, active, limit, next_start, delay)
 
 
 def _answer(gate: HostGate, sock: socket.socket, authkey: bytes) -> None:
@@ -157,19 +297,22 @@ def serve(gate: HostGate, bind: str = "127.0.0.1") -> Iterator[GateAddress]:
     thread.start()
     host, port = server.getsockname()[:2]
     try:
-        yield GateAddress(host, port, authkey)
+        yield GateAddress(host, port, authkey, gate.path)
     finally:
         stop.set()
         thread.join(timeout=5 * ACCEPT_POLL_S)
         server.close()
+        gate.close()  # the file goes; this process's mapping (and any worker's) stays valid
 
 
 class GateClient:
-    """A worker process's handle on the gate: one connection per thread, opened on first use."""
+    """A worker process's handle on the gate: the table itself where its file can be opened (a process on the
+    driver's machine), else one TCP connection per thread, opened on first use."""
 
     def __init__(self, address: GateAddress):
         self.address = address
         self.local = threading.local()
+        self.table = _Table.open(address.table) if address.table else None
 
     def _connect(self) -> socket.socket:
         sock = socket.create_connection((self.address.host, self.address.port), timeout=ANSWER_TIMEOUT_S)
@@ -214,6 +357,15 @@ class GateClient:
     @contextlib.contextmanager
     def slot(self, host: str) -> Iterator[None]:
         """Wait for the gate's go for ``host``; hold the slot while the block runs."""
+        table = self.table
+        if table is not None:
+            while (wait := try_acquire(table, host)) > 0:
+                time.sleep(min(wait, POLL_S))
+            try:
+                yield
+            finally:
+                release(table, host)
+            return
         while (wait := self._call("acquire", host)) > 0:
             time.sleep(min(wait, POLL_S))
         try:
@@ -222,4 +374,7 @@ class GateClient:
             self._tell("release", host)  # one message, no round trip
 
     def hold(self, host: str, seconds: float) -> None:
-        self._tell("hold", host, seconds)
+        if self.table is not None:
+            hold(self.table, host, seconds)
+        else:
+            self._tell("hold", host, seconds)

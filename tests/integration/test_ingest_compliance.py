@@ -408,8 +408,10 @@ def test_retry_failed_fetches_only_rows_that_failed_transiently(settings, tmp_pa
 
 
 def test_gate_serves_many_clients_connecting_at_once_and_bounds_them():
-    """Every worker thread of every process connects when a run starts: none may be left unanswered."""
+    """Every worker thread of every process connects when a run starts: none may be left unanswered. Workers on
+    the driver's machine use the gate's table, others (Ray nodes) its TCP server: the limit holds over both."""
     from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
     from multiprocessing import AuthenticationError
 
     from tasks.ingest.politeness import GateClient, HostGate, serve
@@ -427,10 +429,13 @@ def test_gate_serves_many_clients_connecting_at_once_and_bounds_them():
                 state["done"] += 1
 
     with serve(HostGate(connections=4, rate=1000.0)) as address:
-        client = GateClient(address)  # one connection per thread, as in a worker process
+        table = GateClient(address)  # one table for all of a process's threads
+        remote = GateClient(replace(address, table=None))  # one connection per thread, as on another node
+        assert table.table is not None and remote.table is None
         with ThreadPoolExecutor(96) as pool:
-            list(pool.map(lambda _: request(client), range(96)))
+            list(pool.map(lambda i: request(table if i % 2 else remote), range(96)))
         wrong = GateClient(type(address)(address.host, address.port, b"not the key"))
         with pytest.raises(AuthenticationError):  # the run's random key is needed
             wrong._call("acquire", "site:80")
     assert state["done"] == 96 and state["max"] <= 4
+    assert not os.path.exists(address.table)  # the run's table is gone with the run

@@ -4,6 +4,7 @@ blocklist file and matcher, Retry-After, which reasons are transient, and the pe
 from __future__ import annotations
 
 import io
+import os
 import time
 
 import numpy as np
@@ -168,6 +169,53 @@ def test_gate_bounds_connections_and_spaces_starts_per_host():
     assert gate.try_acquire("slow:80") >= 0.25  # Crawl-delay counts from the end of the last request
     gate.hold("b:80", 5)
     assert gate.try_acquire("b:80") > 4  # a Retry-After holds the host back
+
+
+def test_gate_hosts_beyond_the_tables_probes_share_an_entry_and_keep_their_limits():
+    """Nine hosts whose keys start at the same entry: eight take their own, the ninth shares the first's, so it
+    waits while the first host's one connection is in flight (never the reverse: no limit is loosened)."""
+    from tasks.ingest.politeness import ENTRIES, PROBES, _key
+
+    hosts, i = [], 0
+    while len(hosts) < PROBES + 1:
+        if _key(host := f"h{i}.example:80") % ENTRIES == 777:
+            hosts.append(host)
+        i += 1
+    gate = HostGate(connections=1, rate=1000.0)
+    try:
+        assert [gate.try_acquire(h) for h in hosts[:PROBES]] == [0.0] * PROBES  # an entry each
+        assert gate.try_acquire(hosts[PROBES]) > 0  # shares the first host's: one in flight already
+        gate.release(hosts[0])
+        time.sleep(0.002)  # the rate's interval (1 ms)
+        assert gate.try_acquire(hosts[PROBES]) == 0.0
+        assert gate.try_acquire(hosts[0]) > 0  # and now the first waits for the ninth
+        assert gate.try_acquire("other.example:80") == 0.0
+    finally:
+        gate.close()
+    assert not os.path.exists(gate.path)
+
+
+def test_gate_table_of_a_killed_run_is_removed_by_the_next_run():
+    """A run that ends removes its table; one killed with SIGKILL cannot, so the next run's gate removes it (its
+    creator is gone) and leaves a live run's alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal; from tasks.ingest.politeness import HostGate; "
+        "gate = HostGate(2, 5.0); print(gate.path, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    orphan = killed.stdout.strip()
+    assert killed.returncode == -9 and os.path.exists(orphan), killed.stderr
+    live = HostGate(1, 1.0)
+    try:
+        assert not os.path.exists(orphan)
+        assert os.path.exists(live.path)  # this process's own, alive
+        HostGate(1, 1.0).close()
+        assert os.path.exists(live.path)
+    finally:
+        live.close()
 
 
 def test_cli_compliance_options_reject_bad_input_in_one_line(settings, tmp_path):
