@@ -35,6 +35,7 @@ RECIPE_VALUE = "; empty = the VLM recipe's"
 RecipeLearningRate = Annotated[float | None, Field(gt=0, description=LR_HELP + RECIPE_VALUE)]
 RecipeBatchSize = Annotated[int | None, Field(gt=1, description=BATCH_HELP + RECIPE_VALUE)]
 RecipeWarmupSteps = Annotated[int | None, Field(ge=0, description=WARMUP_HELP + RECIPE_VALUE)]
+RecipeEpochs = Annotated[int | None, Field(gt=0, description="Passes over the training split" + RECIPE_VALUE)]
 
 
 # Settings that do not change what is trained: a resumed training may take other values.
@@ -225,10 +226,11 @@ class _VlmArgs:
 
 
 class VlmPretrainArgs(_VlmArgs, TrainArgs):
-    """LLaVA stage 1: a new VLM from a VLM recipe (``models/configs/vlm``) on a CLIP's vision tower; ``lr``,
-    ``batch_size`` and ``warmup_steps`` left empty are the recipe's stage-1 values."""
+    """LLaVA stage 1: a new VLM from a VLM recipe (``models/configs/vlm``) on a CLIP's vision tower; ``epochs``,
+    ``lr``, ``batch_size`` and ``warmup_steps`` left empty are the recipe's stage-1 values."""
 
     FROM_RECIPE: ClassVar[dict[str, str]] = {
+        "epochs": "epochs",
         "lr": "learning_rate",
         "batch_size": "batch_size",
         "warmup_steps": "warmup_steps",
@@ -242,6 +244,7 @@ class VlmPretrainArgs(_VlmArgs, TrainArgs):
         "(models:/vlforge-clip@champion).",
     )
     adapter: str | None = Field(None, description="The adapter, mlp or resampler; empty = the recipe's.")
+    epochs: RecipeEpochs = None
     batch_size: RecipeBatchSize = None
     lr: RecipeLearningRate = None
     warmup_steps: RecipeWarmupSteps = None

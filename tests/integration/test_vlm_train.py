@@ -47,7 +47,8 @@ def test_both_vlm_stages_train_register_and_answer_from_the_registry(settings, r
     assert (s1.registered.name, s1.registered.alias) == ("vlforge-vlm", "champion")
     run1 = client.get_run(s1.run_id)
     assert run1.info.status == "FINISHED"
-    assert run1.data.params["lr"] == "0.002"  # as given (left at its default: the recipe's 1e-3)
+    assert run1.data.params["lr"] == "0.002"  # as given (left at its default: the recipe's 3e-3)
+    assert run1.data.params["epochs"] == "8"  # as given (the recipe's: 30)
     assert run1.data.tags[TAG_RECIPE] == "vlm-tiny"
     assert run1.data.tags[TAG_VISION_MODEL] == run1.data.tags[TAG_BASE_MODEL] == clip_dir
     assert _training_inputs(run1) == [dv.ref]

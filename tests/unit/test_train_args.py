@@ -76,8 +76,10 @@ def test_cli_options_show_each_familys_defaults_and_help(command, models):
 def test_help_shows_each_familys_own_defaults():
     runner = CliRunner()
     pretrain = " ".join(runner.invoke(app, ["pretrain", "--help"], env={"COLUMNS": "400"}).output.split())
-    # CLIP's own value, and the VLM recipe's stage-1 values (models/configs/vlm/vlm-tiny.json): lr 1e-3, 32, 10.
-    assert "Default: CLIP: 0.0005; VLM: the recipe's (vlm-qwen2.5-0.5b 0.001, vlm-tiny 0.001)" in pretrain
+    # CLIP's own value, and the VLM recipe's stage-1 values (models/configs/vlm/vlm-tiny.json): lr 3e-3, 32, 10,
+    # 30 epochs (the LLaVA recipe names none: the CLIP family's 10).
+    assert "Default: CLIP: 0.0005; VLM: the recipe's (vlm-qwen2.5-0.5b 0.001, vlm-tiny 0.003)" in pretrain
+    assert "Default: CLIP: 10; VLM: the recipe's (vlm-qwen2.5-0.5b 10, vlm-tiny 30)" in pretrain
     assert "Default: CLIP: 8; VLM: the recipe's (vlm-qwen2.5-0.5b 32, vlm-tiny 32)" in pretrain
     assert "Default: CLIP: 80; VLM: the recipe's (vlm-qwen2.5-0.5b 10, vlm-tiny 10)" in pretrain
     finetune = " ".join(runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "400"}).output.split())
@@ -102,6 +104,11 @@ def test_an_explicit_cli_value_equal_to_the_clip_default_is_kept_for_a_vlm_recip
     assert isinstance(args, VlmPretrainArgs) and (args.lr, args.batch_size) == (clip.lr, clip.batch_size)
     stage1 = args.resolved({"learning_rate": 1e-3, "batch_size": 32, "warmup_steps": 10})
     assert (stage1.lr, stage1.batch_size, stage1.warmup_steps) == (clip.lr, clip.batch_size, 10)
+    # Epochs: given equal to CLIP's 10, kept; left out, the recipe's stage-1 epochs.
+    given = _parsed("pretrain", ["--recipe", "vlm-tiny", "--epochs", str(clip.epochs)])
+    assert given.resolved({"epochs": 30}).epochs == clip.epochs
+    assert _parsed("pretrain", ["--recipe", "vlm-tiny"]).resolved({"epochs": 30}).epochs == 30
+    assert _parsed("pretrain", []).epochs == clip.epochs
     lora = FinetuneArgs()
     args = _parsed("finetune", ["--recipe", "vlm", "--lr", str(lora.lr), "--lora-r", str(lora.lora.r)])
     stage2 = args.resolved({"learning_rate": 3e-3, "lora": {"r": 16}})

@@ -66,7 +66,9 @@ def rows(n: int = 3) -> list[Example]:
 def test_every_shipped_vlm_recipe_loads(name):
     recipe = load_vlm_recipe(name)
     assert recipe.name == name and recipe.adapter == "mlp"
-    assert recipe.stage1["learning_rate"] == 1e-3  # LLaVA stage 1
+    # LLaVA stage 1's 1e-3; the tiny recipe, whose language model starts from scratch, 3e-3 (BENCHMARKS.md "VLM
+    # recipe")
+    assert recipe.stage1["learning_rate"] == (3e-3 if name == "vlm-tiny" else 1e-3)
 
 
 def test_tiny_recipe_trains_its_from_scratch_language_model_in_stage_1():

@@ -29,7 +29,8 @@ def test_recipe_names_pick_the_vlm_recipes_and_their_stage_settings():
     stage1 = recipe_for("pretrain", recipe="vlm-tiny", adapter="resampler")
     assert isinstance(stage1, VlmPretrainRecipe) and stage1.model_name == "vlforge-vlm"
     assert stage1.vlm.adapter == "resampler"
-    assert stage1.args.lr == 1e-3  # lr left empty: the recipe's stage-1 learning rate
+    assert stage1.args.lr == 3e-3  # lr left empty: the recipe's stage-1 learning rate
+    assert stage1.args.epochs == 30  # and its stage-1 epochs
     assert recipe_for("pretrain", recipe="vlm-tiny", lr=2e-4).args.lr == 2e-4
     stage2 = recipe_for("finetune", recipe="vlm")
     assert isinstance(stage2, VlmFinetuneRecipe) and stage2.model_name == "vlforge-vlm-lora"
