@@ -290,7 +290,11 @@ def test_a_small_version_decoded_by_the_driver_gives_ray_train_the_same_rows(set
         pipeline = train_dataset(dv, model, eval_fraction=0.2, augment=False, seed=seed)
         ds = pipeline.ray_dataset(driver_rows=driver_rows)
         rows = [
-            [tuple(ids) for b in ds.iter_batches(batch_size=16, batch_format="numpy") for ids in b["input_ids"]]
+            [
+                tuple(ids)
+                for b in ds.iter_batches(batch_size=16, batch_format="numpy")
+                for ids in b["input_ids"]
+            ]
             for _ in range(2)
         ]
         plans[driver_rows] = ds.stats()  # the operators that ran, the parent's decode included
