@@ -25,7 +25,8 @@ from vlforge.naming import check_name
 LR_HELP = "Peak AdamW learning rate (cosine schedule)."
 BATCH_HELP = "Per-worker batch size."
 WARMUP_HELP = "Linear warmup steps before the cosine decay."
-Epochs = Annotated[int, Field(gt=0, description="Passes over the training split.")]
+EPOCHS_HELP = "Passes over the training split."
+Epochs = Annotated[int, Field(gt=0, description=EPOCHS_HELP)]
 LearningRate = Annotated[float, Field(gt=0, description=LR_HELP)]
 WeightDecay = Annotated[float, Field(ge=0, description="AdamW weight decay.")]
 WarmupSteps = Annotated[int, Field(ge=0, description=WARMUP_HELP)]
@@ -35,7 +36,7 @@ RECIPE_VALUE = "; empty = the VLM recipe's"
 RecipeLearningRate = Annotated[float | None, Field(gt=0, description=LR_HELP + RECIPE_VALUE)]
 RecipeBatchSize = Annotated[int | None, Field(gt=1, description=BATCH_HELP + RECIPE_VALUE)]
 RecipeWarmupSteps = Annotated[int | None, Field(ge=0, description=WARMUP_HELP + RECIPE_VALUE)]
-RecipeEpochs = Annotated[int | None, Field(gt=0, description="Passes over the training split" + RECIPE_VALUE)]
+RecipeEpochs = Annotated[int | None, Field(gt=0, description=EPOCHS_HELP + RECIPE_VALUE)]
 
 
 # Settings that do not change what is trained: a resumed training may take other values.
