@@ -43,6 +43,10 @@ def init_ray(settings: Settings, num_cpus: int | None = None):
         # on this machine alone: no notice can come, and on a small machine the process delays the training.
         # A cluster (``address`` above) keeps Ray's default.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray Train's controller looks at its workers every 2 s: a finished training (or a dead worker) waits up
+        # to that long to be seen, and a short training pays it at its end and at every restart. A poll is one
+        # call per worker, cheap for the few workers one machine holds; a cluster keeps Ray's default.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
         # Logical CPUs may exceed the cores: Ray Data tasks and Train workers share a small machine.
         cpus = num_cpus or max(4, os.cpu_count() or 1)
         global _local_cores

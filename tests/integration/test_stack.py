@@ -2,14 +2,16 @@
 ``infra/postgres/init-databases.sh``) behind the Prefect server and the MLflow server (``infra/mlflow/entrypoint.sh``,
 artifacts proxied to S3), SeaweedFS as the S3 store (``infra/seaweedfs/entrypoint.sh``, bucket made by
 ``create-buckets.sh``), a Ray head. Two pipeline flows (ingest, curate, pretrain, LoRA fine-tune) run at once
-against all of them, each on its own source and dataset but the same registered models, bucket and databases,
+against all of them (the second without the LoRA fine-tune: two Ray Train runs at once on 2 cores already show
+the registry's concurrency, a third and fourth only cost time), each on its own source and dataset but the same
+registered models, bucket and databases,
 with their storage on s3:// and their URL list on S3, under distinctive ("canary") S3 credentials, a Postgres
 password and a tracking URI that carries a password. Three tests read those runs:
 
 - ``test_pipeline_runs_on_the_native_stack``: the results are read back from each service, and the events
   the stages emitted from the Prefect server;
 - ``test_two_concurrent_pipelines_lose_no_run_metric_or_version``: both complete; the registry holds a version
-  per run of each model, each from its own MLflow run with all its metrics;
+  per run of each model (two pretrained, one fine-tuned), each from its own MLflow run with all its metrics;
 - ``test_no_secret_reaches_console_logs_mlflow_prefect_or_the_bucket``: the consoles (the runs' and that of
   the CLI's ``lineage``), every file the runs wrote (their logs, Postgres's data folder, the Prefect server's
   log, Ray's session), every MLflow param, tag, metric name, artifact and model version, every Prefect artifact
@@ -60,6 +62,7 @@ CANARIES = (KEY_ID, SECRET, PASSWORD, PG_PASSWORD)
 S3_ENV = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
 URL_LIST = f"s3://{BUCKET}/incoming/list.csv"
 DATASETS = ("stack", "stack-b")  # one pipeline run each, at once
+FINETUNED = DATASETS[:1]  # the pipelines that also fine-tune with LoRA
 
 # Runs in its own process (as `vlforge serve`'s flow runs do), so its Ray driver is the cluster's, not pytest's.
 PIPELINE_SCRIPT = textwrap.dedent(
@@ -140,6 +143,7 @@ def _pipeline_params(dataset: str) -> dict:
             "num_workers": 1,
             "use_gpu": False,
             "finetune_epochs": 1,
+            "finetune": dataset in FINETUNED,
         },
     }
 
@@ -280,11 +284,11 @@ def test_pipeline_runs_on_the_native_stack(stack, monkeypatch):
 
     # Both models are registered in the MLflow server, their artifacts proxied to S3.
     client = MlflowClient(tracking_uri=stack.tracking_uri, registry_uri=stack.tracking_uri)
-    for name in (tracking.PRETRAINED_MODEL, tracking.LORA_MODEL):
+    for name, datasets in ((tracking.PRETRAINED_MODEL, DATASETS), (tracking.LORA_MODEL, FINETUNED)):
         versions = client.search_model_versions(f"name = '{name}'")
         assert versions, f"{name} is not registered"
         runs = [client.get_run(v.run_id) for v in versions]
-        assert {r.data.tags.get(tracking.TAG_DATASET) for r in runs} == set(DATASETS)
+        assert {r.data.tags.get(tracking.TAG_DATASET) for r in runs} == set(datasets)
         assert all(tracking.TAG_FLOW_RUN in r.data.tags for r in runs)
     assert s3_keys(s3, "mlartifacts/"), "no MLflow artifact reached S3"
 
@@ -305,7 +309,9 @@ def test_pipeline_runs_on_the_native_stack(stack, monkeypatch):
 
     # Where the stages meet: curate announced each version, registration each model version (and champions).
     # The server persists events in batches (every few seconds): wait for the last registrations'.
-    events = read_events(stack.prefect_api, "vlforge.", until=lambda evs: len(evs) >= 2 * len(DATASETS) + 2)
+    events = read_events(
+        stack.prefect_api, "vlforge.", until=lambda evs: len(evs) >= 2 * len(DATASETS) + len(FINETUNED) + 1
+    )
     published = {
         e["resource"]["vlforge.dataset.ref"]: e for e in events if e["event"] == "vlforge.dataset.published"
     }
@@ -339,25 +345,35 @@ def test_two_concurrent_pipelines_lose_no_run_metric_or_version(stack):
 
     assert set(stack.results) == set(DATASETS)
     client = MlflowClient(tracking_uri=stack.tracking_uri, registry_uri=stack.tracking_uri)
-    for name in (tracking.PRETRAINED_MODEL, tracking.LORA_MODEL):
-        versions = client.search_model_versions(f"name = '{name}'")
-        # One version per run, numbered without a gap or a repeat, each from its own MLflow run.
-        assert sorted(int(v.version) for v in versions) == [1, 2], [v.version for v in versions]
-        runs = [client.get_run(v.run_id) for v in versions]
-        assert len({r.info.run_id for r in runs}) == 2
-        assert sorted(r.data.tags.get(tracking.TAG_DATASET) for r in runs) == sorted(DATASETS)
-        # Every training metric one run logged, the other logged too (none lost to the other's writes). The
-        # comparison with the champion only the later registration has, so those are left out.
-        metric_names = [{m for m in r.data.metrics if not m.startswith(VS_CHAMPION)} for r in runs]
-        assert metric_names[0] and metric_names[0] == metric_names[1], metric_names
-        assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    versions = client.search_model_versions(f"name = '{tracking.PRETRAINED_MODEL}'")
+    # One version per run, numbered without a gap or a repeat, each from its own MLflow run.
+    assert sorted(int(v.version) for v in versions) == [1, 2], [v.version for v in versions]
+    runs = [client.get_run(v.run_id) for v in versions]
+    assert len({r.info.run_id for r in runs}) == 2
+    assert sorted(r.data.tags.get(tracking.TAG_DATASET) for r in runs) == sorted(DATASETS)
+    # Every training metric one run logged, the other logged too (none lost to the other's writes). The
+    # comparison with the champion only the later registration has, so those are left out.
+    metric_names = [{m for m in r.data.metrics if not m.startswith(VS_CHAMPION)} for r in runs]
+    assert metric_names[0] and metric_names[0] == metric_names[1], metric_names
+    assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
+    # The fine-tune, written while the other pipeline was still training: its one version, all its metrics.
+    (lora,) = client.search_model_versions(f"name = '{tracking.LORA_MODEL}'")
+    lora_run = client.get_run(lora.run_id)
+    assert lora_run.info.status == "FINISHED" and lora_run.data.tags.get(tracking.TAG_DATASET) == FINETUNED[0]
+    assert {"loss", "eval_mean_recall"} <= set(lora_run.data.metrics), sorted(lora_run.data.metrics)
     # Both pipelines' results name what the registry holds.
     registered = {
         (name, v.version)
         for name in (tracking.PRETRAINED_MODEL, tracking.LORA_MODEL)
         for v in client.search_model_versions(f"name = '{name}'")
     }
-    assert len(registered) == 4
+    assert len(registered) == len(DATASETS) + len(FINETUNED)
+    assert {
+        r["train"][stage]["model_uri"]
+        for r in stack.results.values()
+        for stage in r["train"]
+        if stage != "dataset"
+    } == {f"models:/{n}/{v}" for n, v in registered}
 
 
 def test_no_secret_reaches_console_logs_mlflow_prefect_or_the_bucket(stack, tmp_path):
