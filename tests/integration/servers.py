@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 
@@ -37,12 +38,21 @@ def log_tail(path: Path, chars: int = 6000) -> str:
 
 
 class Server:
+    running: ClassVar[list[Server]] = []  # started and not yet stopped, oldest first
+
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None):
         self.name, self.log = name, log
         self._log_file = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cmd, env=env, cwd=cwd, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
+        Server.running.append(self)
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting: ``stop`` then waits for what is already shutting down."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
 
     def fail(self, why: str) -> None:
         raise AssertionError(f"{self.name}: {why}\n--- log tail ({self.log}) ---\n{log_tail(self.log)}")
@@ -72,6 +82,14 @@ class Server:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self._log_file.close()
+        with contextlib.suppress(ValueError):
+            Server.running.remove(self)
+
+
+def terminate_all() -> None:
+    """Ask every running server to stop at once (each takes seconds to shut down; one after another they add up)."""
+    for server in Server.running:
+        server.terminate()
 
 
 def base_env(**extra: str | None) -> dict[str, str]:

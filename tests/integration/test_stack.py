@@ -46,6 +46,7 @@ from tests.integration.servers import (
     postgres_server,
     prefect_server,
     seaweedfs_server,
+    terminate_all,
 )
 from vlforge.demo.server import ImageServer, write_url_list
 from vlforge.demo.synth import make_pairs
@@ -211,6 +212,7 @@ def _run_pipeline_on_the_stack(tmp: Path, work: Path):
             results,
             pg,
         )
+        terminate_all()  # the services shut down side by side, not one after another on the way out
 
 
 def _mlflow_env(env: dict, pg, port: int) -> dict:
