@@ -201,7 +201,11 @@ def test_recaptioning_a_60_percent_alt_text_pool_beats_unfiltered_and_matches_fi
     """A CLIP and a VLM (vlm-tiny's recipe) trained on clean pairs; the experiment with ``recaption_model`` on a pool
     whose captions are 60 % alt text reports the recaptioned and mixed arms with intervals at equal samples seen,
     and on held-out labelled eval data the better of them beats ``unfiltered`` (paired 95 % interval above 0) and is
-    not worse than the better filtering arm by more than ``MARGIN``. Seeded and in process: the same every run."""
+    not worse than the better filtering arm by more than ``MARGIN``. Seeded and in process: the same every run.
+
+    Measured (BENCHMARKS.md "Does recaptioning pay?"): on this data +0.196 over unfiltered, +0.027 [-0.011, +0.070]
+    against threshold. The first claim held on every held-out seed; the second on 2 of 3 (another seed: -0.074
+    against top_fraction): with this captioner (shape named ~0.44 at 32 px) recaptioning about matches filtering."""
     from tasks.experiment.curation import CurationExperimentArgs, run_curation_experiment
     from tasks.train.pretrain import pretrain
     from vlforge.demo.synth import with_alt_text
