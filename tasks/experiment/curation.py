@@ -238,6 +238,8 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
             "pool": pool.ref, "eval": eval_dv.ref, "scorer": scorer, "samples_seen": samples_seen,
             "eval_pairs": len(captions), "arms": results, "comparisons": comparisons, "mlflow_run_id": parent,
         }  # fmt: skip
+        if args.recaption_model:
+            out["recaption_vs_filtering"] = recaption_vs_filtering(arms, results, per_arm_hits)
         out["verdict"] = verdict(out)
         _report(settings, parent, out)
     except BaseException:
@@ -279,9 +281,31 @@ def _arm_result(spec, dv, rows, epochs, steps_per_epoch, args, averaged, seed_me
     return res
 
 
+def _primary(arms: dict[str, Any]) -> str:
+    return "zero_shot_accuracy" if "zero_shot_accuracy" in arms[UNFILTERED] else "recall_at_1"
+
+
+def recaption_vs_filtering(
+    specs: list[ArmSpec], results: dict[str, Any], hits: dict[str, dict[str, np.ndarray]]
+) -> dict[str, Any]:
+    """The better recaptioned arm against the better filtering arm (by the primary metric's point estimate),
+    paired over the same eval pairs: does recaptioning lose anything against throwing the bad pairs away? Picking
+    the better of each on the same eval pairs favours neither side (both are picked)."""
+    key = _primary(results)
+    recap = [s.name for s in specs if s.recaptioned]
+    filtering = [s.name for s in specs if not s.recaptioned and s.name != UNFILTERED]
+    best_recap = max(recap, key=lambda n: results[n][key])
+    best_filter = max(filtering, key=lambda n: results[n][key])
+    return {
+        "recaptioned_arm": best_recap,
+        "filtering_arm": best_filter,
+        **{k: paired_difference(hits[best_recap][k], hits[best_filter][k]) for k in hits[best_recap]},
+    }
+
+
 def verdict(out: dict[str, Any]) -> str:
     """In words: each filtered arm against unfiltered on the primary metric (zero-shot when measured)."""
-    key = "zero_shot_accuracy" if "zero_shot_accuracy" in out["arms"][UNFILTERED] else "recall_at_1"
+    key = _primary(out["arms"])
     lines = []
     for name, cmp in out["comparisons"].items():
         d = cmp[key]
@@ -293,6 +317,13 @@ def verdict(out: dict[str, Any]) -> str:
         else:
             word = "does not differ beyond noise from"
         lines.append(f"{name} {word} unfiltered by {d['difference']:+.3f} {key} {ci}")
+    if "recaption_vs_filtering" in out:
+        rf = out["recaption_vs_filtering"]
+        d = rf[key]
+        lines.append(
+            f"the better recaptioned arm ({rf['recaptioned_arm']}) against the better filtering arm "
+            f"({rf['filtering_arm']}): {d['difference']:+.3f} {key} (95% CI {d['ci_low']:+.3f}..{d['ci_high']:+.3f})"
+        )
     best = max(out["arms"], key=lambda n: out["arms"][n][key])
     lines.append(f"best arm: {best} ({out['arms'][best][key]:.3f} {key})")
     return "; ".join(lines)

@@ -1,6 +1,7 @@
 """``vlforge recaption``: a tiny real VLM writes ``caption_synthetic`` for every row of a pool whose captions are
 60% uninformative alt text, on Ray Data, published as a new version; a killed recaption resumes part by part;
-a CLIP trained on the recaptioned version (``--caption-mix``) shows the captioning VLM in its lineage."""
+a CLIP trained on the recaptioned version (``--caption-mix``) shows the captioning VLM in its lineage; the
+curation experiment with a trained VLM shows the recaptioned arms beat the unfiltered pool and match filtering."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tasks.recaption.stage import RecaptionInterrupted
 from tests.helpers import publish_pairs
 from vlforge import storage, tracking
 from vlforge.datasets import STAGING, abandoned_versions, resolve_dataset
-from vlforge.demo.synth import make_pairs
+from vlforge.demo.synth import HELDOUT_COLOURS, HELDOUT_SEEDS, make_pairs
 
 ALT_TEXT = ("IMG_{}.jpg", "click to enlarge", "image", "DSC{}", "untitled", "photo {}")
 PROMPT = "Describe the image."
@@ -179,28 +180,49 @@ def test_clip_trains_on_mixed_synthetic_captions_and_lineage_names_the_captioner
     assert [d.dataset for d in forward.recaptioned] == [r.dataset_version.ref]
 
 
-@pytest.mark.slow
-def test_the_curation_experiment_adds_recaptioned_and_mixed_arms(settings, ray_local, vlm_dir, tmp_path):
-    """The machinery at equal samples seen (whether the arms win needs a VLM that captions well: BENCHMARKS.md)."""
-    from models.clip import build_clip
-    from tasks.experiment.curation import CurationExperimentArgs, run_curation_experiment
-    from tests.helpers import publish_synthetic_dataset
+# The recaptioning experiment on data no benchmark tuned on: the demo's four shapes at 32 px in the held-out palette
+# (HELDOUT_COLOURS), drawn from HELDOUT_SEEDS' pool seed; bench/recaption_experiment.py chose the sizes on the demo's
+# palette (--palette demo) and reports the held-out palette (BENCHMARKS.md "Recaptioning pays").
+DATA_SEED = HELDOUT_SEEDS["pool"]
+CLIP_TINY = dict(recipe="clip-tiny", batch_size=32, lr=3e-3, warmup_steps=10)
+SEED_PAIRS, POOL, EVAL, SAMPLES_SEEN, CLIP_EPOCHS = 480, 480, 1000, 2400, 20
+MARGIN = -0.06  # "not worse than filtering": the paired interval's lower bound above this
 
-    publish_pairs(settings, "pool", alt_text_pool(32, seed=8))
-    publish_synthetic_dataset(
-        settings,
-        "heldout",
-        n=24,
-        seed=9,
-        labels=True,
-        prefix="eval",
-    )
-    scorer = build_clip("clip-tiny", [p.caption for p in make_pairs(24, seed=3, size=32)]).save(
-        str(tmp_path / "s")
-    )
+
+def heldout_pairs(n: int, seed: int, prefix: str):
+    from vlforge.demo.synth import DEMO, generate
+
+    return generate(dataclasses.replace(DEMO, colours=HELDOUT_COLOURS, sizes=(32,)), n, seed, prefix=prefix)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_recaptioning_a_60_percent_alt_text_pool_beats_unfiltered_and_matches_filtering(settings, ray_local):
+    """A CLIP and a VLM (vlm-tiny's recipe) trained on clean pairs; the experiment with ``recaption_model`` on a pool
+    whose captions are 60 % alt text reports the recaptioned and mixed arms with intervals at equal samples seen,
+    and on held-out labelled eval data the better of them beats ``unfiltered`` (paired 95 % interval above 0) and is
+    not worse than the better filtering arm by more than ``MARGIN``. Seeded and in process: the same every run.
+
+    Measured (BENCHMARKS.md "Does recaptioning pay?"): on this data +0.196 over unfiltered, +0.027 [-0.011, +0.070]
+    against threshold. The first claim held on every held-out seed; the second on 2 of 3 (another seed: -0.074
+    against top_fraction): with this captioner (shape named ~0.44 at 32 px) recaptioning about matches filtering."""
+    from tasks.experiment.curation import CurationExperimentArgs, run_curation_experiment
+    from tasks.train.pretrain import pretrain
+    from vlforge.demo.synth import with_alt_text
+
+    publish_pairs(settings, "seed", heldout_pairs(SEED_PAIRS, DATA_SEED, "seed"))
+    pool = with_alt_text(heldout_pairs(POOL, DATA_SEED + 1, "pool"), 0.6, seed=DATA_SEED + 1)
+    assert sum(not p.matched for p in pool) == round(0.6 * POOL)
+    publish_pairs(settings, "pool", pool)
+    publish_pairs(settings, "heldout", heldout_pairs(EVAL, DATA_SEED + 2, "eval"), labels=True)
+    common = dict(eval_fraction=0.0, min_eval_pairs=0, register_model=False)
+    clip = pretrain(
+        "seed", settings, epochs=CLIP_EPOCHS, **CLIP_TINY, **common
+    )  # the scorer and the VLM's tower
+    vlm = pretrain("seed", settings, recipe="vlm-tiny", vision_model=clip.model_dir, **common)
     args = CurationExperimentArgs(
-        pool="pool", eval="heldout", scorer=scorer, recaption_model=vlm_dir, seeds=1, samples_seen=64,
-        recipe="clip-tiny", batch_size=16, warmup_steps=1, top_fraction=0.5,
+        pool="pool", eval="heldout", scorer=clip.model_dir, recaption_model=vlm.model_dir, seeds=1,
+        samples_seen=SAMPLES_SEEN, top_fraction=0.5, **CLIP_TINY,
     )  # fmt: skip
     out = run_curation_experiment(args, settings)
 
@@ -208,17 +230,27 @@ def test_the_curation_experiment_adds_recaptioned_and_mixed_arms(settings, ray_l
     assert list(arms) == ["unfiltered", "threshold", "top_fraction", "recaptioned", "mixed"]
     recaptioned = resolve_dataset(settings, arms["recaptioned"]["dataset"])
     assert arms["mixed"]["dataset"] == recaptioned.ref and recaptioned.name == "pool-recaptioned"
-    assert recaptioned.manifest["recaption"]["captioner"]["uri"] == vlm_dir
+    assert recaptioned.manifest["recaption"]["captioner"]["uri"] == vlm.model_dir
+    synthetic = _rows(recaptioned, ["caption_synthetic"])["caption_synthetic"]
+    assert len(synthetic) == POOL and all(c.strip() for c in synthetic)  # a caption for every row
     for name in ("recaptioned", "mixed"):
         arm = arms[name]
-        assert arm["rows"] == 32 and arm["samples_seen"] == arms["unfiltered"]["samples_seen"]
+        assert arm["rows"] == POOL and arm["samples_seen"] == arms["unfiltered"]["samples_seen"]
         lo, hi = arm["zero_shot_ci"]
         assert lo <= arm["zero_shot_accuracy"] <= hi
         assert set(out["comparisons"][name]) == {"zero_shot_accuracy", "recall_at_1", "recall_at_5"}
         assert f"; {name} " in out["verdict"]
-    assert "best arm: " in out["verdict"]
+    assert "best arm: " in out["verdict"] and "the better recaptioned arm (" in out["verdict"]
     runs = tracking.configure(settings).search_runs(
         [tracking.ensure_experiment(settings, "experiments")], "tags.`vlforge.arm` = 'mixed'"
     )
     assert [r.data.params["caption_mix"] for r in runs] == ["0.5"]
     assert [r.data.params["caption_col"] for r in runs] == ["caption_synthetic"]
+
+    # The claim: the better recaptioned arm beats unfiltered beyond noise and loses at most MARGIN to filtering.
+    vs = out["recaption_vs_filtering"]
+    best = vs["recaptioned_arm"]
+    assert best in ("recaptioned", "mixed") and vs["filtering_arm"] in ("threshold", "top_fraction")
+    beats = out["comparisons"][best]["zero_shot_accuracy"]
+    assert beats["difference"] > 0 and beats["ci_low"] > 0, out["verdict"]
+    assert vs["zero_shot_accuracy"]["ci_low"] > MARGIN, out["verdict"]

@@ -340,3 +340,21 @@ def make_instructions(
 ) -> list[tuple[bytes, str, str]]:
     """(image, prompt, response) rows: every question about every pair, answered from the pair's truth."""
     return [(p.image, q, getattr(p, attr)) for p in pairs for q, attr in questions]
+
+
+# What the web puts where a caption should be (issue #29's pools): names nothing the image shows.
+ALT_TEXTS = ("IMG_{}.jpg", "click to enlarge", "image", "DSC{}", "untitled", "photo {}")
+
+
+def with_alt_text(pairs: list[SynthPair], fraction: float, seed: int = 0) -> list[SynthPair]:
+    """``pairs`` with exactly ``round(n * fraction)`` captions (chosen by ``seed``) replaced by uninformative alt
+    text ("IMG_1004.jpg", "click to enlarge"); those pairs are not ``matched``."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    bad = set(random.Random(seed).sample(range(len(pairs)), round(len(pairs) * fraction)))
+    return [
+        dataclasses.replace(p, caption=ALT_TEXTS[i % len(ALT_TEXTS)].format(1000 + i), matched=False)
+        if i in bad
+        else p
+        for i, p in enumerate(pairs)
+    ]
