@@ -11,7 +11,8 @@ this is copy detection proper, two steps:
    own descriptor, with the crop already known to within half a step; the eval images within
    :data:`CANDIDATE_RADIUS` are candidates (at most :data:`CANDIDATES`), plus any with the very same phash. For
    the reverse case, a few central crops of the pool image (:data:`REVERSE_CUTS`) are looked up among the eval
-   images as they are. The pool side costs a handful of descriptors a row; the eval side is small (thousands).
+   images as they are. The pool side costs a handful of descriptors a row; the eval side's lookup is a flat
+   search up to ``copyindex.APPROX_FROM`` indexed crops, an inverted file of 8-bit codes above.
 2. **verification**: the pool image and a candidate compared pixel by pixel at 32x32, as they are (a mean
    absolute difference, 0-255, of at most :data:`MATCH_MAD`) or at the candidate's crop, refined locally by
    coordinate descent over the four sides (at most :data:`MAX_CROP` of a side each; a pair further than
@@ -26,8 +27,9 @@ this is copy detection proper, two steps:
 Crops are resampled by two small matrix products (a triangle filter, as PIL resizes a box), so the refinement
 costs microseconds a step. The thresholds were tuned on generator seed 1 of ``bench/decontam.py`` and are
 reported there on seed 2 (BENCHMARKS.md, Decontamination). The eval side (:class:`EvalIndex`, 12 KB a row) goes
-to every Ray task once; each worker process builds the variant index from it once (:func:`_prepared`) and pool
-rows are decoded where the task runs.
+to every Ray task once; each worker process builds the variant lookup from it once (:func:`_prepared`: exact
+for a small eval set, approximate for a large one, ``tasks.curate.copyindex``) and pool rows are decoded where
+the task runs.
 """
 
 from __future__ import annotations
