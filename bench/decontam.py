@@ -10,6 +10,7 @@ tuned on seed 1; BENCHMARKS.md reports seed 2).
 
     .venv/bin/python bench/decontam.py [--seed 2] [--eval 200] [--distinct 600]
     .venv/bin/python bench/decontam.py --kinds "" --scale 8000,32000   # curate cost per row, driver peak RSS
+    (eval-set size against cost per row and the approximate lookup: bench/decontam_lookup.py)
 """
 
 from __future__ import annotations
@@ -121,10 +122,11 @@ def quality(kind: str, seed: int, n_eval: int, n_distinct: int) -> dict:
     return out
 
 
-def scale_run(rows: int, decontaminate: bool, n_eval: int) -> dict:
-    """One curation (no scorer) of a ``rows``-row pool of demo shapes (the worst case: every row has
-    candidates to verify) on local Ray, in a fresh process: seconds per row and the driver's peak RSS, with
-    and without decontamination against an ``n_eval``-image eval set (10% of the pool copies its images)."""
+def scale_run(rows: int, n_eval: int, modes: tuple[bool, ...] = (False, True)) -> list[dict]:
+    """Curations (no scorer) of one ``rows``-row pool of demo shapes (the worst case: every row has candidates
+    to verify) on local Ray, each in a fresh process: seconds per row and the driver's peak RSS, without and
+    with decontamination (``modes``) against an ``n_eval``-image eval set (10% of the pool copies its images).
+    The pool is generated once, in its own process, in pieces: no process here ever holds it."""
     import subprocess
     import tempfile
 
@@ -140,13 +142,13 @@ settings = get_settings()
 evals = make_pairs({n_eval}, seed=7, prefix="ev")
 write_raw_batch(settings, "ev", "b1", evals, shard_size=1000)
 curate("ev", "evset", settings, eval_set=True, track=False, progress=False)
-for start in range(0, {rows}, 2000):  # written in pieces: this process never holds the pool
+for start in range(0, {rows}, 2000):
     pool = make_pairs(min(2000, {rows} - start), seed=8 + start, prefix=f"px{{start}}-")
     for i in range(0, len(pool), 10):
         pool[i] = dataclasses.replace(pool[i], image=evals[(start + i) % {n_eval}].image)
     write_raw_batch(settings, "web", f"b{{start:09d}}", pool, shard_size=2000)
 """
-    code = f"""
+    code = """
 import json, os, resource, sys, time
 sys.path.insert(0, {root!r})
 from vlforge.settings import get_settings
@@ -155,22 +157,29 @@ from tasks.curate.filters import FilterConfig
 settings = get_settings()
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-res = curate("web", "pool", settings, track=False, progress=False,
-             filters=FilterConfig(decontaminate_against=None if {decontaminate} else ["none"]))
+res = curate("web", "pool-{mode}", settings, track=False, progress=False,
+             filters=FilterConfig(decontaminate_against=None if {on} else ["none"]))
 dt = time.perf_counter() - t0
-print("RESULT", json.dumps({{"rows": {rows}, "decontaminate": {decontaminate}, "seconds": round(dt, 1),
+print("RESULT", json.dumps({{"rows": {rows}, "decontaminate": {on}, "seconds": round(dt, 1),
     "ms_per_row": round(1000 * dt / {rows}, 2), "contaminated": res.counts.get("contaminated", 0),
     "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     "driver_rss_before_mb": round(rss0 / 1024)}}))
 """
+    out = []
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "VLFORGE_STORAGE": tmp}
+        t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", prepare], env=env, capture_output=True, text=True, check=True)
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-        )
-    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
+        print(json.dumps({"rows": rows, "pool_written_s": round(time.perf_counter() - t0, 1)}), flush=True)
+        for on in modes:
+            script = code.format(root=root, mode="on" if on else "off", on=on, rows=rows)
+            run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+            if run.returncode:
+                raise SystemExit(run.stderr[-3000:])
+            line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
+            out.append(json.loads(line[len("RESULT ") :]))
+            print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def main(
@@ -179,6 +188,7 @@ def main(
     distinct: Annotated[int, typer.Option(help="distinct pool images per kind")] = 600,
     kinds: str = "demo,shapes30,photo",
     scale: Annotated[str, typer.Option(help="pool sizes for the curate-pass cost, e.g. 20000,80000")] = "",
+    baseline: Annotated[bool, typer.Option(help="also curate each pool without decontamination")] = True,
 ) -> None:
     results = []
     for kind in [k for k in kinds.split(",") if k]:
@@ -187,8 +197,7 @@ def main(
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
     if scale:
         for rows in [int(x) for x in scale.split(",")]:
-            for decontaminate in (False, True):
-                print(json.dumps(scale_run(rows, decontaminate, eval)), flush=True)
+            scale_run(rows, eval, (False, True) if baseline else (True,))
 
 
 if __name__ == "__main__":

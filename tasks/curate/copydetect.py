@@ -11,7 +11,8 @@ this is copy detection proper, two steps:
    own descriptor, with the crop already known to within half a step; the eval images within
    :data:`CANDIDATE_RADIUS` are candidates (at most :data:`CANDIDATES`), plus any with the very same phash. For
    the reverse case, a few central crops of the pool image (:data:`REVERSE_CUTS`) are looked up among the eval
-   images as they are. The pool side costs a handful of descriptors a row; the eval side is small (thousands).
+   images as they are. The pool side costs a handful of descriptors a row; the eval side's lookup is a flat
+   search up to ``copyindex.APPROX_FROM`` indexed crops, an inverted file of 8-bit codes above.
 2. **verification**: the pool image and a candidate compared pixel by pixel at 32x32, as they are (a mean
    absolute difference, 0-255, of at most :data:`MATCH_MAD`) or at the candidate's crop, refined locally by
    coordinate descent over the four sides (at most :data:`MAX_CROP` of a side each; a pair further than
@@ -26,8 +27,9 @@ this is copy detection proper, two steps:
 Crops are resampled by two small matrix products (a triangle filter, as PIL resizes a box), so the refinement
 costs microseconds a step. The thresholds were tuned on generator seed 1 of ``bench/decontam.py`` and are
 reported there on seed 2 (BENCHMARKS.md, Decontamination). The eval side (:class:`EvalIndex`, 12 KB a row) goes
-to every Ray task once; each worker process builds the variant index from it once (:func:`_prepared`) and pool
-rows are decoded where the task runs.
+to every Ray task once; each worker process builds the variant lookup from it once (:func:`_prepared`: exact
+for a small eval set, approximate for a large one, ``tasks.curate.copyindex``) and pool rows are decoded where
+the task runs.
 """
 
 from __future__ import annotations
@@ -267,47 +269,82 @@ def _descriptor(canon: np.ndarray, cut: np.ndarray) -> np.ndarray:
     return (np.einsum("lk,ikc->ilc", wx, rows).reshape(-1) / 255.0).astype(np.float32)
 
 
-class _Prepared:
-    """What matching needs of an eval index, built once per process (a task may see the same index often)."""
+def _variant_descriptors(canon: np.ndarray, cuts: np.ndarray) -> np.ndarray:
+    """float32 [E * K, 192]: the descriptor (as :func:`_descriptor`) of each of E canonical thumbnails (uint8
+    [E, CANON, CANON, 3]) cut by each of the K ``cuts``, row e * K + k; one matrix product per crop for all E."""
+    e, d = len(canon), DESCRIPTOR
+    x = np.asarray(canon, np.float32).reshape(e, CANON, CANON * 3)
+    out = np.empty((e, len(cuts), d, d, 3), np.float32)
+    by_rows: dict[tuple[float, float], np.ndarray] = {}  # [E, d, CANON, 3]: the row pass of a (top, bottom)
+    for k, cut in enumerate(cuts):
+        if not cut.any():
+            f = CANON // d
+            out[:, k] = x.reshape(e, d, f, d, f, 3).mean(axis=(2, 4)) / 255.0
+            continue
+        key = (round(float(cut[1]), 4), round(CANON - float(cut[3]), 4))
+        if key not in by_rows:
+            by_rows[key] = np.matmul(_weights(*key, d), x).reshape(e, d, CANON, 3)
+        wx = _weights(round(float(cut[0]), 4), round(CANON - float(cut[2]), 4), d)
+        out[:, k] = np.einsum("lx,eyxc->eylc", wx, by_rows[key]) / 255.0
+    return out.reshape(-1, 3 * d * d)
 
-    def __init__(self, index: EvalIndex):
-        import faiss
+
+_CHUNK = 256  # eval images whose variant descriptors are computed at once (20 MB of float32)
+
+
+class _Prepared:
+    """What matching needs of an eval index, built once per process (a task may see the same index often):
+    the variant and as-is lookups (``copyindex``: exact, or approximate for a large eval set) and each eval
+    image's texture. Comparison thumbnails are made from ``canon`` when a candidate needs one (12 KB an
+    eval image less per process)."""
+
+    def __init__(self, index: EvalIndex, approximate: bool | None = None):
+        from tasks.curate.copyindex import build_lookup
 
         self.cuts = _cuts(VARIANT_CUTS)
         self.reverse_cuts = np.array([[c * CANON] * 4 for c in REVERSE_CUTS])
-        self.small = np.stack([_small(c) for c in index.canon]) if index.size else np.zeros((0,))
-        self.texture = [texture(x) for x in self.small]
-        self.variants = faiss.IndexFlatL2(3 * 64)  # row e * K + k: eval image e cut by self.cuts[k]
-        self.plain = faiss.IndexFlatL2(3 * 64)  # row e: eval image e as it is
-        if index.size:
-            desc = [[_descriptor(c, cut) for cut in self.cuts] for c in index.canon]
-            self.variants.add(np.ascontiguousarray(np.asarray(desc, np.float32).reshape(-1, 3 * 64)))
-            self.plain.add(np.ascontiguousarray(index.descriptors()))
+        self.texture = [texture(_small(c)) for c in index.canon]
+        canon = index.canon
+
+        def variants(rows: np.ndarray | None):
+            rows = np.arange(index.size) if rows is None else rows
+            for i in range(0, len(rows), _CHUNK):
+                yield _variant_descriptors(canon[rows[i : i + _CHUNK]], self.cuts)
+
+        def as_is(rows: np.ndarray | None):
+            rows = np.arange(index.size) if rows is None else rows
+            for i in range(0, len(rows), _CHUNK):
+                yield np.stack([descriptor_of(c) for c in canon[rows[i : i + _CHUNK]]])
+
+        # row e * K + k: eval image e cut by self.cuts[k]; plain: row e, eval image e as it is
+        self.variants = build_lookup(index.size, len(self.cuts), variants, approximate)
+        self.plain = build_lookup(index.size, 1, as_is, approximate)
         self.by_hash: dict[int, list[int]] = {}
         for i, h in enumerate(index.phash.tolist()):
             self.by_hash.setdefault(int(h), []).append(i)
 
 
-_PREPARED: dict[bytes, _Prepared] = {}
+_PREPARED: dict[tuple, _Prepared] = {}
 
 
-def _prepared(index: EvalIndex) -> _Prepared:
+def _prepared(index: EvalIndex, approximate: bool | None = None) -> _Prepared:
     import hashlib
 
-    key = hashlib.sha1(index.phash.tobytes() + index.canon.tobytes()).digest()
+    key = (hashlib.sha1(index.phash.tobytes() + index.canon.tobytes()).digest(), approximate)
     if key not in _PREPARED:
         _PREPARED.clear()  # one eval index at a time per process
-        _PREPARED[key] = _Prepared(index)
+        _PREPARED[key] = _Prepared(index, approximate)
     return _PREPARED[key]
 
 
 class CopyMatcher:
     """Matches pool thumbnails against an :class:`EvalIndex`: candidates with their crop geometry from the
-    variant lookup, then verification at that geometry."""
+    variant lookup, then verification at that geometry. ``approximate``: the lookups exact (False) or
+    approximate (True); None, by the eval set's size (``copyindex.APPROX_FROM``)."""
 
-    def __init__(self, index: EvalIndex):
+    def __init__(self, index: EvalIndex, approximate: bool | None = None):
         self.index = index
-        self.prep = _prepared(index)
+        self.prep = _prepared(index, approximate)
 
     def match(
         self, phashes: list[int | None], canons: list[np.ndarray | None]
@@ -356,7 +393,7 @@ class CopyMatcher:
         nearest first."""
         p = self.prep
         small = _small(canon)
-        scores = [direct_distance(p.small[e], small) for e in direct]
+        scores = [direct_distance(_small(self.index.canon[e]), small) for e in direct]
         if scores and min(scores) <= 1.0:
             best = int(np.argmin(scores))
             return direct[best], scores[best]
@@ -364,6 +401,9 @@ class CopyMatcher:
             rule = crop_rule(p.texture[e])
             if e in forward and (d := crop_distance(self.index.canon[e], small, forward[e], rule)) <= 1.0:
                 return e, d
-            if e in backward and (d := crop_distance(canon, p.small[e], backward[e], rule)) <= 1.0:
+            if (
+                e in backward
+                and (d := crop_distance(canon, _small(self.index.canon[e]), backward[e], rule)) <= 1.0
+            ):
                 return e, d
         return -1, np.nan

@@ -1,0 +1,94 @@
+"""Copy detection against a large eval set (tasks.curate.copyindex): the approximate lookup (inverted lists of
+8-bit codes) finds the near copies the exact one finds and removes no more distinct images, in a quarter of
+the memory; which lookup an eval set gets follows its size."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import faiss
+import numpy as np
+from PIL import Image
+
+from tasks.curate import copyindex
+from tasks.curate.copydetect import VARIANT_CUTS, CopyMatcher, EvalIndex
+from vlforge.demo.synth import make_shape_pairs, photo_like
+from vlforge.imagehash import fingerprint
+
+
+def _index(images: list[bytes]) -> EvalIndex:
+    fps = [fingerprint(b) for b in images]
+    return EvalIndex(
+        ["ev@1"] * len(fps),
+        [f"e{i}" for i in range(len(fps))],
+        np.array([f[0] for f in fps], np.int64),
+        np.stack([f[1] for f in fps]),
+    )
+
+
+def _copy(data: bytes, how: str, rng: random.Random) -> bytes:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    if how in ("crop", "triple"):
+        cut = [rng.uniform(0.02, 0.09) for _ in range(4)]
+        img = img.crop((round(cut[0] * w), round(cut[1] * h), w - round(cut[2] * w), h - round(cut[3] * h)))
+    if how in ("rescale", "triple"):
+        f = rng.choice((0.7, 1.5))
+        img = img.resize((round(img.width * f), round(img.height * f)), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=35 if how in ("jpeg", "triple") else 92)
+    return buf.getvalue()
+
+
+def _match(matcher: CopyMatcher, images: list[bytes]) -> np.ndarray:
+    fps = [fingerprint(b) for b in images]
+    return matcher.match([f[0] for f in fps], [f[1] for f in fps])[0]
+
+
+def test_an_approximate_lookup_finds_the_copies_an_exact_one_finds():
+    rng = random.Random(5)
+    # 240 noisy drawings and 60 photo-like images: 24,300 indexed variants in 156 lists, 24 searched
+    evals = [p.image for p in make_shape_pairs(240, seed=201)] + photo_like(60, seed=202)
+    index = _index(evals)
+    exact, approx = CopyMatcher(index, approximate=False), CopyMatcher(index, approximate=True)
+    assert isinstance(approx.prep.variants, faiss.IndexIVFScalarQuantizer)
+    assert isinstance(exact.prep.variants, faiss.IndexFlatL2)
+    assert approx.prep.variants.ntotal == len(evals) * len(VARIANT_CUTS) ** 4
+
+    targets = rng.sample(range(len(evals)), 40)
+    hows = ("jpeg", "rescale", "crop", "triple")
+    copies = [_copy(evals[e], how, rng) for how in hows for e in targets]
+    truth = np.array(targets * len(hows))
+    distinct = [p.image for p in make_shape_pairs(60, seed=203)] + photo_like(20, seed=204)
+    found_exact = _match(exact, copies + distinct)
+    found_approx = _match(approx, copies + distinct)
+    hit_exact = found_exact[: len(copies)] == truth
+    assert hit_exact.mean() >= 0.9  # the copies are findable at all
+    assert (found_approx[: len(copies)][hit_exact] == truth[hit_exact]).all()  # every copy exact finds
+    assert (found_approx[len(copies) :] >= 0).sum() <= (found_exact[len(copies) :] >= 0).sum()
+
+    # a quarter of the memory: one byte a descriptor value instead of four, plus list ids and centroids
+    size = {m: len(faiss.serialize_index(m.prep.variants)) for m in (exact, approx)}
+    assert size[approx] < 0.3 * size[exact]
+
+
+def test_the_lookup_follows_the_eval_set_size():
+    small = _index([p.image for p in make_shape_pairs(20, seed=205)])
+    assert isinstance(CopyMatcher(small).prep.variants, faiss.IndexFlatL2)  # 1,620 variants: exact
+    assert small.size * len(VARIANT_CUTS) ** 4 < copyindex.APPROX_FROM
+    # too few descriptors to cluster: exact even when asked for approximate
+    assert isinstance(CopyMatcher(small, approximate=True).prep.plain, faiss.IndexFlatL2)
+    # the default switches by the number of indexed descriptors
+    assert isinstance(
+        copyindex.build_lookup(copyindex.APPROX_FROM, 1, lambda rows: iter(_descriptors(rows))),
+        faiss.IndexIVFScalarQuantizer,
+    )
+
+
+def _descriptors(rows: np.ndarray | None) -> list[np.ndarray]:
+    """Random 0-1 descriptors, APPROX_FROM of them (or those of ``rows``), in blocks."""
+    data = np.random.default_rng(0).random((copyindex.APPROX_FROM, copyindex.DIM), dtype=np.float32)
+    if rows is not None:
+        data = data[rows]
+    return [data[i : i + 10_000] for i in range(0, len(data), 10_000)]
