@@ -6,7 +6,8 @@ folder of part files of whole shards (:func:`tasks.ingest.staging.input_parts`):
 img2dataset spawns its workers, so the environment set here reaches them: OpenCV's pixel limit (a decompression
 bomb is refused from its header, before any pixel buffer is allocated), the S3 endpoint for s3fs, and quiet
 albumentations. img2dataset installs a SIGINT handler in the calling process; it is restored afterwards, and off
-the main thread (where signal handlers cannot be set) the call runs in a spawned child process.
+the main thread (where signal handlers cannot be set) the call runs in a child process forked from the warm server
+of :mod:`tasks.ingest.workers`.
 
 The network guard travels with the downloader: img2dataset builds one ``Downloader`` and pickles it to every
 worker (spawned processes, or Ray tasks with ``distributor="ray"``); vlforge hands it a :class:`GuardedDownloader`
@@ -185,12 +186,10 @@ def run_img2dataset(staged: StagedList, output_uri: str, opts: DownloadOptions, 
                 init_ray(settings)
             _download(kwargs, settings.ray_address, opts.network, opts.crawl)
             return
-        import multiprocessing
+        from tasks.ingest.workers import WarmChild
 
-        child = multiprocessing.get_context("spawn").Process(
-            target=_download,
-            args=(kwargs, settings.ray_address, opts.network, opts.crawl),
-            name="vlforge-img2dataset",
+        child = WarmChild(
+            _download, (kwargs, settings.ray_address, opts.network, opts.crawl), "vlforge-img2dataset"
         )
         child.start()
         child.join()

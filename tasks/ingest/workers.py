@@ -22,7 +22,7 @@ import functools
 import importlib
 import multiprocessing
 import os
-from multiprocessing.context import ForkServerProcess
+from multiprocessing.context import ForkProcess, ForkServerProcess
 
 # Imported only where img2dataset runs (tasks.ingest.run's download, in the process that calls img2dataset).
 from img2dataset.logger import LoggerProcess
@@ -78,6 +78,45 @@ class _PoolContext:
         return getattr(self._ctx, name)
 
 
+# True in a process that :class:`WarmChild` forked from the server: single-threaded and already warm when it starts, so
+# it forks its own logger and workers directly (the parent's server is not reachable from it).
+_IN_WARM_CHILD = False
+
+
+class WarmChild(ForkServerProcess):
+    """``target(*args)`` in a process forked from the warm server, with the caller's environment and streams: how a
+    list ingested off the main thread runs img2dataset, which sets a SIGINT handler (only a main thread may), in a
+    process of its own without importing img2dataset afresh each time."""
+
+    def __init__(self, target, args: tuple, name: str):
+        forkserver_context()  # the preload, before the server's first start
+        super().__init__(target=target, args=args, name=name)
+        self._vlforge_env, self._vlforge_stdio = dict(os.environ), CallerStdio()
+
+    def run(self):
+        global _IN_WARM_CHILD
+        set_environment(self._vlforge_env, self._vlforge_stdio)
+        _IN_WARM_CHILD = True
+        super().run()
+
+
+class _ForkContext:
+    """In a warm child: img2dataset's spawn context answered with plain forks of this process."""
+
+    def __init__(self):
+        self._ctx = multiprocessing.get_context("fork")
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+
+class ChildLoggerProcess(LoggerProcess):
+    """img2dataset's logger process, forked from a warm child (which already has this list's environment)."""
+
+    _start_method = ForkProcess._start_method
+    _Popen = staticmethod(ForkProcess._Popen)
+
+
 class ForkedLoggerProcess(LoggerProcess):
     """img2dataset's logger process (a SpawnProcess), forked from the server, with this list's environment."""
 
@@ -98,11 +137,18 @@ def forked_processes():
     """While img2dataset downloads with its multiprocessing distributor, its logger and its workers are forked
     from the warm server, each with the environment of the caller at this point."""
     env = dict(os.environ)
+    forkserver_context()  # the preload set before img2dataset starts its logger, the first process it starts
     distributor = importlib.import_module("img2dataset.distributor")
     i2d_main = importlib.import_module("img2dataset.main")
     saved = distributor.get_context, i2d_main.LoggerProcess
-    distributor.get_context = lambda method=None: _PoolContext(env) if method == "spawn" else saved[0](method)
-    i2d_main.LoggerProcess = functools.partial(ForkedLoggerProcess, env=env)
+    if _IN_WARM_CHILD:
+        pools, i2d_main.LoggerProcess = _ForkContext, ChildLoggerProcess
+    else:
+        pools, i2d_main.LoggerProcess = (
+            functools.partial(_PoolContext, env),
+            functools.partial(ForkedLoggerProcess, env=env),
+        )
+    distributor.get_context = lambda method=None: pools() if method == "spawn" else saved[0](method)
     try:
         yield
     finally:

@@ -9,18 +9,30 @@ import sys
 
 def _report(_):
     os.write(1, f"worker {os.getpid()} says A={os.environ.get('VLF_TEST_A')}\n".encode())
+    with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:  # the server this worker was forked from
+        server = f.read()
     return (
         os.getppid(),
         os.environ.get("VLF_TEST_A"),
         os.environ.get("VLF_TEST_B"),
-        "img2dataset" in sys.modules,
+        "img2dataset" in sys.modules and b"tasks.ingest.workers" in server,  # from a server that preloaded it
     )
 
 
-def _pool_reports(distributor) -> list[tuple]:
-    # What img2dataset's multiprocessing distributor does: get_context("spawn").Pool(n, maxtasksperchild=5).
-    with distributor.get_context("spawn").Pool(2, maxtasksperchild=5) as pool:
-        return pool.map(_report, range(4))
+def _pool_reports(distributor, out) -> list[tuple]:
+    import importlib
+
+    i2d_main = importlib.import_module("img2dataset.main")  # the module (the package's "main" is a function)
+
+    # What img2dataset.download does: start its logger process first, then its multiprocessing distributor's
+    # get_context("spawn").Pool(n, maxtasksperchild=5).
+    logger = i2d_main.LoggerProcess(str(out), False, "", {})
+    logger.start()
+    try:
+        with distributor.get_context("spawn").Pool(2, maxtasksperchild=5) as pool:
+            return pool.map(_report, range(4))
+    finally:
+        logger.join()
 
 
 def _with_stdout_to(path, fn):
@@ -45,12 +57,12 @@ def test_forked_workers_take_the_environment_and_streams_of_each_list_and_come_w
     monkeypatch.setenv("VLF_TEST_A", "first")
     monkeypatch.setenv("VLF_TEST_B", "only the first")
     with forked_processes():
-        first = _with_stdout_to(tmp_path / "first.log", lambda: _pool_reports(distributor))
+        first = _with_stdout_to(tmp_path / "first.log", lambda: _pool_reports(distributor, tmp_path / "a"))
     # A later list, once the server runs: a changed variable and a removed one reach its workers as they are now.
     monkeypatch.setenv("VLF_TEST_A", "second")
     monkeypatch.delenv("VLF_TEST_B")
     with forked_processes():
-        second = _with_stdout_to(tmp_path / "second.log", lambda: _pool_reports(distributor))
+        second = _with_stdout_to(tmp_path / "second.log", lambda: _pool_reports(distributor, tmp_path / "b"))
 
     assert {r[1:] for r in first} == {("first", "only the first", True)}, first
     assert {r[1:] for r in second} == {("second", None, True)}, second
@@ -60,3 +72,46 @@ def test_forked_workers_take_the_environment_and_streams_of_each_list_and_come_w
     assert (tmp_path / "first.log").read_text().count("says A=first") == 4
     assert (tmp_path / "second.log").read_text().count("says A=second") == 4
     assert distributor.get_context is multiprocessing.get_context  # img2dataset as it was, afterwards
+
+
+def _child_reports(out: str) -> None:
+    import importlib
+    import json
+
+    from tasks.ingest.workers import forked_processes
+
+    distributor = importlib.import_module("img2dataset.distributor")
+    with forked_processes():
+        reports = _pool_reports(distributor, os.path.join(out, "logs"))
+    with open(os.path.join(out, "child.json"), "w") as f:
+        json.dump({"pid": os.getpid(), "A": os.environ.get("VLF_TEST_A"), "reports": reports}, f)
+
+
+def test_a_list_ingested_off_the_main_thread_runs_in_a_warm_child_with_the_callers_environment(
+    monkeypatch, tmp_path
+):
+    import json
+    import threading
+
+    from tasks.ingest.workers import WarmChild
+
+    monkeypatch.setenv("VLF_TEST_A", "off the main thread")
+    exitcodes = []
+
+    def ingest_in_a_thread():  # as a Prefect task thread runs tasks.ingest.run.run_img2dataset
+        child = WarmChild(_child_reports, (str(tmp_path),), "vlforge-img2dataset")
+        child.start()
+        child.join()
+        exitcodes.append(child.exitcode)
+
+    thread = threading.Thread(target=ingest_in_a_thread)
+    thread.start()
+    thread.join()
+
+    assert exitcodes == [0]
+    child = json.loads((tmp_path / "child.json").read_text())
+    assert child["pid"] != os.getpid() and child["A"] == "off the main thread"
+    # Its logger and workers are forks of the child itself (warm: img2dataset preloaded by the server it came
+    # from), with the caller's environment.
+    assert {r[0] for r in child["reports"]} == {child["pid"]}, child
+    assert {tuple(r[1:]) for r in child["reports"]} == {("off the main thread", None, True)}, child

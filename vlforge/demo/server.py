@@ -64,6 +64,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # An ingest opens dozens of connections at once; socketserver's listen backlog of 5 makes the kernel drop the
+    # rest, and each dropped connection waits a SYN retransmit (1 s and more) before it is served.
+    request_queue_size = 1024
 
     def __init__(self, addr):
         super().__init__(addr, _Handler)
