@@ -50,8 +50,14 @@ MATCH_MAD = 7.0  # mean absolute difference (0-255) of a copy compared as it is,
 # original's noise, grain and edges where they were; another drawing of the shape does not
 MIN_DETAIL_CORR = 0.38
 CROP_MAD = 8.0  # a copy found by cropping: looser in difference (a crop that was also rescaled and re-encoded
-CROP_CORR = 0.38  # loses sharpness), and its detail must correlate also where neither image has an edge:
-CROP_FLAT_CORR = 0.15  # a crop can align the outlines of two drawings of one shape, not their noise or grain
+CROP_CORR = 0.38  # loses sharpness)
+# A textured eval image (noise, grain): the two images' fine detail away from every edge (:func:`noise_z`) must
+# correlate beyond chance, as a z score (correlation x sqrt(pixels compared)), whichever way the pair was
+# aligned. Another drawing of the same shape in nearly the same place matches in outline and in mean difference
+# (its independent noise alone differs by ~4.5 at 32 px), and a large eval set offers one for most pool
+# drawings; its noise does not correlate with the eval image's (z ~ N(0, 1)), a copy's does.
+NOISE_Z = 3.5
+NOISE_MIN_PIXELS = 64  # fewer edge-free pixels than this: nothing to judge, the detail correlation decides
 # A plain eval image (flat colours: a drawing without noise) has no fine detail away from its edges to tell a
 # cropped copy from another drawing of the same shape at another size and place: its crops must match far closer.
 PLAIN_TEXTURE = 0.7  # mean fine detail (0-255) in the flat parts of an image below which it is plain
@@ -137,15 +143,31 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return np.hypot(gx, gy) < 4.0
 
 
-def detail_corr(a: np.ndarray, b: np.ndarray, flat_only: bool = False) -> float:
-    """Correlation of the fine detail of two aligned [32, 32, 3] float images (1: the same detail); with
-    ``flat_only``, only where neither has an edge (noise and grain, not the outlines of a drawing)."""
+def _near_edge(x: np.ndarray) -> np.ndarray:
+    """bool [32, 32]: an edge of a [32, 32, 3] image at a pixel or one of its 8 neighbours (where the 3x3
+    high-pass of :func:`_detail` still carries some of the edge)."""
+    p = np.pad(~_flat(x), 1)
+    return np.logical_or.reduce([p[i : i + COMPARE, j : j + COMPARE] for i in range(3) for j in range(3)])
+
+
+def noise_z(a: np.ndarray, b: np.ndarray) -> float | None:
+    """How far beyond chance the fine detail (noise, grain) of two aligned [32, 32, 3] float images correlates
+    at least one pixel away from either image's edges: the correlation times the square root of the pixels
+    compared (about N(0, 1) for independent noise, however alike the two outlines are); None where fewer than
+    :data:`NOISE_MIN_PIXELS` such pixels are left."""
+    where = ~(_near_edge(a) | _near_edge(b))
+    n = int(where.sum())
+    if n < NOISE_MIN_PIXELS:
+        return None
+    da, db = _detail(a)[where], _detail(b)[where]
+    da, db = da - da.mean(), db - db.mean()
+    denom = float(np.sqrt((da * da).sum() * (db * db).sum()))
+    return float((da * db).sum() / denom) * np.sqrt(n) if denom > 1e-9 else 0.0
+
+
+def detail_corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of the fine detail of two aligned [32, 32, 3] float images (1: the same detail)."""
     da, db = _detail(a), _detail(b)
-    if flat_only:
-        where = _flat(a) & _flat(b)
-        if where.sum() < 16:
-            return 0.0
-        da, db = da[where], db[where]
     da, db = da - da.mean(), db - db.mean()
     denom = float(np.sqrt((da * da).sum() * (db * db).sum()))
     return float((da * db).sum() / denom) if denom > 1e-9 else 1.0  # two flat images: nothing differs
@@ -192,18 +214,26 @@ def _aligned_mad(
     return best, crop(best_p)
 
 
-def crop_rule(eval_texture: float) -> tuple[float, float, float]:
-    """The (mean difference, detail correlation) a crop must reach, by the eval image's :func:`texture`: far
-    closer for a plain eval image (see the module docstring). The eval image decides because its detail is
-    what a distinct pool image cannot reproduce; a copy may have lost its detail to re-encoding."""
-    if eval_texture < PLAIN_TEXTURE:
-        return PLAIN_CROP_MAD, PLAIN_CROP_CORR, -1.0
-    return CROP_MAD, CROP_CORR, CROP_FLAT_CORR
+def textured(eval_texture: float) -> bool:
+    """Whether an eval image of this :func:`texture` has the noise or grain that :func:`noise_z` judges."""
+    return eval_texture >= PLAIN_TEXTURE
 
 
-def direct_distance(small_a: np.ndarray, small_b: np.ndarray) -> float:
-    """Copy distance of two [32, 32, 3] float images compared as they are (re-encoded or rescaled copies)."""
-    return _scored(float(np.abs(small_a - small_b).mean()) / MATCH_MAD, small_a, small_b)
+def crop_rule(eval_texture: float) -> tuple[float, float, bool]:
+    """The (mean difference, detail correlation, noise check) a crop must reach, by the eval image's
+    :func:`texture`: far closer for a plain eval image (see the module docstring). The eval image decides
+    because its detail is what a distinct pool image cannot reproduce; a copy may have lost its detail to
+    re-encoding."""
+    if not textured(eval_texture):
+        return PLAIN_CROP_MAD, PLAIN_CROP_CORR, False
+    return CROP_MAD, CROP_CORR, True
+
+
+def direct_distance(small_a: np.ndarray, small_b: np.ndarray, noise: bool = True) -> float:
+    """Copy distance of two [32, 32, 3] float images compared as they are (re-encoded or rescaled copies);
+    ``noise``: the eval image is :func:`textured`, so their noise must correlate too (:func:`noise_z`)."""
+    mad = float(np.abs(small_a - small_b).mean())
+    return _scored(mad / MATCH_MAD, small_a, small_b, MIN_DETAIL_CORR, noise)
 
 
 def crop_distance(
@@ -212,12 +242,12 @@ def crop_distance(
     """Copy distance of ``small_other`` (float [32, 32, 3]) as a border-cropped copy of ``big`` (canonical),
     under ``rule`` (:func:`crop_rule`), aligned from the crop ``start`` (px cut off each side) by a short
     local refinement, or by a full search from no crop (``search``: for a pair without known geometry)."""
-    limit, corr, flat = rule
+    limit, corr, noise = rule
     steps = _SEARCH_STEPS if search else _REFINE_STEPS
     mad, crop = _aligned_mad(big, small_other, start, steps, np.inf if search else GIVE_UP)
     if crop is None:
         return 1.0 + mad / limit
-    return _scored(mad / limit, crop, small_other, corr, flat)
+    return _scored(mad / limit, crop, small_other, corr, noise)
 
 
 def copy_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -225,10 +255,11 @@ def copy_distance(a: np.ndarray, b: np.ndarray) -> float:
     known crop geometry (full search, both ways): at most 1 is a copy (0 for identical images).
     :class:`CopyMatcher` does the same from the geometry its candidates come with, far cheaper."""
     small_a, small_b = _small(a), _small(b)
-    direct = direct_distance(small_a, small_b)
+    rough = min(texture(small_a), texture(small_b))
+    direct = direct_distance(small_a, small_b, textured(rough))
     if direct <= 1.0:
         return direct
-    zero, rule = np.zeros(4), crop_rule(min(texture(small_a), texture(small_b)))
+    zero, rule = np.zeros(4), crop_rule(rough)
     return min(
         direct, crop_distance(a, small_b, zero, rule, True), crop_distance(b, small_a, zero, rule, True)
     )
@@ -241,13 +272,16 @@ def texture(x: np.ndarray) -> float:
 
 
 def _scored(
-    distance: float, x: np.ndarray, y: np.ndarray, min_corr: float = MIN_DETAIL_CORR, min_flat: float = -1.0
+    distance: float, x: np.ndarray, y: np.ndarray, min_corr: float = MIN_DETAIL_CORR, noise: bool = False
 ) -> float:
     """``distance``, or above 1 (not a copy) when the two aligned images' fine detail does not correlate
-    (at least ``min_corr`` in all, ``min_flat`` where neither has an edge)."""
+    (at least ``min_corr`` in all; with ``noise``, also beyond chance away from the edges: :func:`noise_z`
+    at least :data:`NOISE_Z` where there are enough such pixels to judge)."""
     if distance > 1.0:
         return distance
-    if detail_corr(x, y) < min_corr or (min_flat > -1.0 and detail_corr(x, y, True) < min_flat):
+    if detail_corr(x, y) < min_corr:
+        return 1.0 + distance
+    if noise and (z := noise_z(x, y)) is not None and z < NOISE_Z:
         return 1.0 + distance
     return distance
 
@@ -393,7 +427,7 @@ class CopyMatcher:
         nearest first."""
         p = self.prep
         small = _small(canon)
-        scores = [direct_distance(_small(self.index.canon[e]), small) for e in direct]
+        scores = [direct_distance(_small(self.index.canon[e]), small, textured(p.texture[e])) for e in direct]
         if scores and min(scores) <= 1.0:
             best = int(np.argmin(scores))
             return direct[best], scores[best]
