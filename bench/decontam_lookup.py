@@ -114,7 +114,8 @@ def measure(kind: str, size: int, seed: int, lookups: str = "both", distinct_n: 
         matcher = CopyMatcher(index, approximate=approximate)
         built = time.perf_counter() - t0
         found, per_row = _run(matcher, queries + distinct)
-        r = {"kind": kind, "seed": seed, "eval": size, "lookup": {True: "ivf-sq8", False: "flat", None: "auto"}[approximate],
+        name = {True: "ivf-sq8", False: "flat", None: "auto"}[approximate]
+        r = {"kind": kind, "seed": seed, "eval": size, "lookup": name,
              "ms_per_row": round(1000 * per_row, 2), "build_s": round(built, 1),
              "lookup_kb_per_eval": round(_lookup_bytes(matcher.prep) / size / 1024, 1),
              "peak_rss_growth_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024),
