@@ -157,27 +157,29 @@ def _near_edge(x: np.ndarray) -> np.ndarray:
     return np.logical_or.reduce([p[i : i + COMPARE, j : j + COMPARE] for i in range(3) for j in range(3)])
 
 
-def noise_z(a: np.ndarray, b: np.ndarray) -> float | None:
+def noise_z(a: np.ndarray, b: np.ndarray, details=None) -> float | None:
     """How far beyond chance the fine detail (noise, grain) of two aligned [32, 32, 3] float images correlates
     at least one pixel away from either image's edges: the correlation times the square root of the pixels
     compared (about N(0, 1) for independent noise, however alike the two outlines are); None where fewer than
-    :data:`NOISE_MIN_PIXELS` such pixels are left."""
+    :data:`NOISE_MIN_PIXELS` such pixels are left. ``details``: their :func:`_detail`, if already made."""
     where = ~(_near_edge(a) | _near_edge(b))
     n = int(where.sum())
     if n < NOISE_MIN_PIXELS:
         return None
-    da, db = _detail(a)[where], _detail(b)[where]
-    da, db = da - da.mean(), db - db.mean()
-    denom = float(np.sqrt((da * da).sum() * (db * db).sum()))
-    return float((da * db).sum() / denom) * np.sqrt(n) if denom > 1e-9 else 0.0
+    da, db = details if details is not None else (_detail(a), _detail(b))
+    return _corr(da[where], db[where], 0.0) * np.sqrt(n)
 
 
 def detail_corr(a: np.ndarray, b: np.ndarray) -> float:
     """Correlation of the fine detail of two aligned [32, 32, 3] float images (1: the same detail)."""
-    da, db = _detail(a), _detail(b)
+    return _corr(_detail(a), _detail(b), 1.0)  # two flat images: nothing differs
+
+
+def _corr(da: np.ndarray, db: np.ndarray, flat: float) -> float:
+    """Pearson correlation of two arrays; ``flat`` where either does not vary."""
     da, db = da - da.mean(), db - db.mean()
     denom = float(np.sqrt((da * da).sum() * (db * db).sum()))
-    return float((da * db).sum() / denom) if denom > 1e-9 else 1.0  # two flat images: nothing differs
+    return float((da * db).sum() / denom) if denom > 1e-9 else flat
 
 
 def _aligned_mad(
@@ -286,9 +288,10 @@ def _scored(
     at least :data:`NOISE_Z` where there are enough such pixels to judge)."""
     if distance > 1.0:
         return distance
-    if detail_corr(x, y) < min_corr:
+    details = _detail(x), _detail(y)
+    if _corr(*details, 1.0) < min_corr:
         return 1.0 + distance
-    if noise and (z := noise_z(x, y)) is not None and z < NOISE_Z:
+    if noise and (z := noise_z(x, y, details)) is not None and z < NOISE_Z:
         return 1.0 + distance
     return distance
 
