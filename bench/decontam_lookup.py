@@ -10,6 +10,8 @@ flips, 90-degree turns and channel orders (distinct images to a copy detector; g
 minutes here). Tune ``copyindex.PROBE`` on one ``--seed``, report another.
 
     PYTHONPATH=. .venv/bin/python bench/decontam_lookup.py --seed 3 --sizes 200,2000,20000
+    # recall and removals with the lookup curate picks only (BENCHMARKS.md, Noise check; noise_z tuned on seed 1):
+    PYTHONPATH=. .venv/bin/python bench/decontam_lookup.py --seed 2 --lookups auto --distinct 600
 """
 
 from __future__ import annotations
