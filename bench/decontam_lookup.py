@@ -10,6 +10,8 @@ flips, 90-degree turns and channel orders (distinct images to a copy detector; g
 minutes here). Tune ``copyindex.PROBE`` on one ``--seed``, report another.
 
     PYTHONPATH=. .venv/bin/python bench/decontam_lookup.py --seed 3 --sizes 200,2000,20000
+    # recall and removals with the lookup curate picks only (BENCHMARKS.md, Noise check; noise_z tuned on seed 1):
+    PYTHONPATH=. .venv/bin/python bench/decontam_lookup.py --seed 2 --lookups auto --distinct 600
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def _run(matcher, queries) -> tuple[np.ndarray, float]:
     return np.concatenate(found), (time.perf_counter() - t0) / len(queries)
 
 
-def measure(kind: str, size: int, seed: int) -> list[dict]:
+def measure(kind: str, size: int, seed: int, lookups: str = "both", distinct_n: int = DISTINCT) -> list[dict]:
     from tasks.curate.copydetect import _PREPARED, CopyMatcher
     from vlforge.imagehash import fingerprint
 
@@ -101,19 +103,21 @@ def measure(kind: str, size: int, seed: int) -> list[dict]:
             queries.append(fingerprint(near_copy(evals[e], how, rng)))
             truth.append(e)
             kinds.append(how)
-    distinct = [fingerprint(b) for b in images(kind, DISTINCT, seed + 10_000)]
+    distinct = [fingerprint(b) for b in images(kind, distinct_n, seed + 10_000)]
     truth_all = np.array(truth + [-1] * len(distinct))
     kinds_all = np.array(kinds + ["distinct"] * len(distinct))
     del evals
     out, founds = [], {}
-    for approximate in (True, False):  # the smaller first: peak RSS only grows
+    modes = (True, False) if lookups == "both" else (None,)  # None: by the eval set's size, as curate does
+    for approximate in modes:  # the smaller first: peak RSS only grows
         _PREPARED.clear()
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
         matcher = CopyMatcher(index, approximate=approximate)
         built = time.perf_counter() - t0
         found, per_row = _run(matcher, queries + distinct)
-        r = {"kind": kind, "seed": seed, "eval": size, "lookup": "ivf-sq8" if approximate else "flat",
+        name = {True: "ivf-sq8", False: "flat", None: "auto"}[approximate]
+        r = {"kind": kind, "seed": seed, "eval": size, "lookup": name,
              "ms_per_row": round(1000 * per_row, 2), "build_s": round(built, 1),
              "lookup_kb_per_eval": round(_lookup_bytes(matcher.prep) / size / 1024, 1),
              "peak_rss_growth_mb": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024),
@@ -126,6 +130,8 @@ def measure(kind: str, size: int, seed: int) -> list[dict]:
         out.append(r)
         del matcher
     _PREPARED.clear()
+    if lookups != "both":
+        return out
     flat, approx = founds[False], founds[True]
     out[0]["same_answer_as_flat"] = round(float((approx == flat).mean()), 4)
     out[0]["copies_flat_finds_missed"] = int(((flat == truth_all) & (approx != truth_all)).sum())
@@ -137,10 +143,12 @@ def main(
     seed: int = 3,
     sizes: Annotated[str, typer.Option(help="eval-set sizes")] = "200,2000,20000",
     kinds: str = "photo,shapes30",
+    lookups: Annotated[str, typer.Option(help="both: flat and approximate; auto: as curate picks")] = "both",
+    distinct: Annotated[int, typer.Option(help="distinct images per run")] = DISTINCT,
 ) -> None:
     for kind in [k for k in kinds.split(",") if k]:
         for size in [int(x) for x in sizes.split(",")]:
-            for r in measure(kind, size, seed):
+            for r in measure(kind, size, seed, lookups, distinct):
                 print(json.dumps(r), flush=True)
 
 
