@@ -26,7 +26,10 @@ from vlforge.settings import Settings
 
 UNFILTERED, THRESHOLD, TOP_FRACTION = "unfiltered", "threshold", "top_fraction"
 RECAPTIONED, MIXED = "recaptioned", "mixed"  # the whole pool with a VLM's captions (--recaption-model)
+# ... the threshold arm's rows with their own captions, the rows it rejects with the VLM's
+RECAPTION_REJECTS = "recaption_rejects"
 MIX_PROBABILITY = 0.5  # the mixed arm's chance of the synthetic caption per sample (LaCLIP/VeCLIP mix)
+MERGED_CAPTION = "caption_merged"  # recaption_rejects' column: the original caption or the VLM's
 RULE_KEYS = ("min_score", "top_fraction")
 
 
@@ -44,6 +47,11 @@ class ArmSpec:
         return self.caption_col != "caption" or self.caption_mix is not None
 
     def describe(self) -> str:
+        if self.caption_col == MERGED_CAPTION:
+            return (
+                f"the whole pool: the original caption where its CLIP score is >= {self.min_score:.4f} (the "
+                "threshold arm's rows), the VLM's where it is not"
+            )
         if self.caption_mix is not None:
             return (
                 f"the whole pool, the VLM's caption with probability {self.caption_mix:g}, else the original"
@@ -124,6 +132,32 @@ def score_pool(bundle, table: pa.Table, batch_size: int = defaults.SCORING_BATCH
     return (img * txt).sum(axis=1).astype(np.float32)
 
 
+def merged_caption_table(table: pa.Table, scores: np.ndarray, cut: float) -> tuple[pa.Table, np.ndarray]:
+    """The recaptioned pool ``table`` with :data:`MERGED_CAPTION`: a row's original ``caption`` where its CLIP
+    score (``scores`` [N], the pool's, in ``table``'s row order) is at least ``cut`` (the rows the threshold arm
+    keeps), the VLM's ``caption_synthetic`` where filtering would drop the row. The filter judges the alt text
+    (what it is good at) and the VLM rewrites only what the filter rejects, as the recaptioning studies' best
+    mixes do (Nguyen et al. 2023, "Improving multimodal datasets with image captioning"). Choosing per row by
+    which caption the scorer rates higher does not work when the scorer is the captioner's own vision tower
+    (vlforge's flywheel): it prefers the VLM's caption even where that caption is wrong (BENCHMARKS.md).
+    Returns the table and [N] bool, where the VLM's caption was taken."""
+    from tasks.train.data import SYNTHETIC_CAPTION
+
+    synthetic = np.asarray(scores) < cut
+    chosen = [
+        s if pick else c
+        for c, s, pick in zip(
+            table.column("caption").to_pylist(),
+            table.column(SYNTHETIC_CAPTION).to_pylist(),
+            synthetic,
+            strict=True,
+        )
+    ]
+    if MERGED_CAPTION in table.column_names:
+        table = table.drop_columns([MERGED_CAPTION])
+    return table.append_column(MERGED_CAPTION, pa.array(chosen, pa.string())), synthetic
+
+
 def arm_dataset_name(pool: str, arm: str) -> str:
     return f"{pool}-{arm}".replace("_", "-")
 
@@ -175,11 +209,14 @@ def publish_arm(
     return writer.publish(manifest)
 
 
-def recaption_arms() -> list[ArmSpec]:
-    """``recaptioned`` (synthetic captions only) and ``mixed`` (each sample draws one, p = 0.5)."""
+def recaption_arms(cut: float) -> list[ArmSpec]:
+    """``recaptioned`` (synthetic captions only), ``mixed`` (each sample draws one, p = 0.5) and
+    ``recaption_rejects`` (the original caption where its CLIP score is at least ``cut``, the threshold arm's,
+    else the VLM's: :func:`merged_caption_table`)."""
     from tasks.train.data import SYNTHETIC_CAPTION
 
     return [
         ArmSpec(RECAPTIONED, caption_col=SYNTHETIC_CAPTION),
         ArmSpec(MIXED, caption_col=SYNTHETIC_CAPTION, caption_mix=MIX_PROBABILITY),
+        ArmSpec(RECAPTION_REJECTS, caption_col=MERGED_CAPTION, min_score=cut),
     ]

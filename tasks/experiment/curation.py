@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.experiment.arms import (
+    MERGED_CAPTION,
     THRESHOLD,
     TOP_FRACTION,
     UNFILTERED,
@@ -84,8 +85,9 @@ class CurationExperimentArgs(BaseModel):
     output: str | None = Field(None, description="Also write the results as JSON to this file.")
     recaption_model: str | None = Field(
         None,
-        description="A VLM (MLflow URI or folder) that recaptions the pool: adds the arms recaptioned (its captions) "
-        "and mixed (its caption or the original, p = 0.5) at the same samples seen; empty = no such arms.",
+        description="A VLM (MLflow URI or folder) that recaptions the pool: adds the arms recaptioned (its captions), "
+        "mixed (its caption or the original, p = 0.5) and recaption_rejects (the original caption where the threshold "
+        "arm keeps the row, its caption where it does not) at the same samples seen; empty = no such arms.",
     )
 
 
@@ -98,7 +100,7 @@ def _arms(args: CurationExperimentArgs, scores: np.ndarray) -> list[ArmSpec]:
         )
     arms = [ArmSpec(UNFILTERED), threshold, ArmSpec(TOP_FRACTION, top_fraction=args.top_fraction)]
     if args.recaption_model:
-        arms += recaption_arms()
+        arms += recaption_arms(threshold.min_score)
     for text in args.arms:
         spec = parse_arm(text)
         if spec.name in {a.name for a in arms}:
@@ -196,7 +198,10 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
     per_arm_hits: dict[str, dict[str, np.ndarray]] = {}
     try:
         for spec in arms:
-            if spec.recaptioned:  # every row of the pool, with the VLM's captions beside the originals
+            if spec.caption_col == MERGED_CAPTION:  # the filter's keeps as they are, its rejects rewritten
+                dv, share = _merged_caption_arm(settings, recaptioned, table, scores, spec, scorer)
+                rows = table.num_rows
+            elif spec.recaptioned:  # every row of the pool, with the VLM's captions beside the originals
                 dv, rows = recaptioned, table.num_rows
             else:
                 mask = keep_mask(spec, scores)
@@ -229,6 +234,8 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
             results[spec.name] = _arm_result(
                 spec, dv, rows, epochs, steps_per_epoch, args, averaged, seed_metrics
             )
+            if spec.caption_col == MERGED_CAPTION:
+                results[spec.name]["synthetic_share"] = share
         comparisons = {
             name: {k: paired_difference(per_arm_hits[name][k], per_arm_hits[UNFILTERED][k]) for k in hits}
             for name, hits in per_arm_hits.items()
@@ -263,6 +270,23 @@ def _recaptioned_pool(args: CurationExperimentArgs, pool, settings: Settings):
     with console.stage(f"recaption {pool.ref} with {args.recaption_model}"):
         target = arm_dataset_name(pool.name, RECAPTIONED)
         return recaption(pool.ref, settings, model=args.recaption_model, to=target).dataset_version
+
+
+def _merged_caption_arm(settings: Settings, recaptioned, pool_table, scores, spec: ArmSpec, scorer: dict):
+    """(dataset version, share of the VLM's captions) of ``recaption_rejects``: the recaptioned pool with
+    ``arms.merged_caption_table``'s column, from the pool's own scores (matched by ``key``, so the rows the threshold
+    arm keeps are exactly the rows that keep their caption here), published as ``<pool>-recaptioned-<arm>``
+    (reused when the recaptioned pool, the scorer and the rule are unchanged)."""
+    from tasks.experiment.arms import merged_caption_table
+
+    table = recaptioned.read_table("data", stored_layout=True)
+    by_key = dict(zip(pool_table.column("key").to_pylist(), scores.tolist(), strict=True))
+    keys = table.column("key").to_pylist()
+    if len(by_key) != pool_table.num_rows or set(keys) != set(by_key) or len(keys) != len(by_key):
+        raise VlforgeError(f"{recaptioned.ref} does not hold the pool's rows one for one (by key)")
+    table, synthetic = merged_caption_table(table, np.array([by_key[k] for k in keys]), spec.min_score)
+    mask = np.ones(table.num_rows, bool)
+    return publish_arm(settings, recaptioned, table, spec, mask, scorer), float(synthetic.mean())
 
 
 def _arm_result(spec, dv, rows, epochs, steps_per_epoch, args, averaged, seed_metrics) -> dict[str, Any]:
@@ -300,6 +324,9 @@ def recaption_vs_filtering(
         "recaptioned_arm": best_recap,
         "filtering_arm": best_filter,
         **{k: paired_difference(hits[best_recap][k], hits[best_filter][k]) for k in hits[best_recap]},
+        # every recaptioned arm against that filtering arm on the primary metric (the better one is picked from
+        # more arms than the filtering one: these show how much the pick adds)
+        "each": {n: paired_difference(hits[n][key], hits[best_filter][key]) for n in recap},
     }
 
 
