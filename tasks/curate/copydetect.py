@@ -23,12 +23,12 @@ this is copy detection proper, two steps:
    of a noisy drawing from another drawing of the same shape in nearly the same place, and the larger the eval
    set, the more such lookalikes it offers (the detector before this check removed 0.5% of distinct noisy
    drawings at 200 eval images, 8.5% at 2,000 and 31% at 20,000); independent noise does not correlate,
-   however well the outlines line up, so the z score's chance level does not grow with the eval set. The noise
-   compared is each image less its mean over each edge-free region, every band of it: a copy shrunk and
-   re-encoded keeps only the low band, which a high-pass would discard, and the z score counts the effective
-   samples of such smooth noise (its autocovariance), so chance stays N(0, 1). A copy shrunk and re-encoded
-   until even that band is gone is missed rather than such a lookalike removed (BENCHMARKS.md: about a quarter
-   of the benchmark's crop + x0.4-0.8 + JPEG 20-60 copies of noisy drawings). A plain eval
+   however well the outlines line up, so the z score's chance level does not grow with the eval set. A copy
+   shrunk and re-encoded keeps only the low band of its original's noise, which the fine detail (a 3x3
+   high-pass) discards: the noise may instead correlate over every band (:func:`band_z`: each image less its
+   mean over each edge-free region, the z score on the effective samples of such smooth noise, so chance stays
+   N(0, 1)). A copy shrunk and re-encoded until even that band is gone is missed rather than such a lookalike
+   removed (BENCHMARKS.md, Decontamination, "Shrunk copies"). A plain eval
    image (flat colours, :func:`texture` below :data:`PLAIN_TEXTURE`) has no such detail, and a cropped plain
    drawing can equal another drawing of the same shape at another size and place: its crops must match far
    closer (:data:`PLAIN_CROP_MAD`, :data:`PLAIN_CROP_CORR`), so some cropped copies of plain drawings are
@@ -62,15 +62,17 @@ MATCH_MAD = 7.0  # mean absolute difference (0-255) of a copy compared as it is,
 MIN_DETAIL_CORR = 0.38
 CROP_MAD = 8.0  # a copy found by cropping: looser in difference (a crop that was also rescaled and re-encoded
 CROP_CORR = 0.38  # loses sharpness)
-# A textured eval image (noise, grain): the two images' noise away from every edge (:func:`noise_z`: luma less
-# each edge-free region's mean) must correlate beyond chance, as a z score (the sum of products over its
-# standard deviation under independence, which counts the effective samples of smooth noise), whichever way the
-# pair was aligned. Another drawing of the same shape in nearly the same place matches in outline and in mean
-# difference (its independent noise alone differs by ~4.5 at 32 px), and a large eval set offers one for most
-# pool drawings; its noise does not correlate with the eval image's (z ~ N(0, 1), white or smooth), a copy's
-# does, in the low band too where a shrunk and re-encoded copy keeps nothing else. Tuned on seed 1 (3.0 / 3.25
-# / 3.5: crop + rescale + JPEG copies of noisy drawings found 0.82-0.78 / 0.81-0.77 / 0.80-0.75, distinct
-# drawings removed at 20,000 eval images 1.0 / 0.7 / 0.3%; BENCHMARKS.md, Decontamination).
+# A textured eval image (noise, grain): the two images' noise away from every edge must correlate beyond
+# chance, whichever way the pair was aligned: a z score of at least NOISE_Z in its fine band (:func:`noise_z`:
+# the 3x3 high-pass, correlation x sqrt(pixels compared)) or over every band (:func:`band_z`: luma less each
+# edge-free region's mean, the effective samples of smooth noise counted), the second for a copy shrunk and
+# re-encoded, which keeps only the low band of its original's noise. Another drawing of the same shape in nearly
+# the same place matches in outline and in mean difference (its independent noise alone differs by ~4.5 at 32
+# px), and a large eval set offers one for most pool drawings; its noise does not correlate with the eval
+# image's (either z ~ N(0, 1), white noise or smooth), a copy's does. Tuned on seed 1 (BENCHMARKS.md,
+# Decontamination: the band score alone at 3.0 / 3.25 / 3.5 found 0.82-0.78 / 0.81-0.77 / 0.80-0.75 of crop +
+# rescale + JPEG copies of noisy drawings and removed 1.0 / 0.7 / 0.3% of distinct ones at 20,000 eval images;
+# alone it misses some copies of smooth photos, whose few effective samples the fine score does not count).
 NOISE_Z = 3.5
 NOISE_MIN_PIXELS = 64  # fewer edge-free pixels than this: nothing to judge, the detail correlation decides
 NOISE_LAGS = 3  # the noise's autocovariance is summed over lags up to this (px at 32 px) each way
@@ -166,13 +168,25 @@ def _near_edge(x: np.ndarray) -> np.ndarray:
     return np.logical_or.reduce([p[i : i + COMPARE, j : j + COMPARE] for i in range(3) for j in range(3)])
 
 
+def noise_z(a: np.ndarray, b: np.ndarray, details=None) -> float | None:
+    """How far beyond chance the fine detail (noise, grain) of two aligned [32, 32, 3] float images correlates
+    at least one pixel away from either image's edges: the correlation times the square root of the pixels
+    compared (about N(0, 1) for independent noise, however alike the two outlines are); None where fewer than
+    :data:`NOISE_MIN_PIXELS` such pixels are left. ``details``: their :func:`_detail`, if already made."""
+    where = ~(_near_edge(a) | _near_edge(b))
+    n = int(where.sum())
+    if n < NOISE_MIN_PIXELS:
+        return None
+    da, db = details if details is not None else (_detail(a), _detail(b))
+    return _corr(da[where], db[where], 0.0) * np.sqrt(n)
+
+
 _NOISE_GREY = np.array([0.299, 0.587, 0.114])  # JPEG's luma: the channel a re-encoded copy keeps sharpest
 
 
-def noise_z(a: np.ndarray, b: np.ndarray) -> float | None:
-    """How far beyond chance the noise (grain) of two aligned [32, 32, 3] float images correlates at least one
-    pixel away from either image's edges, as a z score (about N(0, 1) for independent noise, however alike the
-    two outlines are); None where fewer than :data:`NOISE_MIN_PIXELS` such pixels are left.
+def band_z(a: np.ndarray, b: np.ndarray) -> float | None:
+    """As :func:`noise_z`, over every band of the noise, not the fine one only: a copy shrunk and re-encoded
+    keeps the low band of its original's noise, which the 3x3 high-pass discards (None likewise).
 
     The noise is each image's luma less its mean over each edge-free region (a connected part of the pixels
     compared: the drawing's flat colours, not a local blur), so it keeps every band, the low one a shrunk or
@@ -320,13 +334,14 @@ def _scored(
     distance: float, x: np.ndarray, y: np.ndarray, min_corr: float = MIN_DETAIL_CORR, noise: bool = False
 ) -> float:
     """``distance``, or above 1 (not a copy) when the two aligned images' fine detail does not correlate
-    (at least ``min_corr`` in all; with ``noise``, also beyond chance away from the edges: :func:`noise_z`
-    at least :data:`NOISE_Z` where there are enough such pixels to judge)."""
+    (at least ``min_corr`` in all; with ``noise``, also beyond chance away from the edges: :func:`noise_z` or
+    :func:`band_z` at least :data:`NOISE_Z` where there are enough such pixels to judge)."""
     if distance > 1.0:
         return distance
-    if detail_corr(x, y) < min_corr:
+    details = _detail(x), _detail(y)
+    if _corr(*details, 1.0) < min_corr:
         return 1.0 + distance
-    if noise and (z := noise_z(x, y)) is not None and z < NOISE_Z:
+    if noise and (z := noise_z(x, y, details)) is not None and z < NOISE_Z and band_z(x, y) < NOISE_Z:
         return 1.0 + distance
     return distance
 

@@ -1,4 +1,4 @@
-"""The noise check of copy detection (tasks.curate.copydetect.noise_z): a noisy drawing cropped, shrunk and
+"""The noise check of copy detection (tasks.curate.copydetect: noise_z, band_z): a noisy drawing cropped, shrunk and
 re-encoded as JPEG keeps only the low band of its noise, which must still tell it from the very same drawing
 with other noise (a "twin": what a large eval set offers as lookalikes); and independent noise of any
 smoothness scores about N(0, 1), so the chance of a lookalike passing does not depend on how blurred it is.
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from tasks.curate.copydetect import NOISE_Z, CopyMatcher, EvalIndex, noise_z
+from tasks.curate.copydetect import NOISE_Z, CopyMatcher, EvalIndex, band_z
 from vlforge.demo.synth import make_shape_pairs
 from vlforge.imagehash import fingerprint
 
@@ -91,7 +91,7 @@ def _drawing_pair(rng: np.random.Generator, blur: float) -> tuple[np.ndarray, np
 def test_independent_noise_scores_about_n01_however_smooth():
     rng = np.random.default_rng(1)
     for blur in (0.0, 1.0, 1.5):
-        z = np.array([noise_z(*_drawing_pair(rng, blur)) for _ in range(300)])
+        z = np.array([band_z(*_drawing_pair(rng, blur)) for _ in range(300)])
         assert 0.8 <= z.std() <= 1.25, (blur, z.std())
         assert abs(z.mean()) <= 0.25, (blur, z.mean())
         assert (z >= NOISE_Z).sum() <= 2, (blur, (z >= NOISE_Z).sum())
@@ -101,4 +101,4 @@ def test_independent_noise_scores_about_n01_however_smooth():
     yy, xx = np.mgrid[:32, :32]
     base[(yy - 15.0) ** 2 + (xx - 17.0) ** 2 < 81] = (200.0, 60.0, 40.0)
     copy = base + ndimage.gaussian_filter(a - base, (1.0, 1.0, 0)) + rng.normal(0.0, 1.0, base.shape)
-    assert noise_z(a, copy.astype(np.float32)) >= 2 * NOISE_Z
+    assert band_z(a, copy.astype(np.float32)) >= 2 * NOISE_Z
