@@ -70,10 +70,10 @@ CROP_CORR = 0.38  # loses sharpness)
 # the same place matches in outline and in mean difference (its independent noise alone differs by ~4.5 at 32
 # px), and a large eval set offers one for most pool drawings; its noise does not correlate with the eval
 # image's (band z ~ N(0, 1), white noise or smooth; fine z ~ N(0, 1) for white noise, narrower for smooth), a
-# copy's does. Tuned on seed 1 (BENCHMARKS.md,
-# Decontamination: the band score alone at 3.0 / 3.25 / 3.5 found 0.82-0.78 / 0.81-0.77 / 0.80-0.75 of crop +
-# rescale + JPEG copies of noisy drawings and removed 1.0 / 0.7 / 0.3% of distinct ones at 20,000 eval images;
-# alone it misses some copies of smooth photos, whose few effective samples the fine score does not count).
+# copy's does. Tuned on seed 1 (BENCHMARKS.md, Decontamination, "Shrunk copies": the band score alone at 3.0 /
+# 3.25 / 3.5 found 0.82-0.78 / 0.81-0.77 / 0.80-0.75 of crop + rescale + JPEG copies of noisy drawings and
+# removed 1.0 / 0.7 / 0.3% of distinct ones at 20,000 eval images; alone it also missed a few copies of smooth
+# photo-like images, whose smooth residual has few effective samples, where the fine score counts every pixel).
 NOISE_Z = 3.5
 NOISE_MIN_PIXELS = 64  # fewer edge-free pixels than this: nothing to judge, the detail correlation decides
 NOISE_LAGS = 3  # the noise's autocovariance is summed over lags up to this (px at 32 px) each way
