@@ -24,7 +24,11 @@ this is copy detection proper, two steps:
    set, the more such lookalikes it offers (the detector before this check removed 0.5% of distinct noisy
    drawings at 200 eval images, 8.5% at 2,000 and 31% at 20,000); independent noise does not correlate,
    however well the outlines line up, so the z score's chance level does not grow with the eval set. A copy
-   shrunk and re-encoded until its noise is gone is missed rather than such a lookalike removed. A plain eval
+   shrunk and re-encoded keeps only the low band of its original's noise, which the fine detail (a 3x3
+   high-pass) discards: the noise may instead correlate over every band (:func:`band_z`: each image less its
+   mean over each edge-free region, the z score on the effective samples of such smooth noise, so chance stays
+   N(0, 1)). A copy shrunk and re-encoded until even that band is gone is missed rather than such a lookalike
+   removed (BENCHMARKS.md, Decontamination, "Shrunk copies"). A plain eval
    image (flat colours, :func:`texture` below :data:`PLAIN_TEXTURE`) has no such detail, and a cropped plain
    drawing can equal another drawing of the same shape at another size and place: its crops must match far
    closer (:data:`PLAIN_CROP_MAD`, :data:`PLAIN_CROP_CORR`), so some cropped copies of plain drawings are
@@ -58,13 +62,21 @@ MATCH_MAD = 7.0  # mean absolute difference (0-255) of a copy compared as it is,
 MIN_DETAIL_CORR = 0.38
 CROP_MAD = 8.0  # a copy found by cropping: looser in difference (a crop that was also rescaled and re-encoded
 CROP_CORR = 0.38  # loses sharpness)
-# A textured eval image (noise, grain): the two images' fine detail away from every edge (:func:`noise_z`) must
-# correlate beyond chance, as a z score (correlation x sqrt(pixels compared)), whichever way the pair was
-# aligned. Another drawing of the same shape in nearly the same place matches in outline and in mean difference
-# (its independent noise alone differs by ~4.5 at 32 px), and a large eval set offers one for most pool
-# drawings; its noise does not correlate with the eval image's (z ~ N(0, 1)), a copy's does.
+# A textured eval image (noise, grain): the two images' noise away from every edge must correlate beyond
+# chance, whichever way the pair was aligned: a z score of at least NOISE_Z in its fine band (:func:`noise_z`:
+# the 3x3 high-pass, correlation x sqrt(pixels compared)) or over every band (:func:`band_z`: luma less each
+# edge-free region's mean, the effective samples of smooth noise counted), the second for a copy shrunk and
+# re-encoded, which keeps only the low band of its original's noise. Another drawing of the same shape in nearly
+# the same place matches in outline and in mean difference (its independent noise alone differs by ~4.5 at 32
+# px), and a large eval set offers one for most pool drawings; its noise does not correlate with the eval
+# image's (band z ~ N(0, 1), white noise or smooth; fine z ~ N(0, 1) for white noise, narrower for smooth), a
+# copy's does. Tuned on seed 1 (BENCHMARKS.md, Decontamination, "Shrunk copies": the band score alone at 3.0 /
+# 3.25 / 3.5 found 0.82-0.78 / 0.81-0.77 / 0.80-0.75 of crop + rescale + JPEG copies of noisy drawings and
+# removed 1.0 / 0.7 / 0.3% of distinct ones at 20,000 eval images; alone it also missed a few copies of smooth
+# photo-like images, whose smooth residual has few effective samples, where the fine score counts every pixel).
 NOISE_Z = 3.5
 NOISE_MIN_PIXELS = 64  # fewer edge-free pixels than this: nothing to judge, the detail correlation decides
+NOISE_LAGS = 3  # the noise's autocovariance is summed over lags up to this (px at 32 px) each way
 # A plain eval image (flat colours: a drawing without noise) has no fine detail away from its edges to tell a
 # cropped copy from another drawing of the same shape at another size and place: its crops must match far closer.
 PLAIN_TEXTURE = 0.7  # mean fine detail (0-255) in the flat parts of an image below which it is plain
@@ -168,6 +180,45 @@ def noise_z(a: np.ndarray, b: np.ndarray, details=None) -> float | None:
         return None
     da, db = details if details is not None else (_detail(a), _detail(b))
     return _corr(da[where], db[where], 0.0) * np.sqrt(n)
+
+
+_NOISE_GREY = np.array([0.299, 0.587, 0.114])  # JPEG's luma: the channel a re-encoded copy keeps sharpest
+
+
+def band_z(a: np.ndarray, b: np.ndarray) -> float | None:
+    """As :func:`noise_z`, over every band of the noise, not the fine one only: a copy shrunk and re-encoded
+    keeps the low band of its original's noise, which the 3x3 high-pass discards (None likewise).
+
+    The noise is each image's luma less its mean over each edge-free region (a connected part of the pixels
+    compared: the drawing's flat colours, not a local blur), so it keeps every band, the low one a shrunk or
+    re-encoded copy still carries as well as the fine one. Such noise is smooth, so the pixels are not
+    independent samples: the z score divides the sum of the products by the square root of its variance were the
+    two independent, sum over lags l of A_a(l) A_b(l) / N(l) (A: each side's autocovariance sums over the
+    pixels compared, N: how many pairs of them lie l apart; lags up to :data:`NOISE_LAGS` px each way), which
+    is correlation x sqrt(pixels) for white noise and counts fewer effective samples for smooth noise."""
+    where = ~(_near_edge(a) | _near_edge(b))
+    if int(where.sum()) < NOISE_MIN_PIXELS:
+        return None
+    from scipy import ndimage
+
+    labels, k = ndimage.label(where)
+    inside = labels[where]
+    count = np.maximum(np.bincount(inside, minlength=k + 1), 1)
+
+    def residual(x: np.ndarray) -> np.ndarray:
+        g = x.astype(np.float64) @ _NOISE_GREY
+        means = np.bincount(inside, weights=g[where], minlength=k + 1) / count
+        return np.where(where, g - means[labels], 0.0)
+
+    ra, rb = residual(a), residual(b)
+    # autocovariance sums by FFT, the three at once; padded by more than NOISE_LAGS, so no lag wraps round
+    size = COMPARE + NOISE_LAGS + 1
+    f = np.fft.rfft2(np.stack([ra, rb, where.astype(np.float64)]), s=(size, size))
+    auto = np.fft.irfft2(f * np.conj(f), s=(size, size))
+    lags = np.r_[0 : NOISE_LAGS + 1, size - NOISE_LAGS : size]
+    auto_a, auto_b, pairs = auto[:, lags][:, :, lags]
+    var = float((auto_a * auto_b / np.maximum(np.round(pairs), 1.0)).sum())
+    return float((ra * rb).sum()) / np.sqrt(var) if var > 1e-9 else 0.0  # a side without noise: no evidence
 
 
 def detail_corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -284,14 +335,14 @@ def _scored(
     distance: float, x: np.ndarray, y: np.ndarray, min_corr: float = MIN_DETAIL_CORR, noise: bool = False
 ) -> float:
     """``distance``, or above 1 (not a copy) when the two aligned images' fine detail does not correlate
-    (at least ``min_corr`` in all; with ``noise``, also beyond chance away from the edges: :func:`noise_z`
-    at least :data:`NOISE_Z` where there are enough such pixels to judge)."""
+    (at least ``min_corr`` in all; with ``noise``, also beyond chance away from the edges: :func:`noise_z` or
+    :func:`band_z` at least :data:`NOISE_Z` where there are enough such pixels to judge)."""
     if distance > 1.0:
         return distance
     details = _detail(x), _detail(y)
     if _corr(*details, 1.0) < min_corr:
         return 1.0 + distance
-    if noise and (z := noise_z(x, y, details)) is not None and z < NOISE_Z:
+    if noise and (z := noise_z(x, y, details)) is not None and z < NOISE_Z and band_z(x, y) < NOISE_Z:
         return 1.0 + distance
     return distance
 

@@ -111,9 +111,10 @@ def test_cropped_rescaled_and_reencoded_copies_are_found():
     found = _match(_index(noisy), [_triple(b, i) for i, b in enumerate(noisy)])
     assert ((found == np.arange(20)) | (found < 0)).all()  # never another image
     assert (found[0::2] == np.arange(0, 20, 2)).all()  # enlarged x1.6: the noise survives
-    # shrunk x0.7 and re-encoded at quality 30: the noise that tells a copy from another drawing of the shape
-    # in the same place is mostly gone, and such copies are missed rather than other drawings removed
-    assert (found >= 0).mean() >= 0.5
+    # shrunk x0.7 and re-encoded at quality 30: only the low band of the noise that tells a copy from another
+    # drawing of the shape in the same place is left (band_z judges it); 7 of 10 found (the fine-band check
+    # alone found 2), the others missed rather than other drawings removed
+    assert (found[1::2] == np.arange(1, 20, 2)).mean() >= 0.5
 
 
 def test_an_eval_image_that_is_a_crop_of_the_pool_image_is_found():
