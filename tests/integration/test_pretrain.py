@@ -66,12 +66,12 @@ def test_two_workers_one_killed_restart_from_checkpoint_in_one_run_that_register
     assert run.data.params["num_workers"] == "2" and run.data.params["use_gpu"] == "False"
     assert run.data.tags["vlforge.dataset_version"] == dv.version
     # Every optimizer step logged by rank 0 only; steps 1-3 ran before the kill, and the restart resumed from the
-    # step-2 checkpoint (step 3 logged twice, step 1 once: not begun again).
+    # step-2 checkpoint (steps 1 and 2 logged once: not begun again; step 3 again, once more if rank 0 logged it
+    # before the controller, polling every 0.25 s, stopped it: under load it may not have).
     steps = [m.step for m in configure(settings).get_metric_history(result.run_id, "loss")]
     total = int(run.data.params["total_steps"])
-    assert sorted(set(steps)) == list(range(1, total + 1)) and steps.count(3) == 2 and steps.count(1) == 1, (
-        steps
-    )
+    assert sorted(set(steps)) == list(range(1, total + 1)), steps
+    assert steps.count(1) == 1 and steps.count(2) == 1 and steps.count(3) in (1, 2), steps
     for key in ("lr", "temperature", "samples_per_s", "eval_mean_recall", "eval_i2t_recall_at_1"):
         assert key in run.data.metrics
     contexts = {
