@@ -14,6 +14,7 @@ settings, or (in a training worker, which has no settings) the tracking URI.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -21,6 +22,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from vlforge.settings import Settings
+
+log = logging.getLogger(__name__)
 
 EXPERIMENTS = {
     "ingest": "vlforge-ingest",
@@ -395,8 +398,32 @@ def set_version_tags(settings: Settings, name: str, version: str, tags: dict[str
         client.set_model_version_tag(name, str(version), key, str(value))
 
 
+_ALIAS_RACE = ("duplicate key", "unique constraint", "uniqueviolation", "integrityerror")
+_ALIAS_TRIES = 5
+
+
 def set_alias(settings: Settings, name: str, alias: str, version: str) -> None:
-    configure(settings).set_registered_model_alias(name, alias, str(version))
+    """Point ``alias`` at ``version``. MLflow's SQL store sets an alias by a read, then an insert or an update
+    (``session.merge``), so two processes that set one alias of one model at the same moment can both read "no
+    such alias" and the second insert breaks the database's unique key (PostgreSQL: ``UniqueViolation``). The
+    alias exists by then, so trying again updates it: the last writer wins, as with one process."""
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    client = configure(settings)
+    for attempt in range(_ALIAS_TRIES):
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+            return
+        except MlflowException as exc:
+            if attempt == _ALIAS_TRIES - 1 or not any(m in str(exc).lower() for m in _ALIAS_RACE):
+                raise
+            log.info(
+                "alias %s of %s was set by another process at the same moment; trying again", alias, name
+            )
+            time.sleep(0.05 * (attempt + 1) + random.random() * 0.1)
 
 
 def delete_alias(settings: Settings, name: str, alias: str) -> None:
