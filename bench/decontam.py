@@ -157,13 +157,23 @@ from tasks.curate.filters import FilterConfig
 settings = get_settings()
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
+samples = []  # the driver's RSS (MB) every 30 s: flat in the pool's size means flat along the run
+def sample():
+    while True:
+        with open("/proc/self/status") as fh:
+            rss = next(int(x.split()[1]) for x in fh if x.startswith("VmRSS:")) / 1024
+        samples.append((round(time.perf_counter() - t0), round(rss)))
+        time.sleep(30)
+import threading
+threading.Thread(target=sample, daemon=True).start()
 res = curate("web", "pool-{mode}", settings, track=False, progress=False,
              filters=FilterConfig(decontaminate_against=None if {on} else ["none"]))
 dt = time.perf_counter() - t0
 print("RESULT", json.dumps({{"rows": {rows}, "decontaminate": {on}, "seconds": round(dt, 1),
     "ms_per_row": round(1000 * dt / {rows}, 2), "contaminated": res.counts.get("contaminated", 0),
     "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-    "driver_rss_before_mb": round(rss0 / 1024)}}))
+    "driver_rss_before_mb": round(rss0 / 1024), "driver_rss_every_30s": samples,
+    "phases_s": res.dataset_version.manifest["compute"]["seconds"]}}))
 """
     out = []
     with tempfile.TemporaryDirectory() as tmp:

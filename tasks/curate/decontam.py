@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tasks.curate.copydetect import CopyMatcher, EvalIndex
 from tasks.curate.filters import CONTAMINATED, Verdict
 from tasks.curate.shards import read_parquet
+from vlforge import storage
 from vlforge.errors import VlforgeError
 from vlforge.hfformat import encoded_images
 from vlforge.imagehash import fingerprint
@@ -105,6 +107,42 @@ def keep_uncontaminated(images: list[bytes | None], matcher: CopyMatcher, rows: 
         values,
         lambda i: f"near copy of eval image {index.label(int(match[i]))} (copy distance {values[i]:.2f})",
     )
+
+
+def contamination_uri(version_uri: str, index: int) -> str:
+    """Where the scan of shard ``index`` leaves its contaminated rows for the write pass: in the version's
+    ``_parts/`` folder, removed once the version is published."""
+    return storage.join(version_uri, "_parts", f"contaminated-{index:05d}.parquet")
+
+
+def save_contamination(uri: str, verdict: Verdict) -> int:
+    """The rows ``verdict`` drops (position, copy distance, the detail naming the eval row), written to ``uri``
+    beside the shard's staged output; returns their count. They stay out of the scan's Ray result: Ray keeps a
+    small result in the driver's own memory, so labels returned that way would grow the driver with the pool."""
+    rows = np.flatnonzero(~verdict.keep)
+    table = pa.table(
+        {
+            "row": pa.array(rows, pa.int32()),
+            "value": pa.array(verdict.values[rows], pa.float64()),
+            "detail": pa.array([verdict.detail(int(i)) for i in rows], pa.string()),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+    return len(rows)
+
+
+def load_contamination(uri: str, n: int) -> Verdict:
+    """The verdict ``save_contamination`` wrote, over a shard of ``n`` rows."""
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
+    rows = table.column("row").to_numpy().astype(np.int64)
+    keep = np.ones(n, dtype=bool)
+    keep[rows] = False
+    values = np.full(n, np.nan)
+    values[rows] = table.column("value").to_numpy()
+    detail = dict(zip(rows.tolist(), table.column("detail").to_pylist(), strict=True))
+    return Verdict(keep, CONTAMINATED, values, lambda i: detail[i])
 
 
 def shard_images(uri: str) -> list[bytes | None]:

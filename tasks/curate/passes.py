@@ -36,9 +36,9 @@ class Eligible:
 
     bits: np.ndarray  # packed bits, one per row
     n: int
-    # Rows that copy an eval image (decontamination; few): positions, copy distance, the eval row's label.
-    contaminated: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-    contamination: list[tuple[float, str]] = field(default_factory=list)
+    # Rows that copy an eval image (decontamination): how many; the rows themselves, their copy distances and
+    # the eval rows they match are in ``decontam.contamination_uri`` (never in this result).
+    contaminated: int = 0
 
     @property
     def rows(self) -> np.ndarray:
@@ -69,24 +69,32 @@ class Plan:
     quotas: list[int] = field(default_factory=list)
 
 
-def scan(shard: ShardRef, config: FilterConfig, top: bool, evals=None) -> tuple[ScanResult, Eligible]:
+def scan(
+    shard: ShardRef, config: FilterConfig, top: bool, evals=None, version_uri: str | None = None
+) -> tuple[ScanResult, Eligible]:
     """The per-row filters over one shard, then (``evals``: an ``EvalIndex``) decontamination of the rows
-    they kept."""
+    they kept, whose verdicts go to the staged version at ``version_uri`` for the write pass."""
     rows = read_shard(shard)
     dec = row_filters(rows.table, config, rows.scores)
-    contaminated, contamination = np.zeros(0, np.int32), []
+    contaminated = 0
     if evals is not None and evals.size:
         from tasks.curate.copydetect import CopyMatcher
-        from tasks.curate.decontam import keep_uncontaminated, shard_images
+        from tasks.curate.decontam import (
+            contamination_uri,
+            keep_uncontaminated,
+            save_contamination,
+            shard_images,
+        )
 
+        if version_uri is None:
+            raise ValueError("decontamination needs the staged version's URI for its verdicts")
         v = keep_uncontaminated(shard_images(shard.uri), CopyMatcher(evals), np.flatnonzero(dec.keep))
-        contaminated = np.flatnonzero(~v.keep).astype(np.int32)
-        contamination = [(float(v.values[i]), v.detail(int(i))) for i in contaminated]
+        contaminated = save_contamination(contamination_uri(version_uri, shard.index), v)
         dec.merge(v)
     elig = np.flatnonzero(dec.keep)
     keys = select.sortable_keys(rows.scores[elig]) if top else None
     res = ScanResult(shard.index, rows.table.schema, len(elig), select.high_histogram(keys) if top else None)
-    return res, Eligible(np.packbits(dec.keep), len(dec.keep), contaminated, contamination)
+    return res, Eligible(np.packbits(dec.keep), len(dec.keep), contaminated)
 
 
 def refine(shard: ShardRef, elig: Eligible, high_bin: int) -> tuple[np.ndarray, np.ndarray]:

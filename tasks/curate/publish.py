@@ -98,19 +98,23 @@ def _drop(n: int, rows: np.ndarray, reason: str, values=None, detail=lambda i: N
 
 
 def decide(
-    shard: ShardRef, rows, config: FilterConfig, elig, cutoff, quota: int, exact: list, near: list
+    shard: ShardRef,
+    rows,
+    config: FilterConfig,
+    elig,
+    cutoff,
+    quota: int,
+    exact: list,
+    near: list,
+    version_uri: str = "",
 ) -> Decisions:
     """Every filter's decision for the shard's rows: per-row, top fraction, exact and near dedup."""
     n = rows.table.num_rows
     dec = row_filters(rows.table, config, rows.scores)
-    if len(elig.contaminated):  # decided by the scan (tasks.curate.decontam)
-        from tasks.curate.decontam import CONTAMINATED
+    if elig.contaminated:  # decided by the scan (tasks.curate.decontam), which left its verdicts beside us
+        from tasks.curate.decontam import contamination_uri, load_contamination
 
-        where = {int(r): i for i, r in enumerate(elig.contaminated)}
-        values = np.full(n, np.nan)
-        values[elig.contaminated] = [v for v, _ in elig.contamination]
-        detail = lambda i, w=where, c=elig.contamination: c[w[i]][1]  # noqa: E731
-        dec.merge(_drop(n, elig.contaminated.astype(np.int64), CONTAMINATED, values, detail))
+        dec.merge(load_contamination(contamination_uri(version_uri, shard.index), n))
     if cutoff is not None:
         s, candidates = rows.scores, elig.rows
         top = candidates[select.in_top(select.sortable_keys(s[candidates]), cutoff, quota)]
@@ -199,7 +203,7 @@ def write_shard(
     rows = read_shard(shard)
     exact, near = list(reducer_outputs[:n_exact]), list(reducer_outputs[n_exact:])
     quota = plan.quotas[shard.index] if plan.cutoff is not None else 0
-    dec = decide(shard, rows, plan.config, elig, plan.cutoff, quota, exact, near)
+    dec = decide(shard, rows, plan.config, elig, plan.cutoff, quota, exact, near, version_uri)
     table, n = rows.table, rows.table.num_rows
     scores = rows.scores if rows.scores is not None else np.full(n, np.nan, np.float32)
     # In key order (the row's place in its list), not the order img2dataset's threads finished downloading: the

@@ -120,7 +120,7 @@ def run_curation(
     top = config.top_fraction is not None
     scan = ray.remote(passes.scan).options(num_returns=2, scheduling_strategy="SPREAD")
     evals_ref = ray.put(evals) if evals is not None and evals.size else None  # one copy for every task
-    launched = [scan.remote(s, config, top, evals_ref) for s in shards]
+    launched = [scan.remote(s, config, top, evals_ref, writer.uri) for s in shards]
     elig = [e for _, e in launched]
     scanned = [r for r, _ in launched]
     del launched
