@@ -198,8 +198,11 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
     per_arm_hits: dict[str, dict[str, np.ndarray]] = {}
     try:
         for spec in arms:
+            extra: dict[str, Any] = {}
             if spec.caption_col == MERGED_CAPTION:  # the filter's keeps as they are, its rejects rewritten
-                dv, share = _merged_caption_arm(settings, recaptioned, table, scores, spec, scorer)
+                dv, extra["synthetic_share"] = _merged_caption_arm(
+                    settings, recaptioned, table, scores, spec, scorer
+                )
                 rows = table.num_rows
             elif spec.recaptioned:  # every row of the pool, with the VLM's captions beside the originals
                 dv, rows = recaptioned, table.num_rows
@@ -231,11 +234,10 @@ def run_curation_experiment(args: CurationExperimentArgs, settings: Settings) ->
                 seed_metrics.append(metrics)
             averaged = {k: np.mean([h[k] for h in seed_hits], axis=0) for k in seed_hits[0]}
             per_arm_hits[spec.name] = averaged
-            results[spec.name] = _arm_result(
-                spec, dv, rows, epochs, steps_per_epoch, args, averaged, seed_metrics
-            )
-            if spec.caption_col == MERGED_CAPTION:
-                results[spec.name]["synthetic_share"] = share
+            results[spec.name] = {
+                **_arm_result(spec, dv, rows, epochs, steps_per_epoch, args, averaged, seed_metrics),
+                **extra,
+            }
         comparisons = {
             name: {k: paired_difference(per_arm_hits[name][k], per_arm_hits[UNFILTERED][k]) for k in hits}
             for name, hits in per_arm_hits.items()
