@@ -169,12 +169,18 @@ def _near_edge(x: np.ndarray) -> np.ndarray:
     return np.logical_or.reduce([p[i : i + COMPARE, j : j + COMPARE] for i in range(3) for j in range(3)])
 
 
-def noise_z(a: np.ndarray, b: np.ndarray, details=None) -> float | None:
+def _edge_free(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """bool [32, 32]: at least one pixel away from either image's edges (what the noise checks compare)."""
+    return ~(_near_edge(a) | _near_edge(b))
+
+
+def noise_z(a: np.ndarray, b: np.ndarray, details=None, where=None) -> float | None:
     """How far beyond chance the fine detail (noise, grain) of two aligned [32, 32, 3] float images correlates
     at least one pixel away from either image's edges: the correlation times the square root of the pixels
     compared (about N(0, 1) for independent noise, however alike the two outlines are); None where fewer than
-    :data:`NOISE_MIN_PIXELS` such pixels are left. ``details``: their :func:`_detail`, if already made."""
-    where = ~(_near_edge(a) | _near_edge(b))
+    :data:`NOISE_MIN_PIXELS` such pixels are left. ``details``: their :func:`_detail`, ``where``: their
+    :func:`_edge_free`, if already made."""
+    where = _edge_free(a, b) if where is None else where
     n = int(where.sum())
     if n < NOISE_MIN_PIXELS:
         return None
@@ -185,7 +191,7 @@ def noise_z(a: np.ndarray, b: np.ndarray, details=None) -> float | None:
 _NOISE_GREY = np.array([0.299, 0.587, 0.114])  # JPEG's luma: the channel a re-encoded copy keeps sharpest
 
 
-def band_z(a: np.ndarray, b: np.ndarray) -> float | None:
+def band_z(a: np.ndarray, b: np.ndarray, where=None) -> float | None:
     """As :func:`noise_z`, over every band of the noise, not the fine one only: a copy shrunk and re-encoded
     keeps the low band of its original's noise, which the 3x3 high-pass discards (None likewise).
 
@@ -196,7 +202,7 @@ def band_z(a: np.ndarray, b: np.ndarray) -> float | None:
     two independent, sum over lags l of A_a(l) A_b(l) / N(l) (A: each side's autocovariance sums over the
     pixels compared, N: how many pairs of them lie l apart; lags up to :data:`NOISE_LAGS` px each way), which
     is correlation x sqrt(pixels) for white noise and counts fewer effective samples for smooth noise."""
-    where = ~(_near_edge(a) | _near_edge(b))
+    where = _edge_free(a, b) if where is None else where
     if int(where.sum()) < NOISE_MIN_PIXELS:
         return None
     from scipy import ndimage
@@ -342,7 +348,10 @@ def _scored(
     details = _detail(x), _detail(y)
     if _corr(*details, 1.0) < min_corr:
         return 1.0 + distance
-    if noise and (z := noise_z(x, y, details)) is not None and z < NOISE_Z and band_z(x, y) < NOISE_Z:
+    if not noise:
+        return distance
+    where = _edge_free(x, y)
+    if (z := noise_z(x, y, details, where)) is not None and z < NOISE_Z and band_z(x, y, where) < NOISE_Z:
         return 1.0 + distance
     return distance
 
