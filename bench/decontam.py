@@ -157,13 +157,13 @@ from tasks.curate.filters import FilterConfig
 settings = get_settings()
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-samples = []  # the driver's RSS (MB) every 30 s: flat in the pool's size means flat along the run
+samples = []  # the driver's RSS (MB) every 5 s: flat in the pool's size means flat along the run
 def sample():
     while True:
         with open("/proc/self/status") as fh:
             rss = next(int(x.split()[1]) for x in fh if x.startswith("VmRSS:")) / 1024
         samples.append((round(time.perf_counter() - t0), round(rss)))
-        time.sleep(30)
+        time.sleep(5)
 import threading
 threading.Thread(target=sample, daemon=True).start()
 res = curate("web", "pool-{mode}", settings, track=False, progress=False,
@@ -172,7 +172,7 @@ dt = time.perf_counter() - t0
 print("RESULT", json.dumps({{"rows": {rows}, "decontaminate": {on}, "seconds": round(dt, 1),
     "ms_per_row": round(1000 * dt / {rows}, 2), "contaminated": res.counts.get("contaminated", 0),
     "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-    "driver_rss_before_mb": round(rss0 / 1024), "driver_rss_every_30s": samples,
+    "driver_rss_before_mb": round(rss0 / 1024), "driver_rss_every_5s": samples,
     "phases_s": res.dataset_version.manifest["compute"]["seconds"]}}))
 """
     out = []
@@ -199,6 +199,7 @@ def main(
     kinds: str = "demo,shapes30,photo",
     scale: Annotated[str, typer.Option(help="pool sizes for the curate-pass cost, e.g. 20000,80000")] = "",
     baseline: Annotated[bool, typer.Option(help="also curate each pool without decontamination")] = True,
+    decontaminate: Annotated[bool, typer.Option(help="curate each pool with decontamination")] = True,
 ) -> None:
     results = []
     for kind in [k for k in kinds.split(",") if k]:
@@ -207,7 +208,8 @@ def main(
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
     if scale:
         for rows in [int(x) for x in scale.split(",")]:
-            scale_run(rows, eval, (False, True) if baseline else (True,))
+            modes = [m for m, wanted in ((False, baseline), (True, decontaminate)) if wanted]
+            scale_run(rows, eval, tuple(modes))
 
 
 if __name__ == "__main__":

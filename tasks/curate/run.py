@@ -65,12 +65,13 @@ def _raise_clear(exc: Exception, what: str) -> None:
 
 
 def _completed(refs: list, what: str) -> Iterator:
-    """Results of ``refs`` as they finish (any order)."""
+    """Results of ``refs`` as they finish (any order). ``refs`` is emptied as they do: a reference held
+    anywhere keeps its result in the driver's memory (Ray keeps small results with their owner), so a caller's
+    list of every task's reference would hold every result read until the pass ends."""
     import ray
 
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+    while refs:
+        done, refs[:] = ray.wait(refs, num_returns=len(refs), timeout=0.5)
         for ref in done:
             try:
                 yield ray.get(ref)
@@ -125,19 +126,23 @@ def run_curation(
     scanned = [r for r, _ in launched]
     del launched
     hist = np.zeros(select.HIGH, np.int64) if top else None
-    results: list[passes.ScanResult] = []
+    # One result per distinct schema (the earliest shard's): most pools have one, so this stays small.
+    by_schema: dict[bytes, passes.ScanResult] = {}
+    eligible = 0
     with _bar(len(shards), "filtering", progress) as bar:
         for r in _completed(scanned, "filtering the pool"):
             if top:
                 select.add_sparse(hist, r.hist)
                 r.hist = None
-            results.append(r)
+            eligible += r.eligible
+            key = r.schema.serialize().to_pybytes()
+            if key not in by_schema or r.index < by_schema[key].index:
+                by_schema[key] = r
             bar.advance()
     lap("filter")
     del scanned  # results read: let Ray free them
-    pool_schema = passes.check_schemas(results, {s.index: s.uri for s in shards})
-    eligible = sum(r.eligible for r in results)
-    del results
+    pool_schema = passes.check_schemas(list(by_schema.values()), {s.index: s.uri for s in shards})
+    del by_schema
     cutoff, quotas, selection = _top_fraction(shards, elig, hist, config)
     lap("top_fraction")
     survivors = cutoff.n_keep if cutoff else eligible
@@ -263,32 +268,52 @@ def _write(shards, source, writer, extras, elig, plan, reducer_refs: list, n_exa
     refs = [
         task.remote(s, writer.uri, source, extras, elig[s.index], plan, n_exact, *reducer_refs) for s in todo
     ]
+    merged = _Merge(writer)
+    for r in results:
+        merged.add(r)
+    del results
     with _bar(len(shards), "publishing", progress) as bar:
         bar.advance(len(shards) - len(todo))
         for r in _completed(refs, f"writing version {writer.version} under {writer.uri}"):
-            results.append(r)
+            merged.add(r)  # and let it go: the driver keeps no shard's result, only the sums and part digests
             bar.advance()
-    return _merge(results, writer)
+    return merged.output()
 
 
-def _merge(results: list[WriteResult], writer: VersionWriter) -> CurationOutput:
-    counts = {"input": 0, "kept": 0, "rejected": 0, **dict.fromkeys(REASONS, 0)}
-    out = CurationOutput(counts, {}, None, {})
-    kept_ex, rej_ex, nodes = [], [], set()
-    for r in sorted(results, key=lambda r: r.index):
-        nodes.add(r.node)
+class _Merge:
+    """The shards' write results added up as they arrive, in any order, to what the same results give in
+    shard order: counts, licences and histograms summed, the part digests handed to the writer (the
+    manifest's content hash), the first shard's schema of each part, the first shards' examples."""
+
+    def __init__(self, writer: VersionWriter):
+        self.writer = writer
+        counts = {"input": 0, "kept": 0, "rejected": 0, **dict.fromkeys(REASONS, 0)}
+        self.out = CurationOutput(counts, {}, None, {})
+        self.schema_from: dict[str, int] = {}  # part -> the shard its schema came from
+        self.examples: dict[int, list[dict]] = {}
+        self.nodes: set[str] = set()
+
+    def add(self, r: WriteResult) -> None:
+        out = self.out
+        self.nodes.add(r.node)
         for k, v in r.counts.items():
-            counts[k] = counts.get(k, 0) + int(v)
+            out.counts[k] = out.counts.get(k, 0) + int(v)
         for relpath, digest in r.digests.items():
-            writer.add_part(relpath.split("/", 1)[0], relpath, digest)
+            self.writer.add_part(relpath.split("/", 1)[0], relpath, digest)
         for value, n in r.licenses.items():
             out.licenses[value] = out.licenses.get(value, 0) + int(n)
         for part, sch in r.schema.items():
-            out.schema.setdefault(part, sch)
+            if r.index < self.schema_from.get(part, r.index + 1):
+                out.schema[part], self.schema_from[part] = sch, r.index
         out.hist_kept += np.asarray(r.hist_kept, np.int64)
         out.hist_rejected += np.asarray(r.hist_rejected, np.int64)
-        kept_ex += [e for e in r.examples if e["kept"]]
-        rej_ex += [e for e in r.examples if not e["kept"]]
-    out.examples = kept_ex[:EXAMPLES_PER_SIDE] + rej_ex[:EXAMPLES_PER_SIDE]
-    out.nodes = len(nodes - {""})
-    return out
+        if r.examples:
+            self.examples[r.index] = r.examples
+
+    def output(self) -> CurationOutput:
+        out = self.out
+        ordered = [e for i in sorted(self.examples) for e in self.examples[i]]
+        kept, rejected = [e for e in ordered if e["kept"]], [e for e in ordered if not e["kept"]]
+        out.examples = kept[:EXAMPLES_PER_SIDE] + rejected[:EXAMPLES_PER_SIDE]
+        out.nodes = len(self.nodes - {""})
+        return out
