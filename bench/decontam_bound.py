@@ -143,16 +143,17 @@ def main(
     from vlforge.demo.synth import DEMO
     from vlforge.imagehash import CANON
 
+    precisions = [float(x) for x in deltas.split(",")]
     rng = np.random.default_rng(seed)
     ds = draws(DEMO, distinct, rng)
     for n_eval in [int(x) for x in eval.split(",")]:
         ev = draws(DEMO, n_eval, rng)
         for family, (lo, hi) in (("detector", (0.0, MAX_CROP)), ("bench copies", (0.02, 0.10))):
-            for d in [float(x) for x in deltas.split(",")]:
+            for d in precisions:
                 hit = explained(ev, ds, lo, hi, d / CANON)
                 out = {"eval": n_eval, "crops": family, "cut_per_side": [lo, hi], "delta_px": d,
                        "distinct_explained": round(float((hit >= 0).mean()), 4)}  # fmt: skip
-                if images and family == "detector" and d == min(float(x) for x in deltas.split(",")):
+                if images and family == "detector" and d == min(precisions):
                     out.update(crop_mads(DEMO, ev, ds, hit, images, seed))
                 print(json.dumps(out), flush=True)
 

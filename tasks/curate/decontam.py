@@ -133,16 +133,11 @@ def save_contamination(uri: str, verdict: Verdict) -> int:
     return len(rows)
 
 
-def load_contamination(uri: str, n: int) -> Verdict:
-    """The verdict ``save_contamination`` wrote, over a shard of ``n`` rows."""
-    table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))
+def load_contamination(uri: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The rows ``save_contamination`` wrote: positions, copy distances and details."""
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(uri)))  # missing: the write pass fails, re-run
     rows = table.column("row").to_numpy().astype(np.int64)
-    keep = np.ones(n, dtype=bool)
-    keep[rows] = False
-    values = np.full(n, np.nan)
-    values[rows] = table.column("value").to_numpy()
-    detail = dict(zip(rows.tolist(), table.column("detail").to_pylist(), strict=True))
-    return Verdict(keep, CONTAMINATED, values, lambda i: detail[i])
+    return rows, table.column("value").to_numpy(), table.column("detail").to_pylist()
 
 
 def shard_images(uri: str) -> list[bytes | None]:

@@ -70,7 +70,7 @@ class Plan:
 
 
 def scan(
-    shard: ShardRef, config: FilterConfig, top: bool, evals=None, version_uri: str | None = None
+    shard: ShardRef, config: FilterConfig, top: bool, evals, version_uri: str
 ) -> tuple[ScanResult, Eligible]:
     """The per-row filters over one shard, then (``evals``: an ``EvalIndex``) decontamination of the rows
     they kept, whose verdicts go to the staged version at ``version_uri`` for the write pass."""
@@ -86,8 +86,6 @@ def scan(
             shard_images,
         )
 
-        if version_uri is None:
-            raise ValueError("decontamination needs the staged version's URI for its verdicts")
         v = keep_uncontaminated(shard_images(shard.uri), CopyMatcher(evals), np.flatnonzero(dec.keep))
         contaminated = save_contamination(contamination_uri(version_uri, shard.index), v)
         dec.merge(v)

@@ -106,15 +106,19 @@ def decide(
     quota: int,
     exact: list,
     near: list,
-    version_uri: str = "",
+    version_uri: str,
 ) -> Decisions:
     """Every filter's decision for the shard's rows: per-row, top fraction, exact and near dedup."""
     n = rows.table.num_rows
     dec = row_filters(rows.table, config, rows.scores)
     if elig.contaminated:  # decided by the scan (tasks.curate.decontam), which left its verdicts beside us
-        from tasks.curate.decontam import contamination_uri, load_contamination
+        from tasks.curate.decontam import CONTAMINATED, contamination_uri, load_contamination
 
-        dec.merge(load_contamination(contamination_uri(version_uri, shard.index), n))
+        r, found, details = load_contamination(contamination_uri(version_uri, shard.index))
+        values = np.full(n, np.nan)
+        values[r] = found
+        detail = dict(zip(r.tolist(), details, strict=True))
+        dec.merge(_drop(n, r, CONTAMINATED, values, lambda i, d=detail: d[i]))
     if cutoff is not None:
         s, candidates = rows.scores, elig.rows
         top = candidates[select.in_top(select.sortable_keys(s[candidates]), cutoff, quota)]

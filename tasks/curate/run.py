@@ -250,12 +250,12 @@ def _write(shards, source, writer, extras, elig, plan, reducer_refs: list, n_exa
     """The write pass over the shards not written yet (a resumed version keeps its finished ones)."""
     import ray
 
-    results: list[WriteResult] = []
+    merged = _Merge(writer)
     todo = []
     for s in shards:
         done = load_done(writer.uri, s.index)
         if done is not None:
-            results.append(done)
+            merged.add(done)
         else:
             todo.append(s)
     if len(todo) < len(shards):
@@ -268,10 +268,6 @@ def _write(shards, source, writer, extras, elig, plan, reducer_refs: list, n_exa
     refs = [
         task.remote(s, writer.uri, source, extras, elig[s.index], plan, n_exact, *reducer_refs) for s in todo
     ]
-    merged = _Merge(writer)
-    for r in results:
-        merged.add(r)
-    del results
     with _bar(len(shards), "publishing", progress) as bar:
         bar.advance(len(shards) - len(todo))
         for r in _completed(refs, f"writing version {writer.version} under {writer.uri}"):
